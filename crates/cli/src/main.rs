@@ -1,0 +1,2 @@
+//! The `amalgam` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! mergekit-compatible config model (stub: to be implemented).

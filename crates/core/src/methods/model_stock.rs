@@ -1,0 +1,46 @@
+//! `model_stock` (stub: to be implemented).
+
+use crate::error::{MergeError, Result};
+use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
+use crate::params::TensorParams;
+use crate::tensor::{TensorJob, TensorReader, TensorWriter};
+
+/// Static facts about `model_stock`.
+pub const INFO: MethodInfo = MethodInfo {
+    name: "model_stock",
+    needs_base: false,
+    min_models: 1,
+    exact_models: None,
+    global_params: &[],
+    model_params: &[],
+    random: false,
+    summary: "model_stock",
+};
+
+/// `model_stock` configured for one tensor.
+#[derive(Debug, Clone)]
+pub struct ModelStock;
+
+impl ModelStock {
+    /// Build from resolved parameters.
+    #[allow(unused_variables)]
+    pub fn from_params(params: &TensorParams, n_models: usize) -> Result<Self> {
+        Err(MergeError::BadInputs { method: "model_stock".into(), message: "not implemented yet".into() })
+    }
+}
+
+impl MergeMethod for ModelStock {
+    fn class(&self) -> ShardClass {
+        ShardClass::E
+    }
+
+    fn merge(
+        &self,
+        _job: &TensorJob,
+        _global: &[GlobalStats],
+        _reader: &dyn TensorReader,
+        _writer: &mut dyn TensorWriter,
+    ) -> Result<()> {
+        unimplemented!()
+    }
+}

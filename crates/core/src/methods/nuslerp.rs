@@ -1,0 +1,46 @@
+//! `nuslerp` (stub: to be implemented).
+
+use crate::error::{MergeError, Result};
+use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
+use crate::params::TensorParams;
+use crate::tensor::{TensorJob, TensorReader, TensorWriter};
+
+/// Static facts about `nuslerp`.
+pub const INFO: MethodInfo = MethodInfo {
+    name: "nuslerp",
+    needs_base: false,
+    min_models: 1,
+    exact_models: None,
+    global_params: &[],
+    model_params: &[],
+    random: false,
+    summary: "nuslerp",
+};
+
+/// `nuslerp` configured for one tensor.
+#[derive(Debug, Clone)]
+pub struct Nuslerp;
+
+impl Nuslerp {
+    /// Build from resolved parameters.
+    #[allow(unused_variables)]
+    pub fn from_params(params: &TensorParams, n_models: usize, has_base: bool) -> Result<Self> {
+        Err(MergeError::BadInputs { method: "nuslerp".into(), message: "not implemented yet".into() })
+    }
+}
+
+impl MergeMethod for Nuslerp {
+    fn class(&self) -> ShardClass {
+        ShardClass::E
+    }
+
+    fn merge(
+        &self,
+        _job: &TensorJob,
+        _global: &[GlobalStats],
+        _reader: &dyn TensorReader,
+        _writer: &mut dyn TensorWriter,
+    ) -> Result<()> {
+        unimplemented!()
+    }
+}

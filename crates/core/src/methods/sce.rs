@@ -1,0 +1,46 @@
+//! `sce` (stub: to be implemented).
+
+use crate::error::{MergeError, Result};
+use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
+use crate::params::TensorParams;
+use crate::tensor::{TensorJob, TensorReader, TensorWriter};
+
+/// Static facts about `sce`.
+pub const INFO: MethodInfo = MethodInfo {
+    name: "sce",
+    needs_base: false,
+    min_models: 1,
+    exact_models: None,
+    global_params: &[],
+    model_params: &[],
+    random: false,
+    summary: "sce",
+};
+
+/// `sce` configured for one tensor.
+#[derive(Debug, Clone)]
+pub struct Sce;
+
+impl Sce {
+    /// Build from resolved parameters.
+    #[allow(unused_variables)]
+    pub fn from_params(params: &TensorParams, n_models: usize) -> Result<Self> {
+        Err(MergeError::BadInputs { method: "sce".into(), message: "not implemented yet".into() })
+    }
+}
+
+impl MergeMethod for Sce {
+    fn class(&self) -> ShardClass {
+        ShardClass::E
+    }
+
+    fn merge(
+        &self,
+        _job: &TensorJob,
+        _global: &[GlobalStats],
+        _reader: &dyn TensorReader,
+        _writer: &mut dyn TensorWriter,
+    ) -> Result<()> {
+        unimplemented!()
+    }
+}

@@ -1,0 +1,1 @@
+//! Philox4x32-10 counter-based RNG (stub: to be implemented).

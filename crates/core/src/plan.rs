@@ -1,0 +1,1 @@
+//! The planner (stub: to be implemented).

@@ -1,0 +1,1 @@
+//! Exact selection (stub: to be implemented).

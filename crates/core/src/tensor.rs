@@ -1,0 +1,157 @@
+//! The view a merge method has of one output tensor.
+//!
+//! A method never sees files. It gets a [`TensorJob`] (name, shape, how many models, how many
+//! elements it may hold per input at once) and reads its inputs through a [`TensorReader`] in
+//! element ranges, writing its output through a [`TensorWriter`] in increasing, contiguous
+//! ranges. Elementwise methods read one block of every input at a time; per-tensor methods make
+//! several passes over blocks, gathering reductions first. Peak memory is therefore set by
+//! [`TensorJob::block_elems`], never by the tensor size.
+
+use crate::error::Result;
+use std::ops::Range;
+
+/// Which input of a merge a read refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// The base (pretrained) model.
+    Base,
+    /// The i-th model of the merge's model list (base excluded), in config order.
+    Model(usize),
+}
+
+/// One output tensor, as a method sees it.
+#[derive(Debug, Clone)]
+pub struct TensorJob {
+    /// Output tensor name.
+    pub name: String,
+    /// Shape (torch order: rows first). A scalar has an empty shape.
+    pub shape: Vec<usize>,
+    /// Number of models (base excluded) the reader provides.
+    pub n_models: usize,
+    /// Whether [`Input::Base`] can be read.
+    pub has_base: bool,
+    /// Maximum number of elements a method should hold per input buffer at once (at least one
+    /// row, rounded to whole rows by [`TensorJob::block_rows`]).
+    pub block_elems: usize,
+    /// Random seed of the merge (`random_seed`), for random methods.
+    pub seed: u64,
+}
+
+impl TensorJob {
+    /// Total number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Row length: the last dimension (1-D tensors are one row; scalars one element).
+    pub fn cols(&self) -> usize {
+        match self.shape.len() {
+            0 => 1,
+            n => self.shape[n - 1].max(1),
+        }
+    }
+
+    /// Number of rows (product of all but the last dimension).
+    pub fn rows(&self) -> usize {
+        let c = self.cols();
+        if c == 0 {
+            0
+        } else {
+            self.numel() / c
+        }
+    }
+
+    /// Element ranges covering the tensor in order, each at most `block_elems` elements where
+    /// possible (never less than one element).
+    pub fn blocks(&self) -> impl Iterator<Item = Range<usize>> {
+        let n = self.numel();
+        let b = self.block_elems.max(1);
+        (0..n.div_ceil(b)).map(move |i| i * b..((i + 1) * b).min(n))
+    }
+
+    /// Element ranges of whole rows, each holding as many rows as fit in `block_elems` (at least
+    /// one row, even when one row exceeds it).
+    pub fn row_blocks(&self) -> impl Iterator<Item = Range<usize>> {
+        let cols = self.cols();
+        let rows = self.rows();
+        let per = (self.block_elems / cols).max(1);
+        (0..rows.div_ceil(per)).map(move |i| (i * per * cols)..((i + 1) * per).min(rows) * cols)
+    }
+}
+
+/// Reads input values as f32, converting from the stored dtype.
+pub trait TensorReader: Sync {
+    /// Fill `out` with the elements `range` (flat, row-major) of `input`.
+    /// `out.len()` equals `range.len()`.
+    fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()>;
+}
+
+/// Receives the merged values, in increasing contiguous ranges starting at 0.
+pub trait TensorWriter {
+    /// Write the elements `range` of the output. Ranges arrive in order and cover the tensor.
+    fn write(&mut self, range: Range<usize>, data: &[f32]) -> Result<()>;
+}
+
+/// An in-memory reader: the base (optional) and each model as a flat vector. Used by tests and
+/// by small tensors.
+#[derive(Debug, Clone, Default)]
+pub struct MemReader {
+    /// Base values, if any.
+    pub base: Option<Vec<f32>>,
+    /// Model values, in order.
+    pub models: Vec<Vec<f32>>,
+}
+
+impl TensorReader for MemReader {
+    fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+        let src = match input {
+            Input::Base => self
+                .base
+                .as_ref()
+                .ok_or_else(|| crate::MergeError::Read("no base model in this merge".into()))?,
+            Input::Model(i) => self
+                .models
+                .get(i)
+                .ok_or_else(|| crate::MergeError::Read(format!("no model {i}")))?,
+        };
+        out.copy_from_slice(&src[range]);
+        Ok(())
+    }
+}
+
+/// An in-memory writer collecting the whole output (tests, small tensors).
+#[derive(Debug, Clone, Default)]
+pub struct MemWriter {
+    /// The values written so far.
+    pub data: Vec<f32>,
+}
+
+impl TensorWriter for MemWriter {
+    fn write(&mut self, range: Range<usize>, data: &[f32]) -> Result<()> {
+        if range.start != self.data.len() {
+            return Err(crate::MergeError::Write(format!(
+                "out-of-order write: expected offset {}, got {}",
+                self.data.len(),
+                range.start
+            )));
+        }
+        self.data.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Run a method on in-memory inputs and return its output (tests and small tensors).
+pub fn merge_in_memory(
+    method: &dyn crate::methods::MergeMethod,
+    job: &TensorJob,
+    reader: &MemReader,
+) -> Result<Vec<f32>> {
+    let mut passes = Vec::new();
+    for pass in 0..method.global_passes() {
+        let stats = method.global_pass(pass, &passes, job, reader)?;
+        passes.push(stats);
+    }
+    let mut w = MemWriter::default();
+    method.merge(job, &passes, reader, &mut w)?;
+    Ok(w.data)
+}

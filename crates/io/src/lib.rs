@@ -1,0 +1,1 @@
+//! amalgam-io: checkpoint I/O (stub).
