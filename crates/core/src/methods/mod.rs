@@ -13,6 +13,8 @@ use crate::tensor::{TensorJob, TensorReader, TensorWriter};
 
 pub mod breadcrumbs;
 pub mod dare;
+pub mod gta;
+pub mod sparsify;
 pub mod della;
 pub mod karcher;
 pub mod linear;

@@ -1,0 +1,1 @@
+//! Evaluating parameters for one tensor (stub: to be implemented).
