@@ -1,2 +1,61 @@
-//! The `amalgam` binary.
-fn main() {}
+//! The `amalgam` binary: wires the crates together; all work lives in the library crates.
+#![deny(missing_docs)]
+
+mod cmd;
+mod progress;
+mod size;
+
+use clap::{Parser, Subcommand};
+
+/// amalgam merges fine-tuned models into one, streaming, on one machine or a cluster.
+///
+/// Configs are mergekit YAML (a superset): existing mergekit configs run unchanged.
+#[derive(Debug, Parser)]
+#[command(name = "amalgam", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Print only errors (no progress bar, no summary).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Merge the models a mergekit-style YAML config names into a Hugging Face checkpoint.
+    Merge(cmd::merge::MergeArgs),
+    /// List tensors, dtypes, shapes and bytes of a checkpoint, and any validation problems.
+    Inspect(cmd::inspect::InspectArgs),
+    /// List the merge methods and their parameters.
+    Methods,
+    /// Generate a tiny Llama-shaped base and fine-tunes, merge them with TIES, print where.
+    Demo(cmd::demo::DemoArgs),
+    /// Benchmark linear and TIES merges against the I/O floor on generated models.
+    Bench(cmd::bench::BenchArgs),
+    /// Generate a seeded synthetic Llama-shaped checkpoint (for tests and experiments).
+    Generate(cmd::generate::GenerateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if cli.quiet { "error" } else { "warn" }));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let quiet = cli.quiet;
+    let result = match cli.command {
+        Command::Merge(a) => cmd::merge::run(a, quiet),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Methods => cmd::methods::run(),
+        Command::Demo(a) => cmd::demo::run(a, quiet),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,390 @@
-//! Exact selection (stub: to be implemented).
+//! Exact streaming selection: order statistics of a tensor (or of a whole model) without sorting
+//! and without holding the data.
+//!
+//! methods.md §0 ("Numerics") and §3: top-k thresholds must be exact and deterministic (torch's
+//! `kthvalue` on GPU is not). Every element gets a 32-bit *key* whose unsigned order is the order
+//! we select in (for a magnitude `|x|` the f32 bit pattern itself; [`key_asc`] for signed values;
+//! `!key` to select from the top). Elements are then ordered by `(key, flat index)`, so ties are
+//! broken by the lowest index first, and the element at position `p` of that order is found by:
+//!
+//! 1. a histogram of the high 16 bits of every key ([`add_hist_hi`]), which locates the bucket
+//!    holding position `p` ([`locate`]);
+//! 2. a histogram of the low 16 bits of the keys inside that bucket ([`add_hist_lo`]), which gives
+//!    the exact key `K` at position `p` and the number `less` of keys below it;
+//! 3. only when some but not all elements equal to `K` fall before `p`: one scan in index order
+//!    for the index of the `(p - less)`-th element equal to `K` ([`select_cuts`] does it, counting
+//!    per block first so blocks may be processed in parallel).
+//!
+//! The result is a [`Cut`]: `cut.before(key, index)` is true exactly for the `p` elements
+//! that precede position `p`. Counts are integers, so histograms summed over blocks, threads,
+//! tensors (model-global selection through `GlobalStats`) or workers are exact in any order.
+
+use crate::error::Result;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Number of buckets of one 16-bit histogram.
+pub const BUCKETS: usize = 1 << 16;
+
+/// Elements per parallel histogram chunk (below this a block is histogrammed sequentially).
+const PAR_CHUNK: usize = 1 << 18;
+
+/// A total-order key for an f32: unsigned key order equals numeric order (`-0.0` just below
+/// `+0.0`; NaNs outside the finite range). For non-negative values (magnitudes) the plain bit
+/// pattern `x.to_bits()` is already order-preserving and may be used instead.
+#[inline]
+pub fn key_asc(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// A position in the ascending `(key, flat index)` order of a set of elements.
+///
+/// `before(key, index)` holds exactly for the elements that come before the position. `index`
+/// is an index *bound*, not necessarily the index of an element: elements with `key == self.key`
+/// and an index below `self.index` come before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Key of the element at the position.
+    pub key: u32,
+    /// Elements with this key and a smaller flat index come before the position.
+    pub index: u64,
+}
+
+impl Cut {
+    /// The position after every element (everything comes before it).
+    pub const END: Cut = Cut {
+        key: u32::MAX,
+        index: u64::MAX,
+    };
+    /// The first position (nothing comes before it).
+    pub const START: Cut = Cut { key: 0, index: 0 };
+
+    /// Whether the element `(key, index)` comes before this position.
+    #[inline]
+    pub fn before(&self, key: u32, index: u64) -> bool {
+        key < self.key || (key == self.key && index < self.index)
+    }
+}
+
+/// Add the high 16 bits of `keys` to `hist` (length [`BUCKETS`]).
+pub fn add_hist_hi(keys: &[u32], hist: &mut [u64]) {
+    add_hist(keys, hist, |k| Some((k >> 16) as usize));
+}
+
+/// Add the low 16 bits of the `keys` whose high 16 bits equal `hi` to `hist` (length
+/// [`BUCKETS`]).
+pub fn add_hist_lo(keys: &[u32], hi: u32, hist: &mut [u64]) {
+    add_hist(keys, hist, |k| {
+        if k >> 16 == hi {
+            Some((k & 0xFFFF) as usize)
+        } else {
+            None
+        }
+    });
+}
+
+fn add_hist<F>(keys: &[u32], hist: &mut [u64], bucket: F)
+where
+    F: Fn(u32) -> Option<usize> + Sync,
+{
+    debug_assert_eq!(hist.len(), BUCKETS);
+    if keys.len() < 2 * PAR_CHUNK {
+        for &k in keys {
+            if let Some(b) = bucket(k) {
+                hist[b] += 1;
+            }
+        }
+        return;
+    }
+    let partial = keys
+        .par_chunks(PAR_CHUNK)
+        .map(|chunk| {
+            let mut h = vec![0u64; BUCKETS];
+            for &k in chunk {
+                if let Some(b) = bucket(k) {
+                    h[b] += 1;
+                }
+            }
+            h
+        })
+        .reduce(
+            || vec![0u64; BUCKETS],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    for (x, y) in hist.iter_mut().zip(&partial) {
+        *x += y;
+    }
+}
+
+/// The bucket holding position `p` (0-based) of a histogram, and the number of items in the
+/// buckets below it. `p` must be below the histogram's total.
+pub fn locate(hist: &[u64], p: u64) -> (usize, u64) {
+    let mut less = 0u64;
+    for (b, &c) in hist.iter().enumerate() {
+        if p < less + c {
+            return (b, less);
+        }
+        less += c;
+    }
+    // Unreachable for p < total; return the last bucket so callers stay panic-free.
+    (hist.len().saturating_sub(1), less)
+}
+
+/// Where a selection stands after the two histogram passes for one position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRank {
+    /// The key at the position.
+    pub key: u32,
+    /// Number of elements with a smaller key.
+    pub less: u64,
+    /// Number of elements with exactly this key.
+    pub equal: u64,
+}
+
+impl KeyRank {
+    /// The cut when `take` of the equal elements (in index order) come before the position and
+    /// `take` is 0 or all of them (no index scan needed); `None` otherwise.
+    pub fn cut_without_scan(&self, take: u64) -> Option<Cut> {
+        if take == 0 {
+            Some(Cut {
+                key: self.key,
+                index: 0,
+            })
+        } else if take >= self.equal {
+            Some(Cut {
+                key: self.key,
+                index: u64::MAX,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Combine the two histogram passes for position `p`: `hist_hi` over all keys, `hist_lo` the low
+/// histogram of the bucket `locate(hist_hi, p).0`.
+pub fn key_rank(hist_hi: &[u64], hist_lo: &[u64], p: u64) -> KeyRank {
+    let (b_hi, less_hi) = locate(hist_hi, p);
+    let (b_lo, less_lo) = locate(hist_lo, p - less_hi);
+    KeyRank {
+        key: ((b_hi as u32) << 16) | b_lo as u32,
+        less: less_hi + less_lo,
+        equal: hist_lo[b_lo],
+    }
+}
+
+/// Find the cuts at `positions` (0-based; a position `>= n` gives [`Cut::END`]) of the ascending
+/// `(key, flat index)` order of `n` elements, streaming.
+///
+/// `blocks` are consecutive ranges covering `0..n` in order; `fill(range, keys)` writes the keys
+/// of the elements `range` into `keys` (of length `range.len()`) and may fail (read errors,
+/// non-finite values). It is called two or three times per block.
+pub fn select_cuts<F>(
+    n: usize,
+    blocks: &[Range<usize>],
+    positions: &[u64],
+    mut fill: F,
+) -> Result<Vec<Cut>>
+where
+    F: FnMut(Range<usize>, &mut [u32]) -> Result<()>,
+{
+    let n64 = n as u64;
+    let mut cuts = vec![Cut::END; positions.len()];
+    let active: Vec<usize> = (0..positions.len())
+        .filter(|&j| positions[j] < n64)
+        .collect();
+    if active.is_empty() {
+        return Ok(cuts);
+    }
+    let max_block = blocks.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut keys = vec![0u32; max_block];
+
+    // Pass 1: high histogram.
+    let mut hist_hi = vec![0u64; BUCKETS];
+    for r in blocks {
+        let k = &mut keys[..r.len()];
+        fill(r.clone(), k)?;
+        add_hist_hi(k, &mut hist_hi);
+    }
+    // Pass 2: low histograms of the buckets holding a position.
+    let mut his: Vec<u32> = active
+        .iter()
+        .map(|&j| locate(&hist_hi, positions[j]).0 as u32)
+        .collect();
+    his.sort_unstable();
+    his.dedup();
+    let mut hist_lo = vec![vec![0u64; BUCKETS]; his.len()];
+    for r in blocks {
+        let k = &mut keys[..r.len()];
+        fill(r.clone(), k)?;
+        for (h, hist) in his.iter().zip(hist_lo.iter_mut()) {
+            add_hist_lo(k, *h, hist);
+        }
+    }
+    // Resolve keys; collect positions that need an index scan: (slot, key, take).
+    let mut scans: Vec<(usize, u32, u64)> = Vec::new();
+    for &j in &active {
+        let p = positions[j];
+        let hi = locate(&hist_hi, p).0 as u32;
+        let h = his.binary_search(&hi).expect("bucket recorded in pass 1");
+        let kr = key_rank(&hist_hi, &hist_lo[h], p);
+        let take = p - kr.less;
+        match kr.cut_without_scan(take) {
+            Some(c) => cuts[j] = c,
+            None => scans.push((j, kr.key, take)),
+        }
+    }
+    if scans.is_empty() {
+        return Ok(cuts);
+    }
+    // Pass 3: find the index of the `take`-th (0-based) element equal to the key, in index order.
+    let mut seen = vec![0u64; scans.len()];
+    let mut done = vec![false; scans.len()];
+    for r in blocks {
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let k = &mut keys[..r.len()];
+        fill(r.clone(), k)?;
+        for (s, &(j, key, take)) in scans.iter().enumerate() {
+            if done[s] {
+                continue;
+            }
+            let in_block = count_equal(k, key);
+            if seen[s] + in_block <= take {
+                seen[s] += in_block;
+                continue;
+            }
+            let mut c = seen[s];
+            for (off, &x) in k.iter().enumerate() {
+                if x == key {
+                    if c == take {
+                        cuts[j] = Cut {
+                            key,
+                            index: (r.start + off) as u64,
+                        };
+                        break;
+                    }
+                    c += 1;
+                }
+            }
+            done[s] = true;
+        }
+    }
+    Ok(cuts)
+}
+
+fn count_equal(keys: &[u32], key: u32) -> u64 {
+    if keys.len() < 2 * PAR_CHUNK {
+        keys.iter().filter(|&&x| x == key).count() as u64
+    } else {
+        keys.par_chunks(PAR_CHUNK)
+            .map(|c| c.iter().filter(|&&x| x == key).count() as u64)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// Reference: sort (key, index) pairs and read position p.
+    fn sorted_before(keys: &[u32], p: usize) -> Vec<bool> {
+        let mut order: Vec<(u32, usize)> = keys.iter().copied().zip(0..).collect();
+        order.sort();
+        let mut before = vec![false; keys.len()];
+        for &(_, i) in &order[..p.min(keys.len())] {
+            before[i] = true;
+        }
+        before
+    }
+
+    fn blocks_of(n: usize, b: usize) -> Vec<Range<usize>> {
+        (0..n.div_ceil(b)).map(|i| i * b..((i + 1) * b).min(n)).collect()
+    }
+
+    fn check(keys: &[u32], block: usize) {
+        let n = keys.len();
+        let positions: Vec<u64> = (0..=n as u64 + 1).collect();
+        let cuts = select_cuts(n, &blocks_of(n, block), &positions, |r, out| {
+            out.copy_from_slice(&keys[r]);
+            Ok(())
+        })
+        .unwrap();
+        for (p, cut) in cuts.iter().enumerate() {
+            let expect = sorted_before(keys, p);
+            for (i, &k) in keys.iter().enumerate() {
+                assert_eq!(cut.before(k, i as u64), expect[i], "p={p} i={i}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_sort_random_and_ties() {
+        let mut s = 7u64;
+        // Random f32 magnitudes.
+        let keys: Vec<u32> = (0..300)
+            .map(|_| ((lcg(&mut s) % 1000) as f32 * 0.37).to_bits())
+            .collect();
+        for b in [1, 7, 64, 300] {
+            check(&keys, b);
+        }
+        // Many equal keys, spread over both 16-bit halves.
+        let keys: Vec<u32> = (0..257)
+            .map(|_| [0u32, 5, 0x1_0005, 0xFFFF_0000, 5][(lcg(&mut s) % 5) as usize])
+            .collect();
+        for b in [3, 50, 257] {
+            check(&keys, b);
+        }
+        // All equal.
+        check(&vec![42u32; 100], 9);
+        check(&[], 4);
+    }
+
+    #[test]
+    fn key_asc_orders_floats() {
+        let xs = [-f32::MAX, -2.5, -1.0, -0.0, 0.0, 1e-40, 1.0, 3.0, f32::MAX];
+        for w in xs.windows(2) {
+            assert!(key_asc(w[0]) < key_asc(w[1]), "{} {}", w[0], w[1]);
+        }
+    }
+
+    #[test]
+    fn large_block_parallel_histogram() {
+        let mut s = 3u64;
+        let n = 3 * PAR_CHUNK + 11;
+        let keys: Vec<u32> = (0..n).map(|_| (lcg(&mut s) % 5000) as u32 * 977).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        let p = n as u64 / 3;
+        let cut = select_cuts(n, &blocks_of(n, n), &[p], |r, out| {
+            out.copy_from_slice(&keys[r]);
+            Ok(())
+        })
+        .unwrap()[0];
+        assert_eq!(cut.key, sorted[p as usize]);
+        let cnt = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, &k)| cut.before(k, *i as u64))
+            .count();
+        assert_eq!(cnt as u64, p);
+    }
+}

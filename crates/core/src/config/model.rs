@@ -39,6 +39,9 @@ pub enum ParamValue {
     Gradient(Vec<f64>),
     /// A list of `{filter, value}` entries; the first whose filter matches wins.
     Filtered(Vec<FilteredValue>),
+    /// A list that is not all numbers (booleans or strings): mergekit picks the step at index
+    /// `floor(t * (len - 1))` instead of interpolating.
+    Steps(Vec<crate::params::Scalar>),
 }
 
 /// Parameters by name, as written at one level of the config.
@@ -91,7 +94,8 @@ pub enum TokenizerSource {
 /// The `tokenizer:` section (mergekit's `TokenizerConfig`).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenizerConfig {
-    /// `source`: like `tokenizer_source`.
+    /// `source`: like `tokenizer_source`. The parser fills in mergekit's default,
+    /// [`TokenizerSource::Union`], when a `tokenizer:` section omits it.
     pub source: Option<TokenizerSource>,
     /// `pad_to_multiple_of`.
     pub pad_to_multiple_of: Option<usize>,
@@ -125,6 +129,9 @@ pub struct MergeConfig {
     pub chat_template: Option<String>,
     /// `random_seed` (default 0 when a random method runs).
     pub random_seed: Option<u64>,
+    /// Per-model statistics files (amalgam's `statistics:` key of a `models[]` entry or a slice
+    /// source), by model.
+    pub statistics: BTreeMap<ModelRef, String>,
     /// Keys accepted for mergekit compatibility but not acted on (e.g. `modules`), by name.
     pub ignored_keys: Vec<String>,
     /// The original YAML text, for the model card.

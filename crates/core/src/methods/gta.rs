@@ -1,1 +1,496 @@
-//! (stub)
+//! The generalized task arithmetic pipeline shared by `task_arithmetic`, `ties`, `dare_*`,
+//! `breadcrumbs*`, `della*` (methods.md §2-§6; mergekit
+//! `mergekit/merge_methods/generalized_task_arithmetic.py`). Sharding class T (E for plain task
+//! arithmetic; G when a method adds model-global passes, e.g. `ties` with `trim_scope: model`).
+//!
+//! Per element, for models `i` with task vectors `δ_i = θ_i − θ_0` (f32):
+//!
+//! 1. `δ'_i = sparsify_i(δ_i)` (optional, a [`Sparsifier`]), then, with `rescale`, times the
+//!    per-tensor factor `‖δ_i‖₁ / ‖δ'_i‖₁` (skipped when either norm is below `1e-7`), as
+//!    mergekit's `sparsify.py:rescaled_masked_tensor`.
+//! 2. `v_i = w_i · δ'_i`.
+//! 3. Sign consensus ([`Consensus`], optional): `s = Σ_i v_i` (`sum`) or `Σ_i sgn v_i` (`count`),
+//!    summed in f32 in model order; the majority sign is `+1` where `s ≥ 0`, else `−1` (or, with
+//!    [`GtaOptions::zero_sign`], `sgn s` and the given sign where `s == 0`). Model `i` takes part
+//!    where `v_i` has the majority sign (zeros never take part): `m_i ∈ {0, 1}`.
+//! 4. `mix = Σ_i m_i v_i`, `div = Σ_i m_i w_i` (a divisor of exactly 0 becomes 1). Without
+//!    consensus `m_i = 1` and `div = Σ_i w_i`, with `|div| < 1e-8` becoming 1.
+//! 5. With `normalize`, `mix /= div`; then `mix *= λ`; the result is `θ_0 + mix`.
+//!
+//! # Plugging in a method
+//!
+//! A method parses the shared parameters with [`GtaOptions::from_params`] (giving its mergekit
+//! defaults in [`GtaDefaults`]), parses its own (e.g. `density`), and in
+//! [`crate::methods::MergeMethod::merge`]:
+//!
+//! 1. prepares a [`Sparsifier`] for this tensor, making whatever passes it needs over the task
+//!    vectors first (use [`for_each_delta_block`], which reads `job.row_blocks()` in order and
+//!    rejects non-finite inputs);
+//! 2. calls [`merge`]`(&opts, Some(&sparsifier), job, reader, writer)`.
+//!
+//! [`merge`] reads the tensor in `job.row_blocks()` (whole rows, so a sparsifier may work row by
+//! row) and calls [`Sparsifier::apply`] once per model and block, in the rescale pass (when
+//! `rescale` is on) and again in the merge pass: `apply` must be a pure function of
+//! `(model, start, delta)` — derive randomness from a counter-based RNG keyed by the element
+//! index ([`crate::philox`]), and per-tensor thresholds in the preparation passes.
+//!
+//! Buffers: the base block, one block per model and the output block (`n + 2`), plus whatever
+//! the sparsifier keeps. Results do not depend on the block size or thread count: every step is
+//! elementwise, and the only tensor reductions (L1 norms) use [`ChunkedSum`].
+
+use crate::error::{MergeError, Result};
+use crate::params::TensorParams;
+use crate::reduce::ChunkedSum;
+use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements per parallel work item in the merge loop.
+const PAR_CHUNK: usize = 1 << 13;
+
+/// mergekit's `rescaled_masked_tensor` epsilon: below it a norm is treated as zero.
+pub const RESCALE_EPS: f64 = 1e-7;
+
+/// How the majority sign is elected (mergekit `ConsensusMethod`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consensus {
+    /// Sign of `Σ_i w_i δ'_i` (TIES "mass"; mergekit's default for every consensus method).
+    Sum,
+    /// Sign of `Σ_i sgn(w_i δ'_i)` (a vote).
+    Count,
+}
+
+impl Consensus {
+    /// Parse a `consensus_method` value (`sum` or `count`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "sum" => Ok(Consensus::Sum),
+            "count" => Ok(Consensus::Count),
+            other => Err(MergeError::BadParameter {
+                key: "consensus_method".into(),
+                message: format!("expected `sum` or `count`, got `{other}`"),
+            }),
+        }
+    }
+}
+
+/// mergekit's per-method defaults (`registry.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GtaDefaults {
+    /// Sign consensus of the method (`None`: plain weighted sum).
+    pub consensus: Option<Consensus>,
+    /// Default of `normalize`.
+    pub normalize: bool,
+    /// Default of `rescale` (L1 rescale of sparsified task vectors).
+    pub rescale: bool,
+}
+
+/// The shared, resolved parameters of the pipeline for one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GtaOptions {
+    /// Method name, for error messages.
+    pub method: &'static str,
+    /// Per-model `weight` (required by mergekit for every method of the family).
+    pub weights: Vec<f32>,
+    /// Sign consensus, if any.
+    pub consensus: Option<Consensus>,
+    /// `normalize`: divide by the (masked) sum of weights.
+    pub normalize: bool,
+    /// `lambda`: scale of the mixed task vector (default 1.0).
+    pub lambda: f32,
+    /// `rescale`: L1-rescale each sparsified task vector to its original norm.
+    pub rescale: bool,
+    /// Sign given to elements whose consensus sum is exactly 0, and `sgn s` elsewhere (the TIES
+    /// paper's model-global majority; `Some(0)` reproduces its quirk of then selecting the
+    /// negative entries). `None`: mergekit's rule (`s ≥ 0 → +1`).
+    pub zero_sign: Option<i8>,
+}
+
+impl GtaOptions {
+    /// Parse the shared parameters: per-model `weight` (required), `normalize`, `lambda`
+    /// (default 1.0), `rescale`, `int8_mask` (accepted and ignored: it only changes mergekit's
+    /// memory use) and, for methods with a consensus, `consensus_method` (`sum`/`count`).
+    ///
+    /// With `normalize`, weights summing to (nearly) zero are an error naming `weight`.
+    pub fn from_params(
+        params: &TensorParams,
+        n_models: usize,
+        method: &'static str,
+        defaults: GtaDefaults,
+    ) -> Result<Self> {
+        if n_models == 0 {
+            return Err(MergeError::BadInputs {
+                method: method.into(),
+                message: "needs at least one model besides the base model".into(),
+            });
+        }
+        let mut weights = Vec::with_capacity(n_models);
+        for i in 0..n_models {
+            let w = params
+                .model_opt_num(i, "weight")?
+                .ok_or_else(|| MergeError::MissingParameter {
+                    key: "weight".into(),
+                    method: method.into(),
+                    model: format!(" for model #{i}"),
+                })?;
+            if !w.is_finite() {
+                return Err(MergeError::BadParameter {
+                    key: "weight".into(),
+                    message: format!("model #{i}: weight must be finite, got {w}"),
+                });
+            }
+            weights.push(w as f32);
+        }
+        let normalize = params.bool("normalize", defaults.normalize)?;
+        let lambda = params.num("lambda", 1.0)?;
+        if !lambda.is_finite() {
+            return Err(MergeError::BadParameter {
+                key: "lambda".into(),
+                message: format!("must be finite, got {lambda}"),
+            });
+        }
+        let rescale = params.bool("rescale", defaults.rescale)?;
+        let _ = params.bool("int8_mask", false)?;
+        let consensus = match defaults.consensus {
+            Some(c) => Some(match params.opt_str("consensus_method")? {
+                Some(s) => Consensus::parse(&s)?,
+                None => c,
+            }),
+            None => None,
+        };
+        if normalize {
+            let sum: f32 = weights.iter().sum();
+            if (sum.abs() as f64) < 1e-8 {
+                return Err(MergeError::BadParameter {
+                    key: "weight".into(),
+                    message: format!(
+                        "the weights sum to {sum}, so `normalize: true` would divide by zero; \
+                         change the weights or set `normalize: false`"
+                    ),
+                });
+            }
+        }
+        Ok(Self {
+            method,
+            weights,
+            consensus,
+            normalize,
+            lambda: lambda as f32,
+            rescale,
+            zero_sign: None,
+        })
+    }
+}
+
+/// One model's sparsification rule, prepared for one tensor.
+pub trait Sparsifier: Sync {
+    /// Whether model `model` is left untouched (e.g. `density >= 1`); lets the pipeline skip it.
+    fn is_identity(&self, model: usize) -> bool {
+        let _ = model;
+        false
+    }
+
+    /// Sparsify a block of model `model`'s task vector in place. `delta` holds the flat elements
+    /// `start..start + delta.len()`, always whole rows. Dropped entries become `0.0`; kept
+    /// entries may be scaled elementwise (the per-tensor L1 `rescale` is the pipeline's job).
+    /// Must give the same result every time it is called on the same block.
+    fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()>;
+}
+
+fn non_finite(job: &TensorJob, input: Input, at: usize) -> MergeError {
+    let who = match input {
+        Input::Base => "the base model".to_string(),
+        Input::Model(i) => format!("model #{i}"),
+    };
+    MergeError::Numeric {
+        tensor: job.name.clone(),
+        message: format!("non-finite value in {who} at element {at}"),
+    }
+}
+
+fn check_finite(job: &TensorJob, input: Input, start: usize, v: &[f32]) -> Result<()> {
+    if v.iter().all(|x| x.is_finite()) {
+        return Ok(());
+    }
+    let off = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+    Err(non_finite(job, input, start + off))
+}
+
+/// Read the base block `range` into `base` (checked finite).
+pub fn read_base(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    range: Range<usize>,
+    base: &mut [f32],
+) -> Result<()> {
+    reader.read(Input::Base, range.clone(), base)?;
+    check_finite(job, Input::Base, range.start, base)
+}
+
+/// Read model `model`'s block `range` and turn it into the task vector `delta = θ_i − base`
+/// (checked finite). `base` holds the base block of the same range.
+pub fn read_delta(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    model: usize,
+    range: Range<usize>,
+    base: &[f32],
+    delta: &mut [f32],
+) -> Result<()> {
+    reader.read(Input::Model(model), range.clone(), delta)?;
+    check_finite(job, Input::Model(model), range.start, delta)?;
+    for (d, b) in delta.iter_mut().zip(base) {
+        *d -= *b;
+    }
+    Ok(())
+}
+
+/// Stream model `model`'s task vector over `job.row_blocks()` in order: `f(start, delta)` gets
+/// each block. For a sparsifier's preparation passes.
+pub fn for_each_delta_block<F>(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    model: usize,
+    mut f: F,
+) -> Result<()>
+where
+    F: FnMut(usize, &[f32]) -> Result<()>,
+{
+    let mut base = Vec::new();
+    let mut delta = Vec::new();
+    for r in job.row_blocks() {
+        base.resize(r.len(), 0.0);
+        delta.resize(r.len(), 0.0);
+        read_base(job, reader, r.clone(), &mut base)?;
+        read_delta(job, reader, model, r.clone(), &base, &mut delta)?;
+        f(r.start, &delta)?;
+    }
+    Ok(())
+}
+
+/// Per-model L1 rescale factors (1.0 where not rescaled), as mergekit's
+/// `rescaled_masked_tensor` with the L1 norm.
+fn rescale_factors(
+    opts: &GtaOptions,
+    sp: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+) -> Result<Vec<f32>> {
+    let n = opts.weights.len();
+    let mut factors = vec![1.0f32; n];
+    let sp = match sp {
+        Some(sp) if opts.rescale => sp,
+        _ => return Ok(factors),
+    };
+    let models: Vec<usize> = (0..n).filter(|&i| !sp.is_identity(i)).collect();
+    if models.is_empty() {
+        return Ok(factors);
+    }
+    let numel = job.numel();
+    let mut before: Vec<ChunkedSum> = (0..n).map(|_| ChunkedSum::new(numel)).collect();
+    let mut after: Vec<ChunkedSum> = (0..n).map(|_| ChunkedSum::new(numel)).collect();
+    let mut base = Vec::new();
+    let mut delta = Vec::new();
+    for r in job.row_blocks() {
+        base.resize(r.len(), 0.0);
+        delta.resize(r.len(), 0.0);
+        read_base(job, reader, r.clone(), &mut base)?;
+        for &i in &models {
+            read_delta(job, reader, i, r.clone(), &base, &mut delta)?;
+            before[i].add_block(r.start, r.len(), |k| delta[k].abs() as f64);
+            sp.apply(i, r.start, &mut delta)?;
+            after[i].add_block(r.start, r.len(), |k| delta[k].abs() as f64);
+        }
+    }
+    for &i in &models {
+        let (b, a) = (before[i].total(), after[i].total());
+        if b >= RESCALE_EPS && a >= RESCALE_EPS {
+            factors[i] = (b / a) as f32;
+        }
+    }
+    Ok(factors)
+}
+
+/// Read one block: base into `base`, and `w_i · δ'_i` (sparsified, rescaled, weighted) into
+/// `deltas[i]`.
+fn weighted_deltas(
+    opts: &GtaOptions,
+    sp: Option<&dyn Sparsifier>,
+    factors: &[f32],
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    r: Range<usize>,
+    base: &mut Vec<f32>,
+    deltas: &mut [Vec<f32>],
+) -> Result<()> {
+    base.resize(r.len(), 0.0);
+    read_base(job, reader, r.clone(), base)?;
+    for (i, d) in deltas.iter_mut().enumerate() {
+        d.resize(r.len(), 0.0);
+        read_delta(job, reader, i, r.clone(), base, d)?;
+        if let Some(sp) = sp {
+            if !sp.is_identity(i) {
+                sp.apply(i, r.start, d)?;
+                if factors[i] != 1.0 {
+                    let f = factors[i];
+                    d.par_iter_mut().with_min_len(PAR_CHUNK).for_each(|x| *x *= f);
+                }
+            }
+        }
+        let w = opts.weights[i];
+        d.par_iter_mut().with_min_len(PAR_CHUNK).for_each(|x| *x *= w);
+    }
+    Ok(())
+}
+
+/// The consensus sum at element `j` (f32, model order).
+#[inline]
+fn consensus_sum(c: Consensus, deltas: &[Vec<f32>], j: usize) -> f32 {
+    let mut s = 0.0f32;
+    match c {
+        Consensus::Sum => {
+            for d in deltas {
+                s += d[j];
+            }
+        }
+        Consensus::Count => {
+            for d in deltas {
+                let v = d[j];
+                s += if v > 0.0 {
+                    1.0
+                } else if v < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    s
+}
+
+/// Run the pipeline on one tensor and write the result.
+pub fn merge(
+    opts: &GtaOptions,
+    sparsifier: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    writer: &mut dyn TensorWriter,
+) -> Result<()> {
+    let n = opts.weights.len();
+    if job.n_models != n {
+        return Err(MergeError::BadInputs {
+            method: opts.method.into(),
+            message: format!(
+                "configured for {n} models but the tensor has {} inputs",
+                job.n_models
+            ),
+        });
+    }
+    if !job.has_base {
+        return Err(MergeError::BadInputs {
+            method: opts.method.into(),
+            message: "requires `base_model`".into(),
+        });
+    }
+    let factors = rescale_factors(opts, sparsifier, job, reader)?;
+    let weights = &opts.weights;
+    let plain_div = {
+        let s: f32 = weights.iter().sum();
+        if s.abs() < 1e-8 {
+            1.0
+        } else {
+            s
+        }
+    };
+    let mut base = Vec::new();
+    let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); n];
+    let mut out = Vec::new();
+    for r in job.row_blocks() {
+        weighted_deltas(
+            opts, sparsifier, &factors, job, reader, r.clone(), &mut base, &mut deltas,
+        )?;
+        out.resize(r.len(), 0.0f32);
+        let deltas = &deltas;
+        let base = &base;
+        out.par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let off = c * PAR_CHUNK;
+                for (k, o) in chunk.iter_mut().enumerate() {
+                    let j = off + k;
+                    let (mut mix, div) = match opts.consensus {
+                        None => {
+                            let mut s = 0.0f32;
+                            for d in deltas {
+                                s += d[j];
+                            }
+                            (s, plain_div)
+                        }
+                        Some(cm) => {
+                            let s = consensus_sum(cm, deltas, j);
+                            let positive = match opts.zero_sign {
+                                None => s >= 0.0,
+                                Some(z) => s > 0.0 || (s == 0.0 && z > 0),
+                            };
+                            let mut mix = 0.0f32;
+                            let mut div = 0.0f32;
+                            for (d, &w) in deltas.iter().zip(weights) {
+                                let v = d[j];
+                                if (positive && v > 0.0) || (!positive && v < 0.0) {
+                                    mix += v;
+                                    div += w;
+                                }
+                            }
+                            (mix, if div == 0.0 { 1.0 } else { div })
+                        }
+                    };
+                    if opts.normalize {
+                        mix /= div;
+                    }
+                    if opts.lambda != 1.0 {
+                        mix *= opts.lambda;
+                    }
+                    *o = base[j] + mix;
+                }
+            });
+        writer.write(r, &out)?;
+    }
+    Ok(())
+}
+
+/// Count the elements whose consensus sum is positive and negative (`[pos, neg]`), for the
+/// TIES paper's model-global zero-sign majority (a global pass). Requires a consensus.
+pub fn consensus_sign_counts(
+    opts: &GtaOptions,
+    sparsifier: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+) -> Result<[u64; 2]> {
+    let cm = opts.consensus.ok_or_else(|| MergeError::BadInputs {
+        method: opts.method.into(),
+        message: "sign counts need a consensus method".into(),
+    })?;
+    let factors = rescale_factors(opts, sparsifier, job, reader)?;
+    let n = opts.weights.len();
+    let mut base = Vec::new();
+    let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); n];
+    let mut counts = [0u64; 2];
+    for r in job.row_blocks() {
+        weighted_deltas(
+            opts, sparsifier, &factors, job, reader, r.clone(), &mut base, &mut deltas,
+        )?;
+        let deltas = &deltas;
+        let (p, q) = (0..r.len())
+            .into_par_iter()
+            .with_min_len(PAR_CHUNK)
+            .map(|j| {
+                let s = consensus_sum(cm, deltas, j);
+                ((s > 0.0) as u64, (s < 0.0) as u64)
+            })
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        counts[0] += p;
+        counts[1] += q;
+    }
+    Ok(counts)
+}

@@ -16,6 +16,7 @@ pub mod dare;
 pub mod gta;
 pub mod sparsify;
 pub mod della;
+pub(crate) mod gram;
 pub mod karcher;
 pub mod linear;
 pub mod model_stock;

@@ -1,0 +1,431 @@
+//! Streamed Gram matrices and linear combinations, shared by the spherical and stock methods.
+//!
+//! `slerp`, `nuslerp`, `multislerp`, `karcher` and `model_stock` (methods.md §7, §8, §19) all
+//! reduce to the same two steps over a set of vectors x_i (each a model, or a model minus the
+//! base, computed in f32 as mergekit does):
+//!
+//! 1. one pass over the blocks gathering the Gram matrix G_ij = x_i·x_j in f64 (every norm, dot
+//!    and cosine those methods need is a function of G, and every mean they iterate on stays in
+//!    the span of the x_i, so it is represented by coefficients on them);
+//! 2. one pass writing Σ_i c_i x_i (plus the base) with per-vector coefficients c_i in f32.
+//!
+//! A "vector" is the whole tensor ([`Grouping::Whole`]), each row along the last dimension
+//! ([`Grouping::Rows`]) or each fibre along dimension 0 ([`Grouping::Axis0`]); one Gram matrix
+//! is kept per vector. Whole-tensor sums use [`ChunkedSum`]; per-row and per-fibre sums add
+//! their elements sequentially in flat element order. Both give results that do not depend on
+//! the block size or the thread count.
+
+use crate::error::Result;
+use crate::reduce::ChunkedSum;
+use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// How a tensor's flat elements are grouped into vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grouping {
+    /// The whole (flattened) tensor is one vector.
+    Whole,
+    /// Each row along the last dimension is a vector (1-D tensors and scalars: one vector).
+    Rows,
+    /// Each fibre along dimension 0 is a vector (torch `transpose(0, -1)` then per row).
+    Axis0,
+}
+
+/// Maps a flat element index to its vector (group) index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GroupMap {
+    kind: Grouping,
+    /// Row length (Rows) or number of fibres (Axis0).
+    stride: usize,
+    groups: usize,
+}
+
+impl GroupMap {
+    /// The grouping of `job`'s tensor.
+    pub(crate) fn new(job: &TensorJob, kind: Grouping) -> Self {
+        let numel = job.numel();
+        match kind {
+            Grouping::Whole => Self {
+                kind,
+                stride: 1,
+                groups: 1,
+            },
+            Grouping::Rows => Self {
+                kind,
+                stride: job.cols(),
+                groups: job.rows().max(1),
+            },
+            Grouping::Axis0 => {
+                let inner = match job.shape.first() {
+                    Some(&d0) if d0 > 0 => numel / d0,
+                    _ => 1,
+                }
+                .max(1);
+                Self {
+                    kind,
+                    stride: inner,
+                    groups: inner,
+                }
+            }
+        }
+    }
+
+    /// Number of vectors.
+    pub(crate) fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// The vector holding flat element `e`.
+    #[inline]
+    pub(crate) fn group_of(&self, e: usize) -> usize {
+        match self.kind {
+            Grouping::Whole => 0,
+            Grouping::Rows => e / self.stride,
+            Grouping::Axis0 => e % self.stride,
+        }
+    }
+}
+
+/// Reusable block buffers for a set of inputs and an optional base.
+pub(crate) struct Blocks<'a> {
+    reader: &'a dyn TensorReader,
+    inputs: &'a [Input],
+    base: Option<Input>,
+    /// One buffer per input: after [`Blocks::read`], the input minus the base when a base is set.
+    pub(crate) x: Vec<Vec<f32>>,
+    /// The base values of the block (empty without a base).
+    pub(crate) base_vals: Vec<f32>,
+}
+
+impl<'a> Blocks<'a> {
+    /// Buffers for `inputs` (each minus `base` when given) of at most `job.block_elems` elements.
+    pub(crate) fn new(
+        job: &TensorJob,
+        reader: &'a dyn TensorReader,
+        inputs: &'a [Input],
+        base: Option<Input>,
+    ) -> Self {
+        let cap = job.block_elems.max(1).min(job.numel());
+        Self {
+            reader,
+            inputs,
+            base,
+            x: inputs.iter().map(|_| Vec::with_capacity(cap)).collect(),
+            base_vals: Vec::with_capacity(if base.is_some() { cap } else { 0 }),
+        }
+    }
+
+    /// Read elements `range` of every input (and the base), subtracting the base in f32.
+    pub(crate) fn read(&mut self, range: Range<usize>) -> Result<()> {
+        let len = range.len();
+        if let Some(b) = self.base {
+            self.base_vals.resize(len, 0.0);
+            self.reader.read(b, range.clone(), &mut self.base_vals)?;
+        }
+        for (buf, &input) in self.x.iter_mut().zip(self.inputs) {
+            buf.resize(len, 0.0);
+            self.reader.read(input, range.clone(), buf)?;
+            if self.base.is_some() {
+                buf.par_iter_mut()
+                    .zip(self.base_vals.par_iter())
+                    .for_each(|(v, b)| *v -= *b);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Symmetric Gram matrices, one per vector (group).
+#[derive(Debug, Clone)]
+pub(crate) struct Gram {
+    n: usize,
+    /// `groups × n × n`, row-major per group.
+    data: Vec<f64>,
+}
+
+impl Gram {
+    /// G_ij of vector `g`.
+    #[inline]
+    pub(crate) fn get(&self, g: usize, i: usize, j: usize) -> f64 {
+        self.data[(g * self.n + i) * self.n + j]
+    }
+
+    /// The n×n matrix of vector `g`, row-major.
+    pub(crate) fn matrix(&self, g: usize) -> &[f64] {
+        &self.data[g * self.n * self.n..(g + 1) * self.n * self.n]
+    }
+}
+
+fn pairs(n: usize) -> Vec<(usize, usize)> {
+    (0..n).flat_map(|i| (i..n).map(move |j| (i, j))).collect()
+}
+
+/// One pass over the blocks: the Gram matrix of `inputs` (each minus `base` when given) per
+/// vector of `map`.
+pub(crate) fn gram(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    inputs: &[Input],
+    base: Option<Input>,
+    map: GroupMap,
+) -> Result<Gram> {
+    let n = inputs.len();
+    let pairs = pairs(n);
+    let np = pairs.len();
+    let numel = job.numel();
+    let groups = map.groups();
+    let mut blocks = Blocks::new(job, reader, inputs, base);
+    // Per-pair sums: chunked for the whole tensor, per-group sequential otherwise.
+    let mut whole: Vec<ChunkedSum> = match map.kind {
+        Grouping::Whole => (0..np).map(|_| ChunkedSum::new(numel)).collect(),
+        _ => Vec::new(),
+    };
+    let mut acc = match map.kind {
+        Grouping::Whole => Vec::new(),
+        _ => vec![0.0f64; groups * np],
+    };
+    for range in job.blocks() {
+        blocks.read(range.clone())?;
+        let x = &blocks.x;
+        let (start, len) = (range.start, range.len());
+        match map.kind {
+            Grouping::Whole => {
+                for (s, &(i, j)) in whole.iter_mut().zip(&pairs) {
+                    let (a, b) = (&x[i], &x[j]);
+                    s.add_block(start, len, |k| f64::from(a[k]) * f64::from(b[k]));
+                }
+            }
+            Grouping::Rows => {
+                let cols = map.stride;
+                let first = start / cols;
+                let last = (range.end - 1) / cols;
+                acc[first * np..(last + 1) * np]
+                    .par_chunks_mut(np)
+                    .enumerate()
+                    .for_each(|(k, slot)| {
+                        let r = first + k;
+                        let lo = (r * cols).max(start);
+                        let hi = ((r + 1) * cols).min(range.end);
+                        for e in lo - start..hi - start {
+                            for (s, &(i, j)) in slot.iter_mut().zip(&pairs) {
+                                *s += f64::from(x[i][e]) * f64::from(x[j][e]);
+                            }
+                        }
+                    });
+            }
+            Grouping::Axis0 => {
+                let inner = map.stride;
+                if len <= inner {
+                    // Every element of the block lies in a different fibre.
+                    for k in 0..len {
+                        let g = (start + k) % inner;
+                        let slot = &mut acc[g * np..(g + 1) * np];
+                        for (s, &(i, j)) in slot.iter_mut().zip(&pairs) {
+                            *s += f64::from(x[i][k]) * f64::from(x[j][k]);
+                        }
+                    }
+                } else {
+                    acc.par_chunks_mut(np).enumerate().for_each(|(g, slot)| {
+                        let first = start + (g + inner - start % inner) % inner;
+                        let mut e = first;
+                        while e < range.end {
+                            let k = e - start;
+                            for (s, &(i, j)) in slot.iter_mut().zip(&pairs) {
+                                *s += f64::from(x[i][k]) * f64::from(x[j][k]);
+                            }
+                            e += inner;
+                        }
+                    });
+                }
+            }
+        }
+    }
+    let mut data = vec![0.0f64; groups * n * n];
+    for g in 0..groups {
+        for (p, &(i, j)) in pairs.iter().enumerate() {
+            let v = match map.kind {
+                Grouping::Whole => whole[p].total(),
+                _ => acc[g * np + p],
+            };
+            data[(g * n + i) * n + j] = v;
+            data[(g * n + j) * n + i] = v;
+        }
+    }
+    Ok(Gram { n, data })
+}
+
+/// Stream the blocks of `inputs` (each minus `base` when given) and write, for each block,
+/// what `f(range, blocks, out)` puts in `out` (`out.len() == range.len()`).
+pub(crate) fn map_blocks<F>(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    writer: &mut dyn TensorWriter,
+    inputs: &[Input],
+    base: Option<Input>,
+    f: F,
+) -> Result<()>
+where
+    F: Fn(Range<usize>, &Blocks<'_>, &mut [f32]),
+{
+    let mut blocks = Blocks::new(job, reader, inputs, base);
+    let mut out = Vec::with_capacity(job.block_elems.max(1).min(job.numel()));
+    for range in job.blocks() {
+        blocks.read(range.clone())?;
+        out.resize(range.len(), 0.0);
+        f(range.clone(), &blocks, &mut out);
+        writer.write(range, &out)?;
+    }
+    Ok(())
+}
+
+/// Write out\[e\] = Σ_i c\[g(e)\]\[i\] · x_i\[e\] (+ base\[e\] when `base` is set, the x_i then being
+/// the inputs minus the base), all in f32, with `coefs` laid out `groups × inputs.len()`.
+pub(crate) fn write_combination(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    writer: &mut dyn TensorWriter,
+    inputs: &[Input],
+    base: Option<Input>,
+    map: GroupMap,
+    coefs: &[f32],
+) -> Result<()> {
+    let n = inputs.len();
+    map_blocks(job, reader, writer, inputs, base, |range, b, out| {
+        let start = range.start;
+        out.par_iter_mut().enumerate().for_each(|(k, o)| {
+            let g = map.group_of(start + k);
+            let c = &coefs[g * n..(g + 1) * n];
+            let mut acc = 0.0f32;
+            for (ci, xi) in c.iter().zip(&b.x) {
+                acc += ci * xi[k];
+            }
+            if !b.base_vals.is_empty() {
+                acc += b.base_vals[k];
+            }
+            *o = acc;
+        });
+    })
+}
+
+/// Copy one input unchanged.
+pub(crate) fn copy_input(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    writer: &mut dyn TensorWriter,
+    input: Input,
+) -> Result<()> {
+    map_blocks(job, reader, writer, &[input], None, |_, b, out| {
+        out.copy_from_slice(&b.x[0]);
+    })
+}
+
+/// Quadratic form aᵀ M b for an n×n row-major matrix.
+pub(crate) fn qform(m: &[f64], a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len();
+    let mut s = 0.0;
+    for i in 0..n {
+        let mut row = 0.0;
+        for j in 0..n {
+            row += m[i * n + j] * b[j];
+        }
+        s += a[i] * row;
+    }
+    s
+}
+
+/// Matrix-vector product M b for an n×n row-major matrix.
+pub(crate) fn matvec(m: &[f64], b: &[f64]) -> Vec<f64> {
+    let n = b.len();
+    (0..n)
+        .map(|i| (0..n).map(|j| m[i * n + j] * b[j]).sum())
+        .collect()
+}
+
+/// Helpers shared by the tests of the methods built on this module.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::methods::MergeMethod;
+    use crate::tensor::{merge_in_memory, MemReader, TensorJob};
+
+    /// Deterministic pseudo-random values in [-1, 1) (xorshift64*).
+    pub(crate) fn rand_vec(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s >> 12;
+                s ^= s << 25;
+                s ^= s >> 27;
+                let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                (r as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A job for `shape` with `n_models` models.
+    pub(crate) fn job(shape: &[usize], n_models: usize, has_base: bool, block: usize) -> TensorJob {
+        TensorJob {
+            name: "model.layers.0.mlp.up_proj.weight".into(),
+            shape: shape.to_vec(),
+            n_models,
+            has_base,
+            block_elems: block,
+            seed: 0,
+        }
+    }
+
+    /// Run `method` in memory.
+    pub(crate) fn run(method: &dyn MergeMethod, job: &TensorJob, r: &MemReader) -> Vec<f32> {
+        merge_in_memory(method, job, r).expect("merge")
+    }
+
+    /// Run with the whole tensor as one block, with small odd blocks, and on 1 and 3 threads;
+    /// assert the results are bit-identical and return one.
+    pub(crate) fn run_invariant(method: &dyn MergeMethod, job: &TensorJob, r: &MemReader) -> Vec<f32> {
+        let numel = job.numel();
+        let mut results = Vec::new();
+        for block in [numel.max(1), 7, 1013] {
+            let mut j = job.clone();
+            j.block_elems = block;
+            results.push(run(method, &j, r));
+        }
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let mut j = job.clone();
+            j.block_elems = 4099;
+            results.push(pool.install(|| run(method, &j, r)));
+        }
+        let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for other in &results[1..] {
+            assert_eq!(bits(&results[0]), bits(other), "result depends on blocking/threads");
+        }
+        results.swap_remove(0)
+    }
+
+    /// Assert `got` is within `rel` relative (to the largest reference magnitude, floored at
+    /// 1e-30) of the f64 reference `want`, elementwise.
+    pub(crate) fn assert_close(got: &[f32], want: &[f64], rel: f64) {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            let err = (f64::from(*g) - w).abs();
+            assert!(
+                err <= rel * scale.max(w.abs()),
+                "element {k}: got {g}, want {w} (err {err}, scale {scale})"
+            );
+        }
+    }
+
+    /// f64 copy of a vector.
+    pub(crate) fn f64s(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|x| f64::from(*x)).collect()
+    }
+
+    /// f64 dot product.
+    pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}

@@ -1,0 +1,140 @@
+//! Resolving model paths and opening every input checkpoint.
+
+use crate::error::EngineError;
+use amalgam_core::config::{MergeConfig, ModelRef};
+use amalgam_core::plan::{referenced_models, InputModel, InputTensor};
+use amalgam_io::Checkpoint;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Every input of a merge, opened and validated.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    /// Open checkpoints by reference.
+    pub checkpoints: BTreeMap<ModelRef, Arc<Checkpoint>>,
+    /// Tensor lists by reference, for the planner.
+    pub models: BTreeMap<ModelRef, InputModel>,
+    /// Row map for vocabulary-axis tensors, when `tokenizer_source` re-indexes them.
+    pub vocab: Option<crate::vocab::VocabMap>,
+}
+
+fn looks_like_hub_name(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && *p != "."
+                && *p != ".."
+        })
+}
+
+/// Find a model on disk: as written (relative to the working directory, as mergekit does), else
+/// relative to the config file's directory.
+pub fn resolve_model_path(path: &str, config_dir: Option<&Path>) -> Result<PathBuf, EngineError> {
+    let p = PathBuf::from(path);
+    if p.exists() {
+        return Ok(p);
+    }
+    if let Some(dir) = config_dir {
+        let q = dir.join(&p);
+        if q.exists() {
+            return Ok(q);
+        }
+    }
+    let message = if looks_like_hub_name(path) {
+        "not found on disk, and it looks like a Hugging Face hub name: amalgam reads local \
+         checkpoints only. Download it first (e.g. `huggingface-cli download NAME --local-dir DIR`) \
+         and give the directory"
+            .to_string()
+    } else {
+        "no such file or directory (paths are relative to the working directory, then to the \
+         config file's directory)"
+            .to_string()
+    };
+    Err(EngineError::Model {
+        model: path.into(),
+        message,
+    })
+}
+
+/// Summarise a checkpoint's tensors for the planner.
+pub fn input_model(display: String, ckpt: &Checkpoint) -> InputModel {
+    InputModel {
+        display,
+        tensors: ckpt
+            .tensors()
+            .iter()
+            .map(|t| InputTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype.as_str().to_string(),
+                mergeable: t.dtype.is_mergeable(),
+            })
+            .collect(),
+    }
+}
+
+/// Open every model the config references.
+pub fn open_inputs(config: &MergeConfig, config_dir: Option<&Path>) -> Result<Inputs, EngineError> {
+    let mut inputs = Inputs::default();
+    for m in referenced_models(config) {
+        if let Some(adapter) = &m.adapter {
+            return Err(EngineError::Model {
+                model: m.to_string(),
+                message: format!(
+                    "LoRA adapters (`model+adapter`, here `{adapter}`) are not supported yet; \
+                     apply the adapter to its base first"
+                ),
+            });
+        }
+        let path = resolve_model_path(&m.path, config_dir)?;
+        let ckpt = Checkpoint::open(&path)?;
+        inputs
+            .models
+            .insert(m.clone(), input_model(m.to_string(), &ckpt));
+        inputs.checkpoints.insert(m, Arc::new(ckpt));
+    }
+    Ok(inputs)
+}
+
+/// Open the inputs, re-index vocabularies when `tokenizer_source` asks for it, and plan.
+pub fn open_and_plan(
+    config: &MergeConfig,
+    config_dir: Option<&Path>,
+) -> Result<(Inputs, amalgam_core::plan::Plan), EngineError> {
+    let mut inputs = open_inputs(config, config_dir)?;
+    let vocabs = crate::vocab::prepare_vocabularies(config, &mut inputs)?;
+    let plan = amalgam_core::plan::plan(config, &inputs.models)?;
+    if let Some(v) = vocabs {
+        let ckpts = &inputs.checkpoints;
+        let rows_of = |m: &ModelRef| -> usize {
+            ckpts
+                .get(m)
+                .and_then(|c| {
+                    c.tensors()
+                        .iter()
+                        .find(|t| crate::vocab::is_vocab_tensor(&t.name, &t.shape))
+                        .map(|t| t.shape[0])
+                })
+                .unwrap_or(0)
+        };
+        inputs.vocab = Some(crate::vocab::build_vocab_map(config, &plan, &v, &rows_of)?);
+    }
+    Ok((inputs, plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_names() {
+        assert!(looks_like_hub_name("meta-llama/Llama-3.1-8B"));
+        assert!(!looks_like_hub_name("./models/base"));
+        assert!(!looks_like_hub_name("models/base/x"));
+        assert!(!looks_like_hub_name("../x"));
+    }
+}

@@ -1,0 +1,125 @@
+//! A [`TensorReader`] over memory-mapped checkpoints for one planned tensor.
+
+use crate::vocab::{is_vocab_tensor, DefaultRow, RowSource, VocabMap};
+use amalgam_core::plan::{TensorPlan, TensorSource};
+use amalgam_core::tensor::{Input, TensorReader};
+use amalgam_core::MergeError;
+use amalgam_io::Checkpoint;
+use std::ops::Range;
+
+/// Reads the inputs of one [`TensorPlan`], converting to f32 and rejecting non-finite values
+/// (unless allowed) with an error naming the file and tensor.
+#[derive(Debug)]
+pub struct PlanReader<'a> {
+    plan: &'a TensorPlan,
+    checkpoints: &'a [&'a Checkpoint],
+    allow_nonfinite: bool,
+    vocab: Option<&'a VocabMap>,
+}
+
+impl<'a> PlanReader<'a> {
+    /// A reader for `plan`; `checkpoints[i]` is the plan's model `i`.
+    pub fn new(plan: &'a TensorPlan, checkpoints: &'a [&'a Checkpoint], allow_nonfinite: bool) -> Self {
+        Self {
+            plan,
+            checkpoints,
+            allow_nonfinite,
+            vocab: None,
+        }
+    }
+
+    /// Re-index vocabulary-axis tensors through `vocab` (`tokenizer_source`).
+    pub fn with_vocab(mut self, vocab: Option<&'a VocabMap>) -> Self {
+        self.vocab = vocab.filter(|_| is_vocab_tensor(&self.plan.name, &self.plan.shape));
+        self
+    }
+
+    fn read_row(&self, model: usize, tensor: &str, row: u32, cols: usize, out: &mut [f32]) -> Result<(), MergeError> {
+        let start = row as usize * cols;
+        self.checkpoints[model]
+            .read_f32(tensor, start..start + cols, out)
+            .map_err(|e| MergeError::Read(e.to_string()))
+    }
+
+    /// Read through the vocabulary map: row by row.
+    fn read_mapped(&self, vocab: &VocabMap, src: &TensorSource, range: Range<usize>, out: &mut [f32]) -> Result<(), MergeError> {
+        let cols = self.plan.shape[1].max(1);
+        let rows = vocab.rows.get(&src.model).ok_or_else(|| {
+            MergeError::Read(format!("no vocabulary map for input {} of \"{}\"", src.model, self.plan.name))
+        })?;
+        let mut buf = vec![0f32; cols];
+        let mut tmp = vec![0f32; cols];
+        let first_row = range.start / cols;
+        let last_row = (range.end - 1) / cols;
+        for r in first_row..=last_row {
+            match rows.get(r).copied().unwrap_or(RowSource::Default) {
+                RowSource::Own(row) => self.read_row(src.model, &src.tensor, row, cols, &mut buf)?,
+                RowSource::Default => match vocab.defaults.get(&(r as u32)) {
+                    Some(DefaultRow::Copy { model, row }) => self.read_row(*model, &src.tensor, *row, cols, &mut buf)?,
+                    Some(DefaultRow::Mean(list)) => {
+                        let mut acc = vec![0f64; cols];
+                        for (model, row) in list {
+                            self.read_row(*model, &src.tensor, *row, cols, &mut tmp)?;
+                            for (a, v) in acc.iter_mut().zip(&tmp) {
+                                *a += *v as f64;
+                            }
+                        }
+                        let n = list.len().max(1) as f64;
+                        for (b, a) in buf.iter_mut().zip(&acc) {
+                            *b = (*a / n) as f32;
+                        }
+                    }
+                    Some(DefaultRow::Zero) | None => buf.iter_mut().for_each(|b| *b = 0.0),
+                },
+            }
+            let row_start = r * cols;
+            let lo = range.start.max(row_start);
+            let hi = range.end.min(row_start + cols);
+            out[lo - range.start..hi - range.start].copy_from_slice(&buf[lo - row_start..hi - row_start]);
+        }
+        Ok(())
+    }
+
+    fn source(&self, input: Input) -> Result<&TensorSource, MergeError> {
+        match input {
+            Input::Base => self.plan.base.as_ref(),
+            Input::Model(i) => self.plan.models.get(i),
+        }
+        .ok_or_else(|| {
+            MergeError::Read(format!(
+                "tensor \"{}\": input {input:?} does not exist in this merge",
+                self.plan.name
+            ))
+        })
+    }
+}
+
+impl TensorReader for PlanReader<'_> {
+    fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<(), MergeError> {
+        let src = self.source(input)?;
+        let ckpt = self.checkpoints[src.model];
+        let start = range.start;
+        match self.vocab {
+            Some(v) if !range.is_empty() => self.read_mapped(v, src, range, out)?,
+            _ => ckpt
+                .read_f32(&src.tensor, range, out)
+                .map_err(|e| MergeError::Read(e.to_string()))?,
+        }
+        if !self.allow_nonfinite {
+            if let Some(k) = out.iter().position(|v| !v.is_finite()) {
+                let file = ckpt
+                    .get(&src.tensor)
+                    .map(|m| m.file.display().to_string())
+                    .unwrap_or_default();
+                return Err(MergeError::Read(format!(
+                    "{file}: tensor \"{}\" holds a non-finite value ({}) at element {}; \
+                     fix the input or pass --allow-nonfinite",
+                    src.tensor,
+                    out[k],
+                    start + k
+                )));
+            }
+        }
+        Ok(())
+    }
+}

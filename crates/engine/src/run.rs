@@ -1,0 +1,383 @@
+//! Executing a plan on one machine.
+//!
+//! Order of work: (1) every model-global pass of the method over all tensors, summed in plan
+//! order; (2) every output tensor in plan order, each streamed block by block from the
+//! memory-mapped inputs through the method into the [`CheckpointWriter`]; (3) the checkpoint is
+//! finished (temporary files renamed, index written last); (4) config, tokenizer files and the
+//! model card are copied or written. A failure at any step leaves no final-named output file
+//! from this run.
+
+use crate::budget;
+use crate::card;
+use crate::error::EngineError;
+use crate::inputs::Inputs;
+use crate::reader::PlanReader;
+use crate::vocab::VocabMap;
+use amalgam_core::config::{MergeConfig, TokenizerSource};
+use amalgam_core::methods::{self, GlobalStats, MergeMethod};
+use amalgam_core::plan::{Plan, TensorPlan};
+use amalgam_core::tensor::{TensorJob, TensorWriter};
+use amalgam_core::MergeError;
+use amalgam_io::{Checkpoint, CheckpointWriter, DType, OutputLayout, OutputTensor};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Options of one run.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Output directory.
+    pub out_dir: PathBuf,
+    /// Peak private memory target, bytes.
+    pub memory_budget: u64,
+    /// Maximum bytes per output file.
+    pub out_shard_size: u64,
+    /// Replace an existing checkpoint in `out_dir`.
+    pub overwrite: bool,
+    /// Accept NaN / Inf in inputs.
+    pub allow_nonfinite: bool,
+}
+
+/// Progress reporting (the CLI draws a bar; tests pass [`NoProgress`]).
+pub trait Progress: Sync {
+    /// Work is starting: `total` input bytes over `tensors` tensors, in `phase`.
+    fn begin(&self, phase: &str, total: u64, tensors: usize);
+    /// One tensor is done (`bytes` of inputs consumed).
+    fn advance(&self, tensor: &str, bytes: u64);
+    /// The phase is finished.
+    fn end(&self);
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn begin(&self, _: &str, _: u64, _: usize) {}
+    fn advance(&self, _: &str, _: u64) {}
+    fn end(&self) {}
+}
+
+/// What a finished run wrote.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Output checkpoint files, in order.
+    pub files: Vec<PathBuf>,
+    /// Auxiliary files copied or written.
+    pub aux_files: Vec<PathBuf>,
+    /// Sum of tensor bytes written.
+    pub total_bytes: u64,
+    /// Sum of input tensor bytes read (once per pass counted once).
+    pub input_bytes: u64,
+    /// Wall time of the global passes.
+    pub global_time: Duration,
+    /// Wall time of the merge phase.
+    pub merge_time: Duration,
+}
+
+/// Output dtype of a tensor: `out_dtype`, else `dtype`, else the input's.
+pub fn output_dtype(config: &MergeConfig, t: &TensorPlan) -> Result<DType, EngineError> {
+    let input = DType::parse(&t.input_dtype);
+    if t.copy_raw {
+        return Ok(input);
+    }
+    for (key, v) in [("out_dtype", &config.out_dtype), ("dtype", &config.dtype)] {
+        if let Some(name) = v {
+            return DType::from_config_name(name).ok_or_else(|| EngineError::Config {
+                key: key.into(),
+                message: format!("unknown dtype `{name}`; use float32, float16 or bfloat16"),
+            });
+        }
+    }
+    Ok(input)
+}
+
+/// The output layout of a plan.
+pub fn output_layout(config: &MergeConfig, plan: &Plan, shard: u64) -> Result<OutputLayout, EngineError> {
+    let tensors = plan
+        .tensors
+        .iter()
+        .map(|t| {
+            Ok(OutputTensor {
+                name: t.name.clone(),
+                dtype: output_dtype(config, t)?,
+                shape: t.shape.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    Ok(OutputLayout::plan(tensors, shard))
+}
+
+/// Build the method of one planned tensor.
+pub fn build_method(t: &TensorPlan) -> Result<Box<dyn MergeMethod>, MergeError> {
+    methods::build(&t.method, &t.params, t.models.len(), t.base.is_some())
+}
+
+/// The job description of one planned tensor under a memory budget.
+pub fn job_for(t: &TensorPlan, method: &dyn MergeMethod, seed: u64, budget: u64) -> TensorJob {
+    TensorJob {
+        name: t.name.clone(),
+        shape: t.shape.clone(),
+        n_models: t.models.len(),
+        has_base: t.base.is_some(),
+        block_elems: budget::block_elems(method, t.models.len(), budget),
+        seed,
+    }
+}
+
+fn input_bytes(t: &TensorPlan, ckpts: &[&Checkpoint]) -> u64 {
+    t.base
+        .iter()
+        .chain(&t.models)
+        .filter_map(|s| ckpts[s.model].get(&s.tensor))
+        .map(|m| m.data_range.len() as u64)
+        .sum()
+}
+
+struct WriterAdapter<'a> {
+    writer: &'a mut CheckpointWriter,
+    next: usize,
+}
+
+impl TensorWriter for WriterAdapter<'_> {
+    fn write(&mut self, range: Range<usize>, data: &[f32]) -> Result<(), MergeError> {
+        if range.start != self.next || range.len() != data.len() {
+            return Err(MergeError::Write(format!(
+                "internal error: out-of-order write at {} (expected {})",
+                range.start, self.next
+            )));
+        }
+        self.next = range.end;
+        self.writer
+            .write_f32(data)
+            .map_err(|e| MergeError::Write(e.to_string()))
+    }
+}
+
+/// Checkpoints of the plan's models, in plan order.
+pub fn plan_checkpoints<'a>(plan: &Plan, inputs: &'a Inputs) -> Result<Vec<&'a Checkpoint>, EngineError> {
+    plan.models
+        .iter()
+        .map(|m| {
+            inputs
+                .checkpoints
+                .get(m)
+                .map(|c| c.as_ref())
+                .ok_or_else(|| EngineError::Model {
+                    model: m.to_string(),
+                    message: "was not opened".into(),
+                })
+        })
+        .collect()
+}
+
+/// Run every model-global pass of the plan's method; returns the summed statistics.
+pub fn global_passes(
+    plan: &Plan,
+    ckpts: &[&Checkpoint],
+    opts: &MergeOptions,
+    vocab: Option<&VocabMap>,
+    progress: &dyn Progress,
+) -> Result<Vec<GlobalStats>, EngineError> {
+    let passes = plan
+        .tensors
+        .iter()
+        .filter(|t| !t.copy_raw)
+        .map(|t| build_method(t).map(|m| m.global_passes()))
+        .try_fold(0usize, |acc, p| p.map(|p| acc.max(p)))?;
+    let mut done: Vec<GlobalStats> = Vec::new();
+    for pass in 0..passes {
+        let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, ckpts)).sum();
+        progress.begin(&format!("global pass {}/{passes}", pass + 1), total, plan.tensors.len());
+        let mut acc = GlobalStats::default();
+        for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
+            let method = build_method(t)?;
+            let job = job_for(t, method.as_ref(), plan.seed, opts.memory_budget);
+            let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite).with_vocab(vocab);
+            let stats = method.global_pass(pass, &done, &job, &reader)?;
+            acc.accumulate(&stats);
+            progress.advance(&t.name, input_bytes(t, ckpts));
+        }
+        progress.end();
+        done.push(acc);
+    }
+    Ok(done)
+}
+
+/// Merge one planned tensor into the writer (which must be positioned at it).
+pub fn merge_tensor(
+    t: &TensorPlan,
+    seed: u64,
+    global: &[GlobalStats],
+    ckpts: &[&Checkpoint],
+    opts: &MergeOptions,
+    vocab: Option<&VocabMap>,
+    writer: &mut CheckpointWriter,
+) -> Result<(), EngineError> {
+    writer.begin_tensor(&t.name)?;
+    if t.copy_raw {
+        let src = t.base.as_ref().or(t.models.first()).ok_or_else(|| EngineError::Config {
+            key: "models".into(),
+            message: format!("tensor \"{}\" has no input", t.name),
+        })?;
+        writer.write_raw(ckpts[src.model].raw(&src.tensor)?)?;
+        return Ok(());
+    }
+    let method = build_method(t)?;
+    let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
+    let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite).with_vocab(vocab);
+    let mut adapter = WriterAdapter { writer, next: 0 };
+    method.merge(&job, global, &reader, &mut adapter)?;
+    if adapter.next != job.numel() {
+        return Err(MergeError::Write(format!(
+            "internal error: method `{}` wrote {} of {} elements of \"{}\"",
+            t.method,
+            adapter.next,
+            job.numel(),
+            t.name
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Run a whole plan into `opts.out_dir`.
+pub fn execute(
+    config: &MergeConfig,
+    plan: &Plan,
+    inputs: &Inputs,
+    config_dir: Option<&Path>,
+    opts: &MergeOptions,
+    progress: &dyn Progress,
+) -> Result<RunSummary, EngineError> {
+    if opts.memory_budget < budget::MIN_BUDGET {
+        return Err(EngineError::Budget {
+            budget: opts.memory_budget,
+            message: format!("the minimum is {} MiB", budget::MIN_BUDGET >> 20),
+        });
+    }
+    let ckpts = plan_checkpoints(plan, inputs)?;
+    let layout = output_layout(config, plan, opts.out_shard_size)?;
+    let mut writer = CheckpointWriter::create(&opts.out_dir, layout, opts.overwrite)?;
+
+    let t0 = Instant::now();
+    let global = global_passes(plan, &ckpts, opts, inputs.vocab.as_ref(), progress)?;
+    let global_time = t0.elapsed();
+
+    let t1 = Instant::now();
+    let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, &ckpts)).sum();
+    progress.begin("merging", total, plan.tensors.len());
+    for t in &plan.tensors {
+        merge_tensor(t, plan.seed, &global, &ckpts, opts, inputs.vocab.as_ref(), &mut writer)?;
+        progress.advance(&t.name, input_bytes(t, &ckpts));
+    }
+    progress.end();
+    let out = writer.finish()?;
+    let merge_time = t1.elapsed();
+
+    let aux_files = write_aux(config, plan, inputs, config_dir, &opts.out_dir)?;
+    Ok(RunSummary {
+        files: out.files.clone(),
+        aux_files,
+        total_bytes: out.total_bytes,
+        input_bytes: total,
+        global_time,
+        merge_time,
+    })
+}
+
+/// Copy config and tokenizer files from the tokenizer source (else the base, else the first
+/// model), patch `config.json` (`torch_dtype`, layer count) and write the model card.
+fn write_aux(
+    config: &MergeConfig,
+    plan: &Plan,
+    inputs: &Inputs,
+    _config_dir: Option<&Path>,
+    out_dir: &Path,
+) -> Result<Vec<PathBuf>, EngineError> {
+    let tok_model = match config
+        .tokenizer_source
+        .as_ref()
+        .or(config.tokenizer.as_ref().and_then(|t| t.source.as_ref()))
+    {
+        Some(TokenizerSource::Model(m)) => Some(m.clone()),
+        _ => None,
+    };
+    let config_src = plan
+        .base_model
+        .clone()
+        .or_else(|| plan.models.first().cloned());
+    let mut written = Vec::new();
+    if let Some(src) = &config_src {
+        if let Some(ck) = inputs.checkpoints.get(src) {
+            written.extend(amalgam_io::copy_aux_files(ck.root(), out_dir)?);
+        }
+    }
+    if let Some(tm) = &tok_model {
+        if let Some(ck) = inputs.checkpoints.get(tm) {
+            for f in amalgam_io::copy_aux_files(ck.root(), out_dir)? {
+                if !written.contains(&f) {
+                    written.push(f);
+                }
+            }
+        }
+    }
+    // Patch config.json.
+    let cfg_path = out_dir.join("config.json");
+    if cfg_path.exists() {
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| amalgam_io::IoError::io(&cfg_path, "read", e))?;
+        if let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str(&text) {
+            if let Some(n) = plan.out_layers {
+                if obj.contains_key("num_hidden_layers") {
+                    obj.insert("num_hidden_layers".into(), n.into());
+                }
+            }
+            if let Some(first) = plan.tensors.iter().find(|t| !t.copy_raw) {
+                if let Ok(dt) = output_dtype(config, first) {
+                    let name = match dt {
+                        DType::F32 => Some("float32"),
+                        DType::F16 => Some("float16"),
+                        DType::BF16 => Some("bfloat16"),
+                        _ => None,
+                    };
+                    if let Some(name) = name {
+                        obj.insert("torch_dtype".into(), name.into());
+                    }
+                }
+            }
+            let mut out = serde_json::to_string_pretty(&serde_json::Value::Object(obj))
+                .map_err(|e| EngineError::Config {
+                    key: "config.json".into(),
+                    message: e.to_string(),
+                })?;
+            out.push('\n');
+            amalgam_io::write_text_atomic(&cfg_path, &out)?;
+        }
+    }
+    if let Some(tpl) = &config.chat_template {
+        let tc = out_dir.join("tokenizer_config.json");
+        let mut obj = match std::fs::read_to_string(&tc) {
+            Ok(text) => match serde_json::from_str(&text) {
+                Ok(serde_json::Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
+            },
+            Err(_) => serde_json::Map::new(),
+        };
+        obj.insert("chat_template".into(), tpl.clone().into());
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(obj)).map_err(|e| {
+            EngineError::Config {
+                key: "chat_template".into(),
+                message: e.to_string(),
+            }
+        })?;
+        amalgam_io::write_text_atomic(&tc, &text)?;
+        if !written.contains(&tc) {
+            written.push(tc);
+        }
+    }
+    let readme = out_dir.join("README.md");
+    amalgam_io::write_text_atomic(&readme, &card::model_card(plan, &config.source_text))?;
+    written.push(readme);
+    Ok(written)
+}

@@ -1,0 +1,270 @@
+//! The crate's error type: one variant per thing that can go wrong, each carrying the file,
+//! tensor or index entry it concerns, with a message that says what to do next.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// Errors from reading, validating and writing checkpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// An operating-system I/O error on a path.
+    #[error("{}: {op} failed: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done ("open", "read", "write", "rename", ...).
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file that must exist does not.
+    #[error("{}: file not found; check the path (a checkpoint is a .safetensors file or a directory holding model.safetensors or model.safetensors.index.json)", path.display())]
+    FileMissing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// A directory holds neither `model.safetensors` nor `model.safetensors.index.json`.
+    #[error("{}: no checkpoint here: expected model.safetensors or model.safetensors.index.json{}", dir.display(), found_hint(found))]
+    NoCheckpoint {
+        /// The directory.
+        dir: PathBuf,
+        /// The `*.safetensors` files that were found (pass one of them directly to use it).
+        found: Vec<String>,
+    },
+    /// The file is shorter than the 8-byte header length prefix.
+    #[error("{}: file is {len} bytes, too short for a safetensors header (needs at least 8); the file is truncated or not safetensors", file.display())]
+    FileTooShort {
+        /// The file.
+        file: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The header length prefix points past the end of the file.
+    #[error("{}: header length prefix says {header_len} bytes but the file has only {file_len} bytes; the file is truncated or not safetensors", file.display())]
+    HeaderTooLarge {
+        /// The file.
+        file: PathBuf,
+        /// The header length from the prefix.
+        header_len: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// The header is not valid UTF-8 JSON, or not a JSON object.
+    #[error("{}: header is not a valid safetensors JSON object: {reason}; the file is corrupt or not safetensors", file.display())]
+    HeaderNotJson {
+        /// The file.
+        file: PathBuf,
+        /// What the JSON parser said.
+        reason: String,
+    },
+    /// A tensor entry lacks `dtype`/`shape`/`data_offsets` or has them in the wrong form.
+    #[error("{}: tensor \"{tensor}\": malformed header entry: {reason}", file.display())]
+    MalformedTensor {
+        /// The file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor's data offsets lie outside the file's data section.
+    #[error("{}: tensor \"{tensor}\": data_offsets [{begin}, {end}] lie outside the data section ({data_len} bytes); the file is truncated or its header is corrupt", file.display())]
+    OffsetsOutOfFile {
+        /// The file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Start offset (relative to the data section).
+        begin: u64,
+        /// End offset (relative to the data section).
+        end: u64,
+        /// Length of the data section.
+        data_len: u64,
+    },
+    /// Two tensors' byte ranges overlap.
+    #[error("{}: tensor \"{tensor}\" overlaps tensor \"{other}\" in the data section; the header is corrupt (re-export the checkpoint)", file.display())]
+    OverlappingTensors {
+        /// The file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The tensor it overlaps.
+        other: String,
+    },
+    /// A tensor's byte length does not equal dtype size × number of elements.
+    #[error("{}: tensor \"{tensor}\": {dtype} {shape:?} needs {expected} bytes but data_offsets give {actual}; the header is corrupt", file.display())]
+    SizeMismatch {
+        /// The file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The dtype string.
+        dtype: String,
+        /// The shape.
+        shape: Vec<usize>,
+        /// Expected byte length (`None` printed as overflow is reported as `u64::MAX`).
+        expected: u64,
+        /// Byte length from the offsets.
+        actual: u64,
+    },
+    /// The index JSON is malformed.
+    #[error("{}: malformed index: {reason}; expected {{\"metadata\": {{...}}, \"weight_map\": {{\"tensor\": \"file.safetensors\", ...}}}}", index.display())]
+    IndexMalformed {
+        /// The index file.
+        index: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An index entry names a file outside the checkpoint directory.
+    #[error("{}: tensor \"{tensor}\" maps to \"{entry}\", which is outside the checkpoint directory; weight_map entries must be plain relative file names", index.display())]
+    IndexPathEscapes {
+        /// The index file.
+        index: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The offending weight_map value.
+        entry: String,
+    },
+    /// An index entry names a file that does not exist.
+    #[error("{}: tensor \"{tensor}\" maps to {}, which does not exist; the checkpoint is incomplete (re-download the missing shard)", index.display(), file.display())]
+    IndexFileMissing {
+        /// The index file.
+        index: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The missing file.
+        file: PathBuf,
+    },
+    /// A tensor named in the index is not in the file the index points to.
+    #[error("{}: tensor \"{tensor}\" is listed in the index but missing from {}; the index and shards disagree (re-download the checkpoint)", index.display(), file.display())]
+    IndexTensorMissing {
+        /// The index file.
+        index: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The shard that should hold it.
+        file: PathBuf,
+    },
+    /// The same tensor name appears in two shard files.
+    #[error("tensor \"{tensor}\" appears in both {} and {}; a checkpoint must hold each tensor once", first.display(), second.display())]
+    DuplicateTensor {
+        /// The tensor name.
+        tensor: String,
+        /// The first file holding it.
+        first: PathBuf,
+        /// The second file holding it.
+        second: PathBuf,
+    },
+    /// A tensor was asked for that the checkpoint does not hold.
+    #[error("{}: no tensor named \"{tensor}\" in this checkpoint", root.display())]
+    UnknownTensor {
+        /// The checkpoint root.
+        root: PathBuf,
+        /// The tensor name.
+        tensor: String,
+    },
+    /// A tensor's dtype cannot be used for the requested operation.
+    #[error("{}: tensor \"{tensor}\": dtype {dtype} is not supported for {op}; only F32, F16, BF16 and F64 tensors can be merged (pass such tensors through unchanged instead)", file.display())]
+    UnsupportedDtype {
+        /// The file (or output file name).
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The dtype string.
+        dtype: String,
+        /// The operation ("conversion to f32", "writing from f32", ...).
+        op: &'static str,
+    },
+    /// An element range or buffer length does not fit the tensor.
+    #[error("{}: tensor \"{tensor}\": element range {range:?} with a buffer of {buffer_len} does not fit the tensor's {numel} elements", file.display())]
+    RangeOutOfBounds {
+        /// The file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The requested element range.
+        range: Range<usize>,
+        /// The output buffer's length.
+        buffer_len: usize,
+        /// The tensor's element count.
+        numel: usize,
+    },
+    /// A tensor holds a NaN or infinity.
+    #[error("{}: tensor \"{tensor}\": element {index} is {value}; the input holds non-finite values (fix or drop this model)", file.display())]
+    NonFinite {
+        /// The file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Index (flat, row-major) of the first non-finite element.
+        index: usize,
+        /// The value ("NaN", "inf", "-inf").
+        value: String,
+    },
+    /// The output directory already holds a checkpoint.
+    #[error("{}: already holds a checkpoint ({found}); choose another output directory or allow overwriting (--overwrite)", dir.display())]
+    OutputExists {
+        /// The output directory.
+        dir: PathBuf,
+        /// The first checkpoint file found there.
+        found: String,
+    },
+    /// The output layout is unusable.
+    #[error("output layout: {reason}")]
+    InvalidLayout {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Tensors were written out of layout order, or the writer was misused.
+    #[error("{}: {reason}", file.display())]
+    WriteOrder {
+        /// The output file concerned.
+        file: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// More, or fewer, bytes were written for a tensor than its dtype and shape need.
+    #[error("{}: tensor \"{tensor}\": {written} bytes written but {expected} expected", file.display())]
+    TensorSize {
+        /// The output file.
+        file: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Bytes written (or that would have been written).
+        written: u64,
+        /// Bytes the tensor needs.
+        expected: u64,
+    },
+    /// `tokenizer.json` is malformed.
+    #[error("{}: cannot read the vocabulary: {reason}", path.display())]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn found_hint(found: &[String]) -> String {
+    if found.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (found {}; pass a .safetensors file directly to use it)",
+            found.join(", ")
+        )
+    }
+}
+
+impl IoError {
+    /// Wraps an `std::io::Error` with its path and operation; `NotFound` becomes [`IoError::FileMissing`].
+    pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound && op == "open" {
+            IoError::FileMissing { path }
+        } else {
+            IoError::Io { path, op, source }
+        }
+    }
+}
