@@ -1,1 +1,10 @@
-fn main(){}
+//! Process-level tests of the `amalgam` binary: real files on disk, real child processes.
+//!
+//! One test binary built from modules (as ripgrep does); `common` holds the helpers.
+
+mod common;
+
+mod cli_merge;
+mod cli_validation;
+mod mergekit_parity;
+mod streaming;

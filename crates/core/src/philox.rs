@@ -75,7 +75,12 @@ pub fn key(seed: u64, model: usize) -> [u32; 2] {
 /// The Philox counter for (tensor-name hash, flat element index).
 #[inline]
 pub fn counter(name_hash: u64, idx: u64) -> [u32; 4] {
-    [name_hash as u32, (name_hash >> 32) as u32, idx as u32, (idx >> 32) as u32]
+    [
+        name_hash as u32,
+        (name_hash >> 32) as u32,
+        idx as u32,
+        (idx >> 32) as u32,
+    ]
 }
 
 /// `floor(p * 2^32)` in f64, clamped to `[0, 2^32]` (NaN gives 0): an element is kept when its
@@ -157,7 +162,10 @@ mod tests {
     fn layout() {
         let seed = 0x1234_5678_9abc_def0u64;
         assert_eq!(key(seed, 3), [0x9abc_def0, 0x1234_5678 ^ 3]);
-        assert_eq!(counter(0xaaaa_bbbb_cccc_dddd, 0x1_0000_0002), [0xcccc_dddd, 0xaaaa_bbbb, 2, 1]);
+        assert_eq!(
+            counter(0xaaaa_bbbb_cccc_dddd, 0x1_0000_0002),
+            [0xcccc_dddd, 0xaaaa_bbbb, 2, 1]
+        );
         let s = MaskStream::new(seed, 3, "w");
         let expect = philox4x32_10(counter(name_hash("w"), 7), key(seed, 3))[0];
         assert_eq!(s.word(7), expect);

@@ -238,6 +238,29 @@ fn normalized_slices(
     }
     let mut sources = Vec::new();
     let mut base_included = false;
+    // All models of a `models:` merge must have the same layer stack; name the first missing tensor.
+    let mut counts: Vec<(&ModelRef, usize)> = Vec::new();
+    for m in config.models.iter().map(|m| &m.model).chain(config.base_model.iter()) {
+        counts.push((m, layer_count(lookup.model(m)?)));
+    }
+    if let Some(&(big, most)) = counts.iter().max_by_key(|c| c.1) {
+        if let Some(&(small, fewer)) = counts.iter().find(|c| c.1 < most) {
+            let missing = lookup
+                .model(big)?
+                .tensors
+                .iter()
+                .find(|t| split_layer(&t.name).is_some_and(|l| l.index >= fewer))
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            return Err(MergeError::BadInputs {
+                method: config.merge_method.clone(),
+                message: format!(
+                    "{small}: has {fewer} layers but {big} has {most}: tensor \"{missing}\" is missing; \
+                     all inputs must share one architecture (use `slices:` to combine layer ranges)"
+                ),
+            });
+        }
+    }
     for m in &config.models {
         if config.base_model.as_ref() == Some(&m.model) {
             base_included = true;
@@ -504,7 +527,7 @@ pub fn plan(config: &MergeConfig, lookup: &dyn ModelLookup) -> Result<Plan, Merg
         for src in &slice.sources {
             let n = layer_count(lookup.model(&src.model)?);
             if let Some((a, b)) = src.layer_range {
-                if b > n || a >= b {
+                if (a, b) != (0, 0) && (b > n || a >= b) {
                     return Err(MergeError::BadParameter {
                         key: format!("slices[{si}].sources.layer_range"),
                         message: format!(

@@ -27,7 +27,8 @@ pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoErro
     let tmp = temp_path(path);
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| IoError::io(&tmp, "create", e))?;
-        f.write_all(bytes).map_err(|e| IoError::io(&tmp, "write", e))?;
+        f.write_all(bytes)
+            .map_err(|e| IoError::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| IoError::io(&tmp, "fsync", e))?;
         drop(f);
         rename(&tmp, path)

@@ -66,14 +66,17 @@ pub fn read_vocab(dir: &Path) -> Result<Option<Vec<Option<String>>>, IoError> {
         path: path.clone(),
         reason,
     };
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let json: Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let mut pairs: Vec<(usize, String)> = Vec::new();
     match json.get("model").and_then(|m| m.get("vocab")) {
         Some(Value::Object(map)) => {
             for (tok, id) in map {
-                let id = id
-                    .as_u64()
-                    .ok_or_else(|| bad(format!("model.vocab id of \"{tok}\" is not a non-negative integer")))?;
+                let id = id.as_u64().ok_or_else(|| {
+                    bad(format!(
+                        "model.vocab id of \"{tok}\" is not a non-negative integer"
+                    ))
+                })?;
                 pairs.push((id as usize, tok.clone()));
             }
         }
@@ -98,7 +101,11 @@ pub fn read_vocab(dir: &Path) -> Result<Option<Vec<Option<String>>>, IoError> {
             let content = entry.get("content").and_then(Value::as_str);
             match (id, content) {
                 (Some(id), Some(c)) => pairs.push((id as usize, c.to_string())),
-                _ => return Err(bad(format!("added_tokens[{i}] lacks \"id\" or \"content\""))),
+                _ => {
+                    return Err(bad(format!(
+                        "added_tokens[{i}] lacks \"id\" or \"content\""
+                    )))
+                }
             }
         }
     }
@@ -129,7 +136,13 @@ mod tests {
         let v = read_vocab(dir.path()).unwrap().unwrap();
         assert_eq!(
             v,
-            vec![Some("a".into()), Some("b".into()), None, Some("ab".into()), Some("<eos>".into())]
+            vec![
+                Some("a".into()),
+                Some("b".into()),
+                None,
+                Some("ab".into()),
+                Some("<eos>".into())
+            ]
         );
     }
 
@@ -157,8 +170,14 @@ mod tests {
         std::fs::write(from.path().join("merges.txt"), "a b").unwrap();
         std::fs::write(from.path().join("other.txt"), "x").unwrap();
         let w = copy_aux_files(from.path(), to.path()).unwrap();
-        assert_eq!(w, vec![to.path().join("config.json"), to.path().join("merges.txt")]);
-        assert_eq!(std::fs::read_to_string(to.path().join("merges.txt")).unwrap(), "a b");
+        assert_eq!(
+            w,
+            vec![to.path().join("config.json"), to.path().join("merges.txt")]
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.path().join("merges.txt")).unwrap(),
+            "a b"
+        );
         assert!(!to.path().join("other.txt").exists());
         assert_eq!(std::fs::read_dir(to.path()).unwrap().count(), 2);
     }

@@ -27,6 +27,9 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_eq!(sha256_hex_parts([&b"a"[..], &b"bc"[..]]), sha256_hex(b"abc"));
+        assert_eq!(
+            sha256_hex_parts([&b"a"[..], &b"bc"[..]]),
+            sha256_hex(b"abc")
+        );
     }
 }

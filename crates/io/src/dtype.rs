@@ -307,16 +307,29 @@ mod tests {
     #[test]
     fn non_finite_detection() {
         let mut b = Vec::new();
-        encode_f32(&DType::BF16, &[1.0, 2.0, f32::NEG_INFINITY, f32::NAN], &mut b);
+        encode_f32(
+            &DType::BF16,
+            &[1.0, 2.0, f32::NEG_INFINITY, f32::NAN],
+            &mut b,
+        );
         assert_eq!(
             first_non_finite(&DType::BF16, &b),
             Some((2, "-inf".to_string()))
         );
         let mut b = Vec::new();
         encode_f32(&DType::F16, &[1.0, 1e6], &mut b); // overflows f16 to inf
-        assert_eq!(first_non_finite(&DType::F16, &b), Some((1, "inf".to_string())));
-        assert_eq!(first_non_finite(&DType::F8E5M2, &[0x00, 0x7c]).map(|x| x.1), Some("inf".into()));
-        assert_eq!(first_non_finite(&DType::F8E4M3, &[0x7e, 0xff]).map(|x| x.0), Some(1));
+        assert_eq!(
+            first_non_finite(&DType::F16, &b),
+            Some((1, "inf".to_string()))
+        );
+        assert_eq!(
+            first_non_finite(&DType::F8E5M2, &[0x00, 0x7c]).map(|x| x.1),
+            Some("inf".into())
+        );
+        assert_eq!(
+            first_non_finite(&DType::F8E4M3, &[0x7e, 0xff]).map(|x| x.0),
+            Some(1)
+        );
         assert_eq!(first_non_finite(&DType::I32, &[0xff; 8]), None);
     }
 }

@@ -23,7 +23,8 @@ pub(crate) fn parse(index: &Path, bytes: &[u8]) -> Result<Vec<(String, String)>,
         index: index.to_path_buf(),
         reason,
     };
-    let json: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let json: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let Value::Object(root) = json else {
         return Err(bad("not a JSON object".into()));
     };
@@ -102,7 +103,10 @@ mod tests {
 
     #[test]
     fn parse_round_trip() {
-        let wm = vec![("b".to_string(), "f2".to_string()), ("a".to_string(), "f1".to_string())];
+        let wm = vec![
+            ("b".to_string(), "f2".to_string()),
+            ("a".to_string(), "f1".to_string()),
+        ];
         let s = serialize(10, &wm);
         assert_eq!(parse(Path::new("i.json"), s.as_bytes()).unwrap(), wm);
         assert!(parse(Path::new("i.json"), b"[1]").is_err());

@@ -42,4 +42,6 @@ pub use dtype::DType;
 pub use error::IoError;
 pub use hf_index::{INDEX_FILE, SINGLE_FILE};
 pub use safetensors::read::{Checkpoint, CheckpointFile, TensorMeta};
-pub use safetensors::write::{CheckpointWriter, OutputFile, OutputLayout, OutputSummary, OutputTensor};
+pub use safetensors::write::{
+    CheckpointWriter, OutputFile, OutputLayout, OutputSummary, OutputTensor,
+};

@@ -38,7 +38,6 @@ use super::model::{
 };
 use crate::params::Scalar;
 use serde_yaml_ng::{Mapping, Value};
-use std::collections::BTreeMap;
 
 /// A config error naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +108,10 @@ pub fn parse_config(
         other => {
             return Err(ConfigError::new(
                 "",
-                format!("the config must be a mapping of keys, found {}", kind(other)),
+                format!(
+                    "the config must be a mapping of keys, found {}",
+                    kind(other)
+                ),
             ))
         }
     };
@@ -206,7 +208,9 @@ fn parse_dtype(v: &Value, key: &str) -> Result<Option<String>, ConfigError> {
             };
             Err(ConfigError::new(
                 key,
-                format!("unknown dtype \"{s}\"; use one of float32, float16, bfloat16, float64{hint}"),
+                format!(
+                    "unknown dtype \"{s}\"; use one of float32, float16, bfloat16, float64{hint}"
+                ),
             ))
         }
     }
@@ -385,7 +389,10 @@ impl Walker {
                             known_methods()
                         )
                     } else {
-                        format!("unknown merge method `{s}`; known methods: {}", known_methods())
+                        format!(
+                            "unknown merge method `{s}`; known methods: {}",
+                            known_methods()
+                        )
                     };
                     return Err(ConfigError::new("merge_method", msg));
                 }
@@ -431,7 +438,10 @@ impl Walker {
             Some(other) => {
                 return Err(ConfigError::new(
                     "chat_template",
-                    format!("expected a template name or Jinja text, found {}", kind(other)),
+                    format!(
+                        "expected a template name or Jinja text, found {}",
+                        kind(other)
+                    ),
                 ))
             }
         }
@@ -522,7 +532,12 @@ impl Walker {
                 self.check_keys(m, path, MODEL_PATH_KEYS)?;
                 let p = match m.get("path") {
                     Some(Value::String(s)) => s.clone(),
-                    _ => return Err(ConfigError::new(join(path, "path"), "expected a path string")),
+                    _ => {
+                        return Err(ConfigError::new(
+                            join(path, "path"),
+                            "expected a path string",
+                        ))
+                    }
                 };
                 let full = match m.get("revision") {
                     None | Some(Value::Null) => p,
@@ -575,7 +590,10 @@ impl Walker {
             let Value::Mapping(m) = e else {
                 return Err(ConfigError::new(
                     p,
-                    format!("expected a mapping with `model:` (and optional `parameters:`), found {}", kind(e)),
+                    format!(
+                        "expected a mapping with `model:` (and optional `parameters:`), found {}",
+                        kind(e)
+                    ),
                 ));
             };
             self.check_keys(m, &p, MODEL_KEYS)?;
@@ -623,7 +641,10 @@ impl Walker {
                     v
                 }
                 Some(Value::Sequence(_)) => {
-                    return Err(ConfigError::new(join(&p, "sources"), "a slice needs at least one source"))
+                    return Err(ConfigError::new(
+                        join(&p, "sources"),
+                        "a slice needs at least one source",
+                    ))
                 }
                 Some(other) => {
                     return Err(ConfigError::new(
@@ -659,7 +680,10 @@ impl Walker {
         let Value::Mapping(m) = v else {
             return Err(ConfigError::new(
                 path,
-                format!("expected a mapping with `model:` and `layer_range:`, found {}", kind(v)),
+                format!(
+                    "expected a mapping with `model:` and `layer_range:`, found {}",
+                    kind(v)
+                ),
             ));
         };
         self.check_keys(m, path, SOURCE_KEYS)?;
@@ -676,7 +700,9 @@ impl Walker {
                 if a >= b {
                     return Err(ConfigError::new(
                         lr_key,
-                        format!("[{a}, {b}] is empty; a layer range is [start, end) with start < end"),
+                        format!(
+                            "[{a}, {b}] is empty; a layer range is [start, end) with start < end"
+                        ),
                     ));
                 }
                 Some((a, b))
@@ -715,7 +741,10 @@ impl Walker {
             return Ok(());
         }
         if m.len() > 1 {
-            let names: Vec<String> = m.keys().filter_map(|k| key_str(k, "modules").ok()).collect();
+            let names: Vec<String> = m
+                .keys()
+                .filter_map(|k| key_str(k, "modules").ok())
+                .collect();
             return Err(ConfigError::new(
                 "modules",
                 format!(
@@ -731,7 +760,10 @@ impl Walker {
         let Value::Mapping(body) = body else {
             return Err(ConfigError::new(
                 path,
-                format!("expected a mapping with `models:` or `slices:`, found {}", kind(body)),
+                format!(
+                    "expected a mapping with `models:` or `slices:`, found {}",
+                    kind(body)
+                ),
             ));
         };
         self.check_keys(body, &path, MODULE_KEYS)?;
@@ -772,7 +804,11 @@ impl Walker {
         Ok(())
     }
 
-    fn tokenizer_source(&mut self, v: &Value, path: &str) -> Result<Option<TokenizerSource>, ConfigError> {
+    fn tokenizer_source(
+        &mut self,
+        v: &Value,
+        path: &str,
+    ) -> Result<Option<TokenizerSource>, ConfigError> {
         Ok(match v {
             Value::Null => None,
             Value::String(s) if s == "union" => Some(TokenizerSource::Union),
@@ -788,7 +824,10 @@ impl Walker {
             other => {
                 return Err(ConfigError::new(
                     path,
-                    format!("expected a mapping (source, tokens, pad_to_multiple_of), found {}", kind(other)),
+                    format!(
+                        "expected a mapping (source, tokens, pad_to_multiple_of), found {}",
+                        kind(other)
+                    ),
                 ))
             }
         };
@@ -861,7 +900,10 @@ impl Walker {
         self.check_keys(m, path, TOKEN_KEYS)?;
         if let Some(f) = m.get("force") {
             if !matches!(f, Value::Bool(_) | Value::Null) {
-                return Err(ConfigError::new(join(path, "force"), "expected true or false"));
+                return Err(ConfigError::new(
+                    join(path, "force"),
+                    "expected true or false",
+                ));
             }
         }
         let spath = join(path, "source");
@@ -909,7 +951,10 @@ impl Walker {
             other => {
                 return Err(ConfigError::new(
                     path,
-                    format!("expected a mapping of parameter names to values, found {}", kind(other)),
+                    format!(
+                        "expected a mapping of parameter names to values, found {}",
+                        kind(other)
+                    ),
                 ))
             }
         };
@@ -1001,7 +1046,10 @@ fn finite_number(v: &Value, path: &str) -> Result<f64, ConfigError> {
     match v {
         Value::Number(n) => match n.as_f64() {
             Some(x) if x.is_finite() => Ok(x),
-            _ => Err(ConfigError::new(path, format!("{n} is not a finite number"))),
+            _ => Err(ConfigError::new(
+                path,
+                format!("{n} is not a finite number"),
+            )),
         },
         other => Err(ConfigError::new(
             path,
@@ -1017,7 +1065,10 @@ fn layer_index(v: &Value, path: &str) -> Result<usize, ConfigError> {
         }
         other => Err(ConfigError::new(
             path,
-            format!("layer indices must be non-negative integers, found {}", describe(other)),
+            format!(
+                "layer indices must be non-negative integers, found {}",
+                describe(other)
+            ),
         )),
     }
 }
@@ -1049,7 +1100,10 @@ fn scalar_or_gradient(v: &Value, path: &str) -> Result<ParamValue, ConfigError> 
                 .map(|(i, e)| match e {
                     Value::Sequence(_) | Value::Mapping(_) => Err(ConfigError::new(
                         format!("{path}[{i}]"),
-                        format!("a gradient holds numbers (or booleans or strings), found {}", kind(e)),
+                        format!(
+                            "a gradient holds numbers (or booleans or strings), found {}",
+                            kind(e)
+                        ),
                     )),
                     _ => scalar(e, &format!("{path}[{i}]")),
                 })
@@ -1167,8 +1221,11 @@ fn validate(w: &mut Walker) -> Result<(), ConfigError> {
     let con = contract(method);
     let mut groups = Vec::new();
     if !c.models.is_empty() {
-        let mut inputs: Vec<(&ModelRef, Option<&ParamMap>)> =
-            c.models.iter().map(|m| (&m.model, Some(&m.parameters))).collect();
+        let mut inputs: Vec<(&ModelRef, Option<&ParamMap>)> = c
+            .models
+            .iter()
+            .map(|m| (&m.model, Some(&m.parameters)))
+            .collect();
         if let Some(b) = &c.base_model {
             if !inputs.iter().any(|(m, _)| *m == b) {
                 inputs.push((b, None));
@@ -1204,7 +1261,11 @@ fn validate(w: &mut Walker) -> Result<(), ConfigError> {
                 } else {
                     "base_model".into()
                 },
-                inputs: s.sources.iter().map(|x| (&x.model, Some(&x.parameters))).collect(),
+                inputs: s
+                    .sources
+                    .iter()
+                    .map(|x| (&x.model, Some(&x.parameters)))
+                    .collect(),
                 base: s.base_model.as_ref().or(c.base_model.as_ref()),
                 slice_params: Some(&s.parameters),
             });
@@ -1228,12 +1289,19 @@ fn check_group(method: &str, con: &Contract, g: &Group<'_>) -> Result<(), Config
             ));
         }
     }
-    let base = if con.base == BasePolicy::Ignored { None } else { g.base };
+    let base = if con.base == BasePolicy::Ignored {
+        None
+    } else {
+        g.base
+    };
     let has_base = base.is_some_and(|b| g.inputs.iter().any(|(m, _)| *m == b));
     if let (Some(b), false) = (base, has_base) {
         return Err(ConfigError::new(
             g.base_key.clone(),
-            format!("base model {b} is not among the inputs of `{}`; list it as a source", g.key),
+            format!(
+                "base model {b} is not among the inputs of `{}`; list it as a source",
+                g.key
+            ),
         ));
     }
     if con.base == BasePolicy::Required && !has_base {
@@ -1322,7 +1390,11 @@ fn check_weight_sum(
     if plain_bool(&shared, flag, default) != Some(true) {
         return Ok(());
     }
-    let base = if con.base == BasePolicy::Ignored { None } else { g.base };
+    let base = if con.base == BasePolicy::Ignored {
+        None
+    } else {
+        g.base
+    };
     let mut sum = 0.0f64;
     let mut weights = Vec::new();
     for (m, p) in &g.inputs {
@@ -1342,7 +1414,11 @@ fn check_weight_sum(
         return Ok(());
     }
     let key = format!("{}[].parameters.weight", g.key);
-    let list = weights.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+    let list = weights
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     if fatal {
         Err(ConfigError::new(
             key,
@@ -1360,5 +1436,647 @@ fn check_weight_sum(
             ),
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> (MergeConfig, Vec<ConfigWarning>) {
+        parse_config(text, false).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(text: &str) -> ConfigError {
+        match parse_config(text, false) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    fn num(x: f64) -> ParamValue {
+        ParamValue::Scalar(Scalar::Num(x))
+    }
+
+    fn mref(p: &str) -> ModelRef {
+        ModelRef {
+            path: p.into(),
+            adapter: None,
+        }
+    }
+
+    // mergekit's examples/linear.yml
+    const LINEAR: &str = "\
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      weight: 1.0
+  - model: WizardLM/WizardLM-13B-V1.2
+    parameters:
+      weight: 0.3
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      weight: 0.5
+merge_method: linear
+dtype: float16
+";
+
+    // mergekit's examples/gradient-slerp.yml
+    const GRADIENT_SLERP: &str = "\
+slices:
+  - sources:
+      - model: psmathur/orca_mini_v3_13b
+        layer_range: [0, 40]
+      - model: garage-bAInd/Platypus2-13B
+        layer_range: [0, 40]
+merge_method: slerp
+base_model: psmathur/orca_mini_v3_13b
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float16
+";
+
+    // mergekit's examples/orcamini-platy-44layer.yml
+    const PASSTHROUGH: &str = "\
+slices:
+  - sources:
+    - model: psmathur/orca_mini_v3_13b
+      layer_range: [0, 24]
+  - sources:
+    - model: garage-bAInd/Platypus2-13B
+      layer_range: [20, 40]
+merge_method: passthrough
+dtype: float16
+";
+
+    // mergekit's examples/bio-merge.yml
+    const BIO_TIES: &str = "\
+models:
+  - model: mistralai/Mistral-7B-Instruct-v0.2
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: BioMistral/BioMistral-7B
+    parameters:
+      density: 0.5
+      weight: 0.5
+merge_method: ties
+base_model: mistralai/Mistral-7B-v0.1
+parameters:
+  normalize: false
+  int8_mask: true
+dtype: float16";
+
+    // mergekit's examples/vlm-ties.yml
+    const VLM_TIES: &str = "\
+models:
+  # - model: impactframes/Qwen2-VL-7B-Captioner
+  - model: maxiw/Florence-2-ScreenQA-base
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  # - model: Qwen/Qwen2-VL-7B-Instruct
+  - model: microsoft/Florence-2-base
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+merge_method: ties
+# base_model: Qwen/Qwen2-VL-7B-Instruct
+base_model: microsoft/Florence-2-base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16";
+
+    // Second document of mergekit's examples/mega.yml (minus mergekit-mega's `out_path`).
+    const MEGA_TIES: &str = "\
+models:
+  - model: ./models/gradient-slerp
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: WizardLM/WizardMath-13B-V1.0
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: TheBloke/Llama-2-13B-fp16
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+";
+
+    // mergekit's examples/gpt2-small.yml
+    const GPT2_SMALL: &str = "\
+slices:
+  - sources:
+    - model: gpt2
+      layer_range: [0, 8]
+merge_method: passthrough
+dtype: float16
+";
+
+    #[test]
+    fn mergekit_examples_parse_without_warnings() {
+        for (name, text) in [
+            ("linear", LINEAR),
+            ("gradient-slerp", GRADIENT_SLERP),
+            ("orcamini-platy-44layer", PASSTHROUGH),
+            ("bio-merge", BIO_TIES),
+            ("vlm-ties", VLM_TIES),
+            ("mega (ties)", MEGA_TIES),
+            ("gpt2-small", GPT2_SMALL),
+        ] {
+            let (c, w) = parse_config(text, true).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(w.is_empty(), "{name}: {w:?}");
+            assert!(c.ignored_keys.is_empty(), "{name}");
+            assert_eq!(c.source_text, text);
+        }
+    }
+
+    #[test]
+    fn amalgam_demo_config_parses_strictly() {
+        let text = "merge_method: ties\nbase_model: models/base\nmodels:\n  - model: models/math\n    parameters: {weight: 1.0, density: 0.5}\n  - model: models/chat\n    parameters:\n      weight: 0.5\n      density: [0.3, 0.7]\nparameters:\n  normalize: true\ndtype: float32\n";
+        let (c, w) = parse_config(text, true).unwrap();
+        assert!(w.is_empty());
+        assert_eq!(
+            c.models[1].parameters.get("density"),
+            Some(&ParamValue::Gradient(vec![0.3, 0.7]))
+        );
+    }
+
+    #[test]
+    fn models_form() {
+        let (c, w) = ok(LINEAR);
+        assert!(w.is_empty());
+        assert_eq!(c.merge_method, "linear");
+        assert_eq!(c.dtype.as_deref(), Some("float16"));
+        assert_eq!(c.models.len(), 3);
+        assert!(c.slices.is_empty());
+        assert_eq!(c.models[1].model, mref("WizardLM/WizardLM-13B-V1.2"));
+        assert_eq!(c.models[1].parameters.get("weight"), Some(&num(0.3)));
+        assert_eq!(c.base_model, None);
+    }
+
+    #[test]
+    fn slices_with_layer_ranges() {
+        let (c, _) = ok(PASSTHROUGH);
+        assert!(c.models.is_empty());
+        assert_eq!(c.slices.len(), 2);
+        assert_eq!(c.slices[0].sources[0].layer_range, Some((0, 24)));
+        assert_eq!(c.slices[1].sources[0].layer_range, Some((20, 40)));
+        assert_eq!(
+            c.slices[1].sources[0].model,
+            mref("garage-bAInd/Platypus2-13B")
+        );
+        let (c, _) = ok(GRADIENT_SLERP);
+        assert_eq!(c.base_model, Some(mref("psmathur/orca_mini_v3_13b")));
+        assert_eq!(c.slices[0].sources.len(), 2);
+
+        let bad = PASSTHROUGH.replace("[20, 40]", "[40, 20]");
+        assert_eq!(err(&bad).key, "slices[1].sources[0].layer_range");
+        let bad = PASSTHROUGH.replace("[20, 40]", "[20, 20]");
+        assert_eq!(err(&bad).key, "slices[1].sources[0].layer_range");
+        let bad = PASSTHROUGH.replace("[20, 40]", "[20, 30, 40]");
+        assert_eq!(err(&bad).key, "slices[1].sources[0].layer_range");
+        let bad = PASSTHROUGH.replace("[20, 40]", "[-1, 40]");
+        assert_eq!(err(&bad).key, "slices[1].sources[0].layer_range");
+        let bad = GRADIENT_SLERP.replace(
+            "layer_range: [0, 40]\n      - model: garage",
+            "layer_range: [0, 30]\n      - model: garage",
+        );
+        assert_eq!(err(&bad).key, "slices[0].sources");
+        // Slice-level base and parameters, residual_weight.
+        let text = "\
+merge_method: slerp
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 4]}
+      - {model: b, layer_range: [4, 8]}
+    base_model: b
+    residual_weight: 0.25
+    parameters: {t: 0.3}
+";
+        let (c, w) = ok(text);
+        assert!(w.is_empty());
+        assert_eq!(c.slices[0].base_model, Some(mref("b")));
+        assert_eq!(c.slices[0].residual_weight, Some(0.25));
+        assert_eq!(c.slices[0].parameters.get("t"), Some(&num(0.3)));
+        // The slice's base must be one of its sources.
+        let bad = text.replace("base_model: b", "base_model: c");
+        assert_eq!(err(&bad).key, "slices[0].base_model");
+    }
+
+    #[test]
+    fn filter_lists() {
+        let (c, _) = ok(GRADIENT_SLERP);
+        let ParamValue::Filtered(f) = c.parameters.get("t").unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.len(), 3);
+        assert_eq!(f[0].filter.as_deref(), Some("self_attn"));
+        assert_eq!(
+            f[0].value,
+            ParamValue::Gradient(vec![0.0, 0.5, 0.3, 0.7, 1.0])
+        );
+        assert_eq!(f[1].filter.as_deref(), Some("mlp"));
+        assert_eq!(f[2].filter, None);
+        assert_eq!(f[2].value, num(0.5));
+        let (c, _) = ok(MEGA_TIES);
+        let ParamValue::Filtered(f) = c.models[1].parameters.get("weight").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            f[0],
+            FilteredValue {
+                filter: Some("mlp".into()),
+                value: num(0.5)
+            }
+        );
+        assert_eq!(
+            f[1],
+            FilteredValue {
+                filter: None,
+                value: num(0.0)
+            }
+        );
+        // A single {filter, value} map (not in a list) is accepted, as in mergekit.
+        let (c, _) = ok("merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: {filter: mlp, value: 2}\n");
+        assert_eq!(
+            c.parameters.get("weight"),
+            Some(&ParamValue::Filtered(vec![FilteredValue {
+                filter: Some("mlp".into()),
+                value: num(2.0)
+            }]))
+        );
+        // Mixed lists and nested filters are errors naming the key.
+        let e = err(
+            "merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: [{value: 1}, 2]\n",
+        );
+        assert_eq!(e.key, "parameters.weight[1]");
+        let e = err("merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: [{value: [{value: 1}]}]\n");
+        assert_eq!(e.key, "parameters.weight[0].value[0]");
+        let e = err("merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: null\n");
+        assert_eq!(e.key, "parameters.weight");
+        let e =
+            err("merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: [[1, 2]]\n");
+        assert_eq!(e.key, "parameters.weight[0]");
+        let e = err(
+            "merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: [{filter: mlp}]\n",
+        );
+        assert_eq!(e.key, "parameters.weight[0].value");
+        // `pattern` (an old spelling) is not a mergekit key: warned, and the entry matches all.
+        let (_, w) = ok(&GRADIENT_SLERP.replace("filter: mlp", "pattern: mlp"));
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].key, "parameters.t[1].pattern");
+    }
+
+    #[test]
+    fn per_model_gradients() {
+        let (c, w) = ok(VLM_TIES);
+        assert!(w.is_empty());
+        assert_eq!(
+            c.models[0].parameters.get("density"),
+            Some(&ParamValue::Gradient(vec![1.0, 0.7, 0.1]))
+        );
+        assert_eq!(
+            c.models[1].parameters.get("weight"),
+            Some(&ParamValue::Gradient(vec![0.0, 0.3, 0.7, 1.0]))
+        );
+        assert_eq!(
+            c.parameters.get("int8_mask"),
+            Some(&ParamValue::Scalar(Scalar::Bool(true)))
+        );
+        // Non-numeric lists are steps; YAML 1.1 words are booleans as PyYAML reads them.
+        let (c, _) = ok("merge_method: nuslerp\nmodels: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n\
+                         parameters:\n  nuslerp_flatten: [yes, false]\n  nuslerp_row_wise: off\n");
+        assert_eq!(
+            c.parameters.get("nuslerp_flatten"),
+            Some(&ParamValue::Steps(vec![
+                Scalar::Bool(true),
+                Scalar::Bool(false)
+            ]))
+        );
+        assert_eq!(
+            c.parameters.get("nuslerp_row_wise"),
+            Some(&ParamValue::Scalar(Scalar::Bool(false)))
+        );
+        // Scientific notation is a number.
+        let (c, _) = ok("merge_method: karcher\nmodels: [{model: a}, {model: b}]\nparameters: {tol: [1e-5, 1.0e-3]}\n");
+        assert_eq!(
+            c.parameters.get("tol"),
+            Some(&ParamValue::Gradient(vec![1e-5, 1e-3]))
+        );
+    }
+
+    #[test]
+    fn tokenizer_sources() {
+        let base = "merge_method: linear\nmodels: [{model: a}, {model: b}]\n";
+        let (c, _) = ok(&format!("{base}tokenizer_source: base\n"));
+        assert_eq!(c.tokenizer_source, Some(TokenizerSource::Base));
+        let (c, _) = ok(&format!("{base}tokenizer_source: union\n"));
+        assert_eq!(c.tokenizer_source, Some(TokenizerSource::Union));
+        let (c, _) = ok(&format!("{base}tokenizer_source: org/chat-model\n"));
+        assert_eq!(
+            c.tokenizer_source,
+            Some(TokenizerSource::Model(mref("org/chat-model")))
+        );
+        let (c, w) = ok(&format!(
+            "{base}tokenizer:\n  source: b\n  pad_to_multiple_of: 64\n"
+        ));
+        assert!(w.is_empty());
+        let t = c.tokenizer.unwrap();
+        assert_eq!(t.source, Some(TokenizerSource::Model(mref("b"))));
+        assert_eq!(t.pad_to_multiple_of, Some(64));
+        // mergekit's default source is union.
+        let (c, _) = ok(&format!("{base}tokenizer:\n  pad_to_multiple_of: 8\n"));
+        assert_eq!(c.tokenizer.unwrap().source, Some(TokenizerSource::Union));
+        // Per-token sources are accepted and reported as ignored.
+        let (c, w) = ok(&format!(
+            "{base}tokenizer:\n  source: union\n  tokens:\n    <|im_start|>:\n      source: a\n    <|x|>:\n      source:\n        kind: model_token\n        model: b\n        token: <|y|>\n    <|z|>:\n      source: {{kind: zero}}\n      force: true\n"
+        ));
+        assert_eq!(c.ignored_keys, vec!["tokenizer.tokens".to_string()]);
+        assert_eq!(w.len(), 1);
+        assert!(c.tokenizer.unwrap().tokens.is_some());
+        let e = err(&format!(
+            "{base}tokenizer_source: base\ntokenizer: {{source: base}}\n"
+        ));
+        assert_eq!(e.key, "tokenizer_source");
+        let (_, w) = ok(&format!("{base}chat_template: chatml\n"));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_warn_and_strict_refuses() {
+        let text = "\
+merge_method: linear
+frobnicate: 3
+models:
+  - model: a
+    parameters: {weight: 1, foo: 2}
+    colour: red
+  - model: b
+    parameters: {weight: 1}
+";
+        let (c, w) = ok(text);
+        let keys: Vec<&str> = w.iter().map(|x| x.key.as_str()).collect();
+        assert_eq!(keys, vec!["frobnicate", "models[0].colour"]);
+        // Parameter names are the planner's business.
+        assert_eq!(c.models[0].parameters.get("foo"), Some(&num(2.0)));
+        let e = parse_config(text, true).unwrap_err();
+        assert_eq!(e.key, "frobnicate");
+        let e = parse_config(&text.replace("frobnicate: 3\n", ""), true).unwrap_err();
+        assert_eq!(e.key, "models[0].colour");
+        let (_, w) = ok(&PASSTHROUGH.replace(
+            "layer_range: [0, 24]",
+            "layer_range: [0, 24]\n      extra: 1",
+        ));
+        assert_eq!(w[0].key, "slices[0].sources[0].extra");
+        // mergekit-multimerge's `name` is known but ignored.
+        let (c, w) = ok(&format!("name: stage1\n{LINEAR}"));
+        assert_eq!(c.ignored_keys, vec!["name".to_string()]);
+        assert_eq!(w.len(), 1);
+        assert!(parse_config(&format!("name: stage1\n{LINEAR}"), true).is_ok());
+    }
+
+    #[test]
+    fn density_out_of_range_names_the_key() {
+        let e = err(&BIO_TIES.replacen("density: 0.5", "density: 1.5", 1));
+        assert_eq!(e.key, "models[0].parameters.density");
+        let e = err(&BIO_TIES.replacen("density: 0.5", "density: 0", 1));
+        assert_eq!(e.key, "models[0].parameters.density");
+        let e = err(&VLM_TIES.replace("[1, 0.7, 0.1]", "[1, -0.7, 0.1]"));
+        assert_eq!(e.key, "models[0].parameters.density[1]");
+        let e = err(&BIO_TIES.replace(
+            "  int8_mask: true",
+            "  int8_mask: true\n  density: [{filter: mlp, value: 2}]",
+        ));
+        assert_eq!(e.key, "parameters.density[0].value");
+        assert!(parse_config(&BIO_TIES.replacen("density: 0.5", "density: 1", 1), false).is_ok());
+    }
+
+    #[test]
+    fn slerp_needs_two_models_counting_the_base() {
+        let two = "merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}\n";
+        ok(two);
+        // The base is added when not listed: still 2.
+        ok("merge_method: slerp\nbase_model: a\nmodels: [{model: b}]\nparameters: {t: 0.5}\n");
+        let e = err(
+            "merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}, {model: c}]\n",
+        );
+        assert_eq!(e.key, "models");
+        assert!(e.message.contains("exactly 2"), "{}", e.message);
+        let e = err("merge_method: slerp\nbase_model: a\nmodels: [{model: b}, {model: c}]\n");
+        assert_eq!(e.key, "models");
+        let e = err("merge_method: slerp\nmodels: [{model: a}, {model: b}]\n");
+        assert_eq!(e.key, "base_model");
+        let e = err("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: a}]\n");
+        assert_eq!(e.key, "models");
+        // passthrough takes one input per slice.
+        let e = err("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]\n");
+        assert_eq!(e.key, "slices[0].sources");
+    }
+
+    #[test]
+    fn model_stock_needs_two_fine_tunes() {
+        let e = err("merge_method: model_stock\nbase_model: base\nmodels: [{model: a}]\n");
+        assert_eq!(e.key, "models");
+        let e = err(
+            "merge_method: model_stock\nbase_model: base\nmodels: [{model: base}, {model: a}]\n",
+        );
+        assert_eq!(e.key, "models");
+        ok("merge_method: model_stock\nbase_model: base\nmodels: [{model: a}, {model: b}]\n");
+        // nuslerp: exactly two besides the optional base.
+        let e = err("merge_method: nuslerp\nmodels: [{model: a}, {model: b}, {model: c}]\n");
+        assert_eq!(e.key, "models");
+        ok("merge_method: nuslerp\nbase_model: c\nmodels: [{model: a}, {model: b}]\n");
+    }
+
+    #[test]
+    fn zero_weight_sum_with_normalize() {
+        let text = "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: -1}}\n";
+        let e = err(text);
+        assert_eq!(e.key, "models[].parameters.weight");
+        // normalize: false accepts.
+        ok(&format!("{text}parameters: {{normalize: false}}\n"));
+        // Top-level weight inherited by every model: 1 + (-1) from the model's own = 0.
+        let e = err("merge_method: linear\nparameters: {weight: 1}\nmodels:\n  - {model: a}\n  - {model: b, parameters: {weight: -1}}\n");
+        assert_eq!(e.key, "models[].parameters.weight");
+        // Gradients vary per layer: not checked here.
+        ok("merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: [1, 0]}}\n  - {model: b, parameters: {weight: -1}}\n");
+        // Slices form.
+        let e = err("merge_method: linear\nslices:\n  - sources:\n    - {model: a, layer_range: [0, 2], parameters: {weight: 0}}\n    - {model: b, layer_range: [0, 2], parameters: {weight: 0}}\n");
+        assert_eq!(e.key, "slices[0].sources[].parameters.weight");
+        // task_arithmetic without normalize accepts; with normalize, mergekit skips the division.
+        let ta = "merge_method: task_arithmetic\nbase_model: c\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: -1}}\n";
+        let (_, w) = ok(ta);
+        assert!(w.is_empty());
+        let (_, w) = ok(&format!("{ta}parameters: {{normalize: true}}\n"));
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].key, "models[].parameters.weight");
+        // ties divides by the masked weight sum (0 -> 1): accepted.
+        let (_, w) = ok(&ta.replace("task_arithmetic", "ties"));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn hub_names() {
+        assert!(looks_like_hub_name("mistralai/Mistral-7B-v0.1"));
+        assert!(looks_like_hub_name("garage-bAInd/Platypus2-13B"));
+        assert!(looks_like_hub_name("org/name@main"));
+        assert!(!looks_like_hub_name("gpt2"));
+        assert!(!looks_like_hub_name("./models/a"));
+        assert!(!looks_like_hub_name("/abs/path"));
+        assert!(!looks_like_hub_name("models/a/b"));
+        assert!(!looks_like_hub_name("../a"));
+        assert!(!looks_like_hub_name("~/a"));
+        assert!(!looks_like_hub_name("dir/model.safetensors"));
+        assert!(!looks_like_hub_name("org/"));
+        assert!(!looks_like_hub_name("org/na--me"));
+        assert!(!looks_like_hub_name("org/na me"));
+    }
+
+    #[test]
+    fn model_references() {
+        let (c, _) = ok("merge_method: linear\nmodels:\n  - model: base+lora/adapter\n  - model: org/m@v2\n  - model: {model: {path: x, revision: r1}, lora: y}\n");
+        assert_eq!(
+            c.models[0].model,
+            ModelRef {
+                path: "base".into(),
+                adapter: Some("lora/adapter".into())
+            }
+        );
+        assert_eq!(c.models[0].model.to_string(), "base+lora/adapter");
+        assert_eq!(c.models[1].model, mref("org/m@v2"));
+        assert_eq!(
+            split_revision(&c.models[1].model.path),
+            ("org/m", Some("v2"))
+        );
+        assert_eq!(
+            c.models[2].model,
+            ModelRef {
+                path: "x@r1".into(),
+                adapter: Some("y".into())
+            }
+        );
+        assert_eq!(
+            err("merge_method: linear\nmodels: [{model: a+b+c}]\n").key,
+            "models[0].model"
+        );
+        assert_eq!(
+            err("merge_method: linear\nmodels: [{model: a@b@c}]\n").key,
+            "models[0].model"
+        );
+        assert_eq!(
+            err("merge_method: linear\nmodels: [a, b]\n").key,
+            "models[0]"
+        );
+        let (c, w) = ok("merge_method: linear\nmodels: [{model: {model: a, override_architecture: LlamaForCausalLM}}]\n");
+        assert_eq!(
+            c.ignored_keys,
+            vec!["models[0].model.override_architecture".to_string()]
+        );
+        assert_eq!(w.len(), 1);
+        let (c, w) =
+            ok("merge_method: linear\nmodels: [{model: a, statistics: a.stats.safetensors}]\n");
+        assert!(w.is_empty());
+        assert_eq!(
+            c.statistics.get(&mref("a")).map(String::as_str),
+            Some("a.stats.safetensors")
+        );
+    }
+
+    #[test]
+    fn structure_errors() {
+        let both = "merge_method: passthrough\nmodels: [{model: a}]\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n";
+        assert_eq!(err(both).key, "models");
+        assert_eq!(err("merge_method: linear\n").key, "models");
+        // An empty list counts as absent (pydantic truthiness in mergekit).
+        assert_eq!(
+            err("merge_method: linear\nmodels: []\nslices: []\n").key,
+            "models"
+        );
+        let e = err("models: [{model: a}]\n");
+        assert_eq!(e.key, "merge_method");
+        assert!(
+            e.message.contains("linear") && e.message.contains("ties"),
+            "{}",
+            e.message
+        );
+        let e = err("merge_method: frankenstein\nmodels: [{model: a}]\n");
+        assert!(e.message.contains("known methods"), "{}", e.message);
+        let e =
+            err("merge_method: arcee_fusion\nbase_model: a\nmodels: [{model: a}, {model: b}]\n");
+        assert!(e.message.contains("not implemented"), "{}", e.message);
+        assert_eq!(err("").key, "");
+        assert!(err("a: 1\n---\nb: 2\n").message.contains("one merge"));
+        assert_eq!(err("- 1\n").key, "");
+    }
+
+    #[test]
+    fn dtypes_and_seed() {
+        let base = "merge_method: linear\nmodels: [{model: a}]\n";
+        let (c, _) = ok(&format!(
+            "{base}dtype: torch.bfloat16\nout_dtype: float32\nrandom_seed: 42\n"
+        ));
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(c.out_dtype.as_deref(), Some("float32"));
+        assert_eq!(c.random_seed, Some(42));
+        let e = err(&format!("{base}dtype: bf16\n"));
+        assert_eq!(e.key, "dtype");
+        assert!(e.message.contains("bfloat16"));
+        assert_eq!(err(&format!("{base}out_dtype: int64\n")).key, "out_dtype");
+        assert_eq!(err(&format!("{base}random_seed: -1\n")).key, "random_seed");
+        assert_eq!(err(&format!("{base}random_seed: 1.5\n")).key, "random_seed");
+        assert_eq!(err(&format!("{base}random_seed: x\n")).key, "random_seed");
+        // `parameters:` with no value (mergekit's examples/ties.yml) is an empty map.
+        let (c, _) = ok(&format!("{base}parameters:\n"));
+        assert!(c.parameters.is_empty());
+    }
+
+    #[test]
+    fn single_module_folds_into_the_top_level() {
+        let text = "\
+merge_method: linear
+parameters: {weight: 1, normalize: true}
+modules:
+  text_decoder:
+    models: [{model: a}, {model: b}]
+    parameters:
+      weight: [{filter: mlp, value: 3}]
+";
+        let (c, w) = ok(text);
+        assert!(w.is_empty());
+        assert_eq!(c.models.len(), 2);
+        let v = c.parameters.get("weight").unwrap();
+        // Module value where its filter matches, top-level value elsewhere.
+        use crate::config::resolve::resolve;
+        assert_eq!(
+            resolve(v, "model.layers.0.mlp.up_proj.weight", 0.0).unwrap(),
+            Some(Scalar::Num(3.0))
+        );
+        assert_eq!(
+            resolve(v, "model.layers.0.self_attn.q_proj.weight", 0.0).unwrap(),
+            Some(Scalar::Num(1.0))
+        );
+        assert_eq!(
+            c.parameters.get("normalize"),
+            Some(&ParamValue::Scalar(Scalar::Bool(true)))
+        );
+        let e = err("merge_method: linear\nmodules:\n  a: {models: [{model: x}]}\n  b: {models: [{model: x}]}\n");
+        assert_eq!(e.key, "modules");
+        let e = err(
+            "merge_method: linear\nmodels: [{model: x}]\nmodules:\n  a: {models: [{model: x}]}\n",
+        );
+        assert_eq!(e.key, "modules");
     }
 }

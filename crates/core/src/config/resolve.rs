@@ -41,7 +41,11 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Evaluate `value` for the tensor `tensor_name` at gradient position `t` (in `[0, 1]`; 0 for
 /// tensors outside the layer stack). `Ok(None)` when nothing applies (no filter matched, or an
 /// empty list), so the caller falls through to the next scope.
-pub fn resolve(value: &ParamValue, tensor_name: &str, t: f64) -> Result<Option<Scalar>, ConfigError> {
+pub fn resolve(
+    value: &ParamValue,
+    tensor_name: &str,
+    t: f64,
+) -> Result<Option<Scalar>, ConfigError> {
     if !(0.0..=1.0).contains(&t) {
         return Err(ConfigError::new(
             tensor_name,
@@ -59,7 +63,10 @@ pub fn resolve(value: &ParamValue, tensor_name: &str, t: f64) -> Result<Option<S
             }
         }
         ParamValue::Filtered(entries) => {
-            match entries.iter().find(|e| filter_matches(e.filter.as_deref(), tensor_name)) {
+            match entries
+                .iter()
+                .find(|e| filter_matches(e.filter.as_deref(), tensor_name))
+            {
                 Some(e) => resolve(&e.value, tensor_name, t)?,
                 None => None,
             }
@@ -149,7 +156,11 @@ pub fn tensor_params(
     let shared: Vec<Option<&ParamMap>> = vec![scopes.slice, Some(scopes.top)];
     let (globals, per_model): (BTreeSet<String>, BTreeSet<String>) =
         if global_names.is_empty() && model_names.is_empty() {
-            let g: BTreeSet<String> = shared.iter().flatten().flat_map(|m| m.keys().cloned()).collect();
+            let g: BTreeSet<String> = shared
+                .iter()
+                .flatten()
+                .flat_map(|m| m.keys().cloned())
+                .collect();
             let mut p = g.clone();
             for m in models {
                 if let Some(map) = m.parameters {
@@ -203,17 +214,26 @@ mod tests {
         assert_eq!(get(&g, "x", 1.0), Some(Scalar::Num(1.0)));
         assert_eq!(get(&g, "x", 0.25), Some(Scalar::Num(0.5)));
         // t = 0.375: s = 1.5, halfway between 0.5 and 0.3 = 0.4.
-        let Some(Scalar::Num(v)) = get(&g, "x", 0.375) else { panic!() };
+        let Some(Scalar::Num(v)) = get(&g, "x", 0.375) else {
+            panic!()
+        };
         assert!((v - 0.4).abs() < 1e-15, "{v}");
         // 40 layers, layer 13: t = 13/39 = 1/3, s = 4/3; between 0.5 and 0.3 at 1/3: 0.5 - 0.2/3.
-        let Some(Scalar::Num(v)) = get(&g, "x", 13.0 / 39.0) else { panic!() };
+        let Some(Scalar::Num(v)) = get(&g, "x", 13.0 / 39.0) else {
+            panic!()
+        };
         assert!((v - (0.5 - 0.2 / 3.0)).abs() < 1e-12, "{v}");
         // Two knots: plain linear ramp.
         let g2 = ParamValue::Gradient(vec![1.0, 0.0]);
-        let Some(Scalar::Num(v)) = get(&g2, "x", 0.3) else { panic!() };
+        let Some(Scalar::Num(v)) = get(&g2, "x", 0.3) else {
+            panic!()
+        };
         assert!((v - 0.7).abs() < 1e-15);
         // One knot: constant.
-        assert_eq!(get(&ParamValue::Gradient(vec![0.25]), "x", 0.6), Some(Scalar::Num(0.25)));
+        assert_eq!(
+            get(&ParamValue::Gradient(vec![0.25]), "x", 0.6),
+            Some(Scalar::Num(0.25))
+        );
         // Empty: nothing.
         assert_eq!(get(&ParamValue::Gradient(vec![]), "x", 0.6), None);
     }
@@ -229,17 +249,41 @@ mod tests {
     #[test]
     fn filters_first_match_wins() {
         let f = ParamValue::Filtered(vec![
-            FilteredValue { filter: Some("self_attn".into()), value: ParamValue::Gradient(vec![0.0, 1.0]) },
-            FilteredValue { filter: Some("mlp".into()), value: num(0.9) },
-            FilteredValue { filter: None, value: num(0.5) },
+            FilteredValue {
+                filter: Some("self_attn".into()),
+                value: ParamValue::Gradient(vec![0.0, 1.0]),
+            },
+            FilteredValue {
+                filter: Some("mlp".into()),
+                value: num(0.9),
+            },
+            FilteredValue {
+                filter: None,
+                value: num(0.5),
+            },
         ]);
-        assert_eq!(get(&f, "model.layers.3.self_attn.q_proj.weight", 0.5), Some(Scalar::Num(0.5)));
-        assert_eq!(get(&f, "model.layers.3.self_attn.q_proj.weight", 1.0), Some(Scalar::Num(1.0)));
-        assert_eq!(get(&f, "model.layers.3.mlp.up_proj.weight", 0.1), Some(Scalar::Num(0.9)));
+        assert_eq!(
+            get(&f, "model.layers.3.self_attn.q_proj.weight", 0.5),
+            Some(Scalar::Num(0.5))
+        );
+        assert_eq!(
+            get(&f, "model.layers.3.self_attn.q_proj.weight", 1.0),
+            Some(Scalar::Num(1.0))
+        );
+        assert_eq!(
+            get(&f, "model.layers.3.mlp.up_proj.weight", 0.1),
+            Some(Scalar::Num(0.9))
+        );
         assert_eq!(get(&f, "model.norm.weight", 0.0), Some(Scalar::Num(0.5)));
-        let no_default = ParamValue::Filtered(vec![FilteredValue { filter: Some("mlp".into()), value: num(1.0) }]);
+        let no_default = ParamValue::Filtered(vec![FilteredValue {
+            filter: Some("mlp".into()),
+            value: num(1.0),
+        }]);
         assert_eq!(get(&no_default, "model.norm.weight", 0.0), None);
-        let star = ParamValue::Filtered(vec![FilteredValue { filter: Some("*".into()), value: num(2.0) }]);
+        let star = ParamValue::Filtered(vec![FilteredValue {
+            filter: Some("*".into()),
+            value: num(2.0),
+        }]);
         assert_eq!(get(&star, "anything", 0.0), Some(Scalar::Num(2.0)));
     }
 
@@ -262,14 +306,26 @@ mod tests {
         // A filter that does not match falls through to the next scope.
         m0.insert(
             "density".into(),
-            ParamValue::Filtered(vec![FilteredValue { filter: Some("mlp".into()), value: num(0.9) }]),
+            ParamValue::Filtered(vec![FilteredValue {
+                filter: Some("mlp".into()),
+                value: num(0.9),
+            }]),
         );
         // A method-wide key at model level is not used for the method-wide value.
         m0.insert("normalize".into(), ParamValue::Scalar(Scalar::Bool(true)));
-        let scopes = ParamScopes { top: &top, slice: Some(&slice) };
+        let scopes = ParamScopes {
+            top: &top,
+            slice: Some(&slice),
+        };
         let models = [
-            ModelScope { parameters: Some(&m0), input_name: "model.layers.0.self_attn.o_proj.weight" },
-            ModelScope { parameters: None, input_name: "model.layers.0.self_attn.o_proj.weight" },
+            ModelScope {
+                parameters: Some(&m0),
+                input_name: "model.layers.0.self_attn.o_proj.weight",
+            },
+            ModelScope {
+                parameters: None,
+                input_name: "model.layers.0.self_attn.o_proj.weight",
+            },
         ];
         let p = tensor_params(
             scopes,
@@ -286,8 +342,12 @@ mod tests {
         assert_eq!(p.models[1].get("weight"), Some(&Scalar::Num(1.0)));
         assert_eq!(p.models[1].get("density"), Some(&Scalar::Num(0.4)));
         // Per-model filters see the input name.
-        let models = [ModelScope { parameters: Some(&m0), input_name: "model.layers.0.mlp.up_proj.weight" }];
-        let p = tensor_params(scopes, &models, "model.layers.9.self_attn.x", 0.0, &[], &[]).unwrap();
+        let models = [ModelScope {
+            parameters: Some(&m0),
+            input_name: "model.layers.0.mlp.up_proj.weight",
+        }];
+        let p =
+            tensor_params(scopes, &models, "model.layers.9.self_attn.x", 0.0, &[], &[]).unwrap();
         assert_eq!(p.models[0].get("density"), Some(&Scalar::Num(0.9)));
         // Fallback (no name lists): top/slice keys are global and inherited; model keys per-model.
         assert_eq!(p.global.get("density"), Some(&Scalar::Num(0.4)));

@@ -5,31 +5,49 @@
 //! Per tensor, with δ_i = θ_i − θ_0:
 //! 1. keep-mask m_i ~ Bernoulli(density_i) per element, drawn with [`crate::philox`] keyed by
 //!    (seed, model i, tensor name, element index), so masks do not depend on blocks, threads or
-//!    device. `density >= 1` keeps everything and skips the rescale (as mergekit).
+//!    device. `density >= 1` leaves δ_i untouched and skips the rescale (as mergekit);
+//!    `density <= 0` drops everything.
 //! 2. rescale (`rescale`, default true):
 //!    - `rescale_mode: l1` (default, mergekit): δ_i ⊙ m_i × ‖δ_i‖₁ / ‖δ_i ⊙ m_i‖₁, skipped when
-//!      either norm is below 1e-7 (`sparsify.py:rescaled_masked_tensor`);
-//!    - `rescale_mode: inverse_density` (alias `inverse`; the DARE paper): δ_i ⊙ m_i / density_i.
-//! 3. mixing as mergekit's generalized task arithmetic: weighted deltas w_i·δ'_i, then for
-//!    `dare_ties` the sign consensus (`sum`), and optional normalisation and `lambda`.
+//!      either norm is below 1e-7 (`sparsify.py:rescaled_masked_tensor`); done by the shared
+//!      pipeline ([`crate::methods::gta`]);
+//!    - `rescale_mode: inverse_density` (alias `inverse`; the DARE paper): δ_i ⊙ m_i / density_i,
+//!      elementwise.
+//! 3. mixing by the shared generalized-task-arithmetic pipeline ([`gta::merge`]): weighted deltas
+//!    w_i·δ'_i; for `dare_ties` the sign consensus (`consensus_method`, default `sum`); optional
+//!    `normalize` and `lambda`.
 //!
 //! Sharding class: **T** with the L1 rescale (two f64 reductions per model and tensor, one pass
 //! over the blocks before the merge pass); **E** with `inverse_density` or no rescale.
 //!
-//! Parameters (defaults as mergekit): per model `weight` (required), `density` (1.0); method-wide
-//! `normalize` (false for both), `rescale` (true), `lambda` (1.0), `int8_mask` (accepted,
-//! no effect: masks are never materialised), `rescale_mode` (amalgam extension, `l1`).
+//! Parameters (defaults as mergekit `registry.py`): per model `weight` (required), `density`
+//! (1.0); method-wide `normalize` (false for both), `rescale` (true), `lambda` (1.0), `int8_mask`
+//! (accepted, no effect), `consensus_method` (`dare_ties` only: `sum` or `count`), and the amalgam
+//! extension `rescale_mode` (`l1`).
 
 use crate::error::{MergeError, Result};
+use crate::methods::gta::{self, Consensus, GtaDefaults, GtaOptions, Sparsifier};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::philox::{keep_threshold, MaskStream};
-use crate::reduce::ChunkedSum;
-use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use crate::tensor::{TensorJob, TensorReader, TensorWriter};
 use rayon::prelude::*;
-use std::ops::Range;
 
-const GLOBAL_PARAMS: &[&str] = &["normalize", "rescale", "rescale_mode", "lambda", "int8_mask"];
+const LINEAR_GLOBAL: &[&str] = &[
+    "normalize",
+    "rescale",
+    "rescale_mode",
+    "lambda",
+    "int8_mask",
+];
+const TIES_GLOBAL: &[&str] = &[
+    "normalize",
+    "rescale",
+    "rescale_mode",
+    "lambda",
+    "int8_mask",
+    "consensus_method",
+];
 const MODEL_PARAMS: &[&str] = &["weight", "density"];
 
 /// Static facts about `dare_linear`.
@@ -38,10 +56,11 @@ pub const INFO_LINEAR: MethodInfo = MethodInfo {
     needs_base: true,
     min_models: 1,
     exact_models: None,
-    global_params: GLOBAL_PARAMS,
+    global_params: LINEAR_GLOBAL,
     model_params: MODEL_PARAMS,
     random: true,
-    summary: "DARE: random drop of task-vector entries (Bernoulli(density)) with rescale, then weighted sum",
+    summary:
+        "DARE: random drop of task-vector entries (keep prob. density), L1 rescale, weighted sum",
 };
 
 /// Static facts about `dare_ties`.
@@ -50,254 +69,168 @@ pub const INFO_TIES: MethodInfo = MethodInfo {
     needs_base: true,
     min_models: 1,
     exact_models: None,
-    global_params: GLOBAL_PARAMS,
+    global_params: TIES_GLOBAL,
     model_params: MODEL_PARAMS,
     random: true,
-    summary: "DARE with TIES sign consensus: random drop with rescale, sign election, weighted sum",
+    summary: "DARE + TIES: random drop with L1 rescale, sign election, weighted sum",
 };
 
-/// Below this, mergekit's norm-matching rescale is skipped (`rescaled_masked_tensor` eps).
-pub(crate) const RESCALE_EPS: f64 = 1e-7;
-
-/// How dropped task vectors are rescaled.
+/// How dropped task vectors are rescaled (when `rescale` is true).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RescaleMode {
-    /// Match the L1 norm of the unmasked task vector (mergekit).
+    /// Match the L1 norm of the unmasked task vector, per tensor (mergekit).
     L1,
-    /// Divide by the keep probability (DARE paper; DELLA paper for `della`).
+    /// Divide kept entries by their keep probability (DARE paper; DELLA paper for `della`).
     Inverse,
 }
 
-/// Parse `rescale` / `rescale_mode`: `None` means no rescale.
-pub(crate) fn parse_rescale(params: &TensorParams, default_rescale: bool) -> Result<Option<RescaleMode>> {
-    if !params.bool("rescale", default_rescale)? {
-        return Ok(None);
-    }
+/// Parse `rescale_mode` (only meaningful when `rescale` is true): `l1` (default) or
+/// `inverse_density` / `inverse_prob` / `inverse`.
+pub(crate) fn parse_rescale_mode(params: &TensorParams) -> Result<RescaleMode> {
     match params.opt_str("rescale_mode")?.as_deref() {
-        None | Some("l1") => Ok(Some(RescaleMode::L1)),
-        Some("inverse_density" | "inverse_prob" | "inverse") => Ok(Some(RescaleMode::Inverse)),
+        None | Some("l1") => Ok(RescaleMode::L1),
+        Some("inverse_density" | "inverse_prob" | "inverse") => Ok(RescaleMode::Inverse),
         Some(other) => Err(MergeError::BadParameter {
             key: "rescale_mode".into(),
-            message: format!("unknown value \"{other}\"; use `l1` (mergekit) or `inverse_density`"),
+            message: format!(
+                "unknown value \"{other}\"; use `l1` (mergekit's norm-matching rescale) or \
+                 `inverse_density` (divide by the keep probability)"
+            ),
         }),
     }
 }
 
-/// The weighted mixing of mergekit's generalized task arithmetic (`merge_group`): given the
-/// sparsified, rescaled (unweighted) deltas of one element, return the merged value.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Mixing {
-    /// Per-model `weight`.
-    pub weights: Vec<f32>,
-    /// TIES sign consensus (`sum`): keep entries whose sign matches sign(Σ w_i δ_i) (≥ 0 → +).
-    pub consensus: bool,
-    /// Divide by Σ w_i (over agreeing models with consensus).
-    pub normalize: bool,
-    /// Final scale of the merged delta.
-    pub lambda: f32,
-}
-
-impl Mixing {
-    /// Read `weight`, `normalize`, `lambda` and check the model count.
-    pub fn from_params(
-        params: &TensorParams,
-        n_models: usize,
-        method: &str,
-        consensus: bool,
-        default_normalize: bool,
-    ) -> Result<Self> {
-        if params.models.len() != n_models {
-            return Err(MergeError::BadInputs {
-                method: method.into(),
-                message: format!(
-                    "parameters resolved for {} models but the merge has {n_models}",
-                    params.models.len()
-                ),
-            });
-        }
-        let weights = params.required_model_nums("weight", method)?;
-        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
-            return Err(MergeError::BadParameter {
-                key: "weight".into(),
-                message: format!("must be a finite number, got {w}"),
-            });
-        }
-        let lambda = params.num("lambda", 1.0)?;
-        if !lambda.is_finite() {
-            return Err(MergeError::BadParameter {
-                key: "lambda".into(),
-                message: format!("must be a finite number, got {lambda}"),
-            });
-        }
-        Ok(Self {
-            weights: weights.iter().map(|&w| w as f32).collect(),
-            consensus,
-            normalize: params.bool("normalize", default_normalize)?,
-            lambda: lambda as f32,
-        })
+/// Shared options with the rescale mode applied: the pipeline's L1 rescale only for `l1`.
+/// Returns the options and whether the sparsifier must divide by the keep probability.
+pub(crate) fn options_with_mode(
+    params: &TensorParams,
+    n_models: usize,
+    method: &'static str,
+    defaults: GtaDefaults,
+) -> Result<(GtaOptions, bool)> {
+    let mut opts = GtaOptions::from_params(params, n_models, method, defaults)?;
+    let mode = parse_rescale_mode(params)?;
+    let inverse = opts.rescale && mode == RescaleMode::Inverse;
+    if inverse {
+        opts.rescale = false;
     }
-
-    /// Merge one element: `base` plus the mixed deltas; `wd` holds the sparsified deltas of
-    /// the element and is multiplied by the weights in place.
-    #[inline]
-    pub fn element(&self, base: f32, wd: &mut [f32]) -> f32 {
-        for (x, w) in wd.iter_mut().zip(&self.weights) {
-            *x *= *w;
-        }
-        let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
-        if self.consensus {
-            let positive = wd.iter().fold(0.0f32, |a, b| a + b) >= 0.0;
-            for (x, w) in wd.iter().zip(&self.weights) {
-                if (positive && *x > 0.0) || (!positive && *x < 0.0) {
-                    mixed += *x;
-                    divisor += *w;
-                }
-            }
-            if divisor == 0.0 {
-                divisor = 1.0;
-            }
-        } else {
-            for (x, w) in wd.iter().zip(&self.weights) {
-                mixed += *x;
-                divisor += *w;
-            }
-            if divisor.abs() < 1e-8 {
-                divisor = 1.0;
-            }
-        }
-        if self.normalize {
-            mixed /= divisor;
-        }
-        if self.lambda != 1.0 {
-            mixed *= self.lambda;
-        }
-        base + mixed
-    }
+    Ok((opts, inverse))
 }
 
-/// Block buffers: the base and each model's task vector for one element range.
-pub(crate) struct DeltaBlock {
-    /// Base values.
-    pub base: Vec<f32>,
-    /// δ_i = θ_i − θ_0, one buffer per model.
-    pub deltas: Vec<Vec<f32>>,
+/// Bernoulli keep-mask of DARE for one tensor: model `i` keeps element `idx` when its Philox
+/// word is below `keep_threshold(density_i)`.
+#[derive(Debug, Clone)]
+pub struct DareMask {
+    streams: Vec<MaskStream>,
+    /// Per model: `None` = untouched (density ≥ 1); else (threshold, scale of kept entries).
+    models: Vec<Option<(u64, f32)>>,
 }
 
-impl DeltaBlock {
-    /// Empty buffers for `n` models.
-    pub fn new(n: usize) -> Self {
+impl DareMask {
+    /// Masks for tensor `name` under `seed`; `inverse` scales kept entries by 1/density.
+    pub fn new(seed: u64, name: &str, densities: &[f64], inverse: bool) -> Self {
         Self {
-            base: Vec::new(),
-            deltas: vec![Vec::new(); n],
+            streams: (0..densities.len())
+                .map(|i| MaskStream::new(seed, i, name))
+                .collect(),
+            models: densities
+                .iter()
+                .map(|&d| {
+                    if d >= 1.0 {
+                        None
+                    } else {
+                        let s = if inverse && d > 0.0 {
+                            (1.0 / d) as f32
+                        } else {
+                            1.0
+                        };
+                        Some((keep_threshold(d), s))
+                    }
+                })
+                .collect(),
         }
     }
 
-    /// Read the base and every model over `range` and form the task vectors.
-    pub fn read(&mut self, reader: &dyn TensorReader, range: Range<usize>) -> Result<()> {
-        let len = range.len();
-        self.base.resize(len, 0.0);
-        reader.read(Input::Base, range.clone(), &mut self.base)?;
-        for (i, d) in self.deltas.iter_mut().enumerate() {
-            d.resize(len, 0.0);
-            reader.read(Input::Model(i), range.clone(), d)?;
-            for (x, b) in d.iter_mut().zip(&self.base) {
-                *x -= *b;
-            }
+    /// Whether model `i` keeps flat element `idx`.
+    #[inline]
+    pub fn keep(&self, i: usize, idx: usize) -> bool {
+        match self.models[i] {
+            None => true,
+            Some((t, _)) => self.streams[i].keep(idx, t),
         }
+    }
+}
+
+impl Sparsifier for DareMask {
+    fn is_identity(&self, model: usize) -> bool {
+        self.models[model].is_none()
+    }
+
+    fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()> {
+        let Some((t, s)) = self.models[model] else {
+            return Ok(());
+        };
+        let stream = &self.streams[model];
+        delta
+            .par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let off = start + c * PAR_CHUNK;
+                for (k, x) in chunk.iter_mut().enumerate() {
+                    *x = if stream.keep(off + k, t) { *x * s } else { 0.0 };
+                }
+            });
         Ok(())
     }
 }
 
-/// Elements per parallel work item in merge passes (results do not depend on it).
+/// Elements per parallel work item (results do not depend on it).
 pub(crate) const PAR_CHUNK: usize = 4096;
-
-/// Write base unchanged (no models).
-pub(crate) fn copy_base(job: &TensorJob, reader: &dyn TensorReader, writer: &mut dyn TensorWriter) -> Result<()> {
-    let mut buf = Vec::new();
-    for r in job.blocks() {
-        buf.resize(r.len(), 0.0);
-        reader.read(Input::Base, r.clone(), &mut buf)?;
-        writer.write(r, &buf)?;
-    }
-    Ok(())
-}
-
-/// The L1 rescale factor of mergekit's `rescaled_masked_tensor` from the two norms.
-pub(crate) fn l1_factor(before: f64, after: f64) -> f32 {
-    if before < RESCALE_EPS || after < RESCALE_EPS {
-        1.0
-    } else {
-        (before / after) as f32
-    }
-}
 
 /// `dare_linear` / `dare_ties` configured for one tensor.
 #[derive(Debug, Clone)]
 pub struct Dare {
-    mixing: Mixing,
-    /// Per-model keep density, clamped to [0, 1].
+    opts: GtaOptions,
+    /// Per-model keep density (≥ 0; ≥ 1 means untouched).
     densities: Vec<f64>,
-    rescale: Option<RescaleMode>,
+    /// `rescale_mode: inverse_density`.
+    inverse: bool,
 }
 
 impl Dare {
     /// Build from resolved parameters; `ties` selects `dare_ties` (sign consensus).
     pub fn from_params(params: &TensorParams, n_models: usize, ties: bool) -> Result<Self> {
-        let method = if ties { "dare_ties" } else { "dare_linear" };
-        let mixing = Mixing::from_params(params, n_models, method, ties, false)?;
+        let (method, consensus) = if ties {
+            ("dare_ties", Some(Consensus::Sum))
+        } else {
+            ("dare_linear", None)
+        };
+        let defaults = GtaDefaults {
+            consensus,
+            normalize: false,
+            rescale: true,
+        };
+        let (opts, inverse) = options_with_mode(params, n_models, method, defaults)?;
         let densities = params.model_nums("density", 1.0)?;
         if let Some(d) = densities.iter().find(|d| d.is_nan() || **d < 0.0) {
             return Err(MergeError::BadParameter {
                 key: "density".into(),
-                message: format!("must be in [0, 1] (the fraction of task-vector entries kept), got {d}"),
+                message: format!(
+                    "must be in [0, 1] (the fraction of task-vector entries kept), got {d}"
+                ),
             });
         }
         Ok(Self {
-            mixing,
-            densities: densities.iter().map(|d| d.min(1.0)).collect(),
-            rescale: parse_rescale(params, true)?,
+            opts,
+            densities,
+            inverse,
         })
-    }
-
-    /// Whether model `i` is sparsified at all (mergekit returns δ untouched for density ≥ 1).
-    fn drops(&self, i: usize) -> bool {
-        self.densities[i] < 1.0
-    }
-
-    fn needs_l1(&self) -> bool {
-        self.rescale == Some(RescaleMode::L1) && (0..self.densities.len()).any(|i| self.drops(i))
-    }
-
-    /// Per-model L1 norms (‖δ_i‖₁, ‖δ_i ⊙ m_i‖₁) over the whole tensor, block by block.
-    fn l1_norms(&self, job: &TensorJob, reader: &dyn TensorReader) -> Result<Vec<(f64, f64)>> {
-        let n = self.densities.len();
-        let numel = job.numel();
-        let mut before: Vec<ChunkedSum> = (0..n).map(|_| ChunkedSum::new(numel)).collect();
-        let mut after: Vec<ChunkedSum> = (0..n).map(|_| ChunkedSum::new(numel)).collect();
-        let mut blk = DeltaBlock::new(n);
-        for r in job.blocks() {
-            blk.read(reader, r.clone())?;
-            for i in (0..n).filter(|&i| self.drops(i)) {
-                let d = &blk.deltas[i];
-                let stream = MaskStream::new(job.seed, i, &job.name);
-                let t = keep_threshold(self.densities[i]);
-                before[i].add_block(r.start, r.len(), |j| f64::from(d[j].abs()));
-                after[i].add_block(r.start, r.len(), |j| {
-                    if stream.keep(r.start + j, t) {
-                        f64::from(d[j].abs())
-                    } else {
-                        0.0
-                    }
-                });
-            }
-        }
-        Ok(before.iter().zip(&after).map(|(b, a)| (b.total(), a.total())).collect())
     }
 }
 
 impl MergeMethod for Dare {
     fn class(&self) -> ShardClass {
-        if self.needs_l1() {
+        if self.opts.rescale && self.densities.iter().any(|&d| d < 1.0) {
             ShardClass::T
         } else {
             ShardClass::E
@@ -315,53 +248,8 @@ impl MergeMethod for Dare {
         reader: &dyn TensorReader,
         writer: &mut dyn TensorWriter,
     ) -> Result<()> {
-        let n = self.densities.len();
-        if n == 0 {
-            return copy_base(job, reader, writer);
-        }
-        // Per model: (keep threshold, scale applied to kept entries). None = untouched.
-        let norms = if self.needs_l1() { Some(self.l1_norms(job, reader)?) } else { None };
-        let plan: Vec<Option<(u64, f32)>> = (0..n)
-            .map(|i| {
-                if !self.drops(i) {
-                    return None;
-                }
-                let d = self.densities[i];
-                let scale = match (self.rescale, &norms) {
-                    (Some(RescaleMode::L1), Some(nv)) => l1_factor(nv[i].0, nv[i].1),
-                    (Some(RescaleMode::Inverse), _) if d > 0.0 => (1.0 / d) as f32,
-                    _ => 1.0,
-                };
-                Some((keep_threshold(d), scale))
-            })
-            .collect();
-        let streams: Vec<MaskStream> = (0..n).map(|i| MaskStream::new(job.seed, i, &job.name)).collect();
-        let mut blk = DeltaBlock::new(n);
-        let mut out = Vec::new();
-        for r in job.blocks() {
-            blk.read(reader, r.clone())?;
-            out.resize(r.len(), 0.0);
-            let (base, deltas) = (&blk.base, &blk.deltas);
-            out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, o)| {
-                let off = c * PAR_CHUNK;
-                let mut wd = vec![0.0f32; n];
-                for (k, y) in o.iter_mut().enumerate() {
-                    let j = off + k;
-                    let idx = r.start + j;
-                    for (i, v) in wd.iter_mut().enumerate() {
-                        let x = deltas[i][j];
-                        *v = match plan[i] {
-                            None => x,
-                            Some((t, s)) if streams[i].keep(idx, t) => x * s,
-                            Some(_) => 0.0,
-                        };
-                    }
-                    *y = self.mixing.element(base[j], &mut wd);
-                }
-            });
-            writer.write(r, &out)?;
-        }
-        Ok(())
+        let mask = DareMask::new(job.seed, &job.name, &self.densities, self.inverse);
+        gta::merge(&self.opts, Some(&mask), job, reader, writer)
     }
 }
 
@@ -415,7 +303,10 @@ pub(crate) mod tests {
         assert_eq!(got.len(), want.len());
         for (k, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
             let tol = 2e-6 * s.max(1e-30);
-            assert!(((*g as f64) - w).abs() <= tol, "element {k}: got {g}, want {w} (tol {tol})");
+            assert!(
+                ((*g as f64) - w).abs() <= tol,
+                "element {k}: got {g}, want {w} (tol {tol})"
+            );
         }
     }
 
@@ -472,6 +363,7 @@ pub(crate) mod tests {
     }
 
     /// Naive DARE: philox mask (the contract), everything else in f64.
+    #[allow(clippy::too_many_arguments)]
     fn naive_dare(
         job: &TensorJob,
         r: &MemReader,
@@ -492,7 +384,11 @@ pub(crate) mod tests {
             }
             let s = MaskStream::new(job.seed, i, &job.name);
             let t = keep_threshold(dens[i]);
-            let masked: Vec<f64> = d.iter().enumerate().map(|(k, x)| if s.keep(k, t) { *x } else { 0.0 }).collect();
+            let masked: Vec<f64> = d
+                .iter()
+                .enumerate()
+                .map(|(k, x)| if s.keep(k, t) { *x } else { 0.0 })
+                .collect();
             let b: f64 = d.iter().map(|x| x.abs()).sum();
             let a: f64 = masked.iter().map(|x| x.abs()).sum();
             let f = match mode {
@@ -524,11 +420,19 @@ pub(crate) mod tests {
                     .with_global("lambda", Scalar::Num(lambda));
                 match mode {
                     None => p = p.with_global("rescale", Scalar::Bool(false)),
-                    Some(RescaleMode::Inverse) => p = p.with_global("rescale_mode", Scalar::Str("inverse_density".into())),
+                    Some(RescaleMode::Inverse) => {
+                        p = p.with_global("rescale_mode", Scalar::Str("inverse_density".into()))
+                    }
                     Some(RescaleMode::L1) => {}
                 }
                 let m = Dare::from_params(&p, 3, ties).unwrap();
-                let j = job("model.layers.0.self_attn.q_proj.weight", &shape, 3, 1 << 20, 7);
+                let j = job(
+                    "model.layers.0.self_attn.q_proj.weight",
+                    &shape,
+                    3,
+                    1 << 20,
+                    7,
+                );
                 let got = merge_in_memory(&m, &j, &r).unwrap();
                 let (want, scale) = naive_dare(&j, &r, &w, &dens, ties, normalize, mode, lambda);
                 assert_close(&got, &want, &scale);
@@ -547,11 +451,23 @@ pub(crate) mod tests {
             let whole = merge_in_memory(&m, &job("t", &shape, 2, numel, 3), &r).unwrap();
             for block in [1usize, 7, 4099, 20_001] {
                 let got = merge_in_memory(&m, &job("t", &shape, 2, block, 3), &r).unwrap();
-                assert!(got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "block {block}");
+                assert!(
+                    got.iter()
+                        .zip(&whole)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "block {block}"
+                );
             }
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-            let single = pool.install(|| merge_in_memory(&m, &job("t", &shape, 2, 999, 3), &r).unwrap());
-            assert!(single.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let single =
+                pool.install(|| merge_in_memory(&m, &job("t", &shape, 2, 999, 3), &r).unwrap());
+            assert!(single
+                .iter()
+                .zip(&whole)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 
@@ -580,7 +496,11 @@ pub(crate) mod tests {
         let j = job("y", &[numel], 2, 64, 0);
         let got = merge_in_memory(&m, &j, &r).unwrap();
         let base = r.base.clone().unwrap();
-        let deltas: Vec<Vec<f64>> = r.models.iter().map(|m| m.iter().zip(&base).map(|(a, b)| (a - b) as f64).collect()).collect();
+        let deltas: Vec<Vec<f64>> = r
+            .models
+            .iter()
+            .map(|m| m.iter().zip(&base).map(|(a, b)| (a - b) as f64).collect())
+            .collect();
         let (want, scale) = naive_mix(&base, &deltas, &w, false, false, 1.0);
         assert_close(&got, &want, &scale);
     }
@@ -601,26 +521,31 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn no_models_copies_base_and_density_zero_drops_all() {
+    fn density_zero_drops_all() {
         let numel = 50;
         let r = reader(numel, 1);
         let base = r.base.clone().unwrap();
-        let m0 = Dare::from_params(&TensorParams::default(), 0, false).unwrap();
-        let empty = MemReader { base: Some(base.clone()), models: vec![] };
-        assert_eq!(merge_in_memory(&m0, &job("a", &[numel], 0, 8, 0), &empty).unwrap(), base);
         let m = Dare::from_params(&params(&[1.0], &[0.0]), 1, false).unwrap();
-        assert_eq!(merge_in_memory(&m, &job("a", &[numel], 1, 8, 0), &r).unwrap(), base);
+        assert_eq!(
+            merge_in_memory(&m, &job("a", &[numel], 1, 8, 0), &r).unwrap(),
+            base
+        );
     }
 
     #[test]
     fn bad_parameters_name_the_key() {
         let e = Dare::from_params(&params(&[1.0], &[-0.1]), 1, false).unwrap_err();
         assert!(e.to_string().contains("density"), "{e}");
-        let e = Dare::from_params(&TensorParams::default().with_model_values("density", &[0.5]), 1, true).unwrap_err();
+        let e = Dare::from_params(
+            &TensorParams::default().with_model_values("density", &[0.5]),
+            1,
+            true,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("weight"), "{e}");
         let p = params(&[1.0], &[0.5]).with_global("rescale_mode", Scalar::Str("l7".into()));
         let e = Dare::from_params(&p, 1, true).unwrap_err();
         assert!(e.to_string().contains("rescale_mode"), "{e}");
-        assert!(INFO_TIES.random && INFO_LINEAR.random && INFO_TIES.needs_base);
+        const { assert!(INFO_TIES.random && INFO_LINEAR.random && INFO_TIES.needs_base) };
     }
 }

@@ -163,6 +163,8 @@ fn pairs(n: usize) -> Vec<(usize, usize)> {
 
 /// One pass over the blocks: the Gram matrix of `inputs` (each minus `base` when given) per
 /// vector of `map`.
+// Element loops index several input buffers at once; iterator chains would obscure that.
+#[allow(clippy::needless_range_loop)]
 pub(crate) fn gram(
     job: &TensorJob,
     reader: &dyn TensorReader,
@@ -381,7 +383,11 @@ pub(crate) mod testutil {
 
     /// Run with the whole tensor as one block, with small odd blocks, and on 1 and 3 threads;
     /// assert the results are bit-identical and return one.
-    pub(crate) fn run_invariant(method: &dyn MergeMethod, job: &TensorJob, r: &MemReader) -> Vec<f32> {
+    pub(crate) fn run_invariant(
+        method: &dyn MergeMethod,
+        job: &TensorJob,
+        r: &MemReader,
+    ) -> Vec<f32> {
         let numel = job.numel();
         let mut results = Vec::new();
         for block in [numel.max(1), 7, 1013] {
@@ -400,7 +406,11 @@ pub(crate) mod testutil {
         }
         let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for other in &results[1..] {
-            assert_eq!(bits(&results[0]), bits(other), "result depends on blocking/threads");
+            assert_eq!(
+                bits(&results[0]),
+                bits(other),
+                "result depends on blocking/threads"
+            );
         }
         results.swap_remove(0)
     }

@@ -494,3 +494,153 @@ pub fn consensus_sign_counts(
     }
     Ok(counts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::task_arithmetic::tests::{assert_close, job, rand_vec};
+    use crate::tensor::{MemReader, MemWriter};
+
+    /// Keeps elements whose index is not a multiple of `model + 2` (a pure function of index).
+    struct EveryOther;
+
+    impl Sparsifier for EveryOther {
+        fn is_identity(&self, model: usize) -> bool {
+            model == 2
+        }
+        fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()> {
+            for (k, x) in delta.iter_mut().enumerate() {
+                if (start + k) % (model + 2) == 0 {
+                    *x = 0.0;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn opts(consensus: Option<Consensus>, normalize: bool, rescale: bool) -> GtaOptions {
+        GtaOptions {
+            method: "test",
+            weights: vec![0.8, 1.1, -0.5],
+            consensus,
+            normalize,
+            lambda: 0.7,
+            rescale,
+            zero_sign: None,
+        }
+    }
+
+    /// Naive f64 pipeline with the same sparsifier rule.
+    fn naive(o: &GtaOptions, base: &[f32], models: &[Vec<f32>]) -> Vec<f64> {
+        let n = base.len();
+        let w: Vec<f64> = o.weights.iter().map(|&x| x as f64).collect();
+        let v: Vec<Vec<f64>> = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let d: Vec<f64> = m.iter().zip(base).map(|(a, b)| (a - b) as f64).collect();
+                let s: Vec<f64> = (0..n)
+                    .map(|j| if i != 2 && j % (i + 2) == 0 { 0.0 } else { d[j] })
+                    .collect();
+                let (b1, a1): (f64, f64) =
+                    (d.iter().map(|x| x.abs()).sum(), s.iter().map(|x| x.abs()).sum());
+                let f = if o.rescale && b1 >= 1e-7 && a1 >= 1e-7 { b1 / a1 } else { 1.0 };
+                s.iter().map(|x| x * f * w[i]).collect()
+            })
+            .collect();
+        (0..n)
+            .map(|j| {
+                let (mut mix, mut div) = (0.0, 0.0);
+                match o.consensus {
+                    None => {
+                        mix = (0..3).map(|i| v[i][j]).sum();
+                        div = w.iter().sum();
+                    }
+                    Some(c) => {
+                        let s: f64 = (0..3)
+                            .map(|i| match c {
+                                Consensus::Sum => v[i][j],
+                                Consensus::Count => (v[i][j] > 0.0) as i32 as f64 - (v[i][j] < 0.0) as i32 as f64,
+                            })
+                            .sum();
+                        for i in 0..3 {
+                            if (s >= 0.0 && v[i][j] > 0.0) || (s < 0.0 && v[i][j] < 0.0) {
+                                mix += v[i][j];
+                                div += w[i];
+                            }
+                        }
+                        if div == 0.0 {
+                            div = 1.0;
+                        }
+                    }
+                }
+                if o.normalize {
+                    mix /= div;
+                }
+                base[j] as f64 + o.lambda as f64 * mix
+            })
+            .collect()
+    }
+
+    fn run(o: &GtaOptions, j: &TensorJob, r: &MemReader) -> Vec<f32> {
+        let mut w = MemWriter::default();
+        merge(o, Some(&EveryOther), j, r, &mut w).unwrap();
+        w.data
+    }
+
+    #[test]
+    fn pipeline_matches_naive_with_rescale() {
+        let n = 3 * PAR_CHUNK + 37;
+        let base = rand_vec(60, n);
+        let mut models: Vec<Vec<f32>> = (61..64).map(|s| rand_vec(s, n)).collect();
+        models[1][5] = base[5]; // an exact zero task-vector entry
+        let r = MemReader {
+            base: Some(base.clone()),
+            models: models.clone(),
+        };
+        for o in [
+            opts(None, false, true),
+            opts(None, true, false),
+            opts(Some(Consensus::Sum), true, true),
+            opts(Some(Consensus::Count), false, true),
+        ] {
+            let whole = run(&o, &job(&[n], 3, n), &r);
+            assert_close(&whole, &naive(&o, &base, &models));
+            let small = run(&o, &job(&[n], 3, 1001), &r);
+            assert_eq!(whole, small);
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| run(&o, &job(&[n], 3, 4099), &r));
+            assert_eq!(
+                whole.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                one.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn rescale_skipped_for_zero_task_vector() {
+        let base = rand_vec(70, 12);
+        let r = MemReader {
+            base: Some(base.clone()),
+            models: vec![base.clone(), rand_vec(71, 12), base.clone()],
+        };
+        let o = opts(Some(Consensus::Sum), true, true);
+        let got = run(&o, &job(&[3, 4], 3, 5), &r);
+        assert_close(&got, &naive(&o, &base, &r.models));
+    }
+
+    #[test]
+    fn sign_counts() {
+        let r = MemReader {
+            base: Some(vec![0.0; 4]),
+            models: vec![vec![1.0, -1.0, 0.0, 2.0], vec![-1.0, -1.0, 0.0, 0.0]],
+        };
+        let mut o = opts(Some(Consensus::Sum), true, false);
+        o.weights = vec![1.0, 1.0];
+        let c = consensus_sign_counts(&o, None, &job(&[4], 2, 3), &r).unwrap();
+        assert_eq!(c, [1, 1]);
+    }
+}

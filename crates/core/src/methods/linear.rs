@@ -130,7 +130,11 @@ mod tests {
         let sum: f64 = w.iter().sum();
         (0..n)
             .map(|e| {
-                let s: f64 = models.iter().zip(w).map(|(m, wi)| f64::from(m[e]) * wi).sum();
+                let s: f64 = models
+                    .iter()
+                    .zip(w)
+                    .map(|(m, wi)| f64::from(m[e]) * wi)
+                    .sum();
                 if normalize {
                     s / sum
                 } else {

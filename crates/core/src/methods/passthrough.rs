@@ -81,11 +81,18 @@ impl MergeMethod for Passthrough {
     ) -> Result<()> {
         match self.scale {
             None => copy_input(job, reader, writer, Input::Model(0)),
-            Some(s) => map_blocks(job, reader, writer, &[Input::Model(0)], None, |_, b, out| {
-                out.par_iter_mut()
-                    .zip(b.x[0].par_iter())
-                    .for_each(|(o, x)| *o = x * s);
-            }),
+            Some(s) => map_blocks(
+                job,
+                reader,
+                writer,
+                &[Input::Model(0)],
+                None,
+                |_, b, out| {
+                    out.par_iter_mut()
+                        .zip(b.x[0].par_iter())
+                        .for_each(|(o, x)| *o = x * s);
+                },
+            ),
         }
     }
 }

@@ -143,11 +143,21 @@ mod tests {
     fn reference(t: f64, v0: &[f64], v1: &[f64]) -> Vec<f64> {
         let n0 = dot(v0, v0).sqrt();
         let n1 = dot(v1, v1).sqrt();
-        let u0: Vec<f64> = v0.iter().map(|x| if n0 > 1e-8 { x / n0 } else { *x }).collect();
-        let u1: Vec<f64> = v1.iter().map(|x| if n1 > 1e-8 { x / n1 } else { *x }).collect();
+        let u0: Vec<f64> = v0
+            .iter()
+            .map(|x| if n0 > 1e-8 { x / n0 } else { *x })
+            .collect();
+        let u1: Vec<f64> = v1
+            .iter()
+            .map(|x| if n1 > 1e-8 { x / n1 } else { *x })
+            .collect();
         let d = dot(&u0, &u1);
         if d.abs() > 0.9995 {
-            return v0.iter().zip(v1).map(|(a, b)| (1.0 - t) * a + t * b).collect();
+            return v0
+                .iter()
+                .zip(v1)
+                .map(|(a, b)| (1.0 - t) * a + t * b)
+                .collect();
         }
         let th = d.acos();
         let s0 = ((1.0 - t) * th).sin() / th.sin();
@@ -226,7 +236,8 @@ mod tests {
         for (n, base) in [(1, false), (2, true), (0, true), (2, false)] {
             let e = Slerp::from_params(&p, n, base).expect_err("bad inputs");
             assert!(
-                e.to_string().contains("slerp needs exactly 2 models (base_model and one other)"),
+                e.to_string()
+                    .contains("slerp needs exactly 2 models (base_model and one other)"),
                 "{e}"
             );
         }

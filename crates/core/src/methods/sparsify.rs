@@ -1,1 +1,392 @@
-//! (stub)
+//! Deterministic magnitude sparsifiers of the task-arithmetic family (methods.md §3, §5;
+//! mergekit `mergekit/sparsify.py`: `magnitude`, `magnitude_outliers`). Sharding class T (a
+//! per-tensor selection), or G when the thresholds come from a model-global pass.
+//!
+//! **Mask representation.** A model's kept set is a range of positions `[lo, hi)` in a total
+//! order of its elements: `(key, flat index)` ascending, where the key is the f32 bit pattern of
+//! `|δ|` ([`KeyOrder::Ascending`]: smallest magnitude first) or its complement
+//! ([`KeyOrder::Descending`]: largest first). Ties between equal magnitudes therefore go to the
+//! lowest flat index, whatever the block size or thread count. The two ends are
+//! [`Cut`]s found by exact streaming selection ([`crate::select`]); deciding whether an element
+//! is kept needs only its value and index, so [`RankSparsifier::apply`] is a pure function of the
+//! block.
+//!
+//! - `magnitude` (TIES): keep the `k = max(1, ⌊density·d⌋)` largest `|δ|`; `density ≥ 1` keeps
+//!   everything. mergekit picks them with `argsort(descending)[:k]`, whose order among equal
+//!   magnitudes is unspecified; here it is the lowest index.
+//! - `magnitude_outliers` (breadcrumbs): `target = ⌊density·d⌋`, `n_top = ⌊γ·d⌋`,
+//!   `n_bot = max(0, d − target − n_top)`; sort `|δ|` ascending and keep positions
+//!   `[n_bot, n_bot + target)`; `density ≥ 1` keeps everything. This is mergekit 0.1.5, which
+//!   keeps the small-tensor case right. Older mergekit sliced `[n_bot:-n_top]`, which is empty
+//!   when `n_top = 0` (any tensor with `γ·d < 1`), dropping the whole task vector (methods.md
+//!   §5); `legacy_empty_when_no_top` reproduces that.
+
+use crate::error::{MergeError, Result};
+use crate::methods::gta::{read_base, read_delta, Sparsifier};
+use crate::params::TensorParams;
+use crate::select::{select_cuts, Cut};
+use crate::tensor::{TensorJob, TensorReader};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements per parallel work item when applying a mask.
+const PAR_CHUNK: usize = 1 << 14;
+
+/// Which way magnitudes are ordered for a [`RankMask`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrder {
+    /// Smallest `|δ|` first (key = bits of `|δ|`).
+    Ascending,
+    /// Largest `|δ|` first (key = complement of the bits of `|δ|`).
+    Descending,
+}
+
+impl KeyOrder {
+    /// The selection key of a task-vector value.
+    #[inline]
+    pub fn key(self, x: f32) -> u32 {
+        let b = x.abs().to_bits();
+        match self {
+            KeyOrder::Ascending => b,
+            KeyOrder::Descending => !b,
+        }
+    }
+}
+
+/// Keep the positions `[lo, hi)` of the `(key, index)` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankMask {
+    /// The order.
+    pub order: KeyOrder,
+    /// First kept position.
+    pub lo: Cut,
+    /// First position after the kept ones.
+    pub hi: Cut,
+}
+
+impl RankMask {
+    /// Whether the element of value `x` at flat index `index` is kept.
+    #[inline]
+    pub fn keeps(&self, x: f32, index: u64) -> bool {
+        let k = self.order.key(x);
+        !self.lo.before(k, index) && self.hi.before(k, index)
+    }
+}
+
+/// One model's mask for one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelMask {
+    /// Keep everything (no sparsification).
+    All,
+    /// Drop everything.
+    Nothing,
+    /// Keep a range of magnitude ranks.
+    Rank(RankMask),
+}
+
+/// A deterministic sparsifier: one [`ModelMask`] per model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankSparsifier {
+    /// Per-model masks, in model order.
+    pub masks: Vec<ModelMask>,
+}
+
+impl Sparsifier for RankSparsifier {
+    fn is_identity(&self, model: usize) -> bool {
+        matches!(self.masks.get(model), Some(ModelMask::All) | None)
+    }
+
+    fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()> {
+        match self.masks.get(model) {
+            None | Some(ModelMask::All) => {}
+            Some(ModelMask::Nothing) => delta.fill(0.0),
+            Some(ModelMask::Rank(m)) => {
+                delta
+                    .par_chunks_mut(PAR_CHUNK)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        let base = (start + c * PAR_CHUNK) as u64;
+                        for (k, x) in chunk.iter_mut().enumerate() {
+                            if !m.keeps(*x, base + k as u64) {
+                                *x = 0.0;
+                            }
+                        }
+                    });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every model's `density` (default 1.0), checked to lie in (0, 1].
+pub fn densities(params: &TensorParams, n_models: usize) -> Result<Vec<f64>> {
+    (0..n_models)
+        .map(|i| {
+            let d = params.model_num(i, "density", 1.0)?;
+            if d > 0.0 && d <= 1.0 {
+                Ok(d)
+            } else {
+                Err(MergeError::BadParameter {
+                    key: "density".into(),
+                    message: format!(
+                        "model #{i}: density is the fraction of the task vector kept and must \
+                         be in (0, 1], got {d}"
+                    ),
+                })
+            }
+        })
+        .collect()
+}
+
+/// `⌊x·n⌋` as Python's `int(x * n)` computes it (f64 product, truncated).
+pub fn frac_count(x: f64, n: usize) -> usize {
+    let v = (x * n as f64).floor();
+    if v <= 0.0 {
+        0
+    } else {
+        (v as usize).min(n)
+    }
+}
+
+/// Find the cuts at `positions` of model `model`'s magnitudes in `order`, streaming.
+pub fn magnitude_cuts(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    model: usize,
+    order: KeyOrder,
+    positions: &[u64],
+) -> Result<Vec<Cut>> {
+    let blocks: Vec<Range<usize>> = job.row_blocks().collect();
+    let mut base = Vec::new();
+    let mut delta = Vec::new();
+    select_cuts(job.numel(), &blocks, positions, |r, keys| {
+        base.resize(r.len(), 0.0);
+        delta.resize(r.len(), 0.0);
+        read_base(job, reader, r.clone(), &mut base)?;
+        read_delta(job, reader, model, r, &base, &mut delta)?;
+        for (k, d) in keys.iter_mut().zip(&delta) {
+            *k = order.key(*d);
+        }
+        Ok(())
+    })
+}
+
+/// mergekit `magnitude`: per model keep the `max(1, ⌊density·d⌋)` largest `|δ|` (lowest index
+/// first among equal magnitudes); `density ≥ 1` keeps everything.
+pub fn magnitude(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    densities: &[f64],
+) -> Result<RankSparsifier> {
+    let n = job.numel();
+    let mut masks = Vec::with_capacity(densities.len());
+    for (i, &density) in densities.iter().enumerate() {
+        if density >= 1.0 || n == 0 {
+            masks.push(ModelMask::All);
+            continue;
+        }
+        let k = frac_count(density, n).max(1);
+        if k >= n {
+            masks.push(ModelMask::All);
+            continue;
+        }
+        let order = KeyOrder::Descending;
+        let cuts = magnitude_cuts(job, reader, i, order, &[k as u64])?;
+        masks.push(ModelMask::Rank(RankMask {
+            order,
+            lo: Cut::START,
+            hi: cuts[0],
+        }));
+    }
+    Ok(RankSparsifier { masks })
+}
+
+/// mergekit `magnitude_outliers` (breadcrumbs): per model drop the `⌊γ·d⌋` largest `|δ|` and as
+/// many of the smallest as needed to keep `⌊density·d⌋`; `density ≥ 1` keeps everything.
+/// `legacy_empty_when_no_top` reproduces older mergekit, which dropped the whole task vector
+/// when `⌊γ·d⌋ = 0`.
+pub fn magnitude_outliers(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    densities: &[f64],
+    gammas: &[f64],
+    legacy_empty_when_no_top: bool,
+) -> Result<RankSparsifier> {
+    let n = job.numel();
+    let mut masks = Vec::with_capacity(densities.len());
+    for (i, (&density, &gamma)) in densities.iter().zip(gammas).enumerate() {
+        if density >= 1.0 || n == 0 {
+            masks.push(ModelMask::All);
+            continue;
+        }
+        let target = frac_count(density, n);
+        let n_top = frac_count(gamma, n);
+        if target == 0 || (legacy_empty_when_no_top && n_top == 0) {
+            masks.push(ModelMask::Nothing);
+            continue;
+        }
+        let n_bot = n.saturating_sub(target + n_top);
+        let order = KeyOrder::Ascending;
+        let cuts = magnitude_cuts(
+            job,
+            reader,
+            i,
+            order,
+            &[n_bot as u64, (n_bot + target) as u64],
+        )?;
+        masks.push(ModelMask::Rank(RankMask {
+            order,
+            lo: cuts[0],
+            hi: cuts[1],
+        }));
+    }
+    Ok(RankSparsifier { masks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::MemReader;
+
+    fn job(n: usize, models: usize, block: usize) -> TensorJob {
+        TensorJob {
+            name: "t".into(),
+            shape: vec![n],
+            n_models: models,
+            has_base: true,
+            block_elems: block,
+            seed: 0,
+        }
+    }
+
+    /// Reference mask: stable sort of (|δ| as f64) with the given direction, index tie-break.
+    fn ref_keep(delta: &[f32], desc: bool, lo: usize, hi: usize) -> Vec<bool> {
+        let mut idx: Vec<usize> = (0..delta.len()).collect();
+        idx.sort_by(|&a, &b| {
+            let (x, y) = (delta[a].abs() as f64, delta[b].abs() as f64);
+            let o = if desc {
+                y.partial_cmp(&x).unwrap()
+            } else {
+                x.partial_cmp(&y).unwrap()
+            };
+            o.then(a.cmp(&b))
+        });
+        let mut keep = vec![false; delta.len()];
+        for &i in &idx[lo..hi] {
+            keep[i] = true;
+        }
+        keep
+    }
+
+    fn apply_all(sp: &RankSparsifier, m: usize, delta: &[f32], block: usize) -> Vec<f32> {
+        let mut out = delta.to_vec();
+        for (c, chunk) in out.chunks_mut(block).enumerate() {
+            sp.apply(m, c * block, chunk).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn magnitude_exact_k_with_ties() {
+        // Row-major 1-D tensor with many equal magnitudes (and signs).
+        let n = 103;
+        let base: Vec<f32> = (0..n).map(|i| (i % 3) as f32 * 0.5).collect();
+        let deltas: Vec<f32> = (0..n)
+            .map(|i| [0.25f32, -0.25, 1.0, -1.0, 0.0][(i * 7 + i / 5) % 5])
+            .collect();
+        let model: Vec<f32> = base.iter().zip(&deltas).map(|(b, d)| b + d).collect();
+        let reader = MemReader {
+            base: Some(base.clone()),
+            models: vec![model.clone()],
+        };
+        for density in [0.01, 0.1, 0.3, 0.5, 0.77, 0.999, 1.0] {
+            for block in [n, 10, 1] {
+                let j = job(n, 1, block);
+                let sp = magnitude(&j, &reader, &[density]).unwrap();
+                let d: Vec<f32> = model.iter().zip(&base).map(|(m, b)| m - b).collect();
+                let got = apply_all(&sp, 0, &d, block);
+                let k = if density >= 1.0 {
+                    n
+                } else {
+                    ((density * n as f64).floor() as usize).max(1)
+                };
+                let keep = ref_keep(&d, true, 0, k);
+                for i in 0..n {
+                    let want = if keep[i] { d[i] } else { 0.0 };
+                    assert_eq!(got[i].to_bits(), want.to_bits(), "density {density} i {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn outliers_match_sorted_range() {
+        let n = 250;
+        let mut s = 11u64;
+        let base = vec![0.0f32; n];
+        let d: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((s >> 40) % 50) as f32 * 0.01 - 0.25
+            })
+            .collect();
+        let reader = MemReader {
+            base: Some(base),
+            models: vec![d.clone()],
+        };
+        for (density, gamma) in [(0.5, 0.01), (0.9, 0.2), (0.3, 0.0), (0.99, 0.05), (0.1, 1.0)] {
+            let target = (density * n as f64).floor() as usize;
+            let n_top = (gamma * n as f64).floor() as usize;
+            let n_bot = (n as i64 - target as i64 - n_top as i64).max(0) as usize;
+            let keep = ref_keep(&d, false, n_bot, n_bot + target);
+            for block in [n, 7] {
+                let sp = magnitude_outliers(&job(n, 1, block), &reader, &[density], &[gamma], false)
+                    .unwrap();
+                let got = apply_all(&sp, 0, &d, block);
+                for i in 0..n {
+                    assert_eq!(got[i], if keep[i] { d[i] } else { 0.0 }, "{density} {gamma} {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn outliers_small_tensor_and_legacy() {
+        // γ·d < 1: mergekit 0.1.5 keeps the ⌊density·d⌋ = 3 largest; the legacy flag drops all.
+        let d = vec![0.1f32, -0.4, 0.3, 0.2, -0.05];
+        let reader = MemReader {
+            base: Some(vec![0.0; 5]),
+            models: vec![d.clone()],
+        };
+        let sp = magnitude_outliers(&job(5, 1, 5), &reader, &[0.6], &[0.01], false).unwrap();
+        let got = apply_all(&sp, 0, &d, 5);
+        assert_eq!(got, vec![0.0, -0.4, 0.3, 0.2, 0.0]);
+        let sp = magnitude_outliers(&job(5, 1, 5), &reader, &[0.6], &[0.01], true).unwrap();
+        assert_eq!(apply_all(&sp, 0, &d, 5), vec![0.0; 5]);
+    }
+
+    #[test]
+    fn density_validation() {
+        let p = TensorParams::default().with_model_values("density", &[0.5, 0.0]);
+        match densities(&p, 2) {
+            Err(MergeError::BadParameter { key, .. }) => assert_eq!(key, "density"),
+            other => panic!("{other:?}"),
+        }
+        let p = TensorParams::default().with_model_values("density", &[1.5]);
+        assert!(densities(&p, 1).is_err());
+        let p = TensorParams::default();
+        assert_eq!(densities(&p, 2).unwrap(), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn rejects_non_finite() {
+        let reader = MemReader {
+            base: Some(vec![0.0, 1.0, 2.0]),
+            models: vec![vec![0.0, f32::NAN, 1.0]],
+        };
+        assert!(matches!(
+            magnitude(&job(3, 1, 3), &reader, &[0.5]),
+            Err(MergeError::Numeric { .. })
+        ));
+    }
+}

@@ -77,7 +77,11 @@ pub(crate) fn parse(file: &Path, bytes: &[u8]) -> Result<ParsedHeader, IoError> 
     for (name, entry) in &map {
         if name == "__metadata__" {
             let Value::Object(m) = entry else {
-                return Err(malformed(file, name, "__metadata__ must be an object of strings"));
+                return Err(malformed(
+                    file,
+                    name,
+                    "__metadata__ must be an object of strings",
+                ));
             };
             for (k, v) in m {
                 let v = match v {
@@ -185,7 +189,11 @@ fn parse_entry(
         None => return Err(malformed(file, name, "missing \"shape\"")),
     };
     let (begin, end) = match e.get("data_offsets") {
-        Some(Value::Array(a)) => match (a.len(), a.first().and_then(Value::as_u64), a.get(1).and_then(Value::as_u64)) {
+        Some(Value::Array(a)) => match (
+            a.len(),
+            a.first().and_then(Value::as_u64),
+            a.get(1).and_then(Value::as_u64),
+        ) {
             (2, Some(b), Some(e)) => (b, e),
             _ => {
                 return Err(malformed(
@@ -280,8 +288,18 @@ mod tests {
         let s = serialize(
             &[("format", "pt")],
             &[
-                HeaderEntry { name: "z", dtype: &dt, shape: &[3], offsets: (0, 6) },
-                HeaderEntry { name: "a", dtype: &dt, shape: &[1], offsets: (6, 8) },
+                HeaderEntry {
+                    name: "z",
+                    dtype: &dt,
+                    shape: &[3],
+                    offsets: (0, 6),
+                },
+                HeaderEntry {
+                    name: "a",
+                    dtype: &dt,
+                    shape: &[1],
+                    offsets: (6, 8),
+                },
             ],
         );
         assert_eq!(s.len() % 8, 0);

@@ -257,10 +257,13 @@ impl Checkpoint {
     }
 
     fn lookup(&self, name: &str) -> Result<(&TensorMeta, &CheckpointFile), IoError> {
-        let &i = self.by_name.get(name).ok_or_else(|| IoError::UnknownTensor {
-            root: self.root.clone(),
-            tensor: name.to_string(),
-        })?;
+        let &i = self
+            .by_name
+            .get(name)
+            .ok_or_else(|| IoError::UnknownTensor {
+                root: self.root.clone(),
+                tensor: name.to_string(),
+            })?;
         Ok((&self.tensors[i], &self.files[self.file_of[i]]))
     }
 
@@ -272,7 +275,12 @@ impl Checkpoint {
 
     /// Reads elements `range` (flat, row-major) of a tensor into `out` as f32, converting
     /// from F32, F16, BF16 or F64. `out.len()` must equal `range.len()`.
-    pub fn read_f32(&self, name: &str, range: Range<usize>, out: &mut [f32]) -> Result<(), IoError> {
+    pub fn read_f32(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), IoError> {
         let (t, f) = self.lookup(name)?;
         if !t.dtype.is_float_convertible() {
             return Err(IoError::UnsupportedDtype {

@@ -138,7 +138,10 @@ impl OutputLayout {
         let mut names = std::collections::HashSet::new();
         let mut files = std::collections::HashSet::new();
         for f in &self.files {
-            if !f.name.ends_with(".safetensors") || !hf_index::is_inside(&f.name) || f.name.contains('/') {
+            if !f.name.ends_with(".safetensors")
+                || !hf_index::is_inside(&f.name)
+                || f.name.contains('/')
+            {
                 return invalid(format!(
                     "output file name \"{}\" must be a plain file name ending in .safetensors",
                     f.name
@@ -237,7 +240,8 @@ impl CheckpointWriter {
                 });
             }
         }
-        std::fs::create_dir_all(out_dir).map_err(|e| IoError::io(out_dir, "create directory", e))?;
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| IoError::io(out_dir, "create directory", e))?;
         Ok(CheckpointWriter {
             dir: out_dir.to_path_buf(),
             layout,
@@ -383,11 +387,13 @@ impl CheckpointWriter {
     }
 
     fn emit(&mut self, bytes_len: u64, data: Option<&[u8]>) -> Result<(), IoError> {
-        let out = self.out.as_mut().expect("a file is open while a tensor is begun");
+        let out = self
+            .out
+            .as_mut()
+            .expect("a file is open while a tensor is begun");
         let bytes = data.unwrap_or(&self.scratch);
-        out.write_all(bytes).map_err(|e| {
-            IoError::io(self.temps.last().cloned().unwrap_or_default(), "write", e)
-        })?;
+        out.write_all(bytes)
+            .map_err(|e| IoError::io(self.temps.last().cloned().unwrap_or_default(), "write", e))?;
         if let Some(c) = self.cursor.as_mut() {
             c.written += bytes_len;
         }
@@ -458,7 +464,9 @@ impl CheckpointWriter {
         }
         self.close_current()?;
 
-        let finals: Vec<PathBuf> = (0..self.layout.files.len()).map(|i| self.file_path(i)).collect();
+        let finals: Vec<PathBuf> = (0..self.layout.files.len())
+            .map(|i| self.file_path(i))
+            .collect();
         for (tmp, fin) in self.temps.clone().iter().zip(&finals) {
             atomic::rename(tmp, fin)?;
         }
@@ -527,7 +535,10 @@ mod tests {
     #[test]
     fn plan_greedy() {
         // sizes 40, 40, 40, 200, 8 bytes with a 100-byte limit
-        let l = OutputLayout::plan(vec![t("a", 10), t("b", 10), t("c", 10), t("d", 50), t("e", 2)], 100);
+        let l = OutputLayout::plan(
+            vec![t("a", 10), t("b", 10), t("c", 10), t("d", 50), t("e", 2)],
+            100,
+        );
         let names: Vec<Vec<&str>> = l
             .files
             .iter()
@@ -542,6 +553,11 @@ mod tests {
         assert_eq!(one.files[0].name, "model.safetensors");
         assert!(!one.needs_index());
         // exactly at the limit stays in one file
-        assert_eq!(OutputLayout::plan(vec![t("a", 10), t("b", 15)], 100).files.len(), 1);
+        assert_eq!(
+            OutputLayout::plan(vec![t("a", 10), t("b", 15)], 100)
+                .files
+                .len(),
+            1
+        );
     }
 }

@@ -1,0 +1,197 @@
+//! Every validation error: a crafted bad file or config, a message naming the file and the
+//! tensor or key, and no final output left behind.
+
+use crate::common::*;
+use std::path::Path;
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).expect("write");
+    name.to_string()
+}
+
+const LIN2: &str = "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\n";
+
+fn assert_no_output(d: &Path) {
+    let outs = final_outputs(&d.join("out"));
+    assert!(outs.is_empty(), "final outputs left behind: {outs:?}");
+}
+
+/// Write a one-tensor safetensors file by hand: header JSON then data.
+fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_headers_name_the_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Header length beyond the file.
+    let p = d.join("short.safetensors");
+    let mut b = 1_000_000u64.to_le_bytes().to_vec();
+    b.extend_from_slice(b"{}");
+    std::fs::write(&p, b).unwrap();
+    let e = run_err(d, &["inspect", "short.safetensors"]);
+    assert!(e.contains("short.safetensors"), "{e}");
+    // Offsets outside the file.
+    raw_safetensors(&d.join("oob.safetensors"), r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0u8; 8]);
+    let e = run_err(d, &["inspect", "oob.safetensors"]);
+    assert!(e.contains("oob.safetensors") && e.contains("\"w\"") || e.contains("`w`") || e.contains(" w "), "{e}");
+    // Size that does not match dtype x shape.
+    raw_safetensors(&d.join("size.safetensors"), r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, &[0u8; 16]);
+    let e = run_err(d, &["inspect", "size.safetensors"]);
+    assert!(e.contains("size.safetensors") && e.contains('w'), "{e}");
+    // Overlapping tensors.
+    raw_safetensors(
+        &d.join("overlap.safetensors"),
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+        &[0u8; 24],
+    );
+    let e = run_err(d, &["inspect", "overlap.safetensors"]);
+    assert!(e.contains("overlap.safetensors"), "{e}");
+    // Not JSON.
+    raw_safetensors(&d.join("junk.safetensors"), "this is not json", &[]);
+    let e = run_err(d, &["inspect", "junk.safetensors"]);
+    assert!(e.contains("junk.safetensors"), "{e}");
+}
+
+#[test]
+fn shape_mismatch_and_missing_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    generate(d, "ft1", &[]);
+    generate(d, "ft2", &["--hidden", "32", "--intermediate", "88"]);
+    let cfg = write(d, "c.yaml", LIN2);
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(e.contains("ft2") && e.contains("model.embed_tokens.weight") && e.contains("[256, 32]"), "{e}");
+    assert_no_output(d);
+    // Missing tensor: fewer layers in ft2.
+    generate(d, "ft2", &["--layers", "3"]);
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(e.contains("model.layers.3."), "{e}");
+    assert_no_output(d);
+}
+
+#[test]
+fn nonfinite_inputs_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir_all(d.join("ft1")).unwrap();
+    std::fs::create_dir_all(d.join("ft2")).unwrap();
+    let mut vals = vec![0u8; 16];
+    vals[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let hdr = r#"{"w.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+    raw_safetensors(&d.join("ft1/model.safetensors"), hdr, &vals);
+    raw_safetensors(&d.join("ft2/model.safetensors"), hdr, &[0u8; 16]);
+    let cfg = write(d, "c.yaml", LIN2);
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(e.contains("w.weight") && e.contains("ft1") && e.contains("--allow-nonfinite"), "{e}");
+    assert_no_output(d);
+    run_ok(d, &["merge", &cfg, "--out", "out", "--allow-nonfinite", "--quiet"]);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 3, &[]);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "density",
+            "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 1.5}\n  - model: ft2\n    parameters: {weight: 1.0, density: 0.5}\n".into(),
+            "density",
+        ),
+        (
+            "slerp3",
+            "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: ft1\n  - model: ft2\nparameters: {t: 0.5}\n".into(),
+            "slerp",
+        ),
+        (
+            "stock1",
+            "merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft1\n".into(),
+            "model_stock",
+        ),
+        (
+            "zero_weights",
+            "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: -1.0}\n".into(),
+            "weight",
+        ),
+        ("hub", "merge_method: linear\nmodels:\n  - model: meta-llama/Llama-3.1-8B\n    parameters: {weight: 1.0}\n".into(), "hub"),
+        ("union", format!("{LIN2}tokenizer_source: union\n"), "union"),
+        ("nomethod", "models:\n  - model: ft1\n".into(), "merge_method"),
+        ("unknown_method", "merge_method: frobnicate\nmodels:\n  - model: ft1\n".into(), "frobnicate"),
+    ];
+    for (name, text, needle) in cases {
+        let f = format!("{name}.yaml");
+        write(d, &f, &text);
+        let e = run_err(d, &["merge", &f, "--out", "out"]);
+        assert!(e.contains(needle), "{name}: message does not name `{needle}`: {e}");
+        assert_no_output(d);
+    }
+    // Task arithmetic without normalisation accepts weights summing to zero.
+    let f = write(d, "ta0.yaml", "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: -1.0}\n");
+    run_ok(d, &["merge", &f, "--out", "ta-out", "--quiet"]);
+}
+
+#[test]
+fn unknown_keys_warn_and_strict_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 2, &[]);
+    let cfg = write(d, "u.yaml", &format!("{LIN2}frobnicate: 3\n"));
+    let out = run(d, &["merge", &cfg, "--out", "out"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("frobnicate") && err.contains("warning"), "{err}");
+    let e = run_err(d, &["merge", &cfg, "--out", "out2", "--strict"]);
+    assert!(e.contains("frobnicate"), "{e}");
+    assert!(final_outputs(&d.join("out2")).is_empty());
+}
+
+#[test]
+fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for m in ["ft1", "ft2"] {
+        std::fs::create_dir_all(d.join(m)).unwrap();
+        let hdr = r#"{"ids":{"dtype":"I64","shape":[2],"data_offsets":[0,16]},"w.weight":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#;
+        let mut data = 7i64.to_le_bytes().to_vec();
+        data.extend_from_slice(&9i64.to_le_bytes());
+        data.extend_from_slice(&1f32.to_le_bytes());
+        data.extend_from_slice(&2f32.to_le_bytes());
+        raw_safetensors(&d.join(m).join("model.safetensors"), hdr, &data);
+    }
+    let cfg = write(d, "c.yaml", LIN2);
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(e.contains("ids") && e.contains("I64"), "{e}");
+    assert_no_output(d);
+    let cfg = write(d, "p.yaml", "merge_method: passthrough\nmodels:\n  - model: ft1\n");
+    run_ok(d, &["merge", &cfg, "--out", "p", "--quiet"]);
+    let bytes = std::fs::read(d.join("p").join(
+        file_names(&d.join("p")).into_iter().find(|f| f.ends_with(".safetensors")).unwrap(),
+    ))
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("ids").unwrap();
+    assert_eq!(ids.dtype(), safetensors::Dtype::I64);
+    assert_eq!(&ids.data()[..8], &7i64.to_le_bytes());
+}
+
+#[test]
+fn bad_index_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    generate(d, "m", &[]);
+    // Rewrite the checkpoint as an index pointing outside the directory.
+    let dir = d.join("m");
+    let st = file_names(&dir).into_iter().find(|f| f.ends_with(".safetensors")).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        format!(r#"{{"metadata":{{"total_size":1}},"weight_map":{{"model.norm.weight":"../{st}"}}}}"#),
+    )
+    .unwrap();
+    let e = run_err(d, &["inspect", "m"]);
+    assert!(e.contains("model.safetensors.index.json") && e.contains("model.norm.weight"), "{e}");
+}
