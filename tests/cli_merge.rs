@@ -22,7 +22,9 @@ fn linear_matches_naive_f64() {
     let cfg = write(d, "lin.yaml", "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 0.5}\n  - model: ft2\n    parameters: {weight: 0.3}\n  - model: ft3\n    parameters: {weight: 0.2}\ndtype: float32\n");
     run_ok(d, &["merge", &cfg, "--out", "out", "--quiet"]);
     let out = load_dir(&d.join("out"));
-    let ins: Vec<_> = (1..=3).map(|i| load_dir(&d.join(format!("ft{i}")))).collect();
+    let ins: Vec<_> = (1..=3)
+        .map(|i| load_dir(&d.join(format!("ft{i}"))))
+        .collect();
     let w = [0.5, 0.3, 0.2];
     assert_eq!(out.len(), ins[0].len());
     for (name, t) in &out {
@@ -107,7 +109,10 @@ fn passthrough_slices_frankenmerge() {
     }
     assert!(!out.contains_key("model.layers.6.mlp.up_proj.weight"));
     // Embeddings from the first slice's model, final norm and head from the last slice's.
-    assert_eq!(out["model.embed_tokens.weight"].values, f1["model.embed_tokens.weight"].values);
+    assert_eq!(
+        out["model.embed_tokens.weight"].values,
+        f1["model.embed_tokens.weight"].values
+    );
     assert_eq!(out["lm_head.weight"].values, f2["lm_head.weight"].values);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("out/config.json")).unwrap()).unwrap();
@@ -119,7 +124,11 @@ fn out_dtypes_round_to_nearest() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     tiny_family(d, 2, &[]);
-    for (dt, st) in [("bfloat16", safetensors::Dtype::BF16), ("float16", safetensors::Dtype::F16), ("float32", safetensors::Dtype::F32)] {
+    for (dt, st) in [
+        ("bfloat16", safetensors::Dtype::BF16),
+        ("float16", safetensors::Dtype::F16),
+        ("float32", safetensors::Dtype::F32),
+    ] {
         let cfg = write(d, &format!("{dt}.yaml"), &format!("merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {{weight: 1.0}}\n  - model: ft2\n    parameters: {{weight: 3.0}}\nout_dtype: {dt}\n"));
         let out_dir = format!("out-{dt}");
         run_ok(d, &["merge", &cfg, "--out", &out_dir, "--quiet"]);
@@ -164,9 +173,23 @@ fn sharded_output_with_index() {
     tiny_family(d, 2, &[]);
     let cfg = write(d, "lin.yaml", "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\n");
     run_ok(d, &["merge", &cfg, "--out", "one", "--quiet"]);
-    run_ok(d, &["merge", &cfg, "--out", "many", "--quiet", "--out-shard-size", "100KB"]);
+    run_ok(
+        d,
+        &[
+            "merge",
+            &cfg,
+            "--out",
+            "many",
+            "--quiet",
+            "--out-shard-size",
+            "100KB",
+        ],
+    );
     let names = file_names(&d.join("many"));
-    let shards: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let shards: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
     assert!(shards.len() >= 3, "{names:?}");
     assert!(shards[0].starts_with("model-00001-of-"), "{names:?}");
     let index: serde_json::Value = serde_json::from_str(
@@ -198,8 +221,27 @@ fn deterministic_across_budgets_and_threads() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // Wide enough that a 64 MiB budget cuts the embedding into several blocks.
-    tiny_family(d, 3, &["--vocab", "4096", "--hidden", "256", "--intermediate", "688", "--layers", "2"]);
-    for method in ["ties", "dare_ties", "breadcrumbs_ties", "della", "model_stock"] {
+    tiny_family(
+        d,
+        3,
+        &[
+            "--vocab",
+            "4096",
+            "--hidden",
+            "256",
+            "--intermediate",
+            "688",
+            "--layers",
+            "2",
+        ],
+    );
+    for method in [
+        "ties",
+        "dare_ties",
+        "breadcrumbs_ties",
+        "della",
+        "model_stock",
+    ] {
         let cfg = write(d, &format!("{method}.yaml"), &format!("merge_method: {method}\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {{weight: 1.0, density: 0.6}}\n  - model: ft2\n    parameters: {{weight: 0.5, density: 0.6}}\n  - model: ft3\n    parameters: {{weight: 0.7, density: 0.6}}\nrandom_seed: 42\n"));
         let cfg = if method == "model_stock" {
             write(d, "ms.yaml", "merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft1\n  - model: ft2\n  - model: ft3\n")
@@ -208,8 +250,34 @@ fn deterministic_across_budgets_and_threads() {
         };
         let a = format!("{method}-a");
         let b = format!("{method}-b");
-        run_ok(d, &["merge", &cfg, "--out", &a, "--quiet", "--threads", "1", "--memory-budget", "2GiB"]);
-        run_ok(d, &["merge", &cfg, "--out", &b, "--quiet", "--threads", "2", "--memory-budget", "64MiB"]);
+        run_ok(
+            d,
+            &[
+                "merge",
+                &cfg,
+                "--out",
+                &a,
+                "--quiet",
+                "--threads",
+                "1",
+                "--memory-budget",
+                "2GiB",
+            ],
+        );
+        run_ok(
+            d,
+            &[
+                "merge",
+                &cfg,
+                "--out",
+                &b,
+                "--quiet",
+                "--threads",
+                "2",
+                "--memory-budget",
+                "64MiB",
+            ],
+        );
         for f in file_names(&d.join(&a)) {
             if f.ends_with(".safetensors") {
                 let x = std::fs::read(d.join(&a).join(&f)).unwrap();
@@ -243,7 +311,10 @@ fn existing_output_refused_without_overwrite() {
     run_ok(d, &["merge", &cfg, "--out", "out", "--quiet"]);
     let err = run_err(d, &["merge", &cfg, "--out", "out", "--quiet"]);
     assert!(err.contains("--overwrite"), "{err}");
-    run_ok(d, &["merge", &cfg, "--out", "out", "--quiet", "--overwrite"]);
+    run_ok(
+        d,
+        &["merge", &cfg, "--out", "out", "--quiet", "--overwrite"],
+    );
 }
 
 /// Write a word-level tokenizer.json with the given tokens in id order.
@@ -258,7 +329,11 @@ fn write_tokenizer(dir: &Path, tokens: &[String]) {
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": tokens[0]}
     });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tj).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tj).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -291,7 +366,13 @@ fn tokenizer_source_permutes_embeddings() {
             let want: Vec<f64> = (0..cols)
                 .map(|c| (f1[name].values[r * cols + c] + row2[c]) / 2.0)
                 .collect();
-            assert_close(&format!("{name} row {r}"), &out[name].values[r * cols..(r + 1) * cols], &want, 1e-6, 1e-3);
+            assert_close(
+                &format!("{name} row {r}"),
+                &out[name].values[r * cols..(r + 1) * cols],
+                &want,
+                1e-6,
+                1e-3,
+            );
         }
     }
     assert!(file_names(&d.join("out")).contains(&"tokenizer.json".to_string()));

@@ -36,11 +36,24 @@ fn corrupt_headers_name_the_file_and_tensor() {
     let e = run_err(d, &["inspect", "short.safetensors"]);
     assert!(e.contains("short.safetensors"), "{e}");
     // Offsets outside the file.
-    raw_safetensors(&d.join("oob.safetensors"), r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0u8; 8]);
+    raw_safetensors(
+        &d.join("oob.safetensors"),
+        r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+        &[0u8; 8],
+    );
     let e = run_err(d, &["inspect", "oob.safetensors"]);
-    assert!(e.contains("oob.safetensors") && e.contains("\"w\"") || e.contains("`w`") || e.contains(" w "), "{e}");
+    assert!(
+        e.contains("oob.safetensors") && e.contains("\"w\"")
+            || e.contains("`w`")
+            || e.contains(" w "),
+        "{e}"
+    );
     // Size that does not match dtype x shape.
-    raw_safetensors(&d.join("size.safetensors"), r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#, &[0u8; 16]);
+    raw_safetensors(
+        &d.join("size.safetensors"),
+        r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#,
+        &[0u8; 16],
+    );
     let e = run_err(d, &["inspect", "size.safetensors"]);
     assert!(e.contains("size.safetensors") && e.contains('w'), "{e}");
     // Overlapping tensors.
@@ -65,7 +78,10 @@ fn shape_mismatch_and_missing_tensor() {
     generate(d, "ft2", &["--hidden", "32", "--intermediate", "88"]);
     let cfg = write(d, "c.yaml", LIN2);
     let e = run_err(d, &["merge", &cfg, "--out", "out"]);
-    assert!(e.contains("ft2") && e.contains("model.embed_tokens.weight") && e.contains("[256, 32]"), "{e}");
+    assert!(
+        e.contains("ft2") && e.contains("model.embed_tokens.weight") && e.contains("[256, 32]"),
+        "{e}"
+    );
     assert_no_output(d);
     // Missing tensor: fewer layers in ft2.
     generate(d, "ft2", &["--layers", "3"]);
@@ -87,9 +103,22 @@ fn nonfinite_inputs_are_refused_by_name() {
     raw_safetensors(&d.join("ft2/model.safetensors"), hdr, &[0u8; 16]);
     let cfg = write(d, "c.yaml", LIN2);
     let e = run_err(d, &["merge", &cfg, "--out", "out"]);
-    assert!(e.contains("w.weight") && e.contains("ft1") && e.contains("--allow-nonfinite"), "{e}");
+    assert!(
+        e.contains("w.weight") && e.contains("ft1") && e.contains("--allow-nonfinite"),
+        "{e}"
+    );
     assert_no_output(d);
-    run_ok(d, &["merge", &cfg, "--out", "out", "--allow-nonfinite", "--quiet"]);
+    run_ok(
+        d,
+        &[
+            "merge",
+            &cfg,
+            "--out",
+            "out",
+            "--allow-nonfinite",
+            "--quiet",
+        ],
+    );
 }
 
 #[test]
@@ -127,7 +156,10 @@ fn config_errors_name_the_key() {
         let f = format!("{name}.yaml");
         write(d, &f, &text);
         let e = run_err(d, &["merge", &f, "--out", "out"]);
-        assert!(e.contains(needle), "{name}: message does not name `{needle}`: {e}");
+        assert!(
+            e.contains(needle),
+            "{name}: message does not name `{needle}`: {e}"
+        );
         assert_no_output(d);
     }
     // Task arithmetic without normalisation accepts weights summing to zero.
@@ -144,7 +176,10 @@ fn unknown_keys_warn_and_strict_refuses() {
     let out = run(d, &["merge", &cfg, "--out", "out"]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("frobnicate") && err.contains("warning"), "{err}");
+    assert!(
+        err.contains("frobnicate") && err.contains("warning"),
+        "{err}"
+    );
     let e = run_err(d, &["merge", &cfg, "--out", "out2", "--strict"]);
     assert!(e.contains("frobnicate"), "{e}");
     assert!(final_outputs(&d.join("out2")).is_empty());
@@ -167,11 +202,20 @@ fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let e = run_err(d, &["merge", &cfg, "--out", "out"]);
     assert!(e.contains("ids") && e.contains("I64"), "{e}");
     assert_no_output(d);
-    let cfg = write(d, "p.yaml", "merge_method: passthrough\nmodels:\n  - model: ft1\n");
+    let cfg = write(
+        d,
+        "p.yaml",
+        "merge_method: passthrough\nmodels:\n  - model: ft1\n",
+    );
     run_ok(d, &["merge", &cfg, "--out", "p", "--quiet"]);
-    let bytes = std::fs::read(d.join("p").join(
-        file_names(&d.join("p")).into_iter().find(|f| f.ends_with(".safetensors")).unwrap(),
-    ))
+    let bytes = std::fs::read(
+        d.join("p").join(
+            file_names(&d.join("p"))
+                .into_iter()
+                .find(|f| f.ends_with(".safetensors"))
+                .unwrap(),
+        ),
+    )
     .unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let ids = st.tensor("ids").unwrap();
@@ -186,12 +230,20 @@ fn bad_index_entries() {
     generate(d, "m", &[]);
     // Rewrite the checkpoint as an index pointing outside the directory.
     let dir = d.join("m");
-    let st = file_names(&dir).into_iter().find(|f| f.ends_with(".safetensors")).unwrap();
+    let st = file_names(&dir)
+        .into_iter()
+        .find(|f| f.ends_with(".safetensors"))
+        .unwrap();
     std::fs::write(
         dir.join("model.safetensors.index.json"),
-        format!(r#"{{"metadata":{{"total_size":1}},"weight_map":{{"model.norm.weight":"../{st}"}}}}"#),
+        format!(
+            r#"{{"metadata":{{"total_size":1}},"weight_map":{{"model.norm.weight":"../{st}"}}}}"#
+        ),
     )
     .unwrap();
     let e = run_err(d, &["inspect", "m"]);
-    assert!(e.contains("model.safetensors.index.json") && e.contains("model.norm.weight"), "{e}");
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains("model.norm.weight"),
+        "{e}"
+    );
 }

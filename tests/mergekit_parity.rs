@@ -32,7 +32,16 @@ fn every_fixture_matches_mergekit() {
             continue;
         }
         let out = tmp.path().join(case);
-        run_ok(&root, &["merge", &format!("configs/{n}"), "--out", out.to_str().unwrap(), "--quiet"]);
+        run_ok(
+            &root,
+            &[
+                "merge",
+                &format!("configs/{n}"),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+            ],
+        );
         let got = load_dir(&out);
         let want = load_dir(&expected);
         assert_eq!(
@@ -44,7 +53,13 @@ fn every_fixture_matches_mergekit() {
             let g = &got[name];
             assert_eq!(g.shape, w.shape, "{case}: {name} shape");
             let scale = w.values.iter().fold(0f64, |a, v| a.max(v.abs()));
-            assert_close(&format!("{case}: {name}"), &g.values, &w.values, 1e-5, 1e-3 * scale);
+            assert_close(
+                &format!("{case}: {name}"),
+                &g.values,
+                &w.values,
+                1e-5,
+                1e-3 * scale,
+            );
         }
         checked += 1;
     }

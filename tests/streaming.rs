@@ -29,7 +29,20 @@ fn wait_sampling(mut child: Child) -> (bool, u64) {
 /// A base and 3 fine-tunes of about 160 MB each (f32): 640 MB of inputs, 10x a 64 MiB budget.
 /// The embedding and head alone (32000 x 1024 f32, 131 MB each) exceed the budget.
 fn big_family(d: &Path) {
-    let shape = ["--vocab", "32000", "--hidden", "1024", "--intermediate", "1024", "--layers", "1", "--heads", "8", "--kv-heads", "8"];
+    let shape = [
+        "--vocab",
+        "32000",
+        "--hidden",
+        "1024",
+        "--intermediate",
+        "1024",
+        "--layers",
+        "1",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "8",
+    ];
     tiny_family(d, 3, &shape);
 }
 
@@ -40,12 +53,19 @@ fn memory_stays_under_budget() {
     big_family(d);
     let input_bytes: u64 = ["base", "ft1", "ft2", "ft3"]
         .iter()
-        .flat_map(|m| file_names(&d.join(m)).into_iter().map(move |f| d.join(m).join(f)))
+        .flat_map(|m| {
+            file_names(&d.join(m))
+                .into_iter()
+                .map(move |f| d.join(m).join(f))
+        })
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
     let budget: u64 = 64 << 20;
-    assert!(input_bytes >= 8 * budget, "inputs {input_bytes} must be at least 8x the budget");
+    assert!(
+        input_bytes >= 8 * budget,
+        "inputs {input_bytes} must be at least 8x the budget"
+    );
     let configs = [
         ("linear", "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\n  - model: ft3\n    parameters: {weight: 1.0}\n"),
         ("ties", "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 0.3}\n  - model: ft2\n    parameters: {weight: 1.0, density: 0.3}\n  - model: ft3\n    parameters: {weight: 1.0, density: 0.3}\n"),
@@ -56,14 +76,29 @@ fn memory_stays_under_budget() {
         std::fs::write(d.join(&cfg), text).unwrap();
         let child = amalgam()
             .current_dir(d)
-            .args(["merge", &cfg, "--out", &format!("out-{name}"), "--quiet", "--memory-budget", "64MiB"])
+            .args([
+                "merge",
+                &cfg,
+                "--out",
+                &format!("out-{name}"),
+                "--quiet",
+                "--memory-budget",
+                "64MiB",
+            ])
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let (ok, peak) = wait_sampling(child);
         assert!(ok, "{name} merge failed");
-        println!("{name}: peak RssAnon {} MiB with --memory-budget 64MiB over {} MiB of inputs", peak >> 20, input_bytes >> 20);
-        assert!(peak <= budget + (64 << 20), "{name}: peak RssAnon {peak} exceeds budget + 64 MiB");
+        println!(
+            "{name}: peak RssAnon {} MiB with --memory-budget 64MiB over {} MiB of inputs",
+            peak >> 20,
+            input_bytes >> 20
+        );
+        assert!(
+            peak <= budget + (64 << 20),
+            "{name}: peak RssAnon {peak} exceeds budget + 64 MiB"
+        );
     }
 }
 
@@ -79,7 +114,17 @@ fn killed_merge_leaves_no_final_file() {
     .unwrap();
     let mut child = amalgam()
         .current_dir(d)
-        .args(["merge", "t.yaml", "--out", "out", "--quiet", "--memory-budget", "64MiB", "--threads", "1"])
+        .args([
+            "merge",
+            "t.yaml",
+            "--out",
+            "out",
+            "--quiet",
+            "--memory-budget",
+            "64MiB",
+            "--threads",
+            "1",
+        ])
         .spawn()
         .unwrap();
     // Wait until a temporary output file exists (the merge is writing), then kill it.
@@ -98,7 +143,14 @@ fn killed_merge_leaves_no_final_file() {
     std::thread::sleep(Duration::from_millis(50));
     let _ = child.kill();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "the merge finished before it could be killed; make the inputs larger");
+    assert!(
+        !status.success(),
+        "the merge finished before it could be killed; make the inputs larger"
+    );
     let finals = final_outputs(&out);
-    assert!(finals.is_empty(), "final-named files after a kill: {finals:?} (all: {:?})", file_names(&out));
+    assert!(
+        finals.is_empty(),
+        "final-named files after a kill: {finals:?} (all: {:?})",
+        file_names(&out)
+    );
 }

@@ -1,6 +1,7 @@
 //! Process-level tests of the `amalgam` binary: real files on disk, real child processes.
 //!
 //! One test binary built from modules (as ripgrep does); `common` holds the helpers.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -60,7 +60,16 @@ pub fn tiny_family(dir: &Path, n: usize, extra: &[&str]) {
     for i in 1..=n {
         let ds = format!("{}", 100 + i);
         let scale = format!("{}", 0.01 * i as f32);
-        let mut a = vec!["--seed", "5", "--delta-seed", &ds, "--delta-scale", &scale, "--delta-density", "0.7"];
+        let mut a = vec![
+            "--seed",
+            "5",
+            "--delta-seed",
+            &ds,
+            "--delta-scale",
+            &scale,
+            "--delta-density",
+            "0.7",
+        ];
         a.extend_from_slice(extra);
         generate(dir, &format!("ft{i}"), &a);
     }
@@ -116,7 +125,11 @@ pub fn load_dir(dir: &Path) -> BTreeMap<String, Loaded> {
                     values: to_f64(view.dtype(), view.data()),
                 },
             );
-            assert!(prev.is_none(), "tensor {name} appears twice in {}", dir.display());
+            assert!(
+                prev.is_none(),
+                "tensor {name} appears twice in {}",
+                dir.display()
+            );
         }
     }
     out
@@ -152,6 +165,9 @@ pub fn file_names(dir: &Path) -> Vec<String> {
 pub fn final_outputs(dir: &Path) -> Vec<String> {
     file_names(dir)
         .into_iter()
-        .filter(|n| !n.starts_with('.') && (n.ends_with(".safetensors") || n.ends_with(".json") || n == "README.md"))
+        .filter(|n| {
+            !n.starts_with('.')
+                && (n.ends_with(".safetensors") || n.ends_with(".json") || n == "README.md")
+        })
         .collect()
 }

@@ -317,7 +317,9 @@ mod tests {
     }
 
     fn blocks_of(n: usize, b: usize) -> Vec<Range<usize>> {
-        (0..n.div_ceil(b)).map(|i| i * b..((i + 1) * b).min(n)).collect()
+        (0..n.div_ceil(b))
+            .map(|i| i * b..((i + 1) * b).min(n))
+            .collect()
     }
 
     fn check(keys: &[u32], block: usize) {

@@ -53,12 +53,7 @@ impl TensorJob {
 
     /// Number of rows (product of all but the last dimension).
     pub fn rows(&self) -> usize {
-        let c = self.cols();
-        if c == 0 {
-            0
-        } else {
-            self.numel() / c
-        }
+        self.numel().checked_div(self.cols()).unwrap_or(0)
     }
 
     /// Element ranges covering the tensor in order, each at most `block_elems` elements where

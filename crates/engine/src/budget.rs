@@ -22,7 +22,13 @@ pub fn block_elems(method: &dyn MergeMethod, n_models: usize, budget: u64) -> us
 }
 
 /// Estimated peak private memory for one tensor of `numel` elements.
-pub fn tensor_peak(method: &dyn MergeMethod, n_models: usize, numel: usize, block: usize, cols: usize) -> u64 {
+pub fn tensor_peak(
+    method: &dyn MergeMethod,
+    n_models: usize,
+    numel: usize,
+    block: usize,
+    cols: usize,
+) -> u64 {
     // A row block is at least one row.
     let held = numel.min(block.max(cols)) as u64;
     FIXED_OVERHEAD + held * 4 * method.buffers(n_models) as u64

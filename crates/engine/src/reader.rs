@@ -19,7 +19,11 @@ pub struct PlanReader<'a> {
 
 impl<'a> PlanReader<'a> {
     /// A reader for `plan`; `checkpoints[i]` is the plan's model `i`.
-    pub fn new(plan: &'a TensorPlan, checkpoints: &'a [&'a Checkpoint], allow_nonfinite: bool) -> Self {
+    pub fn new(
+        plan: &'a TensorPlan,
+        checkpoints: &'a [&'a Checkpoint],
+        allow_nonfinite: bool,
+    ) -> Self {
         Self {
             plan,
             checkpoints,
@@ -34,7 +38,14 @@ impl<'a> PlanReader<'a> {
         self
     }
 
-    fn read_row(&self, model: usize, tensor: &str, row: u32, cols: usize, out: &mut [f32]) -> Result<(), MergeError> {
+    fn read_row(
+        &self,
+        model: usize,
+        tensor: &str,
+        row: u32,
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<(), MergeError> {
         let start = row as usize * cols;
         self.checkpoints[model]
             .read_f32(tensor, start..start + cols, out)
@@ -42,10 +53,19 @@ impl<'a> PlanReader<'a> {
     }
 
     /// Read through the vocabulary map: row by row.
-    fn read_mapped(&self, vocab: &VocabMap, src: &TensorSource, range: Range<usize>, out: &mut [f32]) -> Result<(), MergeError> {
+    fn read_mapped(
+        &self,
+        vocab: &VocabMap,
+        src: &TensorSource,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), MergeError> {
         let cols = self.plan.shape[1].max(1);
         let rows = vocab.rows.get(&src.model).ok_or_else(|| {
-            MergeError::Read(format!("no vocabulary map for input {} of \"{}\"", src.model, self.plan.name))
+            MergeError::Read(format!(
+                "no vocabulary map for input {} of \"{}\"",
+                src.model, self.plan.name
+            ))
         })?;
         let mut buf = vec![0f32; cols];
         let mut tmp = vec![0f32; cols];
@@ -53,9 +73,13 @@ impl<'a> PlanReader<'a> {
         let last_row = (range.end - 1) / cols;
         for r in first_row..=last_row {
             match rows.get(r).copied().unwrap_or(RowSource::Default) {
-                RowSource::Own(row) => self.read_row(src.model, &src.tensor, row, cols, &mut buf)?,
+                RowSource::Own(row) => {
+                    self.read_row(src.model, &src.tensor, row, cols, &mut buf)?
+                }
                 RowSource::Default => match vocab.defaults.get(&(r as u32)) {
-                    Some(DefaultRow::Copy { model, row }) => self.read_row(*model, &src.tensor, *row, cols, &mut buf)?,
+                    Some(DefaultRow::Copy { model, row }) => {
+                        self.read_row(*model, &src.tensor, *row, cols, &mut buf)?
+                    }
                     Some(DefaultRow::Mean(list)) => {
                         let mut acc = vec![0f64; cols];
                         for (model, row) in list {
@@ -75,7 +99,8 @@ impl<'a> PlanReader<'a> {
             let row_start = r * cols;
             let lo = range.start.max(row_start);
             let hi = range.end.min(row_start + cols);
-            out[lo - range.start..hi - range.start].copy_from_slice(&buf[lo - row_start..hi - row_start]);
+            out[lo - range.start..hi - range.start]
+                .copy_from_slice(&buf[lo - row_start..hi - row_start]);
         }
         Ok(())
     }

@@ -93,7 +93,11 @@ pub fn output_dtype(config: &MergeConfig, t: &TensorPlan) -> Result<DType, Engin
 }
 
 /// The output layout of a plan.
-pub fn output_layout(config: &MergeConfig, plan: &Plan, shard: u64) -> Result<OutputLayout, EngineError> {
+pub fn output_layout(
+    config: &MergeConfig,
+    plan: &Plan,
+    shard: u64,
+) -> Result<OutputLayout, EngineError> {
     let tensors = plan
         .tensors
         .iter()
@@ -155,7 +159,10 @@ impl TensorWriter for WriterAdapter<'_> {
 }
 
 /// Checkpoints of the plan's models, in plan order.
-pub fn plan_checkpoints<'a>(plan: &Plan, inputs: &'a Inputs) -> Result<Vec<&'a Checkpoint>, EngineError> {
+pub fn plan_checkpoints<'a>(
+    plan: &Plan,
+    inputs: &'a Inputs,
+) -> Result<Vec<&'a Checkpoint>, EngineError> {
     plan.models
         .iter()
         .map(|m| {
@@ -188,7 +195,11 @@ pub fn global_passes(
     let mut done: Vec<GlobalStats> = Vec::new();
     for pass in 0..passes {
         let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, ckpts)).sum();
-        progress.begin(&format!("global pass {}/{passes}", pass + 1), total, plan.tensors.len());
+        progress.begin(
+            &format!("global pass {}/{passes}", pass + 1),
+            total,
+            plan.tensors.len(),
+        );
         let mut acc = GlobalStats::default();
         for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
             let method = build_method(t)?;
@@ -216,10 +227,14 @@ pub fn merge_tensor(
 ) -> Result<(), EngineError> {
     writer.begin_tensor(&t.name)?;
     if t.copy_raw {
-        let src = t.base.as_ref().or(t.models.first()).ok_or_else(|| EngineError::Config {
-            key: "models".into(),
-            message: format!("tensor \"{}\" has no input", t.name),
-        })?;
+        let src = t
+            .base
+            .as_ref()
+            .or(t.models.first())
+            .ok_or_else(|| EngineError::Config {
+                key: "models".into(),
+                message: format!("tensor \"{}\" has no input", t.name),
+            })?;
         writer.write_raw(ckpts[src.model].raw(&src.tensor)?)?;
         return Ok(());
     }
@@ -268,7 +283,15 @@ pub fn execute(
     let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, &ckpts)).sum();
     progress.begin("merging", total, plan.tensors.len());
     for t in &plan.tensors {
-        merge_tensor(t, plan.seed, &global, &ckpts, opts, inputs.vocab.as_ref(), &mut writer)?;
+        merge_tensor(
+            t,
+            plan.seed,
+            &global,
+            &ckpts,
+            opts,
+            inputs.vocab.as_ref(),
+            &mut writer,
+        )?;
         progress.advance(&t.name, input_bytes(t, &ckpts));
     }
     progress.end();
@@ -346,10 +369,12 @@ fn write_aux(
                     }
                 }
             }
-            let mut out = serde_json::to_string_pretty(&serde_json::Value::Object(obj))
-                .map_err(|e| EngineError::Config {
-                    key: "config.json".into(),
-                    message: e.to_string(),
+            let mut out =
+                serde_json::to_string_pretty(&serde_json::Value::Object(obj)).map_err(|e| {
+                    EngineError::Config {
+                        key: "config.json".into(),
+                        message: e.to_string(),
+                    }
                 })?;
             out.push('\n');
             amalgam_io::write_text_atomic(&cfg_path, &out)?;

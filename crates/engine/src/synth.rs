@@ -55,9 +55,18 @@ impl SynthSpec {
             v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
             v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
             v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.mlp.gate_proj.weight"), vec![self.intermediate, h]));
-            v.push((format!("{p}.mlp.up_proj.weight"), vec![self.intermediate, h]));
-            v.push((format!("{p}.mlp.down_proj.weight"), vec![h, self.intermediate]));
+            v.push((
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![self.intermediate, h],
+            ));
+            v.push((
+                format!("{p}.mlp.up_proj.weight"),
+                vec![self.intermediate, h],
+            ));
+            v.push((
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, self.intermediate],
+            ));
         }
         v.push(("model.norm.weight".to_string(), vec![h]));
         v.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
@@ -66,7 +75,10 @@ impl SynthSpec {
 
     /// Number of parameters.
     pub fn params(&self) -> usize {
-        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// A Hugging Face `config.json` for this shape.
@@ -108,8 +120,9 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 fn name_hash(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A uniform value in [-1, 1) for (seed, tensor, index).
@@ -150,7 +163,13 @@ pub fn value(v: &SynthValues, name: &str, is_norm: bool, i: u64) -> f32 {
 }
 
 /// Write a synthetic checkpoint (safetensors files, index, config.json) into `dir`.
-pub fn write_model(dir: &Path, spec: &SynthSpec, values: &SynthValues, shard_bytes: u64, overwrite: bool) -> Result<(), EngineError> {
+pub fn write_model(
+    dir: &Path,
+    spec: &SynthSpec,
+    values: &SynthValues,
+    shard_bytes: u64,
+    overwrite: bool,
+) -> Result<(), EngineError> {
     let tensors: Vec<OutputTensor> = spec
         .tensors()
         .into_iter()

@@ -53,6 +53,9 @@ pub struct VocabMap {
     pub defaults: HashMap<u32, DefaultRow>,
 }
 
+/// Every model's vocabulary: token string per id (`None` for unused ids).
+pub type Vocabularies = BTreeMap<ModelRef, Vec<Option<String>>>;
+
 /// Whether a tensor is indexed by token id along axis 0.
 pub fn is_vocab_tensor(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2
@@ -70,10 +73,13 @@ fn chosen_source(config: &MergeConfig) -> Option<TokenizerSource> {
 }
 
 fn vocab_of(inputs: &Inputs, m: &ModelRef) -> Result<Vec<Option<String>>, EngineError> {
-    let ck = inputs.checkpoints.get(m).ok_or_else(|| EngineError::Model {
-        model: m.to_string(),
-        message: "was not opened".into(),
-    })?;
+    let ck = inputs
+        .checkpoints
+        .get(m)
+        .ok_or_else(|| EngineError::Model {
+            model: m.to_string(),
+            message: "was not opened".into(),
+        })?;
     amalgam_io::read_vocab(ck.root())?.ok_or_else(|| EngineError::Model {
         model: m.to_string(),
         message: format!(
@@ -89,7 +95,7 @@ fn vocab_of(inputs: &Inputs, m: &ModelRef) -> Result<Vec<Option<String>>, Engine
 pub fn prepare_vocabularies(
     config: &MergeConfig,
     inputs: &mut Inputs,
-) -> Result<Option<BTreeMap<ModelRef, Vec<Option<String>>>>, EngineError> {
+) -> Result<Option<Vocabularies>, EngineError> {
     let target_ref = match chosen_source(config) {
         None => return Ok(None),
         Some(TokenizerSource::Union) => {
@@ -98,10 +104,15 @@ pub fn prepare_vocabularies(
                 message: "`union` is not supported yet; use `base` or a model path".into(),
             })
         }
-        Some(TokenizerSource::Base) => config.base_model.clone().ok_or_else(|| EngineError::Config {
-            key: "tokenizer_source".into(),
-            message: "`base` needs `base_model`".into(),
-        })?,
+        Some(TokenizerSource::Base) => {
+            config
+                .base_model
+                .clone()
+                .ok_or_else(|| EngineError::Config {
+                    key: "tokenizer_source".into(),
+                    message: "`base` needs `base_model`".into(),
+                })?
+        }
         Some(TokenizerSource::Model(m)) => m,
     };
     let mut vocabs = BTreeMap::new();
@@ -109,10 +120,13 @@ pub fn prepare_vocabularies(
     for m in &models {
         vocabs.insert(m.clone(), vocab_of(inputs, m)?);
     }
-    let target = vocabs.get(&target_ref).cloned().ok_or_else(|| EngineError::Config {
-        key: "tokenizer_source".into(),
-        message: format!("model {target_ref} is not an input of this merge"),
-    })?;
+    let target = vocabs
+        .get(&target_ref)
+        .cloned()
+        .ok_or_else(|| EngineError::Config {
+            key: "tokenizer_source".into(),
+            message: format!("model {target_ref} is not an input of this merge"),
+        })?;
     let size = match config.tokenizer.as_ref().and_then(|t| t.pad_to_multiple_of) {
         Some(k) if k > 0 => target.len().div_ceil(k) * k,
         _ => target.len(),
@@ -150,15 +164,18 @@ pub fn prepare_vocabularies(
 pub fn build_vocab_map(
     config: &MergeConfig,
     plan: &Plan,
-    vocabs: &BTreeMap<ModelRef, Vec<Option<String>>>,
+    vocabs: &Vocabularies,
     rows_of: &dyn Fn(&ModelRef) -> usize,
 ) -> Result<VocabMap, EngineError> {
     let target_ref = match chosen_source(config) {
         Some(TokenizerSource::Model(m)) => m,
-        _ => config.base_model.clone().ok_or_else(|| EngineError::Config {
-            key: "tokenizer_source".into(),
-            message: "`base` needs `base_model`".into(),
-        })?,
+        _ => config
+            .base_model
+            .clone()
+            .ok_or_else(|| EngineError::Config {
+                key: "tokenizer_source".into(),
+                message: "`base` needs `base_model`".into(),
+            })?,
     };
     let target = &vocabs[&target_ref];
     let base_idx = plan
@@ -197,7 +214,11 @@ pub fn build_vocab_map(
     for (r, tok) in target.iter().enumerate() {
         let present: Vec<(usize, u32)> = lookups
             .iter()
-            .filter_map(|(idx, h)| tok.as_deref().and_then(|s| h.get(s)).map(|&row| (*idx, row)))
+            .filter_map(|(idx, h)| {
+                tok.as_deref()
+                    .and_then(|s| h.get(s))
+                    .map(|&row| (*idx, row))
+            })
             .collect();
         if present.len() == lookups.len() {
             continue;
@@ -209,7 +230,8 @@ pub fn build_vocab_map(
                 model: present[0].0,
                 row: present[0].1,
             }
-        } else if let Some(&(model, row)) = base_idx.and_then(|b| present.iter().find(|p| p.0 == b)) {
+        } else if let Some(&(model, row)) = base_idx.and_then(|b| present.iter().find(|p| p.0 == b))
+        {
             DefaultRow::Copy { model, row }
         } else {
             DefaultRow::Mean(present)

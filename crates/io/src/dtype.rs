@@ -188,37 +188,40 @@ pub(crate) fn decode_f32(dtype: &DType, bytes: &[u8], out: &mut [f32]) -> bool {
 /// Encodes `src` as little-endian `dtype` bytes appended to `dst`, rounding to nearest even.
 /// Returns `false` (and appends nothing) for a dtype that is not float-convertible.
 pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool {
+    if !dtype.is_float_convertible() {
+        return false;
+    }
+    let size = dtype.size_bytes();
+    let old = dst.len();
+    dst.resize(old + src.len() * size, 0);
+    let out = &mut dst[old..];
     match dtype {
         DType::F32 => {
-            dst.reserve(src.len() * 4);
-            for v in src {
-                dst.extend_from_slice(&v.to_le_bytes());
+            for (o, v) in out.chunks_exact_mut(4).zip(src) {
+                o.copy_from_slice(&v.to_le_bytes());
             }
         }
         DType::F64 => {
-            dst.reserve(src.len() * 8);
-            for v in src {
-                dst.extend_from_slice(&(*v as f64).to_le_bytes());
+            for (o, v) in out.chunks_exact_mut(8).zip(src) {
+                o.copy_from_slice(&(*v as f64).to_le_bytes());
             }
         }
         DType::BF16 => {
-            dst.reserve(src.len() * 2);
-            for v in src {
-                dst.extend_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            for (o, v) in out.chunks_exact_mut(2).zip(src) {
+                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
             }
         }
         DType::F16 => {
-            dst.reserve(src.len() * 2);
             let mut tmp = [f16::ZERO; CHUNK];
-            for s in src.chunks(CHUNK) {
+            for (s, o) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK * 2)) {
                 let t = &mut tmp[..s.len()];
                 t.convert_from_f32_slice(s);
-                for h in t.iter() {
-                    dst.extend_from_slice(&h.to_le_bytes());
+                for (b, h) in o.chunks_exact_mut(2).zip(t.iter()) {
+                    b.copy_from_slice(&h.to_le_bytes());
                 }
             }
         }
-        _ => return false,
+        _ => unreachable!("checked by is_float_convertible"),
     }
     true
 }

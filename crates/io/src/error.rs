@@ -103,7 +103,7 @@ pub enum IoError {
         dtype: String,
         /// The shape.
         shape: Vec<usize>,
-        /// Expected byte length (`None` printed as overflow is reported as `u64::MAX`).
+        /// Expected byte length (`u64::MAX` when it overflows or sub-byte elements leave a partial byte).
         expected: u64,
         /// Byte length from the offsets.
         actual: u64,

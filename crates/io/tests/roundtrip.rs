@@ -2,6 +2,8 @@
 //! dtype conversions against naive references, sharding, index, header format,
 //! determinism, and crash/overwrite safety.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 mod support;
 
 use std::path::Path;
@@ -516,4 +518,34 @@ fn raw_passthrough_of_non_float_dtypes() {
     assert_eq!(back.raw("pos").unwrap(), &ids[..]);
     assert_eq!(back.raw("mask").unwrap(), &[1, 0, 1]);
     assert_eq!(back.get("mask").unwrap().dtype, DType::Bool);
+}
+
+#[test]
+fn extra_metadata_follows_format_and_stale_partials_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".model-00001-of-00009.safetensors.partial"),
+        b"junk",
+    )
+    .unwrap();
+    let layout = OutputLayout::plan(vec![out_tensor("w", DType::F32, &[2])], 0);
+    let mut w = CheckpointWriter::create(dir.path(), layout, false)
+        .unwrap()
+        .with_metadata(vec![
+            ("amalgam.stats".into(), "1".into()),
+            ("format".into(), "ignored".into()),
+            ("kind".into(), "fisher".into()),
+        ]);
+    w.begin_tensor("w").unwrap();
+    w.write_f32(&[1.0, 2.0]).unwrap();
+    w.finish().unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let header = std::str::from_utf8(ck.files()[0].header_bytes()).unwrap();
+    assert!(
+        header
+            .starts_with(r#"{"__metadata__":{"format":"pt","amalgam.stats":"1","kind":"fisher"},"#),
+        "{header}"
+    );
+    assert_eq!(ck.files()[0].metadata["kind"], "fisher");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }

@@ -1,6 +1,8 @@
 //! `Checkpoint::open` on crafted bad inputs: every validation error is raised, and its
 //! message names the file and the tensor (or index entry).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 mod support;
 
 use std::path::Path;

@@ -5,6 +5,7 @@
 //! - the floor: reading every input once plus writing an output-sized file;
 //! - `linear` and `ties` merges, each as a child `amalgam merge` process whose RssAnon is
 //!   sampled from /proc.
+//!
 //! It prints wall time, GB/s of input, peak anonymous memory and the ratio to the floor.
 
 use crate::size::{human, parse_size};
@@ -115,7 +116,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!("amalgam bench: {} cores", rayon::current_num_threads());
     let mut rows = Vec::new();
     for dt_name in a.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let dtype = DType::from_config_name(dt_name).with_context(|| format!("unknown dtype {dt_name}"))?;
+        let dtype =
+            DType::from_config_name(dt_name).with_context(|| format!("unknown dtype {dt_name}"))?;
         let spec = SynthSpec {
             hidden: 1024,
             intermediate: 2816,
@@ -141,8 +143,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             write_model(&d, &spec, &v, 2_000_000_000, true)?;
         }
-        println!("{dt_name}: {} parameters per model; inputs ready in {:.1} s", spec.params(), t.elapsed().as_secs_f64());
-        let inputs: Vec<PathBuf> = names.iter().flat_map(|n| files_under(&root.join(n))).collect();
+        println!(
+            "{dt_name}: {} parameters per model; inputs ready in {:.1} s",
+            spec.params(),
+            t.elapsed().as_secs_f64()
+        );
+        let inputs: Vec<PathBuf> = names
+            .iter()
+            .flat_map(|n| files_under(&root.join(n)))
+            .collect();
         let in_bytes = read_all(&inputs)?; // warm the cache
         let out_bytes = in_bytes / names.len() as u64;
         // Floor: read every input once + write an output-sized file.
@@ -152,8 +161,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         write_file(&scratch, out_bytes)?;
         let floor = t.elapsed();
         let _ = std::fs::remove_file(&scratch);
-        rows.push((dt_name.to_string(), "floor".to_string(), floor, 0u64, in_bytes, floor));
-        for method in a.methods.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        rows.push((
+            dt_name.to_string(),
+            "floor".to_string(),
+            floor,
+            0u64,
+            in_bytes,
+            floor,
+        ));
+        for method in a
+            .methods
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let cfg = match method {
                 "linear" => "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\n  - model: ft3\n    parameters: {weight: 1.0}\n  - model: ft4\n    parameters: {weight: 1.0}\n".to_string(),
                 "ties" => "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 0.2}\n  - model: ft2\n    parameters: {weight: 1.0, density: 0.2}\n  - model: ft3\n    parameters: {weight: 1.0, density: 0.2}\n  - model: ft4\n    parameters: {weight: 1.0, density: 0.2}\n".to_string(),
@@ -163,8 +184,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             std::fs::write(&cfg_path, cfg)?;
             let out = root.join(format!("out-{method}"));
             let (wall, peak) = timed_merge(&cfg_path, &out, a.memory_budget)?;
-            let read = if method == "linear" { in_bytes - out_bytes } else { in_bytes };
-            rows.push((dt_name.to_string(), method.to_string(), wall, peak, read, floor));
+            let read = if method == "linear" {
+                in_bytes - out_bytes
+            } else {
+                in_bytes
+            };
+            rows.push((
+                dt_name.to_string(),
+                method.to_string(),
+                wall,
+                peak,
+                read,
+                floor,
+            ));
             let _ = std::fs::remove_dir_all(&out);
         }
     }

@@ -61,7 +61,8 @@ pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
     mk("code", 12, 0.01, 0.5)?;
     mk("chat", 13, 0.005, 1.0)?;
     let config_path = a.dir.join("ties.yaml");
-    std::fs::write(&config_path, CONFIG).with_context(|| format!("writing {}", config_path.display()))?;
+    std::fs::write(&config_path, CONFIG)
+        .with_context(|| format!("writing {}", config_path.display()))?;
     let (config, _) = amalgam_core::config::parse_config(CONFIG, true)?;
     let (inputs, plan) = amalgam_engine::inputs::open_and_plan(&config, Some(&a.dir))?;
     let out = a.dir.join("merged");
@@ -72,7 +73,14 @@ pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
         overwrite: true,
         allow_nonfinite: false,
     };
-    let summary = execute(&config, &plan, &inputs, Some(&a.dir), &opts, &Bar::new(quiet))?;
+    let summary = execute(
+        &config,
+        &plan,
+        &inputs,
+        Some(&a.dir),
+        &opts,
+        &Bar::new(quiet),
+    )?;
     println!(
         "demo: merged {} fine-tunes of a {}-parameter Llama-shaped model with TIES",
         3,
@@ -80,7 +88,15 @@ pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
     );
     println!("  config:  {}", config_path.display());
     println!("  inputs:  {}", models.display());
-    println!("  output:  {} ({} file(s))", out.display(), summary.files.len());
-    println!("next: `amalgam inspect {}` or `amalgam merge {} --out other --dry-run`", out.display(), config_path.display());
+    println!(
+        "  output:  {} ({} file(s))",
+        out.display(),
+        summary.files.len()
+    );
+    println!(
+        "next: `amalgam inspect {}` or `amalgam merge {} --out other --dry-run`",
+        out.display(),
+        config_path.display()
+    );
     Ok(())
 }

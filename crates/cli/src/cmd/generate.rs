@@ -66,7 +66,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         vocab: a.vocab,
         dtype,
     };
-    anyhow::ensure!(a.heads > 0 && a.hidden % a.heads == 0, "--hidden must be a multiple of --heads");
+    anyhow::ensure!(
+        a.heads > 0 && a.hidden.is_multiple_of(a.heads),
+        "--hidden must be a multiple of --heads"
+    );
     let values = SynthValues {
         base_seed: a.seed,
         delta_seed: a.delta_seed,

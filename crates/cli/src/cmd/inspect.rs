@@ -33,7 +33,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
             }
         }
     }
-    let total: u64 = ckpt.tensors().iter().map(|t| t.data_range.len() as u64).sum();
+    let total: u64 = ckpt
+        .tensors()
+        .iter()
+        .map(|t| t.data_range.len() as u64)
+        .sum();
     if args.json {
         let tensors: Vec<serde_json::Value> = ckpt
             .tensors()
@@ -49,7 +53,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "total_bytes": total, "problems": problems});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{:<60} {:<6} {:>20} {:>12}", "tensor", "dtype", "shape", "bytes");
+        println!(
+            "{:<60} {:<6} {:>20} {:>12}",
+            "tensor", "dtype", "shape", "bytes"
+        );
         for t in ckpt.tensors() {
             println!(
                 "{:<60} {:<6} {:>20} {:>12}",
@@ -59,10 +66,26 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 human(t.data_range.len() as u64)
             );
         }
-        let params: usize = ckpt.tensors().iter().map(|t| t.shape.iter().product::<usize>()).sum();
-        println!("{} tensors, {} parameters, {}", ckpt.tensors().len(), params, human(total));
+        let params: usize = ckpt
+            .tensors()
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        println!(
+            "{} tensors, {} parameters, {}",
+            ckpt.tensors().len(),
+            params,
+            human(total)
+        );
         if problems.is_empty() {
-            println!("no problems found{}", if args.check_values { "" } else { " in the headers (pass --check-values to scan values)" });
+            println!(
+                "no problems found{}",
+                if args.check_values {
+                    ""
+                } else {
+                    " in the headers (pass --check-values to scan values)"
+                }
+            );
         } else {
             for p in &problems {
                 println!("problem: {p}");

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// Arguments of `amalgam merge`.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  amalgam merge ties.yaml --out merged/\n  amalgam merge ties.yaml --out merged/ --dry-run\n  amalgam merge big.yaml --out merged/ --memory-budget 8GiB --out-shard-size 2GB")]
+#[command(
+    after_help = "Examples:\n  amalgam merge ties.yaml --out merged/\n  amalgam merge ties.yaml --out merged/ --dry-run\n  amalgam merge big.yaml --out merged/ --memory-budget 8GiB --out-shard-size 2GB"
+)]
 pub struct MergeArgs {
     /// The merge config (mergekit YAML; amalgam's extra keys allowed).
     pub config: PathBuf,
@@ -74,8 +76,8 @@ pub fn load_config(path: &Path, strict: bool, quiet: bool) -> Result<MergeConfig
 /// Open inputs and plan.
 pub fn prepare(config: &MergeConfig, config_path: &Path, quiet: bool) -> Result<(Inputs, Plan)> {
     let dir = config_path.parent().filter(|p| !p.as_os_str().is_empty());
-    let (inputs, plan) =
-        open_and_plan(config, dir).with_context(|| format!("planning {}", config_path.display()))?;
+    let (inputs, plan) = open_and_plan(config, dir)
+        .with_context(|| format!("planning {}", config_path.display()))?;
     if !quiet {
         for w in &plan.warnings {
             eprintln!("warning: {}: {w}", config_path.display());
@@ -85,30 +87,60 @@ pub fn prepare(config: &MergeConfig, config_path: &Path, quiet: bool) -> Result<
 }
 
 fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<()> {
-    println!("plan: {} tensors, method `{}`, seed {}", plan.tensors.len(), plan.method, plan.seed);
+    println!(
+        "plan: {} tensors, method `{}`, seed {}",
+        plan.tensors.len(),
+        plan.method,
+        plan.seed
+    );
     println!("models:");
     for (i, m) in plan.models.iter().enumerate() {
-        let role = if Some(m) == plan.base_model.as_ref() { " (base)" } else { "" };
+        let role = if Some(m) == plan.base_model.as_ref() {
+            " (base)"
+        } else {
+            ""
+        };
         println!("  [{i}] {m}{role}");
     }
     let mut peak = 0u64;
     let mut total = 0u64;
-    println!("{:<56} {:<16} {:>12} {:>10}  parameters", "tensor", "method", "shape", "bytes");
+    println!(
+        "{:<56} {:<16} {:>12} {:>10}  parameters",
+        "tensor", "method", "shape", "bytes"
+    );
     for t in &plan.tensors {
         let dt = run::output_dtype(config, t)?;
         let numel: usize = t.shape.iter().product();
         let bytes = numel as u64 * dt.size_bytes() as u64;
         total += bytes;
-        let method_name = if t.copy_raw { "copy".to_string() } else { t.method.clone() };
+        let method_name = if t.copy_raw {
+            "copy".to_string()
+        } else {
+            t.method.clone()
+        };
         if !t.copy_raw {
             let m = run::build_method(t)?;
             let job = run::job_for(t, m.as_ref(), plan.seed, args.memory_budget);
-            peak = peak.max(budget::tensor_peak(m.as_ref(), t.models.len(), numel, job.block_elems, job.cols()));
+            peak = peak.max(budget::tensor_peak(
+                m.as_ref(),
+                t.models.len(),
+                numel,
+                job.block_elems,
+                job.cols(),
+            ));
         }
-        let mut params: Vec<String> = t.params.global.iter().map(|(k, v)| format!("{k}={}", fmt_scalar(v))).collect();
+        let mut params: Vec<String> = t
+            .params
+            .global
+            .iter()
+            .map(|(k, v)| format!("{k}={}", fmt_scalar(v)))
+            .collect();
         for (i, m) in t.params.models.iter().enumerate() {
             if !m.is_empty() {
-                let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k}={}", fmt_scalar(v))).collect();
+                let inner: Vec<String> = m
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", fmt_scalar(v)))
+                    .collect();
                 params.push(format!("m{}:{{{}}}", t.models[i].model, inner.join(",")));
             }
         }
@@ -161,7 +193,9 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
     }
     let out = match (&args.out, &args.out_positional) {
         (Some(o), None) | (None, Some(o)) => o.clone(),
-        (Some(_), Some(_)) => bail!("give the output directory once (either --out DIR or a second argument)"),
+        (Some(_), Some(_)) => {
+            bail!("give the output directory once (either --out DIR or a second argument)")
+        }
         (None, None) => bail!("no output directory: pass --out DIR"),
     };
     let opts = MergeOptions {

@@ -285,13 +285,20 @@ mod tests {
         for ties in [false, true] {
             let m = Breadcrumbs::from_params(&params(&w, &dens, &gam), 3, ties).unwrap();
             let got = merge_in_memory(&m, &job(&[n], 3, n), &reader).unwrap();
-            assert_close(&got, &naive(&base, &models, &w, &dens, &gam, ties, false, false));
+            assert_close(
+                &got,
+                &naive(&base, &models, &w, &dens, &gam, ties, false, false),
+            );
             assert_ne!(got, base);
-            let p = params(&w, &dens, &gam).with_global("breadcrumbs_legacy_slice", Scalar::Bool(true));
+            let p =
+                params(&w, &dens, &gam).with_global("breadcrumbs_legacy_slice", Scalar::Bool(true));
             let m = Breadcrumbs::from_params(&p, 3, ties).unwrap();
             let got = merge_in_memory(&m, &job(&[n], 3, 7), &reader).unwrap();
             assert_eq!(got, base);
-            assert_close(&got, &naive(&base, &models, &w, &dens, &gam, ties, false, true));
+            assert_close(
+                &got,
+                &naive(&base, &models, &w, &dens, &gam, ties, false, true),
+            );
         }
     }
 
@@ -310,7 +317,9 @@ mod tests {
         let want: Vec<f64> = (0..n)
             .map(|j| {
                 base[j] as f64
-                    + (0..3).map(|i| w[i] * (models[i][j] - base[j]) as f64).sum::<f64>()
+                    + (0..3)
+                        .map(|i| w[i] * (models[i][j] - base[j]) as f64)
+                        .sum::<f64>()
             })
             .collect();
         assert_close(&got, &want);

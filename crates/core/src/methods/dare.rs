@@ -507,17 +507,30 @@ pub(crate) mod tests {
 
     #[test]
     fn zero_task_vectors_skip_rescale() {
+        // All-zero task vectors: output = base.
         let numel = 300;
         let base = data(numel, 5);
         let r = MemReader {
-            models: vec![base.clone(), base.iter().map(|x| x + 1e-12).collect()],
+            models: vec![base.clone(), base.clone()],
             base: Some(base.clone()),
         };
         let m = Dare::from_params(&params(&[1.0, 1.0], &[0.5, 0.5]), 2, true).unwrap();
         let got = merge_in_memory(&m, &job("z", &[numel], 2, 100, 9), &r).unwrap();
-        for (g, b) in got.iter().zip(&base) {
-            assert!((g - b).abs() <= 1e-6 * b.abs().max(1e-6));
+        assert_eq!(got, base);
+        // Tiny task vector (‖δ‖₁ = 3e-9 < 1e-7): masked but not rescaled.
+        let r = MemReader {
+            models: vec![vec![1e-11; numel]],
+            base: Some(vec![0.0; numel]),
+        };
+        let m = Dare::from_params(&params(&[1.0], &[0.5]), 1, false).unwrap();
+        let j = job("tiny", &[numel], 1, 7, 9);
+        let got = merge_in_memory(&m, &j, &r).unwrap();
+        let s = MaskStream::new(9, 0, "tiny");
+        let t = keep_threshold(0.5);
+        for (k, g) in got.iter().enumerate() {
+            assert_eq!(*g, if s.keep(k, t) { 1e-11 } else { 0.0 });
         }
+        assert!(got.contains(&0.0) && got.iter().any(|g| *g != 0.0));
     }
 
     #[test]

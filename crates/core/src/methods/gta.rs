@@ -126,13 +126,14 @@ impl GtaOptions {
         }
         let mut weights = Vec::with_capacity(n_models);
         for i in 0..n_models {
-            let w = params
-                .model_opt_num(i, "weight")?
-                .ok_or_else(|| MergeError::MissingParameter {
-                    key: "weight".into(),
-                    method: method.into(),
-                    model: format!(" for model #{i}"),
-                })?;
+            let w =
+                params
+                    .model_opt_num(i, "weight")?
+                    .ok_or_else(|| MergeError::MissingParameter {
+                        key: "weight".into(),
+                        method: method.into(),
+                        model: format!(" for model #{i}"),
+                    })?;
             if !w.is_finite() {
                 return Err(MergeError::BadParameter {
                     key: "weight".into(),
@@ -313,6 +314,7 @@ fn rescale_factors(
 
 /// Read one block: base into `base`, and `w_i · δ'_i` (sparsified, rescaled, weighted) into
 /// `deltas[i]`.
+#[allow(clippy::too_many_arguments)]
 fn weighted_deltas(
     opts: &GtaOptions,
     sp: Option<&dyn Sparsifier>,
@@ -333,12 +335,16 @@ fn weighted_deltas(
                 sp.apply(i, r.start, d)?;
                 if factors[i] != 1.0 {
                     let f = factors[i];
-                    d.par_iter_mut().with_min_len(PAR_CHUNK).for_each(|x| *x *= f);
+                    d.par_iter_mut()
+                        .with_min_len(PAR_CHUNK)
+                        .for_each(|x| *x *= f);
                 }
             }
         }
         let w = opts.weights[i];
-        d.par_iter_mut().with_min_len(PAR_CHUNK).for_each(|x| *x *= w);
+        d.par_iter_mut()
+            .with_min_len(PAR_CHUNK)
+            .for_each(|x| *x *= w);
     }
     Ok(())
 }
@@ -408,7 +414,14 @@ pub fn merge(
     let mut out = Vec::new();
     for r in job.row_blocks() {
         weighted_deltas(
-            opts, sparsifier, &factors, job, reader, r.clone(), &mut base, &mut deltas,
+            opts,
+            sparsifier,
+            &factors,
+            job,
+            reader,
+            r.clone(),
+            &mut base,
+            &mut deltas,
         )?;
         out.resize(r.len(), 0.0f32);
         let deltas = &deltas;
@@ -478,7 +491,14 @@ pub fn consensus_sign_counts(
     let mut counts = [0u64; 2];
     for r in job.row_blocks() {
         weighted_deltas(
-            opts, sparsifier, &factors, job, reader, r.clone(), &mut base, &mut deltas,
+            opts,
+            sparsifier,
+            &factors,
+            job,
+            reader,
+            r.clone(),
+            &mut base,
+            &mut deltas,
         )?;
         let deltas = &deltas;
         let (p, q) = (0..r.len())
@@ -510,7 +530,7 @@ mod tests {
         }
         fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()> {
             for (k, x) in delta.iter_mut().enumerate() {
-                if (start + k) % (model + 2) == 0 {
+                if (start + k).is_multiple_of(model + 2) {
                     *x = 0.0;
                 }
             }
@@ -540,11 +560,23 @@ mod tests {
             .map(|(i, m)| {
                 let d: Vec<f64> = m.iter().zip(base).map(|(a, b)| (a - b) as f64).collect();
                 let s: Vec<f64> = (0..n)
-                    .map(|j| if i != 2 && j % (i + 2) == 0 { 0.0 } else { d[j] })
+                    .map(|j| {
+                        if i != 2 && j % (i + 2) == 0 {
+                            0.0
+                        } else {
+                            d[j]
+                        }
+                    })
                     .collect();
-                let (b1, a1): (f64, f64) =
-                    (d.iter().map(|x| x.abs()).sum(), s.iter().map(|x| x.abs()).sum());
-                let f = if o.rescale && b1 >= 1e-7 && a1 >= 1e-7 { b1 / a1 } else { 1.0 };
+                let (b1, a1): (f64, f64) = (
+                    d.iter().map(|x| x.abs()).sum(),
+                    s.iter().map(|x| x.abs()).sum(),
+                );
+                let f = if o.rescale && b1 >= 1e-7 && a1 >= 1e-7 {
+                    b1 / a1
+                } else {
+                    1.0
+                };
                 s.iter().map(|x| x * f * w[i]).collect()
             })
             .collect();
@@ -560,7 +592,9 @@ mod tests {
                         let s: f64 = (0..3)
                             .map(|i| match c {
                                 Consensus::Sum => v[i][j],
-                                Consensus::Count => (v[i][j] > 0.0) as i32 as f64 - (v[i][j] < 0.0) as i32 as f64,
+                                Consensus::Count => {
+                                    (v[i][j] > 0.0) as i32 as f64 - (v[i][j] < 0.0) as i32 as f64
+                                }
                             })
                             .sum();
                         for i in 0..3 {
@@ -642,5 +676,67 @@ mod tests {
         o.weights = vec![1.0, 1.0];
         let c = consensus_sign_counts(&o, None, &job(&[4], 2, 3), &r).unwrap();
         assert_eq!(c, [1, 1]);
+    }
+}
+
+#[cfg(test)]
+mod parity_tmp {
+    use crate::params::{Scalar, TensorParams};
+    use crate::tensor::{merge_in_memory, MemReader, TensorJob};
+    use std::collections::BTreeMap;
+
+    fn load(path: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let b = std::fs::read(path).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+        let mut out = BTreeMap::new();
+        for (k, v) in h.as_object().unwrap() {
+            if k == "__metadata__" {
+                continue;
+            }
+            assert_eq!(v["dtype"], "F32");
+            let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            let o = v["data_offsets"].as_array().unwrap();
+            let (s, e) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            let data: Vec<f32> = b[8 + n + s..8 + n + e].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            out.insert(k.clone(), (shape, data));
+        }
+        out
+    }
+
+    fn check(case: &str, params: TensorParams) {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/mergekit");
+        let base = load(&format!("{root}/models/base/model.safetensors"));
+        let fts: Vec<_> = ["ft1", "ft2", "ft3"].iter().map(|m| load(&format!("{root}/models/{m}/model.safetensors"))).collect();
+        let exp = load(&format!("{root}/expected/{case}/model.safetensors"));
+        let m = crate::methods::build(case, &params, 3, true).unwrap();
+        let mut worst = 0f64;
+        for (name, (shape, want)) in &exp {
+            let r = MemReader { base: Some(base[name].1.clone()), models: fts.iter().map(|f| f[name].1.clone()).collect() };
+            let job = TensorJob { name: name.clone(), shape: shape.clone(), n_models: 3, has_base: true, block_elems: 37, seed: 0 };
+            let got = merge_in_memory(m.as_ref(), &job, &r).unwrap();
+            let mut bad = 0usize;
+            for (g, w) in got.iter().zip(want) {
+                let d = (*g as f64 - *w as f64).abs() / (w.abs() as f64).max(1e-3);
+                if d > worst { worst = d; }
+                if d >= 1e-5 { bad += 1; }
+            }
+        }
+        eprintln!("{case}: {} tensors, worst rel {worst:e}", exp.len());
+    }
+
+    #[test]
+    fn parity() {
+        let p = TensorParams::default().with_model_values("weight", &[0.5, 0.3, 0.7]).with_global("lambda", Scalar::Num(0.8));
+        check("task_arithmetic", p);
+        let p = TensorParams::default().with_model_values("weight", &[0.5, 0.3, 0.4]).with_model_values("density", &[0.8; 3]).with_model_values("gamma", &[0.05; 3]);
+        check("breadcrumbs", p);
+        let p = TensorParams::default().with_model_values("weight", &[0.5, 0.3, 0.4]).with_model_values("density", &[0.7; 3]).with_model_values("gamma", &[0.02, 0.1, 0.02]).with_global("normalize", Scalar::Bool(true));
+        check("breadcrumbs_ties", p);
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/mergekit");
+        if std::path::Path::new(&format!("{root}/expected/ties/model.safetensors")).exists() {
+            let p = TensorParams::default().with_model_values("weight", &[0.5, 0.3, 0.4]).with_model_values("density", &[0.5; 3]).with_global("normalize", Scalar::Bool(true));
+            check("ties", p);
+        }
     }
 }

@@ -334,17 +334,28 @@ mod tests {
             base: Some(base),
             models: vec![d.clone()],
         };
-        for (density, gamma) in [(0.5, 0.01), (0.9, 0.2), (0.3, 0.0), (0.99, 0.05), (0.1, 1.0)] {
+        for (density, gamma) in [
+            (0.5, 0.01),
+            (0.9, 0.2),
+            (0.3, 0.0),
+            (0.99, 0.05),
+            (0.1, 1.0),
+        ] {
             let target = (density * n as f64).floor() as usize;
             let n_top = (gamma * n as f64).floor() as usize;
             let n_bot = (n as i64 - target as i64 - n_top as i64).max(0) as usize;
             let keep = ref_keep(&d, false, n_bot, n_bot + target);
             for block in [n, 7] {
-                let sp = magnitude_outliers(&job(n, 1, block), &reader, &[density], &[gamma], false)
-                    .unwrap();
+                let sp =
+                    magnitude_outliers(&job(n, 1, block), &reader, &[density], &[gamma], false)
+                        .unwrap();
                 let got = apply_all(&sp, 0, &d, block);
                 for i in 0..n {
-                    assert_eq!(got[i], if keep[i] { d[i] } else { 0.0 }, "{density} {gamma} {i}");
+                    assert_eq!(
+                        got[i],
+                        if keep[i] { d[i] } else { 0.0 },
+                        "{density} {gamma} {i}"
+                    );
                 }
             }
         }

@@ -104,7 +104,10 @@ pub(crate) mod tests {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             let tol = 1e-6 * w.abs().max(1.0);
-            assert!(((*g as f64) - w).abs() <= tol, "element {i}: got {g}, want {w}");
+            assert!(
+                ((*g as f64) - w).abs() <= tol,
+                "element {i}: got {g}, want {w}"
+            );
         }
     }
 

@@ -264,8 +264,7 @@ impl MergeMethod for Ties {
                     .filter(|s| s.counts.len() == 2)
                     .ok_or_else(|| MergeError::BadInputs {
                         method: INFO.name.into(),
-                        message: "trim_scope: model needs the results of its global passes"
-                            .into(),
+                        message: "trim_scope: model needs the results of its global passes".into(),
                     })?;
                 let (pos, neg) = (signs.counts[0], signs.counts[1]);
                 let mut opts = self.opts.clone();
@@ -321,14 +320,30 @@ mod tests {
             .map(|j| {
                 let v: Vec<f64> = (0..models.len()).map(|i| w[i] * trimmed[i][j]).collect();
                 let s: f64 = if count {
-                    v.iter().map(|x| if *x > 0.0 { 1.0 } else if *x < 0.0 { -1.0 } else { 0.0 }).sum()
+                    v.iter()
+                        .map(|x| {
+                            if *x > 0.0 {
+                                1.0
+                            } else if *x < 0.0 {
+                                -1.0
+                            } else {
+                                0.0
+                            }
+                        })
+                        .sum()
                 } else {
                     v.iter().sum()
                 };
                 let maj = if s >= 0.0 { 1.0 } else { -1.0 };
                 let (mut mix, mut div) = (0.0, 0.0);
                 for i in 0..v.len() {
-                    let sg = if v[i] > 0.0 { 1.0 } else if v[i] < 0.0 { -1.0 } else { 0.0 };
+                    let sg = if v[i] > 0.0 {
+                        1.0
+                    } else if v[i] < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
                     if sg == maj {
                         mix += v[i];
                         div += w[i];
@@ -410,7 +425,10 @@ mod tests {
         for dens in [[1.0, 1.0, 1.0], [0.5, 0.5, 0.25], [0.125, 0.3, 0.6]] {
             let m = Ties::from_params(&params(&w, &dens), 3).unwrap();
             let got = merge_in_memory(&m, &job(&[8], 3, 3), &reader).unwrap();
-            assert_close(&got, &naive_ties(&base, &models, &w, &dens, true, 1.0, false));
+            assert_close(
+                &got,
+                &naive_ties(&base, &models, &w, &dens, true, 1.0, false),
+            );
         }
         // Hand-checked, density 1: element 0: sum 0 → +1, only model 0 (+1) → 1.5;
         // element 3: +0.5 wins the tie → 1.0; element 7: +3 → mean(2, 1) = 1.5 → 2.0.
@@ -427,7 +445,10 @@ mod tests {
             models: vec![base.clone(), base.clone(), base.clone()],
         };
         let m = Ties::from_params(&params(&[1.0, 2.0, 3.0], &[0.2, 0.5, 1.0]), 3).unwrap();
-        assert_eq!(merge_in_memory(&m, &job(&[20], 3, 7), &reader).unwrap(), base);
+        assert_eq!(
+            merge_in_memory(&m, &job(&[20], 3, 7), &reader).unwrap(),
+            base
+        );
     }
 
     #[test]
@@ -449,7 +470,10 @@ mod tests {
             "consensus_method",
         );
         assert!(matches!(
-            Ties::from_params(&TensorParams::default().with_model_values("density", &[0.5, 0.5]), 2),
+            Ties::from_params(
+                &TensorParams::default().with_model_values("density", &[0.5, 0.5]),
+                2
+            ),
             Err(MergeError::MissingParameter { .. })
         ));
         // int8_mask accepted.
@@ -470,7 +494,11 @@ mod tests {
         let trimmed: Vec<Vec<f64>> = (0..nm)
             .map(|i| {
                 let fm: Vec<f32> = models[i].concat();
-                let t: Vec<f64> = fm.iter().zip(&flat_b).map(|(a, b)| (a - b) as f64).collect();
+                let t: Vec<f64> = fm
+                    .iter()
+                    .zip(&flat_b)
+                    .map(|(a, b)| (a - b) as f64)
+                    .collect();
                 if dens[i] >= 1.0 {
                     return t;
                 }
@@ -478,11 +506,21 @@ mod tests {
                 let mut mags: Vec<f64> = t.iter().map(|x| x.abs()).collect();
                 mags.sort_by(|a, b| a.partial_cmp(b).unwrap());
                 let thr = mags[kp - 1];
-                t.iter().map(|&x| if x.abs() >= thr { x } else { 0.0 }).collect()
+                t.iter()
+                    .map(|&x| if x.abs() >= thr { x } else { 0.0 })
+                    .collect()
             })
             .collect();
         let v = |j: usize| -> Vec<f64> { (0..nm).map(|i| w[i] * trimmed[i][j]).collect() };
-        let sgn = |x: f64| if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 };
+        let sgn = |x: f64| {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        };
         let gamma: Vec<f64> = (0..d).map(|j| sgn(v(j).iter().sum())).collect();
         let maj = sgn(gamma.iter().sum());
         let out: Vec<f64> = (0..d)
@@ -508,11 +546,7 @@ mod tests {
         res
     }
 
-    fn run_model_scope(
-        m: &Ties,
-        jobs: &[TensorJob],
-        readers: &[MemReader],
-    ) -> Vec<Vec<f32>> {
+    fn run_model_scope(m: &Ties, jobs: &[TensorJob], readers: &[MemReader]) -> Vec<Vec<f32>> {
         let mut prior: Vec<GlobalStats> = Vec::new();
         for pass in 0..m.global_passes() {
             let mut acc = GlobalStats::default();
@@ -533,7 +567,11 @@ mod tests {
 
     #[test]
     fn model_scope_matches_paper_reference() {
-        let sizes = [(vec![7usize, 5], 35usize), (vec![12], 12), (vec![3, 11], 33)];
+        let sizes = [
+            (vec![7usize, 5], 35usize),
+            (vec![12], 12),
+            (vec![3, 11], 33),
+        ];
         let w = [1.0, 0.7, 1.5];
         let dens = [0.2, 0.5, 0.35];
         let mut bases = Vec::new();
@@ -583,10 +621,10 @@ mod tests {
             base: Some(base),
             models,
         };
-        let p = params(&[1.0, 1.0], &[1.0, 1.0])
-            .with_global("trim_scope", Scalar::Str("model".into()));
+        let p =
+            params(&[1.0, 1.0], &[1.0, 1.0]).with_global("trim_scope", Scalar::Str("model".into()));
         let m = Ties::from_params(&p, 2).unwrap();
-        let got = run_model_scope(&m, &[job(&[4], 2, 4)], &[reader.clone()]);
+        let got = run_model_scope(&m, &[job(&[4], 2, 4)], std::slice::from_ref(&reader));
         assert_eq!(got[0], vec![-1.0, -1.0, -1.5, 0.5]);
         // Default (mergekit) scope: the tie goes to +1.
         let m = Ties::from_params(&params(&[1.0, 1.0], &[1.0, 1.0]), 2).unwrap();

@@ -208,6 +208,7 @@ pub struct CheckpointWriter {
     out: Option<BufWriter<File>>,
     temps: Vec<PathBuf>,
     scratch: Vec<u8>,
+    metadata: Vec<(String, String)>,
 }
 
 /// The first checkpoint file in `dir`, if any (`*.safetensors` or the index).
@@ -250,7 +251,16 @@ impl CheckpointWriter {
             out: None,
             temps: Vec::new(),
             scratch: Vec::new(),
+            metadata: Vec::new(),
         })
+    }
+
+    /// Adds `__metadata__` entries to every output file's header, after `"format": "pt"`
+    /// (which always comes first; an entry named `format` is ignored). Call before the first
+    /// [`begin_tensor`](Self::begin_tensor); entries keep the given order.
+    pub fn with_metadata(mut self, entries: Vec<(String, String)>) -> Self {
+        self.metadata = entries.into_iter().filter(|(k, _)| k != "format").collect();
+        self
     }
 
     /// The layout being written.
@@ -318,7 +328,10 @@ impl CheckpointWriter {
                 e
             })
             .collect();
-        let header = header::serialize(&[("format", "pt")], &entries);
+        let metadata: Vec<(&str, &str)> = std::iter::once(("format", "pt"))
+            .chain(self.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect();
+        let header = header::serialize(&metadata, &entries);
         let tmp = temp_path(&self.file_path(file));
         let handle = File::create(&tmp).map_err(|e| IoError::io(&tmp, "create", e))?;
         self.temps.push(tmp.clone());
@@ -486,6 +499,8 @@ impl CheckpointWriter {
             }
         }
 
+        remove_stale_partials(&self.dir);
+
         let total_bytes = self.layout.total_bytes();
         let index = if needs_index {
             let wm: Vec<(String, String)> = self
@@ -508,6 +523,23 @@ impl CheckpointWriter {
             total_bytes,
             removed,
         })
+    }
+}
+
+/// Removes temporary files left in `dir` by an earlier, killed writer
+/// (`.model*.safetensors.partial`, `.model.safetensors.index.json.partial`). Best effort.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with(".model")
+            && (name.ends_with(".safetensors.partial") || name.ends_with(".index.json.partial"));
+        if stale {
+            tracing::debug!(file = %name, "removing a stale temporary file");
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: hand-built safetensors files and naive
 //! reference conversions, written independently of the crate's code.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
 
