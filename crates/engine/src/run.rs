@@ -272,6 +272,7 @@ pub fn execute(
         });
     }
     let ckpts = plan_checkpoints(plan, inputs)?;
+    resolve_chat_template(config, inputs)?;
     let layout = output_layout(config, plan, opts.out_shard_size)?;
     let mut writer = CheckpointWriter::create(&opts.out_dir, layout, opts.overwrite)?;
 
@@ -307,6 +308,46 @@ pub fn execute(
         global_time,
         merge_time,
     })
+}
+
+/// The ChatML template (written here from the format's public description).
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Resolve `chat_template`: `auto` (the most common template among the inputs'
+/// `tokenizer_config.json`, first seen on ties), `chatml`, or a Jinja template string.
+pub fn resolve_chat_template(config: &MergeConfig, inputs: &Inputs) -> Result<Option<String>, EngineError> {
+    let Some(tpl) = &config.chat_template else {
+        return Ok(None);
+    };
+    if tpl == "auto" {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for m in amalgam_core::plan::referenced_models(config) {
+            let Some(ck) = inputs.checkpoints.get(&m) else { continue };
+            let Ok(text) = std::fs::read_to_string(ck.root().join("tokenizer_config.json")) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+            if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                let t = t.trim().to_string();
+                match seen.iter_mut().find(|(s, _)| *s == t) {
+                    Some(e) => e.1 += 1,
+                    None => seen.push((t, 1)),
+                }
+            }
+        }
+        let best = seen.iter().map(|e| e.1).max();
+        return Ok(best.and_then(|b| seen.into_iter().find(|e| e.1 == b).map(|e| e.0)));
+    }
+    if tpl == "chatml" {
+        return Ok(Some(CHATML.to_string()));
+    }
+    if !tpl.contains('{') {
+        return Err(EngineError::Config {
+            key: "chat_template".into(),
+            message: format!(
+                "`{tpl}` is neither `auto`, `chatml` nor a Jinja template; give the template text itself"
+            ),
+        });
+    }
+    Ok(Some(tpl.clone()))
 }
 
 /// Copy config and tokenizer files from the tokenizer source (else the base, else the first
@@ -380,7 +421,7 @@ fn write_aux(
             amalgam_io::write_text_atomic(&cfg_path, &out)?;
         }
     }
-    if let Some(tpl) = &config.chat_template {
+    if let Some(tpl) = &resolve_chat_template(config, inputs)? {
         let tc = out_dir.join("tokenizer_config.json");
         let mut obj = match std::fs::read_to_string(&tc) {
             Ok(text) => match serde_json::from_str(&text) {

@@ -221,7 +221,10 @@ pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool 
                 }
             }
         }
-        _ => unreachable!("checked by is_float_convertible"),
+        _ => {
+            dst.truncate(old);
+            return false;
+        }
     }
     true
 }

@@ -721,6 +721,7 @@ mod parity_tmp {
                 if d > worst { worst = d; }
                 if d >= 1e-5 { bad += 1; }
             }
+            if bad > 0 { eprintln!("{case} {name} {shape:?}: {bad} mismatches"); }
         }
         eprintln!("{case}: {} tensors, worst rel {worst:e}", exp.len());
     }
