@@ -1,7 +1,8 @@
 //! Parity with mergekit 0.1.5 itself: the fixtures under tests/fixtures/mergekit were made by
 //! `make_fixtures.py` (which runs mergekit in a virtualenv; CI does not run it). Each config is
 //! merged here with amalgam and every tensor compared at 1e-5 relative (to the larger of the
-//! value and 1e-3 of the tensor's largest magnitude).
+//! value and 10% of the tensor's largest magnitude: mergekit reduces in f32, amalgam in f64, so
+//! values that cancel to near zero differ by f32 rounding of the operands, not of the result).
 
 use crate::common::*;
 use std::path::{Path, PathBuf};
@@ -15,9 +16,15 @@ const NOT_IMPLEMENTED: [&str; 3] = ["arcee_fusion", "ram", "ramplus_tl"];
 
 /// Merge one case and compare; `Err` describes the first mismatch.
 fn check_case(root: &Path, config: &str, expected: &Path, out: &Path) -> Result<usize, String> {
-    let o = run(root, &["merge", config, "--out", out.to_str().unwrap(), "--quiet"]);
+    let o = run(
+        root,
+        &["merge", config, "--out", out.to_str().unwrap(), "--quiet"],
+    );
     if !o.status.success() {
-        return Err(format!("merge failed: {}", String::from_utf8_lossy(&o.stderr)));
+        return Err(format!(
+            "merge failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
     }
     let got = load_dir(out);
     let want = load_dir(expected);
@@ -35,7 +42,7 @@ fn check_case(root: &Path, config: &str, expected: &Path, out: &Path) -> Result<
         }
         let scale = w.values.iter().fold(0f64, |a, v| a.max(v.abs()));
         for (i, (a, b)) in g.values.iter().zip(&w.values).enumerate() {
-            let tol = 1e-5 * b.abs().max(1e-3 * scale);
+            let tol = 1e-5 * b.abs().max(0.1 * scale);
             if (a - b).abs() > tol {
                 return Err(format!("{name}[{i}]: got {a}, want {b}"));
             }
@@ -72,7 +79,12 @@ fn every_fixture_matches_mergekit() {
             println!("{case}: skipped, mergekit method `{m}` is not implemented by amalgam");
             continue;
         }
-        match check_case(&root, &format!("configs/{n}"), &expected, &tmp.path().join(case)) {
+        match check_case(
+            &root,
+            &format!("configs/{n}"),
+            &expected,
+            &tmp.path().join(case),
+        ) {
             Ok(k) => {
                 println!("{case}: {k} tensors match mergekit");
                 checked += 1;
@@ -83,6 +95,11 @@ fn every_fixture_matches_mergekit() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} case(s) differ from mergekit:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) differ from mergekit:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(checked > 0, "no fixture had expected outputs");
 }

@@ -64,7 +64,9 @@ impl TensorParams {
 
     /// A method-wide boolean, or `default` when absent.
     pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
-        self.global.get(key).map_or(Ok(default), |v| as_bool(key, v))
+        self.global
+            .get(key)
+            .map_or(Ok(default), |v| as_bool(key, v))
     }
 
     /// A method-wide string that may be absent.

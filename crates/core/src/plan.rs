@@ -240,7 +240,12 @@ fn normalized_slices(
     let mut base_included = false;
     // All models of a `models:` merge must have the same layer stack; name the first missing tensor.
     let mut counts: Vec<(&ModelRef, usize)> = Vec::new();
-    for m in config.models.iter().map(|m| &m.model).chain(config.base_model.iter()) {
+    for m in config
+        .models
+        .iter()
+        .map(|m| &m.model)
+        .chain(config.base_model.iter())
+    {
         counts.push((m, layer_count(lookup.model(m)?)));
     }
     if let Some(&(big, most)) = counts.iter().max_by_key(|c| c.1) {
@@ -342,7 +347,9 @@ impl Planner<'_> {
 
         // Shape and dtype checks against the first input.
         let first_model = self.lookup.model(&inputs[0].0.model)?;
-        let first = self.find(first_model, &inputs[0].1, &inputs[0].0.model)?.clone();
+        let first = self
+            .find(first_model, &inputs[0].1, &inputs[0].0.model)?
+            .clone();
         for (src, name) in inputs.iter().skip(1) {
             let m = self.lookup.model(&src.model)?;
             let tensor = self.find(m, name, &src.model)?;
@@ -406,7 +413,9 @@ impl Planner<'_> {
                 method: method.clone(),
                 message: match &base_ref {
                     None => "needs `base_model`".into(),
-                    Some(b) => format!("base model {b} is not among the inputs of tensor \"{out_name}\""),
+                    Some(b) => {
+                        format!("base model {b} is not among the inputs of tensor \"{out_name}\"")
+                    }
                 },
             });
         }
@@ -440,15 +449,15 @@ impl Planner<'_> {
         }
         // Build the method now so that bad parameters fail before any work.
         if first.mergeable {
-            methods::build(&method, &params, models.len(), base.is_some()).map_err(|e| {
-                match e {
+            methods::build(&method, &params, models.len(), base.is_some()).map_err(
+                |e| match e {
                     MergeError::BadParameter { key, message } => MergeError::BadParameter {
                         key,
                         message: format!("{message} (tensor \"{out_name}\")"),
                     },
                     other => other,
-                }
-            })?;
+                },
+            )?;
         }
         self.tensors.push(TensorPlan {
             name: out_name,
@@ -500,8 +509,11 @@ pub fn plan(config: &MergeConfig, lookup: &dyn ModelLookup) -> Result<Plan, Merg
         non_layer.into_iter().partition(|n| is_pre_weight(n));
 
     for name in &pre {
-        let inputs: Vec<(&SliceSource, String)> =
-            slices[0].sources.iter().map(|s| (s, name.clone())).collect();
+        let inputs: Vec<(&SliceSource, String)> = slices[0]
+            .sources
+            .iter()
+            .map(|s| (s, name.clone()))
+            .collect();
         p.plan_tensor(name.clone(), &inputs, &slices[0], 0.0)?;
     }
 
@@ -584,7 +596,12 @@ pub fn plan(config: &MergeConfig, lookup: &dyn ModelLookup) -> Result<Plan, Merg
     let mut warnings: Vec<String> = p
         .unused
         .iter()
-        .map(|k| format!("parameter `{k}` is not used by merge method `{}`", info.name))
+        .map(|k| {
+            format!(
+                "parameter `{k}` is not used by merge method `{}`",
+                info.name
+            )
+        })
         .collect();
     if slices.iter().any(|s| s.residual_weight.is_some()) {
         warnings.push(
@@ -617,7 +634,10 @@ mod tests {
         assert_eq!(l.index, 12);
         assert_eq!(l.rest, "mlp.up_proj.weight");
         let g = split_layer("transformer.h.3.attn.c_attn.bias").expect("layer");
-        assert_eq!((g.prefix, g.index, g.rest), ("transformer.h", 3, "attn.c_attn.bias"));
+        assert_eq!(
+            (g.prefix, g.index, g.rest),
+            ("transformer.h", 3, "attn.c_attn.bias")
+        );
         assert!(split_layer("model.embed_tokens.weight").is_none());
         assert!(split_layer("model.norm.weight").is_none());
         assert!(split_layer("lm_head.weight").is_none());

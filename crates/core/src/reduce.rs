@@ -74,7 +74,9 @@ mod tests {
     #[test]
     fn independent_of_blocking() {
         let n = REDUCE_CHUNK * 3 + 77;
-        let v: Vec<f64> = (0..n).map(|i| ((i * 7919) % 1000) as f64 * 1e-3 + 1e-9).collect();
+        let v: Vec<f64> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f64 * 1e-3 + 1e-9)
+            .collect();
         let whole = chunked_sum(n, |i| v[i]);
         for block in [1usize, 5, 1000, REDUCE_CHUNK - 1, REDUCE_CHUNK + 3, n] {
             let mut s = ChunkedSum::new(n);

@@ -315,16 +315,25 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['
 
 /// Resolve `chat_template`: `auto` (the most common template among the inputs'
 /// `tokenizer_config.json`, first seen on ties), `chatml`, or a Jinja template string.
-pub fn resolve_chat_template(config: &MergeConfig, inputs: &Inputs) -> Result<Option<String>, EngineError> {
+pub fn resolve_chat_template(
+    config: &MergeConfig,
+    inputs: &Inputs,
+) -> Result<Option<String>, EngineError> {
     let Some(tpl) = &config.chat_template else {
         return Ok(None);
     };
     if tpl == "auto" {
         let mut seen: Vec<(String, usize)> = Vec::new();
         for m in amalgam_core::plan::referenced_models(config) {
-            let Some(ck) = inputs.checkpoints.get(&m) else { continue };
-            let Ok(text) = std::fs::read_to_string(ck.root().join("tokenizer_config.json")) else { continue };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+            let Some(ck) = inputs.checkpoints.get(&m) else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(ck.root().join("tokenizer_config.json")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
             if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
                 let t = t.trim().to_string();
                 match seen.iter_mut().find(|(s, _)| *s == t) {

@@ -13,10 +13,9 @@ use crate::tensor::{TensorJob, TensorReader, TensorWriter};
 
 pub mod breadcrumbs;
 pub mod dare;
-pub mod gta;
-pub mod sparsify;
 pub mod della;
 pub(crate) mod gram;
+pub mod gta;
 pub mod karcher;
 pub mod linear;
 pub mod model_stock;
@@ -26,6 +25,7 @@ pub mod nuslerp;
 pub mod passthrough;
 pub mod sce;
 pub mod slerp;
+pub mod sparsify;
 pub mod task_arithmetic;
 pub mod ties;
 
@@ -167,18 +167,26 @@ pub fn build(
 ) -> Result<Box<dyn MergeMethod>> {
     Ok(match name {
         "linear" => Box::new(linear::Linear::from_params(params, n_models)?),
-        "task_arithmetic" => Box::new(task_arithmetic::TaskArithmetic::from_params(params, n_models)?),
+        "task_arithmetic" => Box::new(task_arithmetic::TaskArithmetic::from_params(
+            params, n_models,
+        )?),
         "ties" => Box::new(ties::Ties::from_params(params, n_models)?),
         "dare_linear" => Box::new(dare::Dare::from_params(params, n_models, false)?),
         "dare_ties" => Box::new(dare::Dare::from_params(params, n_models, true)?),
-        "breadcrumbs" => Box::new(breadcrumbs::Breadcrumbs::from_params(params, n_models, false)?),
-        "breadcrumbs_ties" => Box::new(breadcrumbs::Breadcrumbs::from_params(params, n_models, true)?),
+        "breadcrumbs" => Box::new(breadcrumbs::Breadcrumbs::from_params(
+            params, n_models, false,
+        )?),
+        "breadcrumbs_ties" => Box::new(breadcrumbs::Breadcrumbs::from_params(
+            params, n_models, true,
+        )?),
         "della" => Box::new(della::Della::from_params(params, n_models, true)?),
         "della_linear" => Box::new(della::Della::from_params(params, n_models, false)?),
         "sce" => Box::new(sce::Sce::from_params(params, n_models)?),
         "slerp" => Box::new(slerp::Slerp::from_params(params, n_models, has_base)?),
         "nuslerp" => Box::new(nuslerp::Nuslerp::from_params(params, n_models, has_base)?),
-        "multislerp" => Box::new(multislerp::Multislerp::from_params(params, n_models, has_base)?),
+        "multislerp" => Box::new(multislerp::Multislerp::from_params(
+            params, n_models, has_base,
+        )?),
         "karcher" => Box::new(karcher::Karcher::from_params(params, n_models)?),
         "model_stock" => Box::new(model_stock::ModelStock::from_params(params, n_models)?),
         "nearswap" => Box::new(nearswap::Nearswap::from_params(params, n_models)?),
