@@ -1,8 +1,8 @@
 //! `amalgam bench`: merge throughput and memory against the I/O floor.
 //!
 //! Generates a base and 4 fine-tunes (about 0.5B parameters each by default) in f32 and bf16,
-//! then for each dtype measures (all in this run, on a warm page cache):
-//! - the floor: reading every input once plus writing an output-sized file;
+//! then for each dtype and method measures (all in this run, on a warm page cache):
+//! - the floor: reading every input of that merge once plus writing an output-sized file;
 //! - `linear` and `ties` merges, each as a child `amalgam merge` process whose RssAnon is
 //!   sampled from /proc.
 //!
@@ -148,53 +148,60 @@ pub fn run(a: BenchArgs) -> Result<()> {
             spec.params(),
             t.elapsed().as_secs_f64()
         );
-        let inputs: Vec<PathBuf> = names
+        let all_inputs: Vec<PathBuf> = names
             .iter()
             .flat_map(|n| files_under(&root.join(n)))
             .collect();
-        let in_bytes = read_all(&inputs)?; // warm the cache
-        let out_bytes = in_bytes / names.len() as u64;
-        // Floor: read every input once + write an output-sized file.
-        let t = Instant::now();
-        read_all(&inputs)?;
-        let scratch = root.join("floor.bin");
-        write_file(&scratch, out_bytes)?;
-        let floor = t.elapsed();
-        let _ = std::fs::remove_file(&scratch);
-        rows.push((
-            dt_name.to_string(),
-            "floor".to_string(),
-            floor,
-            0u64,
-            in_bytes,
-            floor,
-        ));
+        let model_bytes = read_all(&all_inputs)? / names.len() as u64; // also warms the cache
         for method in a
             .methods
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
+            // `linear` reads the 4 fine-tunes; the others read the base too.
+            let used: Vec<&str> = if method == "linear" {
+                names[1..].to_vec()
+            } else {
+                names.to_vec()
+            };
+            let inputs: Vec<PathBuf> = used
+                .iter()
+                .flat_map(|n| files_under(&root.join(n)))
+                .collect();
+            // Floor: read every input of this merge once (warm cache) + write an output-sized file.
+            let t = Instant::now();
+            let in_bytes = read_all(&inputs)?;
+            let scratch = root.join("floor.bin");
+            write_file(&scratch, model_bytes)?;
+            let floor = t.elapsed();
+            let _ = std::fs::remove_file(&scratch);
+            rows.push((
+                dt_name.to_string(),
+                format!("floor ({} inputs)", used.len()),
+                floor,
+                0u64,
+                in_bytes,
+                floor,
+            ));
+            let models: String = names[1..]
+                .iter()
+                .map(|n| format!("  - model: {n}\n    parameters: {{weight: 1.0, density: 0.2}}\n"))
+                .collect();
             let cfg = match method {
-                "linear" => "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\n  - model: ft3\n    parameters: {weight: 1.0}\n  - model: ft4\n    parameters: {weight: 1.0}\n".to_string(),
-                "ties" => "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 0.2}\n  - model: ft2\n    parameters: {weight: 1.0, density: 0.2}\n  - model: ft3\n    parameters: {weight: 1.0, density: 0.2}\n  - model: ft4\n    parameters: {weight: 1.0, density: 0.2}\n".to_string(),
-                other => format!("merge_method: {other}\nbase_model: base\nmodels:\n  - model: ft1\n  - model: ft2\n  - model: ft3\n  - model: ft4\n"),
+                "linear" => format!("merge_method: linear\nmodels:\n{models}"),
+                other => format!("merge_method: {other}\nbase_model: base\nmodels:\n{models}"),
             };
             let cfg_path = root.join(format!("{method}.yaml"));
             std::fs::write(&cfg_path, cfg)?;
             let out = root.join(format!("out-{method}"));
             let (wall, peak) = timed_merge(&cfg_path, &out, a.memory_budget)?;
-            let read = if method == "linear" {
-                in_bytes - out_bytes
-            } else {
-                in_bytes
-            };
             rows.push((
                 dt_name.to_string(),
                 method.to_string(),
                 wall,
                 peak,
-                read,
+                in_bytes,
                 floor,
             ));
             let _ = std::fs::remove_dir_all(&out);
