@@ -79,12 +79,44 @@ pub trait TensorReader: Sync {
     /// Fill `out` with the elements `range` (flat, row-major) of `input`.
     /// `out.len()` equals `range.len()`.
     fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()>;
+
+    /// Shape of statistic `kind` of model `model` (an [`Input::Model`] index) for this tensor,
+    /// or `None` when that model has no such statistic. `kind` is the key suffix of the
+    /// statistics file format (architecture.md, "Statistics files"): `fisher`, `gram_in`,
+    /// `kfac_out`, `fisher_block`.
+    fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>> {
+        let _ = (model, kind);
+        Ok(None)
+    }
+
+    /// Fill `out` with elements `range` of statistic `kind` of model `model`.
+    fn read_stat(
+        &self,
+        model: usize,
+        kind: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let _ = (range, out);
+        Err(crate::MergeError::Read(format!(
+            "model #{model} has no statistics (`{kind}`): give its `statistics:` file in the config"
+        )))
+    }
 }
+
+/// One diagnostic record a method emits for a tensor (e.g. a conjugate-gradient block's exit
+/// code and residuals); the executor writes them as JSON lines.
+pub type LogRecord = serde_json::Map<String, serde_json::Value>;
 
 /// Receives the merged values, in increasing contiguous ranges starting at 0.
 pub trait TensorWriter {
     /// Write the elements `range` of the output. Ranges arrive in order and cover the tensor.
     fn write(&mut self, range: Range<usize>, data: &[f32]) -> Result<()>;
+
+    /// Record a diagnostic (solver logs). The default drops it.
+    fn log(&mut self, record: LogRecord) {
+        let _ = record;
+    }
 }
 
 /// An in-memory reader: the base (optional) and each model as a flat vector. Used by tests and
@@ -95,6 +127,8 @@ pub struct MemReader {
     pub base: Option<Vec<f32>>,
     /// Model values, in order.
     pub models: Vec<Vec<f32>>,
+    /// Statistics by (model index, kind): shape and values.
+    pub stats: std::collections::BTreeMap<(usize, String), (Vec<usize>, Vec<f32>)>,
 }
 
 impl TensorReader for MemReader {
@@ -112,6 +146,27 @@ impl TensorReader for MemReader {
         out.copy_from_slice(&src[range]);
         Ok(())
     }
+
+    fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self
+            .stats
+            .get(&(model, kind.to_string()))
+            .map(|s| s.0.clone()))
+    }
+
+    fn read_stat(
+        &self,
+        model: usize,
+        kind: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (_, v) = self.stats.get(&(model, kind.to_string())).ok_or_else(|| {
+            crate::MergeError::Read(format!("model #{model} has no statistic `{kind}`"))
+        })?;
+        out.copy_from_slice(&v[range]);
+        Ok(())
+    }
 }
 
 /// An in-memory writer collecting the whole output (tests, small tensors).
@@ -119,6 +174,8 @@ impl TensorReader for MemReader {
 pub struct MemWriter {
     /// The values written so far.
     pub data: Vec<f32>,
+    /// Diagnostics the method logged.
+    pub logs: Vec<LogRecord>,
 }
 
 impl TensorWriter for MemWriter {
@@ -132,6 +189,10 @@ impl TensorWriter for MemWriter {
         }
         self.data.extend_from_slice(data);
         Ok(())
+    }
+
+    fn log(&mut self, record: LogRecord) {
+        self.logs.push(record);
     }
 }
 

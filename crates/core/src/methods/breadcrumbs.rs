@@ -246,6 +246,7 @@ mod tests {
             })
             .collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };
@@ -277,6 +278,7 @@ mod tests {
         let base = rand_vec(40, n);
         let models: Vec<Vec<f32>> = (41..44).map(|s| rand_vec(s, n)).collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };
@@ -308,6 +310,7 @@ mod tests {
         let base = rand_vec(50, n);
         let models: Vec<Vec<f32>> = (51..54).map(|s| rand_vec(s, n)).collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };

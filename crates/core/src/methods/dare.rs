@@ -286,6 +286,7 @@ pub(crate) mod tests {
     pub fn reader(numel: usize, n: usize) -> MemReader {
         let base = data(numel, 1000);
         MemReader {
+            stats: Default::default(),
             models: (0..n)
                 .map(|i| {
                     data(numel, i as u64 + 1)
@@ -511,6 +512,7 @@ pub(crate) mod tests {
         let numel = 300;
         let base = data(numel, 5);
         let r = MemReader {
+            stats: Default::default(),
             models: vec![base.clone(), base.clone()],
             base: Some(base.clone()),
         };
@@ -519,6 +521,7 @@ pub(crate) mod tests {
         assert_eq!(got, base);
         // Tiny task vector (‖δ‖₁ = 3e-9 < 1e-7): masked but not rescaled.
         let r = MemReader {
+            stats: Default::default(),
             models: vec![vec![1e-11; numel]],
             base: Some(vec![0.0; numel]),
         };

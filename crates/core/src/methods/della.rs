@@ -468,6 +468,7 @@ mod tests {
         let c = 30_000;
         let vals: Vec<f32> = (0..c).map(|k| ((k * 7919) % c) as f32 + 1.0).collect();
         let r = MemReader {
+            stats: Default::default(),
             base: Some(vec![0.0; c]),
             models: vec![vals.clone()],
         };
@@ -535,6 +536,7 @@ mod tests {
         assert_close(&got, &want, &scale);
         // All-zero task vectors: norms below 1e-7, no rescale, output = base.
         let zr = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![base.clone(), base.clone()],
         };

@@ -631,6 +631,7 @@ mod tests {
         let mut models: Vec<Vec<f32>> = (61..64).map(|s| rand_vec(s, n)).collect();
         models[1][5] = base[5]; // an exact zero task-vector entry
         let r = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };
@@ -660,6 +661,7 @@ mod tests {
     fn rescale_skipped_for_zero_task_vector() {
         let base = rand_vec(70, 12);
         let r = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![base.clone(), rand_vec(71, 12), base.clone()],
         };
@@ -671,6 +673,7 @@ mod tests {
     #[test]
     fn sign_counts() {
         let r = MemReader {
+            stats: Default::default(),
             base: Some(vec![0.0; 4]),
             models: vec![vec![1.0, -1.0, 0.0, 2.0], vec![-1.0, -1.0, 0.0, 0.0]],
         };

@@ -288,6 +288,7 @@ mod tests {
         for k in [2usize, 3, 4] {
             let m = Karcher::from_params(&TensorParams::default(), k).expect("build");
             let r = MemReader {
+                stats: Default::default(),
                 base: None,
                 models: models[..k].to_vec(),
             };
@@ -303,6 +304,7 @@ mod tests {
             .with_model_values("weight", &w);
         let m = Karcher::from_params(&p, 3).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: models[..3].to_vec(),
         };
@@ -319,12 +321,14 @@ mod tests {
         let m = Karcher::from_params(&TensorParams::default(), 2).expect("build");
         // All zero: zeros.
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![z.clone(), z.clone()],
         };
         assert_eq!(run_invariant(&m, &job(&[n], 2, false, 64), &r), z);
         // One zero model: direction of the other, half its norm.
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![x.clone(), z],
         };
@@ -333,6 +337,7 @@ mod tests {
         assert_close(&got, &want, 1e-6);
         // Identical models: the model.
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![x.clone(), x.clone()],
         };
@@ -344,6 +349,7 @@ mod tests {
         // Single model: copied.
         let m1 = Karcher::from_params(&TensorParams::default(), 1).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![x.clone()],
         };

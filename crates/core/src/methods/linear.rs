@@ -150,6 +150,7 @@ mod tests {
         let n = 37 * 129;
         let models: Vec<Vec<f32>> = (0..3).map(|i| rand_vec(10 + i, n)).collect();
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: models.clone(),
         };
@@ -187,6 +188,7 @@ mod tests {
     fn single_model_is_identity() {
         let x = rand_vec(3, 50);
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![x.clone()],
         };

@@ -78,6 +78,15 @@ pub trait MergeMethod: Send + Sync {
         n_models + 3
     }
 
+    /// Bytes this method must hold at once whatever the block size (methods that need whole
+    /// tensors: SVD, Gram solves, conjugate gradient), or `None` for streaming methods. The
+    /// executor refuses, before any work, a plan whose largest need exceeds `--memory-budget`,
+    /// and the dry run reports it.
+    fn whole_tensor_bytes(&self, job: &TensorJob) -> Option<u64> {
+        let _ = job;
+        None
+    }
+
     /// Number of model-global passes before [`MergeMethod::merge`] (class G only).
     fn global_passes(&self) -> usize {
         0

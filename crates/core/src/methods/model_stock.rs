@@ -225,6 +225,7 @@ mod tests {
         for k in [2usize, 3, 4] {
             for fw in [false, true] {
                 let r = MemReader {
+                    stats: Default::default(),
                     base: Some(base.clone()),
                     models: models[..k].to_vec(),
                 };
@@ -243,6 +244,7 @@ mod tests {
         let m1: Vec<f32> = base.iter().zip(&d).map(|(b, x)| b + x).collect();
         let m2: Vec<f32> = base.iter().zip(&d).map(|(b, x)| b - x).collect();
         let r = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![m1, m2],
         };
@@ -273,6 +275,7 @@ mod tests {
             .map(|d| d.iter().map(|v| *v as f32).collect())
             .collect();
         let r = MemReader {
+            stats: Default::default(),
             base: Some(zero.clone()),
             models,
         };
@@ -285,6 +288,7 @@ mod tests {
     fn zero_task_vectors_keep_base() {
         let base = rand_vec(7, 300);
         let r = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![base.clone(), base.clone(), base.clone()],
         };

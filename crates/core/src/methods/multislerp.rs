@@ -252,6 +252,7 @@ mod tests {
             for k in [2usize, 3, 4] {
                 let m = Multislerp::from_params(&params(&w[..k]), k, with_base).expect("build");
                 let r = MemReader {
+                    stats: Default::default(),
                     base: with_base.then(|| base.clone()),
                     models: models[..k].to_vec(),
                 };
@@ -273,6 +274,7 @@ mod tests {
             .with_global("eps", Scalar::Num(1e-6));
         let m = Multislerp::from_params(&p, 3, false).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: models.clone(),
         };
@@ -290,6 +292,7 @@ mod tests {
         let x = rand_vec(1, 100);
         let m = Multislerp::from_params(&params(&[0.3]), 1, true).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: Some(rand_vec(2, 100)),
             models: vec![x.clone()],
         };
@@ -304,6 +307,7 @@ mod tests {
         // Two antipodal models with equal weights: mergekit's linear fallback (zero here).
         let m = Multislerp::from_params(&params(&[1.0, 1.0]), 2, false).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![a.clone(), neg.clone()],
         };
@@ -312,6 +316,7 @@ mod tests {
         // Three models summing to zero on the sphere: error, as mergekit.
         let m = Multislerp::from_params(&params(&[1.0, 1.0, 2.0]), 3, false).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![a.clone(), a.clone(), neg],
         };
@@ -319,6 +324,7 @@ mod tests {
         // All-zero task vectors: the base.
         let m = Multislerp::from_params(&params(&[1.0, 1.0, 1.0]), 3, true).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: Some(a.clone()),
             models: vec![a.clone(), a.clone(), a.clone()],
         };

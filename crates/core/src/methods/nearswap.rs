@@ -127,6 +127,7 @@ mod tests {
         let mut b = rand_vec(2, n);
         b[3] = a[3]; // equal entries
         let r = MemReader {
+            stats: Default::default(),
             base: Some(a.clone()),
             models: vec![b.clone()],
         };

@@ -235,6 +235,7 @@ mod tests {
                     .with_global("nuslerp_row_wise", Scalar::Bool(row_wise));
                 let m = Nuslerp::from_params(&p, 2, with_base).expect("build");
                 let r = MemReader {
+                    stats: Default::default(),
                     base: with_base.then(|| b.clone()),
                     models: vec![m0.clone(), m1.clone()],
                 };
@@ -270,6 +271,7 @@ mod tests {
                 .with_global("nuslerp_row_wise", Scalar::Bool(row_wise));
             let m = Nuslerp::from_params(&p, 2, false).expect("build");
             let r = MemReader {
+                stats: Default::default(),
                 base: None,
                 models: vec![m0.clone(), m1.clone()],
             };
@@ -288,6 +290,7 @@ mod tests {
         let p = TensorParams::default().with_model_values("weight", &[1.0, -1.0]);
         let m = Nuslerp::from_params(&p, 2, false).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![m0.clone(), m1],
         };
@@ -298,6 +301,7 @@ mod tests {
         let p = TensorParams::default().with_model_values("weight", &[1.0, 1.0]);
         let m = Nuslerp::from_params(&p, 2, true).expect("build");
         let r = MemReader {
+            stats: Default::default(),
             base: Some(m0.clone()),
             models: vec![m0.clone(), m0.clone()],
         };

@@ -107,6 +107,7 @@ mod tests {
     fn copies_and_scales() {
         let x = rand_vec(4, 1000);
         let r = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![x.clone()],
         };

@@ -424,6 +424,7 @@ mod tests {
             .map(|j| if j % 3 == 0 { 1.0 } else { -((j % 4) as f32) })
             .collect();
         let r = MemReader {
+            stats: Default::default(),
             base: Some(base),
             models: vec![a, b],
         };
@@ -470,6 +471,7 @@ mod tests {
         let r = reader(numel, 1);
         let base = r.base.clone().unwrap();
         let zr = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![base.clone(), base.clone()],
         };
@@ -480,6 +482,7 @@ mod tests {
         );
         let m0 = Sce::from_params(&TensorParams::default(), 0).unwrap();
         let empty = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![],
         };

@@ -173,6 +173,7 @@ mod tests {
     fn check(t: f64, base: Vec<f32>, model: Vec<f32>, shape: &[usize]) -> Vec<f32> {
         let want = reference(t, &f64s(&base), &f64s(&model));
         let r = MemReader {
+            stats: Default::default(),
             base: Some(base),
             models: vec![model],
         };

@@ -296,6 +296,7 @@ mod tests {
             .collect();
         let model: Vec<f32> = base.iter().zip(&deltas).map(|(b, d)| b + d).collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![model.clone()],
         };
@@ -331,6 +332,7 @@ mod tests {
             })
             .collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base),
             models: vec![d.clone()],
         };
@@ -366,6 +368,7 @@ mod tests {
         // γ·d < 1: mergekit 0.1.5 keeps the ⌊density·d⌋ = 3 largest; the legacy flag drops all.
         let d = vec![0.1f32, -0.4, 0.3, 0.2, -0.05];
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(vec![0.0; 5]),
             models: vec![d.clone()],
         };
@@ -392,6 +395,7 @@ mod tests {
     #[test]
     fn rejects_non_finite() {
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(vec![0.0, 1.0, 2.0]),
             models: vec![vec![0.0, f32::NAN, 1.0]],
         };

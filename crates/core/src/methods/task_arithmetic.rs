@@ -117,6 +117,7 @@ pub(crate) mod tests {
         let base = rand_vec(1, n);
         let models: Vec<Vec<f32>> = (2..5).map(|s| rand_vec(s, n)).collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };
@@ -159,6 +160,7 @@ pub(crate) mod tests {
         let p = TensorParams::default().with_model_values("weight", &[1.0, -1.0]);
         let m = TaskArithmetic::from_params(&p, 2).unwrap();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(vec![1.0, 2.0]),
             models: vec![vec![2.0, 2.0], vec![1.5, 3.0]],
         };
@@ -176,6 +178,7 @@ pub(crate) mod tests {
         let p = TensorParams::default().with_model_values("weight", &[1.0]);
         let m = TaskArithmetic::from_params(&p, 1).unwrap();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(vec![1.0, f32::INFINITY]),
             models: vec![vec![2.0, 2.0]],
         };
@@ -186,6 +189,7 @@ pub(crate) mod tests {
         let mut j = job(&[2], 1, 2);
         j.has_base = false;
         let reader = MemReader {
+            stats: Default::default(),
             base: None,
             models: vec![vec![2.0, 2.0]],
         };

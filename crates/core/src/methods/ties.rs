@@ -377,6 +377,7 @@ mod tests {
         let base = rand_vec(10, n);
         let models: Vec<Vec<f32>> = (11..14).map(|s| rand_vec(s, n)).collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };
@@ -418,6 +419,7 @@ mod tests {
             .map(|r| r.iter().zip(&base).map(|(x, b)| x + b).collect())
             .collect();
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: models.clone(),
         };
@@ -441,6 +443,7 @@ mod tests {
     fn all_zero_task_vectors_give_base() {
         let base = rand_vec(5, 20);
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base.clone()),
             models: vec![base.clone(), base.clone(), base.clone()],
         };
@@ -594,6 +597,7 @@ mod tests {
         let want = naive_model_ties(&bases, &models, &w, &dens);
         let readers: Vec<MemReader> = (0..sizes.len())
             .map(|t| MemReader {
+                stats: Default::default(),
                 base: Some(bases[t].clone()),
                 models: (0..3).map(|i| models[i][t].clone()).collect(),
             })
@@ -618,6 +622,7 @@ mod tests {
         let base = vec![0.0f32; 4];
         let models = vec![vec![1.0f32, -1.0, -1.0, 0.5], vec![-1.0, -1.0, -2.0, 0.0]];
         let reader = MemReader {
+            stats: Default::default(),
             base: Some(base),
             models,
         };
