@@ -20,12 +20,14 @@
 
 pub mod config;
 pub mod error;
+pub mod linalg;
 pub mod methods;
 pub mod params;
 pub mod philox;
 pub mod plan;
 pub mod reduce;
 pub mod select;
+pub mod solve;
 pub mod tensor;
 
 pub use error::MergeError;

@@ -74,6 +74,9 @@ pub struct TensorPlan {
     pub layer_pos: f64,
     /// `true` for a tensor whose dtype is not merged: its bytes are copied from the first input.
     pub copy_raw: bool,
+    /// Why this tensor uses a different method than the config's (e.g. a data-driven method
+    /// averaging a tensor it does not solve); `None` when it uses the config's method.
+    pub note: Option<String>,
 }
 
 /// The whole plan.
@@ -136,6 +139,29 @@ fn layer_count(model: &InputModel) -> usize {
         .map(|l| l.index + 1)
         .max()
         .unwrap_or(0)
+}
+
+/// Whether a tensor is a linear layer's weight (torch layout `[d_out, d_in]`): 2-D, and not an
+/// embedding, output head or norm. These are the tensors Gram-based methods solve.
+pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && name.ends_with(".weight")
+        && !name.contains("embed")
+        && !name.contains("norm")
+        && name != "lm_head.weight"
+        && !name.contains(".wte.")
+        && !name.contains(".wpe.")
+}
+
+/// Whether a data-driven method solves this tensor (needs statistics for it), or averages it as
+/// the references do (methods.md §10, §11: parameters without a statistic are averaged).
+pub fn is_solved(method: &str, objective: Option<&str>, name: &str, shape: &[usize]) -> bool {
+    match (method, objective) {
+        ("regmean", _) => is_linear_weight(name, shape),
+        ("mats", None | Some("gram") | Some("kfac")) => is_linear_weight(name, shape),
+        ("mats", Some("ia3_block")) => shape.len() == 1 && name.contains("ia3"),
+        _ => true,
+    }
 }
 
 fn is_pre_weight(name: &str) -> bool {
@@ -447,6 +473,21 @@ impl Planner<'_> {
                 }
             }
         }
+        // Data-driven methods average the tensors they do not solve.
+        let objective = match params.global.get("objective") {
+            Some(Scalar::Str(s)) => Some(s.as_str()),
+            _ => None,
+        };
+        let mut method = method;
+        let mut note = None;
+        if first.mergeable && !is_solved(&method, objective, &out_name, &first.shape) {
+            note = Some(format!("averaged: `{method}` solves only linear-layer weights"));
+            method = "linear".into();
+            let n = params.models.len();
+            params = TensorParams::default()
+                .with_model_values("weight", &vec![1.0; n])
+                .with_global("normalize", Scalar::Bool(true));
+        }
         // Build the method now so that bad parameters fail before any work.
         if first.mergeable {
             methods::build(&method, &params, models.len(), base.is_some()).map_err(
@@ -469,6 +510,7 @@ impl Planner<'_> {
             models,
             layer_pos: t,
             copy_raw: !first.mergeable,
+            note,
         });
         Ok(())
     }

@@ -284,6 +284,134 @@ where
     Ok(cuts)
 }
 
+/// Elements per parallel work item of the in-memory selection.
+const MEM_CHUNK: usize = 1 << 16;
+
+/// A histogram of `bucket(j)` over `j` in `0..n` (`n` at most `u32::MAX`), built in parallel
+/// over fixed chunks; counts are exact integers, so the result does not depend on the split.
+fn par_hist<F>(n: usize, bucket: F) -> Vec<u64>
+where
+    F: Fn(usize) -> Option<usize> + Sync,
+{
+    let chunks = n.div_ceil(MEM_CHUNK);
+    let h = (0..chunks)
+        .into_par_iter()
+        .fold(
+            || vec![0u32; BUCKETS],
+            |mut h, c| {
+                for j in c * MEM_CHUNK..((c + 1) * MEM_CHUNK).min(n) {
+                    if let Some(b) = bucket(j) {
+                        h[b] += 1;
+                    }
+                }
+                h
+            },
+        )
+        .reduce(
+            || vec![0u32; BUCKETS],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    h.into_iter().map(u64::from).collect()
+}
+
+/// [`select_cuts`] for elements held in memory: `key(j)` is the key of element `j` of `0..n`.
+/// Gives the same cuts; the histograms and the index scan run in parallel over fixed chunks.
+pub fn select_cuts_with<K>(n: usize, positions: &[u64], key: K) -> Vec<Cut>
+where
+    K: Fn(usize) -> u32 + Sync,
+{
+    if n > u32::MAX as usize {
+        // Per-thread u32 counts could overflow: stream in blocks instead.
+        const B: usize = 1 << 24;
+        let blocks: Vec<Range<usize>> = (0..n.div_ceil(B))
+            .map(|i| i * B..((i + 1) * B).min(n))
+            .collect();
+        return select_cuts(n, &blocks, positions, |r, keys| {
+            for (k, j) in keys.iter_mut().zip(r) {
+                *k = key(j);
+            }
+            Ok(())
+        })
+        .expect("filling keys from memory cannot fail");
+    }
+    let n64 = n as u64;
+    let mut cuts = vec![Cut::END; positions.len()];
+    let active: Vec<usize> = (0..positions.len())
+        .filter(|&j| positions[j] < n64)
+        .collect();
+    if active.is_empty() {
+        return cuts;
+    }
+    let hist_hi = par_hist(n, |j| Some((key(j) >> 16) as usize));
+    let mut his: Vec<u32> = active
+        .iter()
+        .map(|&j| locate(&hist_hi, positions[j]).0 as u32)
+        .collect();
+    his.sort_unstable();
+    his.dedup();
+    let hist_lo: Vec<Vec<u64>> = his
+        .iter()
+        .map(|&h| {
+            par_hist(n, |j| {
+                let k = key(j);
+                if k >> 16 == h {
+                    Some((k & 0xFFFF) as usize)
+                } else {
+                    None
+                }
+            })
+        })
+        .collect();
+    for &j in &active {
+        let p = positions[j];
+        let hi = locate(&hist_hi, p).0 as u32;
+        let h = his.binary_search(&hi).expect("bucket recorded in pass 1");
+        let kr = key_rank(&hist_hi, &hist_lo[h], p);
+        let take = p - kr.less;
+        cuts[j] = match kr.cut_without_scan(take) {
+            Some(c) => c,
+            None => {
+                // The index of the `take`-th (0-based) element equal to the key: count per
+                // chunk in parallel, then scan the chunk holding it.
+                let k0 = kr.key;
+                let counts: Vec<u64> = (0..n.div_ceil(MEM_CHUNK))
+                    .into_par_iter()
+                    .map(|c| {
+                        (c * MEM_CHUNK..((c + 1) * MEM_CHUNK).min(n))
+                            .filter(|&i| key(i) == k0)
+                            .count() as u64
+                    })
+                    .collect();
+                let mut seen = 0u64;
+                let mut index = u64::MAX;
+                for (c, &cnt) in counts.iter().enumerate() {
+                    if seen + cnt > take {
+                        let mut t = seen;
+                        for i in c * MEM_CHUNK..((c + 1) * MEM_CHUNK).min(n) {
+                            if key(i) == k0 {
+                                if t == take {
+                                    index = i as u64;
+                                    break;
+                                }
+                                t += 1;
+                            }
+                        }
+                        break;
+                    }
+                    seen += cnt;
+                }
+                Cut { key: k0, index }
+            }
+        };
+    }
+    cuts
+}
+
 fn count_equal(keys: &[u32], key: u32) -> u64 {
     if keys.len() < 2 * PAR_CHUNK {
         keys.iter().filter(|&&x| x == key).count() as u64
@@ -330,6 +458,8 @@ mod tests {
             Ok(())
         })
         .unwrap();
+        let mem = select_cuts_with(n, &positions, |j| keys[j]);
+        assert_eq!(cuts, mem, "in-memory selection gives the streaming cuts");
         for (p, cut) in cuts.iter().enumerate() {
             let expect = sorted_before(keys, p);
             for (i, &k) in keys.iter().enumerate() {
@@ -388,5 +518,15 @@ mod tests {
             .filter(|(i, &k)| cut.before(k, *i as u64))
             .count();
         assert_eq!(cnt as u64, p);
+        // In memory, over several parallel chunks, with a scan for the index among equal keys.
+        let positions = [0, 1, p, n as u64 / 2 + 7, n as u64 - 1, n as u64];
+        let mem = select_cuts_with(n, &positions, |j| keys[j]);
+        let streamed = select_cuts(n, &blocks_of(n, 4099), &positions, |r, out| {
+            out.copy_from_slice(&keys[r]);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(mem, streamed);
+        assert!(mem.iter().any(|c| c.index != 0 && c.index != u64::MAX));
     }
 }

@@ -6,6 +6,7 @@
 //! `buffers * block_elems * 4` plus [`FIXED_OVERHEAD`].
 
 use amalgam_core::methods::MergeMethod;
+use amalgam_core::tensor::TensorJob;
 
 /// Private memory outside the method's buffers: the output write buffer, thread stacks,
 /// allocator slack and the plan itself.
@@ -21,15 +22,12 @@ pub fn block_elems(method: &dyn MergeMethod, n_models: usize, budget: u64) -> us
     ((usable / per_elem) as usize).max(1)
 }
 
-/// Estimated peak private memory for one tensor of `numel` elements.
-pub fn tensor_peak(
-    method: &dyn MergeMethod,
-    n_models: usize,
-    numel: usize,
-    block: usize,
-    cols: usize,
-) -> u64 {
-    // A row block is at least one row.
-    let held = numel.min(block.max(cols)) as u64;
-    FIXED_OVERHEAD + held * 4 * method.buffers(n_models) as u64
+/// Estimated peak private memory for one tensor: the method's whole-tensor need when it has
+/// one, else its streaming buffers (a row block is at least one row).
+pub fn tensor_peak(method: &dyn MergeMethod, job: &TensorJob) -> u64 {
+    if let Some(whole) = method.whole_tensor_bytes(job) {
+        return FIXED_OVERHEAD + whole;
+    }
+    let held = job.numel().min(job.block_elems.max(job.cols())) as u64;
+    FIXED_OVERHEAD + held * 4 * method.buffers(job.n_models) as u64
 }

@@ -5,7 +5,34 @@ use amalgam_core::plan::{TensorPlan, TensorSource};
 use amalgam_core::tensor::{Input, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_io::Checkpoint;
+use rayon::prelude::*;
 use std::ops::Range;
+
+/// Elements per parallel work item of the non-finite scan.
+const SCAN_CHUNK: usize = 1 << 15;
+
+/// Index of the first non-finite value: a branch-free (vectorisable) test per chunk, chunks in
+/// parallel, and a search only inside a chunk that fails it.
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    let bad = |c: &[f32]| {
+        !c.iter()
+            .fold(true, |ok, x| ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000))
+    };
+    let find = |(i, c): (usize, &[f32])| {
+        if bad(c) {
+            c.iter()
+                .position(|x| !x.is_finite())
+                .map(|k| i * SCAN_CHUNK + k)
+        } else {
+            None
+        }
+    };
+    if v.len() < 2 * SCAN_CHUNK {
+        v.chunks(SCAN_CHUNK).enumerate().find_map(find)
+    } else {
+        v.par_chunks(SCAN_CHUNK).enumerate().find_map_first(find)
+    }
+}
 
 /// Reads the inputs of one [`TensorPlan`], converting to f32 and rejecting non-finite values
 /// (unless allowed) with an error naming the file and tensor.
@@ -131,7 +158,7 @@ impl TensorReader for PlanReader<'_> {
                 .map_err(|e| MergeError::Read(e.to_string()))?,
         }
         if !self.allow_nonfinite {
-            if let Some(k) = out.iter().position(|v| !v.is_finite()) {
+            if let Some(k) = first_non_finite(out) {
                 let file = ckpt
                     .get(&src.tensor)
                     .map(|m| m.file.display().to_string())

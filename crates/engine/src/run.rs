@@ -256,6 +256,30 @@ pub fn merge_tensor(
     Ok(())
 }
 
+/// Refuse, before any work, a plan with a tensor whose method must hold more than the budget.
+pub fn check_whole_tensor_needs(plan: &Plan, budget_bytes: u64) -> Result<(), EngineError> {
+    for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
+        let method = build_method(t)?;
+        let job = job_for(t, method.as_ref(), plan.seed, budget_bytes);
+        if let Some(whole) = method.whole_tensor_bytes(&job) {
+            let need = whole + budget::FIXED_OVERHEAD;
+            if need > budget_bytes {
+                return Err(EngineError::Budget {
+                    budget: budget_bytes,
+                    message: format!(
+                        "`{}` must hold tensor \"{}\" {:?} whole, about {} MiB; raise --memory-budget",
+                        t.method,
+                        t.name,
+                        t.shape,
+                        need.div_ceil(1 << 20)
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run a whole plan into `opts.out_dir`.
 pub fn execute(
     config: &MergeConfig,
@@ -273,6 +297,7 @@ pub fn execute(
     }
     let ckpts = plan_checkpoints(plan, inputs)?;
     resolve_chat_template(config, inputs)?;
+    check_whole_tensor_needs(plan, opts.memory_budget)?;
     let layout = output_layout(config, plan, opts.out_shard_size)?;
     let mut writer = CheckpointWriter::create(&opts.out_dir, layout, opts.overwrite)?;
 

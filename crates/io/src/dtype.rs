@@ -7,7 +7,8 @@
 use std::fmt;
 
 use half::prelude::HalfFloatSliceExt;
-use half::{bf16, f16};
+use half::f16;
+use rayon::prelude::*;
 
 /// The dtype of a tensor, as named in safetensors headers (`"F32"`, `"BF16"`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -185,16 +186,27 @@ pub(crate) fn decode_f32(dtype: &DType, bytes: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
-/// Encodes `src` as little-endian `dtype` bytes appended to `dst`, rounding to nearest even.
-/// Returns `false` (and appends nothing) for a dtype that is not float-convertible.
-pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool {
-    if !dtype.is_float_convertible() {
-        return false;
+/// `half`'s `bf16::from_f32` (round to nearest even; a NaN keeps its high bits with the quiet
+/// bit set), written without branches so that loops over it vectorise.
+#[inline(always)]
+fn f32_to_bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+    let round = ((x & 0x8000) != 0 && (x & 0x1_7FFF) != 0) as u32;
+    // Without overflow: a non-NaN `x >> 16` is at most 0xFF80 and rounds up only when the
+    // dropped bits are non-zero (so below 0xFF80).
+    let rounded = ((x >> 16) + round) as u16;
+    let quiet = ((x >> 16) | 0x0040) as u16;
+    if nan {
+        quiet
+    } else {
+        rounded
     }
-    let size = dtype.size_bytes();
-    let old = dst.len();
-    dst.resize(old + src.len() * size, 0);
-    let out = &mut dst[old..];
+}
+
+/// Encodes `src` into `out` (exactly `src.len() * dtype.size_bytes()` bytes) for a
+/// float-convertible `dtype`.
+fn encode_into(dtype: &DType, src: &[f32], out: &mut [u8]) {
     match dtype {
         DType::F32 => {
             for (o, v) in out.chunks_exact_mut(4).zip(src) {
@@ -208,7 +220,7 @@ pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool 
         }
         DType::BF16 => {
             for (o, v) in out.chunks_exact_mut(2).zip(src) {
-                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                o.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes());
             }
         }
         DType::F16 => {
@@ -221,11 +233,48 @@ pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool 
                 }
             }
         }
-        _ => {
-            dst.truncate(old);
-            return false;
-        }
+        _ => {}
     }
+}
+
+/// Elements per parallel work item of [`decode_f32_par`] and [`encode_f32`].
+const PAR_CHUNK: usize = 1 << 15;
+
+/// Encodes `src` as little-endian `dtype` bytes appended to `dst`, rounding to nearest even
+/// (large inputs in parallel over fixed chunks: the result is elementwise, so identical).
+/// Returns `false` (and appends nothing) for a dtype that is not float-convertible.
+pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool {
+    if !dtype.is_float_convertible() {
+        return false;
+    }
+    let size = dtype.size_bytes();
+    let old = dst.len();
+    dst.resize(old + src.len() * size, 0);
+    let out = &mut dst[old..];
+    if src.len() < 2 * PAR_CHUNK {
+        encode_into(dtype, src, out);
+    } else {
+        out.par_chunks_mut(PAR_CHUNK * size)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(o, s)| encode_into(dtype, s, o));
+    }
+    true
+}
+
+/// [`decode_f32`], large inputs in parallel over fixed chunks (elementwise, so identical).
+pub(crate) fn decode_f32_par(dtype: &DType, bytes: &[u8], out: &mut [f32]) -> bool {
+    if !dtype.is_float_convertible() {
+        return false;
+    }
+    let size = dtype.size_bytes();
+    if out.len() < 2 * PAR_CHUNK {
+        return decode_f32(dtype, bytes, out);
+    }
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(bytes.par_chunks(PAR_CHUNK * size))
+        .for_each(|(o, b)| {
+            decode_f32(dtype, b, o);
+        });
     true
 }
 
@@ -283,6 +332,47 @@ pub(crate) fn first_non_finite(dtype: &DType, bytes: &[u8]) -> Option<(usize, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_encoding_matches_half() {
+        let specials = [
+            0u32, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0000, 0x7F80_0001, 0xFFFF_FFFF,
+            0x7FFF_FFFF, 0x7F7F_FFFF, 0xFF7F_FFFF, 0x0000_8000, 0x0001_8000, 0x3F80_8000,
+            0x3F81_8000, 0x3F80_8001, 0x0000_7FFF,
+        ];
+        let stride = (1u64..=u32::MAX as u64).step_by(65_521).map(|x| x as u32);
+        for x in specials.into_iter().chain(stride) {
+            let v = f32::from_bits(x);
+            assert_eq!(
+                f32_to_bf16_bits(v),
+                half::bf16::from_f32(v).to_bits(),
+                "{x:#010x}"
+            );
+        }
+    }
+
+    #[test]
+    fn parallel_conversions_match_sequential() {
+        let n = 5 * PAR_CHUNK + 123;
+        let src: Vec<f32> = (0..n)
+            .map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761) & 0xBFFF_FFFF))
+            .collect();
+        for dt in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            let mut par = Vec::new();
+            assert!(encode_f32(&dt, &src, &mut par));
+            let mut seq = vec![0u8; n * dt.size_bytes()];
+            for (s, o) in src.chunks(1000).zip(seq.chunks_mut(1000 * dt.size_bytes())) {
+                encode_into(&dt, s, o);
+            }
+            assert_eq!(par, seq);
+            let mut a = vec![0f32; n];
+            let mut b = vec![0f32; n];
+            assert!(decode_f32_par(&dt, &par, &mut a));
+            assert!(decode_f32(&dt, &par, &mut b));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b));
+        }
+    }
 
     #[test]
     fn parse_round_trips_strings() {

@@ -244,6 +244,117 @@ pub enum IoError {
         /// What is wrong.
         reason: String,
     },
+    /// A statistics file's `__metadata__` entry is missing or invalid (architecture.md
+    /// "Statistics files").
+    #[error("{}: statistics metadata \"{key}\": {reason}; a statistics file's __metadata__ needs \"amalgam.stats\": \"1\", a \"kind\" string, \"examples\" >= 1 and \"tokens\" >= 1 (recompute the statistics with `amalgam stats`)", file.display())]
+    StatsMetadata {
+        /// The statistics file.
+        file: PathBuf,
+        /// The metadata key (`amalgam.stats`, `kind`, `examples`, `tokens`, `model_header_sha256`).
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A statistics key is malformed: no or an unknown `::` suffix, a dtype other than F32,
+    /// a matrix statistic that is not square 2-D, a key written twice.
+    #[error("{}: statistics key \"{key}\": {reason}", file.display())]
+    StatsKey {
+        /// The statistics file.
+        file: PathBuf,
+        /// The full key (`NAME::suffix`).
+        key: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A statistic holds a NaN, an infinity, or a negative value where only non-negative
+    /// values can occur (a diagonal Fisher; the diagonal of a Gram or Fisher matrix).
+    #[error("{}: statistics key \"{key}\": element {index} is {value}; {reason}", file.display())]
+    StatsValue {
+        /// The statistics file.
+        file: PathBuf,
+        /// The full key.
+        key: String,
+        /// Flat (row-major) index of the first bad element.
+        index: usize,
+        /// The value ("NaN", "inf", "-inf", or the negative number).
+        value: String,
+        /// Why it is wrong and what to do.
+        reason: String,
+    },
+    /// A Gram or Fisher matrix statistic is not symmetric within the tolerance.
+    #[error("{}: statistics key \"{key}\" is not symmetric: element ({row}, {col}) is {a_ij:e} but ({col}, {row}) is {a_ji:e} (allowed: relative difference {rtol:e} of max(|a_ij|, |a_ji|, sqrt(|a_ii| |a_jj|))); a Gram or Fisher matrix is symmetric, so the file is corrupt or was written in the wrong layout (recompute the statistics)", file.display())]
+    StatsNotSymmetric {
+        /// The statistics file.
+        file: PathBuf,
+        /// The full key.
+        key: String,
+        /// Row of the first offending pair (`row < col`).
+        row: usize,
+        /// Column of the first offending pair.
+        col: usize,
+        /// The element at (row, col).
+        a_ij: f32,
+        /// The element at (col, row).
+        a_ji: f32,
+        /// The relative tolerance applied.
+        rtol: f64,
+    },
+    /// A statistic a method needs is not in the statistics file.
+    #[error("{}: no statistic \"{key}\"; the merge method needs it for this tensor: recompute the statistics with the kind this method needs (`amalgam stats`), or merge this tensor with a method that needs none", file.display())]
+    StatsMissing {
+        /// The statistics file.
+        file: PathBuf,
+        /// The missing key (`NAME::suffix`).
+        key: String,
+    },
+    /// The statistics record a model header digest that is not the model's.
+    #[error("{}: statistics were computed for a different model: its model_header_sha256 is {expected} but {} has {actual}; recompute the statistics for this model (`amalgam stats`) or point `statistics:` at the file made for it", stats.display(), model.display())]
+    StatsWrongModel {
+        /// The statistics file.
+        stats: PathBuf,
+        /// The model checkpoint.
+        model: PathBuf,
+        /// The digest recorded in the statistics.
+        expected: String,
+        /// The model's digest.
+        actual: String,
+    },
+    /// A statistics key names a parameter the model does not have.
+    #[error("{}: statistics key \"{key}\" is for parameter \"{param}\", which model {} does not have; the statistics were computed for a different model (recompute them, or point `statistics:` at the file made for this model)", stats.display(), model.display())]
+    StatsUnknownParameter {
+        /// The statistics file.
+        stats: PathBuf,
+        /// The model checkpoint.
+        model: PathBuf,
+        /// The full key.
+        key: String,
+        /// The parameter name (the key without its suffix).
+        param: String,
+    },
+    /// A statistic's shape does not fit its parameter's shape.
+    #[error("{}: statistics key \"{key}\" has shape {actual:?} but parameter \"{param}\" of model {} has shape {param_shape:?}, which needs {expected}; the statistics were computed for a different model (recompute them)", stats.display(), model.display())]
+    StatsShape {
+        /// The statistics file.
+        stats: PathBuf,
+        /// The model checkpoint.
+        model: PathBuf,
+        /// The full key.
+        key: String,
+        /// The parameter name.
+        param: String,
+        /// The statistic's shape.
+        actual: Vec<usize>,
+        /// The parameter's shape.
+        param_shape: Vec<usize>,
+        /// The shape it should have, in words (`[4096, 4096]`, or "a 2-D weight [d_out, d_in]").
+        expected: String,
+    },
+    /// The statistics file to write already exists.
+    #[error("{}: already exists; choose another path for the statistics or allow overwriting (--overwrite)", file.display())]
+    StatsExists {
+        /// The existing file.
+        file: PathBuf,
+    },
 }
 
 fn found_hint(found: &[String]) -> String {

@@ -35,6 +35,7 @@ mod dtype;
 mod error;
 pub mod hf_index;
 pub mod safetensors;
+pub mod stats;
 
 pub use atomic::{temp_path, write_text_atomic};
 pub use aux_files::{copy_aux_files, read_vocab, AUX_FILES};
@@ -45,3 +46,4 @@ pub use safetensors::read::{Checkpoint, CheckpointFile, TensorMeta};
 pub use safetensors::write::{
     CheckpointWriter, OutputFile, OutputLayout, OutputSummary, OutputTensor,
 };
+pub use stats::{write_stats, StatKey, StatKind, StatsFile, StatsMeta, StatsWriter};

@@ -115,19 +115,15 @@ fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<
         total += bytes;
         let method_name = if t.copy_raw {
             "copy".to_string()
+        } else if t.note.is_some() {
+            format!("{} (avg)", t.method)
         } else {
             t.method.clone()
         };
         if !t.copy_raw {
             let m = run::build_method(t)?;
             let job = run::job_for(t, m.as_ref(), plan.seed, args.memory_budget);
-            peak = peak.max(budget::tensor_peak(
-                m.as_ref(),
-                t.models.len(),
-                numel,
-                job.block_elems,
-                job.cols(),
-            ));
+            peak = peak.max(budget::tensor_peak(m.as_ref(), &job));
         }
         let mut params: Vec<String> = t
             .params

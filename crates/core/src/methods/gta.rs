@@ -209,8 +209,21 @@ fn non_finite(job: &TensorJob, input: Input, at: usize) -> MergeError {
     }
 }
 
+/// Whether every value is finite: branch-free (vectorisable) per chunk, chunks in parallel.
+pub fn all_finite(v: &[f32]) -> bool {
+    fn seq(v: &[f32]) -> bool {
+        v.iter()
+            .fold(true, |ok, x| ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000))
+    }
+    if v.len() < 2 * PAR_CHUNK {
+        seq(v)
+    } else {
+        v.par_chunks(PAR_CHUNK).all(seq)
+    }
+}
+
 fn check_finite(job: &TensorJob, input: Input, start: usize, v: &[f32]) -> Result<()> {
-    if v.iter().all(|x| x.is_finite()) {
+    if all_finite(v) {
         return Ok(());
     }
     let off = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
@@ -240,8 +253,18 @@ pub fn read_delta(
 ) -> Result<()> {
     reader.read(Input::Model(model), range.clone(), delta)?;
     check_finite(job, Input::Model(model), range.start, delta)?;
-    for (d, b) in delta.iter_mut().zip(base) {
-        *d -= *b;
+    let sub = |(d, b): (&mut [f32], &[f32])| {
+        for (d, b) in d.iter_mut().zip(b) {
+            *d -= *b;
+        }
+    };
+    if delta.len() < 2 * PAR_CHUNK {
+        sub((delta, base));
+    } else {
+        delta
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(base.par_chunks(PAR_CHUNK))
+            .for_each(sub);
     }
     Ok(())
 }
@@ -314,6 +337,36 @@ fn rescale_factors(
     Ok(factors)
 }
 
+/// Scale one block of model `i`'s task vector in place: sparsify, rescale, weight.
+fn weight_block(
+    opts: &GtaOptions,
+    sp: Option<&dyn Sparsifier>,
+    factors: &[f32],
+    i: usize,
+    start: usize,
+    d: &mut [f32],
+    sparsified: bool,
+) -> Result<()> {
+    if let Some(sp) = sp {
+        if !sp.is_identity(i) {
+            if !sparsified {
+                sp.apply(i, start, d)?;
+            }
+            if factors[i] != 1.0 {
+                let f = factors[i];
+                d.par_iter_mut()
+                    .with_min_len(PAR_CHUNK)
+                    .for_each(|x| *x *= f);
+            }
+        }
+    }
+    let w = opts.weights[i];
+    d.par_iter_mut()
+        .with_min_len(PAR_CHUNK)
+        .for_each(|x| *x *= w);
+    Ok(())
+}
+
 /// Read one block: base into `base`, and `w_i · δ'_i` (sparsified, rescaled, weighted) into
 /// `deltas[i]`.
 #[allow(clippy::too_many_arguments)]
@@ -332,21 +385,7 @@ fn weighted_deltas(
     for (i, d) in deltas.iter_mut().enumerate() {
         d.resize(r.len(), 0.0);
         read_delta(job, reader, i, r.clone(), base, d)?;
-        if let Some(sp) = sp {
-            if !sp.is_identity(i) {
-                sp.apply(i, r.start, d)?;
-                if factors[i] != 1.0 {
-                    let f = factors[i];
-                    d.par_iter_mut()
-                        .with_min_len(PAR_CHUNK)
-                        .for_each(|x| *x *= f);
-                }
-            }
-        }
-        let w = opts.weights[i];
-        d.par_iter_mut()
-            .with_min_len(PAR_CHUNK)
-            .for_each(|x| *x *= w);
+        weight_block(opts, sp, factors, i, r.start, d, false)?;
     }
     Ok(())
 }
@@ -377,14 +416,7 @@ fn consensus_sum(c: Consensus, deltas: &[Vec<f32>], j: usize) -> f32 {
     s
 }
 
-/// Run the pipeline on one tensor and write the result.
-pub fn merge(
-    opts: &GtaOptions,
-    sparsifier: Option<&dyn Sparsifier>,
-    job: &TensorJob,
-    reader: &dyn TensorReader,
-    writer: &mut dyn TensorWriter,
-) -> Result<()> {
+fn check_job(opts: &GtaOptions, job: &TensorJob) -> Result<()> {
     let n = opts.weights.len();
     if job.n_models != n {
         return Err(MergeError::BadInputs {
@@ -401,7 +433,18 @@ pub fn merge(
             message: "requires `base_model`".into(),
         });
     }
-    let factors = rescale_factors(opts, sparsifier, job, reader)?;
+    Ok(())
+}
+
+/// Elements per inner tile of [`combine`] (per-tile arrays keep its loops vectorisable).
+const TILE: usize = 512;
+
+/// Steps 3-5 on one block: `out[j] = base[j] + λ·mix(v_·[j])` from the weighted task vectors.
+///
+/// Written tile by tile over whole arrays so that it vectorises; per element it performs
+/// exactly the f32 operations of the rule in model order (adding `+0.0` for a model that does
+/// not take part leaves the sums' bits unchanged: they start at `+0.0` and never become `-0.0`).
+fn combine(opts: &GtaOptions, base: &[f32], deltas: &[Vec<f32>], out: &mut [f32]) {
     let weights = &opts.weights;
     let plain_div = {
         let s: f32 = weights.iter().sum();
@@ -411,6 +454,189 @@ pub fn merge(
             s
         }
     };
+    out.par_chunks_mut(PAR_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s_buf = [0.0f32; TILE];
+            let mut div_buf = [0.0f32; TILE];
+            for (t, o) in chunk.chunks_mut(TILE).enumerate() {
+                let off = c * PAR_CHUNK + t * TILE;
+                let len = o.len();
+                let s = &mut s_buf[..len];
+                let div = &mut div_buf[..len];
+                s.fill(0.0);
+                let mut plain = true;
+                match opts.consensus {
+                    None => {
+                        for d in deltas {
+                            for (a, x) in s.iter_mut().zip(&d[off..off + len]) {
+                                *a += *x;
+                            }
+                        }
+                    }
+                    Some(cm) => {
+                        plain = false;
+                        for d in deltas {
+                            let d = &d[off..off + len];
+                            match cm {
+                                Consensus::Sum => {
+                                    for (a, x) in s.iter_mut().zip(d) {
+                                        *a += *x;
+                                    }
+                                }
+                                Consensus::Count => {
+                                    for (a, &v) in s.iter_mut().zip(d) {
+                                        let p = if v > 0.0 { 1.0 } else { 0.0 };
+                                        let q = if v < 0.0 { 1.0 } else { 0.0 };
+                                        *a += p - q;
+                                    }
+                                }
+                            }
+                        }
+                        // s becomes the mix; `positive` is decided from the consensus sum.
+                        let (zero_pos, strict) = match opts.zero_sign {
+                            None => (true, false),
+                            Some(z) => (z > 0, true),
+                        };
+                        let mut pos = [false; TILE];
+                        for (p, &x) in pos.iter_mut().zip(s.iter()) {
+                            *p = if strict {
+                                x > 0.0 || (x == 0.0 && zero_pos)
+                            } else {
+                                x >= 0.0
+                            };
+                        }
+                        s.fill(0.0);
+                        div.fill(0.0);
+                        for (d, &w) in deltas.iter().zip(weights) {
+                            let d = &d[off..off + len];
+                            for k in 0..len {
+                                let v = d[k];
+                                let take = (pos[k] && v > 0.0) || (!pos[k] && v < 0.0);
+                                s[k] += if take { v } else { 0.0 };
+                                div[k] += if take { w } else { 0.0 };
+                            }
+                        }
+                        for x in div.iter_mut() {
+                            if *x == 0.0 {
+                                *x = 1.0;
+                            }
+                        }
+                    }
+                }
+                let b = &base[off..off + len];
+                for k in 0..len {
+                    let mut mix = s[k];
+                    if opts.normalize {
+                        mix /= if plain { plain_div } else { div[k] };
+                    }
+                    if opts.lambda != 1.0 {
+                        mix *= opts.lambda;
+                    }
+                    o[k] = b[k] + mix;
+                }
+            }
+        });
+}
+
+/// Whether the whole tensor is one row block of `job`: its inputs may then be held whole
+/// (the base, `n` task vectors and the output are the `n + 2` buffers a streaming pass holds
+/// anyway), so each input is read once ([`load_task_vectors`], [`merge_loaded`]).
+pub fn single_block(job: &TensorJob) -> bool {
+    job.row_blocks().nth(1).is_none()
+}
+
+/// Read the whole base and every model's raw task vector `δ_i = θ_i − θ_0` (checked finite),
+/// each input read once. Only for [`single_block`] jobs (the caller checks memory).
+pub fn load_task_vectors(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let numel = job.numel();
+    let mut base = vec![0.0f32; numel];
+    read_base(job, reader, 0..numel, &mut base)?;
+    let mut deltas = Vec::with_capacity(job.n_models);
+    for i in 0..job.n_models {
+        let mut d = vec![0.0f32; numel];
+        read_delta(job, reader, i, 0..numel, &base, &mut d)?;
+        deltas.push(d);
+    }
+    Ok((base, deltas))
+}
+
+/// Run the pipeline on a whole tensor already in memory (`deltas[i]` the raw task vectors of
+/// [`load_task_vectors`], consumed in place) and write the result. Bit-identical to [`merge`]:
+/// every step is the same elementwise f32 arithmetic and the L1 norms use [`ChunkedSum`].
+pub fn merge_loaded(
+    opts: &GtaOptions,
+    sparsifier: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    base: &[f32],
+    deltas: &mut [Vec<f32>],
+    writer: &mut dyn TensorWriter,
+) -> Result<()> {
+    check_job(opts, job)?;
+    let n = opts.weights.len();
+    let numel = job.numel();
+    let mut factors = vec![1.0f32; n];
+    let mut sparsified = false;
+    if let Some(sp) = sparsifier {
+        for (i, d) in deltas.iter_mut().enumerate() {
+            if sp.is_identity(i) {
+                continue;
+            }
+            if opts.rescale {
+                let mut before = ChunkedSum::new(numel);
+                before.add_block(0, numel, |k| d[k].abs() as f64);
+                sp.apply(i, 0, d)?;
+                let mut after = ChunkedSum::new(numel);
+                after.add_block(0, numel, |k| d[k].abs() as f64);
+                let (b, a) = (before.total() as f32, after.total() as f32);
+                if b as f64 >= RESCALE_EPS && a as f64 >= RESCALE_EPS {
+                    factors[i] = b / a;
+                }
+            } else {
+                sp.apply(i, 0, d)?;
+            }
+        }
+        sparsified = true;
+    }
+    for (i, d) in deltas.iter_mut().enumerate() {
+        weight_block(opts, sparsifier, &factors, i, 0, d, sparsified)?;
+    }
+    let mut out = vec![0.0f32; numel];
+    combine(opts, base, deltas, &mut out);
+    writer.write(0..numel, &out)
+}
+
+/// Run the pipeline on one tensor and write the result.
+pub fn merge(
+    opts: &GtaOptions,
+    sparsifier: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    writer: &mut dyn TensorWriter,
+) -> Result<()> {
+    check_job(opts, job)?;
+    if single_block(job) {
+        let (base, mut deltas) = load_task_vectors(job, reader)?;
+        return merge_loaded(opts, sparsifier, job, &base, &mut deltas, writer);
+    }
+    merge_streaming(opts, sparsifier, job, reader, writer)
+}
+
+/// [`merge`] block by block, whatever the tensor size (each input read once, twice with
+/// `rescale`).
+pub fn merge_streaming(
+    opts: &GtaOptions,
+    sparsifier: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    writer: &mut dyn TensorWriter,
+) -> Result<()> {
+    check_job(opts, job)?;
+    let n = opts.weights.len();
+    let factors = rescale_factors(opts, sparsifier, job, reader)?;
     let mut base = Vec::new();
     let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); n];
     let mut out = Vec::new();
@@ -426,49 +652,7 @@ pub fn merge(
             &mut deltas,
         )?;
         out.resize(r.len(), 0.0f32);
-        let deltas = &deltas;
-        let base = &base;
-        out.par_chunks_mut(PAR_CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let off = c * PAR_CHUNK;
-                for (k, o) in chunk.iter_mut().enumerate() {
-                    let j = off + k;
-                    let (mut mix, div) = match opts.consensus {
-                        None => {
-                            let mut s = 0.0f32;
-                            for d in deltas {
-                                s += d[j];
-                            }
-                            (s, plain_div)
-                        }
-                        Some(cm) => {
-                            let s = consensus_sum(cm, deltas, j);
-                            let positive = match opts.zero_sign {
-                                None => s >= 0.0,
-                                Some(z) => s > 0.0 || (s == 0.0 && z > 0),
-                            };
-                            let mut mix = 0.0f32;
-                            let mut div = 0.0f32;
-                            for (d, &w) in deltas.iter().zip(weights) {
-                                let v = d[j];
-                                if (positive && v > 0.0) || (!positive && v < 0.0) {
-                                    mix += v;
-                                    div += w;
-                                }
-                            }
-                            (mix, if div == 0.0 { 1.0 } else { div })
-                        }
-                    };
-                    if opts.normalize {
-                        mix /= div;
-                    }
-                    if opts.lambda != 1.0 {
-                        mix *= opts.lambda;
-                    }
-                    *o = base[j] + mix;
-                }
-            });
+        combine(opts, &base, &deltas, &mut out);
         writer.write(r, &out)?;
     }
     Ok(())

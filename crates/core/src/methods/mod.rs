@@ -14,20 +14,25 @@ use crate::tensor::{TensorJob, TensorReader, TensorWriter};
 pub mod breadcrumbs;
 pub mod dare;
 pub mod della;
+pub mod fisher;
 pub(crate) mod gram;
 pub mod gta;
+pub mod iso;
 pub mod karcher;
 pub mod linear;
+pub mod mats;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod regmean;
 pub mod sce;
 pub mod slerp;
 pub mod sparsify;
 pub mod task_arithmetic;
 pub mod ties;
+pub mod tsv;
 
 /// Partial statistics of one tensor for a model-global pass, and (summed over all tensors by
 /// the executor, elementwise, in plan order) the pass's result. What the vectors hold is up to
@@ -156,6 +161,12 @@ pub fn registry() -> Vec<MethodInfo> {
         model_stock::INFO,
         nearswap::INFO,
         passthrough::INFO,
+        tsv::INFO,
+        iso::INFO_C,
+        iso::INFO_CTS,
+        fisher::INFO,
+        regmean::INFO,
+        mats::INFO,
     ]
 }
 
@@ -200,6 +211,12 @@ pub fn build(
         "model_stock" => Box::new(model_stock::ModelStock::from_params(params, n_models)?),
         "nearswap" => Box::new(nearswap::Nearswap::from_params(params, n_models)?),
         "passthrough" => Box::new(passthrough::Passthrough::from_params(params, n_models)?),
+        "tsv" => Box::new(tsv::Tsv::from_params(params, n_models, has_base)?),
+        "iso_c" => Box::new(iso::Iso::from_params(params, n_models, has_base, false)?),
+        "iso_cts" => Box::new(iso::Iso::from_params(params, n_models, has_base, true)?),
+        "fisher" => Box::new(fisher::Fisher::from_params(params, n_models)?),
+        "regmean" => Box::new(regmean::RegMean::from_params(params, n_models)?),
+        "mats" => Box::new(mats::Mats::from_params(params, n_models, has_base)?),
         other => return Err(MergeError::UnknownMethod(other.into())),
     })
 }

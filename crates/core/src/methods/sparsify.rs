@@ -24,7 +24,7 @@
 use crate::error::{MergeError, Result};
 use crate::methods::gta::{read_base, read_delta, Sparsifier};
 use crate::params::TensorParams;
-use crate::select::{select_cuts, Cut};
+use crate::select::{select_cuts, select_cuts_with, Cut};
 use crate::tensor::{TensorJob, TensorReader};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -106,10 +106,10 @@ impl Sparsifier for RankSparsifier {
                     .enumerate()
                     .for_each(|(c, chunk)| {
                         let base = (start + c * PAR_CHUNK) as u64;
+                        // Branch-free: a dropped entry's bits are cleared (`+0.0`).
                         for (k, x) in chunk.iter_mut().enumerate() {
-                            if !m.keeps(*x, base + k as u64) {
-                                *x = 0.0;
-                            }
+                            let keep = m.keeps(*x, base + k as u64) as u32;
+                            *x = f32::from_bits(x.to_bits() & 0u32.wrapping_sub(keep));
                         }
                     });
             }
@@ -199,6 +199,33 @@ pub fn magnitude(
         }));
     }
     Ok(RankSparsifier { masks })
+}
+
+/// [`magnitude`] on task vectors held in memory (`deltas[i]`: model `i`'s whole task vector);
+/// the same masks, without re-reading the inputs.
+pub fn magnitude_loaded(deltas: &[Vec<f32>], densities: &[f64]) -> RankSparsifier {
+    let masks = densities
+        .iter()
+        .zip(deltas)
+        .map(|(&density, d)| {
+            let n = d.len();
+            if density >= 1.0 || n == 0 {
+                return ModelMask::All;
+            }
+            let k = frac_count(density, n).max(1);
+            if k >= n {
+                return ModelMask::All;
+            }
+            let order = KeyOrder::Descending;
+            let cuts = select_cuts_with(n, &[k as u64], |j| order.key(d[j]));
+            ModelMask::Rank(RankMask {
+                order,
+                lo: Cut::START,
+                hi: cuts[0],
+            })
+        })
+        .collect();
+    RankSparsifier { masks }
 }
 
 /// mergekit `magnitude_outliers` (breadcrumbs): per model drop the `⌊γ·d⌋` largest `|δ|` and as
@@ -305,6 +332,7 @@ mod tests {
                 let j = job(n, 1, block);
                 let sp = magnitude(&j, &reader, &[density]).unwrap();
                 let d: Vec<f32> = model.iter().zip(&base).map(|(m, b)| m - b).collect();
+                assert_eq!(magnitude_loaded(&[d.clone()], &[density]), sp);
                 let got = apply_all(&sp, 0, &d, block);
                 let k = if density >= 1.0 {
                     n

@@ -253,9 +253,21 @@ impl MergeMethod for Ties {
         writer: &mut dyn TensorWriter,
     ) -> Result<()> {
         match self.scope {
+            TrimScope::Tensor if gta::single_block(job) => {
+                // The whole tensor fits the budget: read every input once and select in memory.
+                let t0 = std::time::Instant::now();
+                let (base, mut deltas) = gta::load_task_vectors(job, reader)?;
+                let t1 = std::time::Instant::now();
+                let sp = sparsify::magnitude_loaded(&deltas, &self.densities);
+                let t2 = std::time::Instant::now();
+                let r = gta::merge_loaded(&self.opts, Some(&sp), job, &base, &mut deltas, writer);
+                let t3 = std::time::Instant::now();
+                eprintln!("PROF {} {} {} {}", job.numel(), (t1-t0).as_secs_f64(), (t2-t1).as_secs_f64(), (t3-t2).as_secs_f64());
+                r
+            }
             TrimScope::Tensor => {
                 let sp = sparsify::magnitude(job, reader, &self.densities)?;
-                gta::merge(&self.opts, Some(&sp), job, reader, writer)
+                gta::merge_streaming(&self.opts, Some(&sp), job, reader, writer)
             }
             TrimScope::Model => {
                 let sp = self.model_sparsifier(global)?;
@@ -437,6 +449,54 @@ mod tests {
         let m = Ties::from_params(&params(&w, &[1.0; 3]), 3).unwrap();
         let got = merge_in_memory(&m, &job(&[8], 3, 8), &reader).unwrap();
         assert_eq!(got, vec![1.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 2.0]);
+    }
+
+    /// The in-memory path (whole tensor in one block) against the streaming path (several
+    /// blocks, several passes), on a tensor large enough for the parallel chunks, with many
+    /// equal magnitudes at the cut and every option.
+    #[test]
+    fn in_memory_path_matches_streaming_bits() {
+        let (rows, cols) = (97, 1031);
+        let n = rows * cols;
+        let base = rand_vec(20, n);
+        let models: Vec<Vec<f32>> = (21..25)
+            .map(|s| {
+                let r = rand_vec(s, n);
+                // Quantised task vectors: many exactly equal magnitudes.
+                r.iter()
+                    .zip(&base)
+                    .map(|(x, b)| b + (x * 8.0).round() / 8.0)
+                    .collect()
+            })
+            .collect();
+        let reader = MemReader {
+            stats: Default::default(),
+            base: Some(base.clone()),
+            models: models.clone(),
+        };
+        let w = [1.0, 0.7, -0.3, 0.45];
+        for (dens, rescale, count, lambda) in [
+            ([0.2, 0.2, 0.2, 0.2], false, false, 1.0),
+            ([0.1, 0.5, 1.0, 0.33], true, false, 0.9),
+            ([0.25, 0.6, 0.05, 0.8], false, true, 1.0),
+        ] {
+            let mut p = params(&w, &dens)
+                .with_global("rescale", Scalar::Bool(rescale))
+                .with_global("lambda", Scalar::Num(lambda));
+            if count {
+                p = p.with_global("consensus_method", Scalar::Str("count".into()));
+            }
+            let m = Ties::from_params(&p, 4).unwrap();
+            let whole = merge_in_memory(&m, &job(&[rows, cols], 4, n), &reader).unwrap();
+            let want = naive_ties(&base, &models, &w, &dens, true, lambda, count);
+            if !rescale {
+                assert_close(&whole, &want);
+            }
+            for block in [cols * 13 + 5, cols * 50] {
+                let small = merge_in_memory(&m, &job(&[rows, cols], 4, block), &reader).unwrap();
+                assert_eq!(bits(&whole), bits(&small), "block {block}");
+            }
+        }
     }
 
     #[test]

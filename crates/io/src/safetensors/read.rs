@@ -13,7 +13,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::checksum::sha256_hex_parts;
-use crate::dtype::{decode_f32, first_non_finite, DType};
+use crate::dtype::{decode_f32_par, first_non_finite, DType};
 use crate::error::IoError;
 use crate::hf_index::{self, INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::header;
@@ -303,7 +303,7 @@ impl Checkpoint {
         let size = t.dtype.size_bytes();
         let start = t.data_range.start + range.start * size;
         let bytes = &f.map[start..start + range.len() * size];
-        let ok = decode_f32(&t.dtype, bytes, out);
+        let ok = decode_f32_par(&t.dtype, bytes, out);
         debug_assert!(ok, "dtype checked above");
         Ok(())
     }

@@ -25,7 +25,7 @@ use crate::safetensors::header::{self, HeaderEntry};
 /// Buffer size of each output file's writer.
 const WRITE_BUFFER: usize = 8 << 20;
 /// Elements converted per step in [`CheckpointWriter::write_f32`].
-const ENCODE_CHUNK: usize = 1 << 16;
+const ENCODE_CHUNK: usize = 1 << 20;
 
 /// One tensor of the output.
 #[derive(Debug, Clone, PartialEq, Eq)]
