@@ -385,11 +385,17 @@ mod tests {
         let a = rand_vec(4, m * k);
         let b = rand_vec(5, k * n);
         let par = matmul(&a, m, k, &b, n);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let seq = pool.install(|| matmul(&a, m, k, &b, n));
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&par), bits(&seq));
-        let pool3 = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool3 = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let three = pool3.install(|| matmul_tn(&a, m, k, &a, k));
         let one = pool.install(|| matmul_tn(&a, m, k, &a, k));
         assert_eq!(bits(&three), bits(&one));
@@ -486,7 +492,9 @@ mod tests {
     fn cholesky_errors_name_the_problem() {
         let zero = vec![0.0; 9];
         let b = vec![1.0; 3];
-        let e = cholesky_solve(&zero, 3, &b, 1, 0.0).unwrap_err().to_string();
+        let e = cholesky_solve(&zero, 3, &b, 1, 0.0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not symmetric positive definite"), "{e}");
         assert!(e.contains("pivot 0"), "{e}");
         // all-zero statistics with a ridge: x = b / ridge
@@ -501,7 +509,9 @@ mod tests {
             cholesky_solve(&zero, 3, &b, 1, 0.0).unwrap_err(),
             "model.layers.0.mlp.up_proj.weight",
         );
-        assert!(named.to_string().starts_with("tensor `model.layers.0.mlp.up_proj.weight`"));
+        assert!(named
+            .to_string()
+            .starts_with("tensor `model.layers.0.mlp.up_proj.weight`"));
         assert!(lu_solve(&zero, 3, &b, 1).is_err());
     }
 }

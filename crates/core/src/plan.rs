@@ -481,7 +481,9 @@ impl Planner<'_> {
         let mut method = method;
         let mut note = None;
         if first.mergeable && !is_solved(&method, objective, &out_name, &first.shape) {
-            note = Some(format!("averaged: `{method}` solves only linear-layer weights"));
+            note = Some(format!(
+                "averaged: `{method}` solves only linear-layer weights"
+            ));
             method = "linear".into();
             let n = params.models.len();
             params = TensorParams::default()

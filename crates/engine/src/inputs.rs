@@ -3,7 +3,7 @@
 use crate::error::EngineError;
 use amalgam_core::config::{MergeConfig, ModelRef};
 use amalgam_core::plan::{referenced_models, InputModel, InputTensor};
-use amalgam_io::Checkpoint;
+use amalgam_io::{Checkpoint, StatsFile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +17,9 @@ pub struct Inputs {
     pub models: BTreeMap<ModelRef, InputModel>,
     /// Row map for vocabulary-axis tensors, when `tokenizer_source` re-indexes them.
     pub vocab: Option<crate::vocab::VocabMap>,
+    /// Statistics files by model (the config's per-model `statistics:`), validated against
+    /// their model.
+    pub stats: BTreeMap<ModelRef, Arc<StatsFile>>,
 }
 
 fn looks_like_hub_name(s: &str) -> bool {
@@ -96,6 +99,17 @@ pub fn open_inputs(config: &MergeConfig, config_dir: Option<&Path>) -> Result<In
             .models
             .insert(m.clone(), input_model(m.to_string(), &ckpt));
         inputs.checkpoints.insert(m, Arc::new(ckpt));
+    }
+    for (m, path) in &config.statistics {
+        let p = resolve_model_path(path, config_dir).map_err(|_| EngineError::Model {
+            model: m.to_string(),
+            message: format!("statistics file `{path}` not found"),
+        })?;
+        let stats = StatsFile::open(&p)?;
+        if let Some(ck) = inputs.checkpoints.get(m) {
+            stats.check_model(ck)?;
+        }
+        inputs.stats.insert(m.clone(), Arc::new(stats));
     }
     Ok(inputs)
 }

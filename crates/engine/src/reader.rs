@@ -4,7 +4,7 @@ use crate::vocab::{is_vocab_tensor, DefaultRow, RowSource, VocabMap};
 use amalgam_core::plan::{TensorPlan, TensorSource};
 use amalgam_core::tensor::{Input, TensorReader};
 use amalgam_core::MergeError;
-use amalgam_io::Checkpoint;
+use amalgam_io::{Checkpoint, StatKind, StatsFile};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -15,8 +15,9 @@ const SCAN_CHUNK: usize = 1 << 15;
 /// parallel, and a search only inside a chunk that fails it.
 fn first_non_finite(v: &[f32]) -> Option<usize> {
     let bad = |c: &[f32]| {
-        !c.iter()
-            .fold(true, |ok, x| ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000))
+        !c.iter().fold(true, |ok, x| {
+            ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000)
+        })
     };
     let find = |(i, c): (usize, &[f32])| {
         if bad(c) {
@@ -42,6 +43,7 @@ pub struct PlanReader<'a> {
     checkpoints: &'a [&'a Checkpoint],
     allow_nonfinite: bool,
     vocab: Option<&'a VocabMap>,
+    stats: &'a [Option<&'a StatsFile>],
 }
 
 impl<'a> PlanReader<'a> {
@@ -56,7 +58,28 @@ impl<'a> PlanReader<'a> {
             checkpoints,
             allow_nonfinite,
             vocab: None,
+            stats: &[],
         }
+    }
+
+    /// Read statistics from `stats[i]`, the statistics file of the plan's model `i` (if any).
+    pub fn with_stats(mut self, stats: &'a [Option<&'a StatsFile>]) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    fn stats_source(
+        &self,
+        model: usize,
+        kind: &str,
+    ) -> Result<(&TensorSource, Option<&StatsFile>, StatKind), MergeError> {
+        let src = self.plan.models.get(model).ok_or_else(|| {
+            MergeError::Read(format!("tensor \"{}\": no model #{model}", self.plan.name))
+        })?;
+        let kind: StatKind = kind
+            .parse()
+            .map_err(|e: String| MergeError::Read(format!("statistic kind `{kind}`: {e}")))?;
+        Ok((src, self.stats.get(src.model).copied().flatten(), kind))
     }
 
     /// Re-index vocabulary-axis tensors through `vocab` (`tokenizer_source`).
@@ -147,6 +170,33 @@ impl<'a> PlanReader<'a> {
 }
 
 impl TensorReader for PlanReader<'_> {
+    fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>, MergeError> {
+        let (src, file, kind) = self.stats_source(model, kind)?;
+        Ok(file
+            .and_then(|f| f.shape(&src.tensor, kind))
+            .map(|s| s.to_vec()))
+    }
+
+    fn read_stat(
+        &self,
+        model: usize,
+        kind: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), MergeError> {
+        let (src, file, kind) = self.stats_source(model, kind)?;
+        let file = file.ok_or_else(|| {
+            MergeError::Read(format!(
+                "tensor \"{}\": model #{model} has no `statistics:` file, but `{}` needs `{}`",
+                self.plan.name,
+                self.plan.method,
+                kind.key(&src.tensor)
+            ))
+        })?;
+        file.read(&src.tensor, kind, range, out)
+            .map_err(|e| MergeError::Read(e.to_string()))
+    }
+
     fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<(), MergeError> {
         let src = self.source(input)?;
         let ckpt = self.checkpoints[src.model];

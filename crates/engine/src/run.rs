@@ -18,10 +18,20 @@ use amalgam_core::methods::{self, GlobalStats, MergeMethod};
 use amalgam_core::plan::{Plan, TensorPlan};
 use amalgam_core::tensor::{TensorJob, TensorWriter};
 use amalgam_core::MergeError;
-use amalgam_io::{Checkpoint, CheckpointWriter, DType, OutputLayout, OutputTensor};
+use amalgam_io::{Checkpoint, CheckpointWriter, DType, OutputLayout, OutputTensor, StatsFile};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// What the readers need besides the checkpoints: the vocabulary map (`tokenizer_source`) and
+/// each plan model's statistics file.
+#[derive(Debug, Default)]
+pub struct ReadExtras<'a> {
+    /// Row map of vocabulary-axis tensors.
+    pub vocab: Option<&'a VocabMap>,
+    /// Statistics file of each plan model (plan order), if given.
+    pub stats: Vec<Option<&'a StatsFile>>,
+}
 
 /// Options of one run.
 #[derive(Debug, Clone)]
@@ -183,7 +193,7 @@ pub fn global_passes(
     plan: &Plan,
     ckpts: &[&Checkpoint],
     opts: &MergeOptions,
-    vocab: Option<&VocabMap>,
+    extras: &ReadExtras<'_>,
     progress: &dyn Progress,
 ) -> Result<Vec<GlobalStats>, EngineError> {
     let passes = plan
@@ -204,7 +214,9 @@ pub fn global_passes(
         for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
             let method = build_method(t)?;
             let job = job_for(t, method.as_ref(), plan.seed, opts.memory_budget);
-            let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite).with_vocab(vocab);
+            let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite)
+                .with_vocab(extras.vocab)
+                .with_stats(&extras.stats);
             let stats = method.global_pass(pass, &done, &job, &reader)?;
             acc.accumulate(&stats);
             progress.advance(&t.name, input_bytes(t, ckpts));
@@ -222,7 +234,7 @@ pub fn merge_tensor(
     global: &[GlobalStats],
     ckpts: &[&Checkpoint],
     opts: &MergeOptions,
-    vocab: Option<&VocabMap>,
+    extras: &ReadExtras<'_>,
     writer: &mut CheckpointWriter,
 ) -> Result<(), EngineError> {
     writer.begin_tensor(&t.name)?;
@@ -240,7 +252,9 @@ pub fn merge_tensor(
     }
     let method = build_method(t)?;
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
-    let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite).with_vocab(vocab);
+    let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite)
+        .with_vocab(extras.vocab)
+        .with_stats(&extras.stats);
     let mut adapter = WriterAdapter { writer, next: 0 };
     method.merge(&job, global, &reader, &mut adapter)?;
     if adapter.next != job.numel() {
@@ -298,26 +312,26 @@ pub fn execute(
     let ckpts = plan_checkpoints(plan, inputs)?;
     resolve_chat_template(config, inputs)?;
     check_whole_tensor_needs(plan, opts.memory_budget)?;
+    let extras = ReadExtras {
+        vocab: inputs.vocab.as_ref(),
+        stats: plan
+            .models
+            .iter()
+            .map(|m| inputs.stats.get(m).map(|s| s.as_ref()))
+            .collect(),
+    };
     let layout = output_layout(config, plan, opts.out_shard_size)?;
     let mut writer = CheckpointWriter::create(&opts.out_dir, layout, opts.overwrite)?;
 
     let t0 = Instant::now();
-    let global = global_passes(plan, &ckpts, opts, inputs.vocab.as_ref(), progress)?;
+    let global = global_passes(plan, &ckpts, opts, &extras, progress)?;
     let global_time = t0.elapsed();
 
     let t1 = Instant::now();
     let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, &ckpts)).sum();
     progress.begin("merging", total, plan.tensors.len());
     for t in &plan.tensors {
-        merge_tensor(
-            t,
-            plan.seed,
-            &global,
-            &ckpts,
-            opts,
-            inputs.vocab.as_ref(),
-            &mut writer,
-        )?;
+        merge_tensor(t, plan.seed, &global, &ckpts, opts, &extras, &mut writer)?;
         progress.advance(&t.name, input_bytes(t, &ckpts));
     }
     progress.end();

@@ -6,8 +6,8 @@
 
 use std::fmt;
 
-use half::prelude::HalfFloatSliceExt;
 use half::f16;
+use half::prelude::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// The dtype of a tensor, as named in safetensors headers (`"F32"`, `"BF16"`, ...).
@@ -336,9 +336,22 @@ mod tests {
     #[test]
     fn bf16_encoding_matches_half() {
         let specials = [
-            0u32, 0x8000_0000, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0000, 0x7F80_0001, 0xFFFF_FFFF,
-            0x7FFF_FFFF, 0x7F7F_FFFF, 0xFF7F_FFFF, 0x0000_8000, 0x0001_8000, 0x3F80_8000,
-            0x3F81_8000, 0x3F80_8001, 0x0000_7FFF,
+            0u32,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0x7F80_0001,
+            0xFFFF_FFFF,
+            0x7FFF_FFFF,
+            0x7F7F_FFFF,
+            0xFF7F_FFFF,
+            0x0000_8000,
+            0x0001_8000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_8001,
+            0x0000_7FFF,
         ];
         let stride = (1u64..=u32::MAX as u64).step_by(65_521).map(|x| x as u32);
         for x in specials.into_iter().chain(stride) {

@@ -180,8 +180,12 @@ impl FromStr for StatKind {
     /// Parses a suffix, with or without its leading `::`.
     fn from_str(s: &str) -> Result<StatKind, String> {
         let s = s.strip_prefix("::").unwrap_or(s);
-        StatKind::from_suffix(s)
-            .ok_or_else(|| format!("unknown statistic \"{s}\"; expected one of {}", suffix_list()))
+        StatKind::from_suffix(s).ok_or_else(|| {
+            format!(
+                "unknown statistic \"{s}\"; expected one of {}",
+                suffix_list()
+            )
+        })
     }
 }
 
@@ -328,11 +332,9 @@ fn parse_count(file: &Path, key: &str, v: Option<&Value>) -> Result<u64, IoError
             .parse::<u64>()
             .map_err(|_| err(format!("\"{s}\" does not fit in 64 bits")))?,
         Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().expect("checked is_some"),
-        Some(other) => {
-            return Err(err(format!(
-                "{other} is not a non-negative integer (write it as a decimal string, e.g. \"1000\")"
-            )))
-        }
+        Some(other) => return Err(err(format!(
+            "{other} is not a non-negative integer (write it as a decimal string, e.g. \"1000\")"
+        ))),
     };
     if n == 0 {
         return Err(err(zero_reason(key)));
@@ -764,7 +766,8 @@ impl StatsFile {
 
     /// The shape of statistic `kind` of parameter `name`, if present.
     pub fn shape(&self, name: &str, kind: StatKind) -> Option<&[usize]> {
-        self.index(name, kind).map(|i| self.keys[i].shape.as_slice())
+        self.index(name, kind)
+            .map(|i| self.keys[i].shape.as_slice())
     }
 
     /// The shape of a statistic a method needs: [`IoError::StatsMissing`] (naming the file
@@ -834,7 +837,10 @@ impl StatsWriter {
         };
         if keys.is_empty() {
             return Err(IoError::InvalidLayout {
-                reason: format!("{}: a statistics file needs at least one key", path.display()),
+                reason: format!(
+                    "{}: a statistics file needs at least one key",
+                    path.display()
+                ),
             });
         }
         let mut seen = std::collections::HashSet::new();
@@ -939,10 +945,14 @@ impl StatsWriter {
             .take()
             .expect("inner is only taken here, and finish consumes self");
         let summary = inner.finish()?;
-        let written = summary.files.first().cloned().ok_or_else(|| IoError::WriteOrder {
-            file: self.target.clone(),
-            reason: "no file was written".to_string(),
-        })?;
+        let written = summary
+            .files
+            .first()
+            .cloned()
+            .ok_or_else(|| IoError::WriteOrder {
+                file: self.target.clone(),
+                reason: "no file was written".to_string(),
+            })?;
         atomic::rename(&written, &self.target)?;
         let _ = std::fs::remove_dir_all(&self.staging);
         Ok(self.target.clone())

@@ -374,12 +374,7 @@ mod tests {
         r
     }
 
-    fn naive(
-        models: &[Vec<f32>],
-        fishers: &[Vec<f32>],
-        c: &[f64],
-        floor: &[f64],
-    ) -> Vec<f64> {
+    fn naive(models: &[Vec<f32>], fishers: &[Vec<f32>], c: &[f64], floor: &[f64]) -> Vec<f64> {
         (0..models[0].len())
             .map(|e| {
                 let mut num = 0.0;
@@ -464,7 +459,11 @@ mod tests {
         let fb: Vec<Vec<f32>> = (7..9)
             .map(|s| abs_vec(rand_vec(s, nb)))
             .enumerate()
-            .map(|(i, v)| v.into_iter().map(|x| x * if i == 1 { 100.0 } else { 1.0 }).collect())
+            .map(|(i, v)| {
+                v.into_iter()
+                    .map(|x| x * if i == 1 { 100.0 } else { 1.0 })
+                    .collect()
+            })
             .collect();
         let ra = reader(&ma, &fa, &[3, 4]);
         let rb = reader(&mb, &fb, &[9]);
@@ -480,9 +479,11 @@ mod tests {
         let mut g = m.global_pass(0, &[], &ja, &ra).unwrap();
         g.accumulate(&m.global_pass(0, &[], &jb, &rb).unwrap());
         let mut wa = crate::tensor::MemWriter::default();
-        m.merge(&ja, std::slice::from_ref(&g), &ra, &mut wa).unwrap();
+        m.merge(&ja, std::slice::from_ref(&g), &ra, &mut wa)
+            .unwrap();
         let mut wb = crate::tensor::MemWriter::default();
-        m.merge(&jb, std::slice::from_ref(&g), &rb, &mut wb).unwrap();
+        m.merge(&jb, std::slice::from_ref(&g), &rb, &mut wb)
+            .unwrap();
         // Independent reference: norms over both tensors, raw Fishers.
         let norm = |i: usize| -> f64 {
             fa[i]
@@ -497,7 +498,11 @@ mod tests {
         close(&wb.data, &naive(&mb, &fb, &c, &[1e-8; 2]));
         // Different from the unnormalised merge.
         let un = naive(&mb, &fb, &w, &[1e-8; 2]);
-        assert!(wb.data.iter().zip(&un).any(|(a, b)| (f64::from(*a) - b).abs() > 1e-3));
+        assert!(wb
+            .data
+            .iter()
+            .zip(&un)
+            .any(|(a, b)| (f64::from(*a) - b).abs() > 1e-3));
     }
 
     #[test]
@@ -506,18 +511,34 @@ mod tests {
         let mut r = reader(&models, &[vec![1.0, 1.0]], &[2]);
         let m = Fisher::from_params(&TensorParams::default(), 2).unwrap();
         let err = merge_err(&m, &r);
-        assert!(err.contains("model #1") && err.contains("w::fisher"), "{err}");
+        assert!(
+            err.contains("model #1") && err.contains("w::fisher"),
+            "{err}"
+        );
         r.stats
             .insert((1, "fisher".into()), (vec![2], vec![1.0, f32::NAN]));
         let err = merge_err(&m, &r);
-        assert!(err.contains("non-finite") && err.contains("model #1"), "{err}");
-        r.stats.insert((1, "fisher".into()), (vec![3], vec![1.0; 3]));
+        assert!(
+            err.contains("non-finite") && err.contains("model #1"),
+            "{err}"
+        );
+        r.stats
+            .insert((1, "fisher".into()), (vec![3], vec![1.0; 3]));
         let err = merge_err(&m, &r);
         assert!(err.contains("shape"), "{err}");
         for (key, p) in [
-            ("fisher_floor", TensorParams::default().with_global("fisher_floor", Scalar::Num(-1.0))),
-            ("weight", TensorParams::default().with_model_values("weight", &[-1.0, 1.0])),
-            ("weight", TensorParams::default().with_model_values("weight", &[0.0, 0.0])),
+            (
+                "fisher_floor",
+                TensorParams::default().with_global("fisher_floor", Scalar::Num(-1.0)),
+            ),
+            (
+                "weight",
+                TensorParams::default().with_model_values("weight", &[-1.0, 1.0]),
+            ),
+            (
+                "weight",
+                TensorParams::default().with_model_values("weight", &[0.0, 0.0]),
+            ),
         ] {
             match Fisher::from_params(&p, 2) {
                 Err(MergeError::BadParameter { key: k, .. }) => assert_eq!(k, key),

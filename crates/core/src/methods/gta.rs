@@ -212,8 +212,9 @@ fn non_finite(job: &TensorJob, input: Input, at: usize) -> MergeError {
 /// Whether every value is finite: branch-free (vectorisable) per chunk, chunks in parallel.
 pub fn all_finite(v: &[f32]) -> bool {
     fn seq(v: &[f32]) -> bool {
-        v.iter()
-            .fold(true, |ok, x| ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000))
+        v.iter().fold(true, |ok, x| {
+            ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000)
+        })
     }
     if v.len() < 2 * PAR_CHUNK {
         seq(v)

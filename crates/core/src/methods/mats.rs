@@ -191,9 +191,14 @@ impl Mats {
             }
         };
         let given = params.opt_str("init")?;
-        let name = given
-            .clone()
-            .unwrap_or_else(|| if has_base { "task_arithmetic" } else { "average" }.into());
+        let name = given.clone().unwrap_or_else(|| {
+            if has_base {
+                "task_arithmetic"
+            } else {
+                "average"
+            }
+            .into()
+        });
         let lambda = |default: f64| -> Result<f64> {
             let l = params.num("init_lambda", default)?;
             if l.is_finite() {
@@ -449,7 +454,11 @@ impl Mats {
     /// Assemble and solve this tensor's block: the f64 solution (tensor layout) and the CG
     /// result. The block is split into [`Mats::part_rows`] parts; the matvec computes each
     /// part's rows separately and the inner products are summed per part in part order.
-    pub(crate) fn solve_block(&self, job: &TensorJob, reader: &dyn TensorReader) -> Result<CgResult> {
+    pub(crate) fn solve_block(
+        &self,
+        job: &TensorJob,
+        reader: &dyn TensorReader,
+    ) -> Result<CgResult> {
         let (rows, cols) = self.dims(job)?;
         let (op, b) = self.assemble(job, reader)?;
         let x0 = self.initial(job, reader)?;
@@ -600,7 +609,9 @@ impl Operator {
                 }
                 y
             }
-            Self::Dense { f, d } => linalg::matmul(&f[rows.start * d..rows.end * d], rows.len(), *d, p, 1),
+            Self::Dense { f, d } => {
+                linalg::matmul(&f[rows.start * d..rows.end * d], rows.len(), *d, p, 1)
+            }
         }
     }
 }
@@ -650,7 +661,10 @@ impl MergeMethod for Mats {
         rec.insert("tensor".into(), job.name.clone().into());
         rec.insert("objective".into(), self.objective.name().into());
         rec.insert("init".into(), self.init.name().into());
-        rec.insert("parts".into(), self.part_rows(self.dims(job)?.0).len().into());
+        rec.insert(
+            "parts".into(),
+            self.part_rows(self.dims(job)?.0).len().into(),
+        );
         if let Some(e) = res.x.iter().position(|v| !v.is_finite()) {
             return Err(MergeError::Numeric {
                 tensor: job.name.clone(),
@@ -798,7 +812,12 @@ mod tests {
         let mut m = vec![0.0; nn * nn];
         let mut b = vec![0.0; nn];
         for i in 0..c.n {
-            let mi = kron(&eye, out, &scale_offdiag(&stat(&c, i, "gram_in"), d, alpha), d);
+            let mi = kron(
+                &eye,
+                out,
+                &scale_offdiag(&stat(&c, i, "gram_in"), d, alpha),
+                d,
+            );
             let bi = mv(&mi, &f64s(&c.reader.models[i]));
             for (x, y) in m.iter_mut().zip(&mi) {
                 *x += y;
@@ -811,7 +830,11 @@ mod tests {
         let p = with(params("gram", "task_arithmetic"), "alpha", alpha);
         let res = solve(&c, &p);
         assert_eq!(res.exit_code, 0);
-        assert!(rel_diff(&res.x, &want) < 1e-9, "{}", rel_diff(&res.x, &want));
+        assert!(
+            rel_diff(&res.x, &want) < 1e-9,
+            "{}",
+            rel_diff(&res.x, &want)
+        );
         // The streamed f32 output is block- and thread-invariant and matches too.
         let mm = Mats::from_params(&p, c.n, true).unwrap();
         let got = run_invariant(&mm, &job(&c.shape, c.n, true, 64), &c.reader);
@@ -850,7 +873,11 @@ mod tests {
         let want = gauss_solve(&m, &b, nn, 1);
         let res = solve(&c, &with(params("kfac", "average"), "alpha", alpha));
         assert_eq!(res.exit_code, 0);
-        assert!(rel_diff(&res.x, &want) < 1e-9, "{}", rel_diff(&res.x, &want));
+        assert!(
+            rel_diff(&res.x, &want) < 1e-9,
+            "{}",
+            rel_diff(&res.x, &want)
+        );
         // Summing the factors first is a different (wrong) system: the test tells them apart.
         let wrong = gauss_solve(&kron(&transpose(&s_sum, out), out, &a_sum, d), &b, nn, 1);
         assert!(rel_diff(&wrong, &want) > 1e-3);
@@ -916,7 +943,11 @@ mod tests {
         let want = gauss_solve(&m, &b, d, 1);
         let res = solve(
             &c,
-            &with(with(params("ia3_block", "task_arithmetic"), "alpha", alpha), "init_lambda", 0.2),
+            &with(
+                with(params("ia3_block", "task_arithmetic"), "alpha", alpha),
+                "init_lambda",
+                0.2,
+            ),
         );
         assert!(rel_diff(&res.x, &want) < 1e-9);
         // A 2-D tensor is not an (IA)^3 vector.
@@ -964,10 +995,42 @@ mod tests {
             &[d, d],
         );
         let cases = [
-            ("gram", Case { reader: lin.reader.clone(), shape: vec![10, 4], n: 3 }, "task_arithmetic"),
-            ("kfac", Case { reader: lin.reader.clone(), shape: vec![10, 4], n: 3 }, "ties"),
-            ("diagonal_fisher", Case { reader: diag, shape: vec![10, 4], n: 3 }, "average"),
-            ("ia3_block", Case { reader: ia3, shape: vec![d], n: 3 }, "zeros"),
+            (
+                "gram",
+                Case {
+                    reader: lin.reader.clone(),
+                    shape: vec![10, 4],
+                    n: 3,
+                },
+                "task_arithmetic",
+            ),
+            (
+                "kfac",
+                Case {
+                    reader: lin.reader.clone(),
+                    shape: vec![10, 4],
+                    n: 3,
+                },
+                "ties",
+            ),
+            (
+                "diagonal_fisher",
+                Case {
+                    reader: diag,
+                    shape: vec![10, 4],
+                    n: 3,
+                },
+                "average",
+            ),
+            (
+                "ia3_block",
+                Case {
+                    reader: ia3,
+                    shape: vec![d],
+                    n: 3,
+                },
+                "zeros",
+            ),
         ];
         for (objective, c, init) in &cases {
             // A few iterations, not converged: the whole trajectory must agree.
@@ -1047,7 +1110,10 @@ mod tests {
         for o in 0..out {
             for (r, &k) in live.iter().enumerate() {
                 let (got, want) = (res.x[o * d + k], x[r * out + o]);
-                assert!((got - want).abs() < 1e-8 * want.abs().max(1.0), "{got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-8 * want.abs().max(1.0),
+                    "{got} vs {want}"
+                );
             }
         }
     }
@@ -1097,7 +1163,10 @@ mod tests {
         let e = merge_in_memory(&m, &job(&c.shape, 2, true, 6), &c.reader)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("model #1") && e.contains("up_proj.weight::kfac_out"), "{e}");
+        assert!(
+            e.contains("model #1") && e.contains("up_proj.weight::kfac_out"),
+            "{e}"
+        );
         c.reader.stats.remove(&(0, "gram_in".to_string()));
         let m = Mats::from_params(&params("gram", "average"), 2, true).unwrap();
         let e = merge_in_memory(&m, &job(&c.shape, 2, true, 6), &c.reader)

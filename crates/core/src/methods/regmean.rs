@@ -139,7 +139,13 @@ pub(crate) fn add_gram_times_weight_t(
         let o1 = (o0 + PANEL_ROWS).min(out);
         let p = o1 - o0;
         buf.resize(p * d_in, 0.0f32);
-        read_checked(job, reader, Input::Model(model), o0 * d_in..o1 * d_in, &mut buf)?;
+        read_checked(
+            job,
+            reader,
+            Input::Model(model),
+            o0 * d_in..o1 * d_in,
+            &mut buf,
+        )?;
         let w: Vec<f64> = buf.iter().map(|v| f64::from(*v)).collect();
         // (in × in) · (p × in)ᵀ = in × p
         let gw = linalg::matmul_nt(g, d_in, d_in, &w, p);
@@ -227,9 +233,7 @@ impl MergeMethod for RegMean {
             if c == 0.0 {
                 continue;
             }
-            let g = read_square_stat(
-                INFO.name, job, reader, i, "gram_in", d_in, self.alpha, c,
-            )?;
+            let g = read_square_stat(INFO.name, job, reader, i, "gram_in", d_in, self.alpha, c)?;
             for (x, y) in a.iter_mut().zip(&g) {
                 *x += y;
             }
@@ -384,7 +388,8 @@ pub(crate) mod tests {
             stats: Default::default(),
         };
         for (i, s) in stats.iter().enumerate() {
-            r.stats.insert((i, kind.into()), (shape.to_vec(), s.clone()));
+            r.stats
+                .insert((i, kind.into()), (shape.to_vec(), s.clone()));
         }
         r
     }
@@ -444,7 +449,11 @@ pub(crate) mod tests {
         let models: Vec<Vec<f32>> = (1..4).map(|s| rand_vec(s, out * d)).collect();
         let grams: Vec<Vec<f32>> = (10..13).map(|s| gram(s, 20, d)).collect();
         let r = reader_with(&models, "gram_in", &grams, &[d, d]);
-        for (alpha, w) in [(1.0, [1.0, 1.0, 1.0]), (0.3, [0.5, 2.0, 1.0]), (0.0, [1.0, 0.0, 1.0])] {
+        for (alpha, w) in [
+            (1.0, [1.0, 1.0, 1.0]),
+            (0.3, [0.5, 2.0, 1.0]),
+            (0.0, [1.0, 0.0, 1.0]),
+        ] {
             let p = TensorParams::default()
                 .with_model_values("weight", &w)
                 .with_global("alpha", Scalar::Num(alpha));
@@ -459,9 +468,7 @@ pub(crate) mod tests {
         let (out, d) = (5, 4);
         let models: Vec<Vec<f32>> = (1..3).map(|s| rand_vec(s, out * d)).collect();
         // Rank-1 Grams (singular), feature 2 zero in every model's inputs.
-        let mk = |v: [f32; 4]| -> Vec<f32> {
-            (0..16).map(|e| v[e / 4] * v[e % 4]).collect()
-        };
+        let mk = |v: [f32; 4]| -> Vec<f32> { (0..16).map(|e| v[e / 4] * v[e % 4]).collect() };
         let grams = vec![mk([1.0, 0.5, 0.0, -1.0]), mk([0.2, 1.0, 0.0, 0.3])];
         let r = reader_with(&models, "gram_in", &grams, &[d, d]);
         let m = RegMean::from_params(&TensorParams::default(), 2).unwrap();
@@ -489,11 +496,22 @@ pub(crate) mod tests {
                 s
             })
             .collect();
-        let want = naive(&sub_models, &[sub(&grams[0]), sub(&grams[1])], &[1.0, 1.0], 1.0, 1e-8, out, 3);
+        let want = naive(
+            &sub_models,
+            &[sub(&grams[0]), sub(&grams[1])],
+            &[1.0, 1.0],
+            1.0,
+            1e-8,
+            out,
+            3,
+        );
         for o in 0..out {
             for (j, &k) in live.iter().enumerate() {
                 let (g, w) = (f64::from(got[o * 4 + k]), want[o * 3 + j]);
-                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "({o},{k}): {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "({o},{k}): {g} vs {w}"
+                );
             }
             let avg = (f64::from(models[0][o * 4 + 2]) + f64::from(models[1][o * 4 + 2])) / 2.0;
             assert!((f64::from(got[o * 4 + 2]) - avg).abs() < 1e-7);
@@ -531,7 +549,10 @@ pub(crate) mod tests {
         close(&got, &want, 1e-7);
         let p = p.with_global("regmean_zero_fallback", Scalar::Bool(true));
         let m = RegMean::from_params(&p, 2).unwrap();
-        assert_eq!(run_invariant(&m, &job(&[out, d], 2, false, 6), &r), vec![0.0; 6]);
+        assert_eq!(
+            run_invariant(&m, &job(&[out, d], 2, false, 6), &r),
+            vec![0.0; 6]
+        );
     }
 
     #[test]
@@ -542,15 +563,27 @@ pub(crate) mod tests {
         let e = crate::tensor::merge_in_memory(&m, &job(&[2, 2], 2, false, 4), &r)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("model #1") && e.contains("up_proj.weight::gram_in"), "{e}");
+        assert!(
+            e.contains("model #1") && e.contains("up_proj.weight::gram_in"),
+            "{e}"
+        );
         let e = crate::tensor::merge_in_memory(&m, &job(&[4], 2, false, 4), &r)
             .unwrap_err()
             .to_string();
         assert!(e.contains("2-D"), "{e}");
         for (key, p) in [
-            ("alpha", TensorParams::default().with_global("alpha", Scalar::Num(1.5))),
-            ("ridge", TensorParams::default().with_global("ridge", Scalar::Num(-1.0))),
-            ("weight", TensorParams::default().with_model_values("weight", &[-1.0, 1.0])),
+            (
+                "alpha",
+                TensorParams::default().with_global("alpha", Scalar::Num(1.5)),
+            ),
+            (
+                "ridge",
+                TensorParams::default().with_global("ridge", Scalar::Num(-1.0)),
+            ),
+            (
+                "weight",
+                TensorParams::default().with_model_values("weight", &[-1.0, 1.0]),
+            ),
         ] {
             match RegMean::from_params(&p, 2) {
                 Err(MergeError::BadParameter { key: k, .. }) => assert_eq!(k, key),

@@ -262,7 +262,13 @@ impl MergeMethod for Ties {
                 let t2 = std::time::Instant::now();
                 let r = gta::merge_loaded(&self.opts, Some(&sp), job, &base, &mut deltas, writer);
                 let t3 = std::time::Instant::now();
-                eprintln!("PROF {} {} {} {}", job.numel(), (t1-t0).as_secs_f64(), (t2-t1).as_secs_f64(), (t3-t2).as_secs_f64());
+                eprintln!(
+                    "PROF {} {} {} {}",
+                    job.numel(),
+                    (t1 - t0).as_secs_f64(),
+                    (t2 - t1).as_secs_f64(),
+                    (t3 - t2).as_secs_f64()
+                );
                 r
             }
             TrimScope::Tensor => {

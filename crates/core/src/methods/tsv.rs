@@ -107,7 +107,7 @@ impl Tsv {
                 }
             }
         }
-        let mut u_orth = u_hat.clone();
+        let mut u_orth = polar(u_hat.as_ref(), &job.name)?;
         drop(u_hat);
         let v_orth = polar(v_hat.as_ref(), &job.name)?;
         drop(v_hat);

@@ -576,7 +576,15 @@ pub fn cg(
     let maxiter = i64::try_from(opts.maxiter).unwrap_or(i64::MAX);
     // With maxiter = 0, `rho` is still r·r of the returned x0.
     let known = (opts.maxiter == 0).then_some(rho);
-    finish(&mut red, x, &r, maxiter, opts.maxiter, CgStop::MaxIter, known)
+    finish(
+        &mut red,
+        x,
+        &r,
+        maxiter,
+        opts.maxiter,
+        CgStop::MaxIter,
+        known,
+    )
 }
 
 #[cfg(test)]
@@ -692,7 +700,11 @@ mod tests {
                 assert_eq!(res.exit_code, 0, "n={n}");
                 assert!(res.converged);
                 assert_eq!(res.stop, CgStop::Converged);
-                assert!(rel_err(&res.x, &exact) <= 1e-8, "n={n}: {}", rel_err(&res.x, &exact));
+                assert!(
+                    rel_err(&res.x, &exact) <= 1e-8,
+                    "n={n}: {}",
+                    rel_err(&res.x, &exact)
+                );
                 assert!(res.final_residual < 1e-12 * res.rhs_norm.max(1.0) * 10.0);
                 assert!(res.initial_residual > res.final_residual);
             }
@@ -709,7 +721,10 @@ mod tests {
         let bn = b.iter().map(|v| v * v).sum::<f64>().sqrt();
         assert!((res.rhs_norm - bn).abs() < 1e-12 * bn);
         assert_eq!(res.tolerance, 1e-5 * res.rhs_norm);
-        assert!((res.initial_residual - bn).abs() < 1e-12 * bn, "x0 = 0: r0 = b");
+        assert!(
+            (res.initial_residual - bn).abs() < 1e-12 * bn,
+            "x0 = 0: r0 = b"
+        );
         // true final residual, computed independently
         let mut ax = vec![0.0; n];
         dense_mv(&a, &res.x, &mut ax);
@@ -753,7 +768,11 @@ mod tests {
             assert_eq!(res.stop, CgStop::MaxIter);
             assert!(!res.converged);
             let want = textbook_cg(&a, &b, &x0, k);
-            assert!(rel_err(&res.x, &want) < 1e-10, "k={k}: {}", rel_err(&res.x, &want));
+            assert!(
+                rel_err(&res.x, &want) < 1e-10,
+                "k={k}: {}",
+                rel_err(&res.x, &want)
+            );
         }
     }
 
@@ -777,7 +796,11 @@ mod tests {
         let whole = solve_dense(&a, vec![n], Some(&x0), &b, &opts);
         for parts in [vec![25, 35], vec![13, 30, 17], vec![9, 14, 11, 20, 6]] {
             let s = solve_dense(&a, parts.clone(), Some(&x0), &b, &opts);
-            assert!(rel_err(&s.x, &whole.x) <= 1e-12, "{parts:?}: {}", rel_err(&s.x, &whole.x));
+            assert!(
+                rel_err(&s.x, &whole.x) <= 1e-12,
+                "{parts:?}: {}",
+                rel_err(&s.x, &whole.x)
+            );
             assert_eq!(s.exit_code, whole.exit_code);
         }
         // chunk 5 divides every part: bit-identical, also with maxiter reached
@@ -793,7 +816,10 @@ mod tests {
                 let s = solve_dense(&a, parts.clone(), Some(&x0), &b, &opts);
                 assert_eq!(bits(&s.x), bits(&whole.x), "{parts:?}");
                 assert_eq!(s.final_residual.to_bits(), whole.final_residual.to_bits());
-                assert_eq!((s.exit_code, s.iterations), (whole.exit_code, whole.iterations));
+                assert_eq!(
+                    (s.exit_code, s.iterations),
+                    (whole.exit_code, whole.iterations)
+                );
             }
         }
     }
@@ -992,7 +1018,13 @@ mod tests {
         for i in 0..n {
             eye[i * n + i] = 1.0;
         }
-        let res = solve_dense(&eye, vec![n], Some(&rand_vec(73, n)), &b, &CgOptions::default());
+        let res = solve_dense(
+            &eye,
+            vec![n],
+            Some(&rand_vec(73, n)),
+            &b,
+            &CgOptions::default(),
+        );
         assert_eq!((res.exit_code, res.iterations), (0, 1));
         assert!(rel_err(&res.x, &b) < 1e-15);
         // rtol = atol = 0 with an exact answer: r = 0 stops (SciPy would compute 0/0)
@@ -1085,7 +1117,11 @@ mod tests {
                 .zip(&c.x)
                 .map(|(p, q)| (p - q).abs())
                 .fold(0.0, f64::max);
-            assert!(diff <= 1e-10 * scale, "{}: |x - x_scipy| = {diff:e}", c.name);
+            assert!(
+                diff <= 1e-10 * scale,
+                "{}: |x - x_scipy| = {diff:e}",
+                c.name
+            );
             // split the same system in 3 parts: same iterations and x to rounding
             if c.n >= 3 {
                 let parts = vec![c.n / 3, c.n / 3, c.n - 2 * (c.n / 3)];
