@@ -7,5 +7,6 @@ mod common;
 
 mod cli_merge;
 mod cli_validation;
+mod data_driven;
 mod mergekit_parity;
 mod streaming;

@@ -402,6 +402,29 @@ mod tests {
     }
 
     #[test]
+    fn factorizations_independent_of_threads() {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (r, c) = (300, 260);
+        let a = rand_vec(6, r * c);
+        let n = 280;
+        let g = spd(7, n);
+        let rhs = rand_vec(8, n * 3);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let d = svd(&a, r, c).unwrap();
+                let x = cholesky_solve(&g, n, &rhs, 3, 1e-3).unwrap();
+                let y = lu_solve(&g, n, &rhs, 3).unwrap();
+                (bits(&d.u), bits(&d.s), bits(&d.vt), bits(&x), bits(&y))
+            })
+        };
+        assert!(run(1) == run(4));
+    }
+
+    #[test]
     fn svd_reconstructs_and_is_sorted() {
         for &(r, c) in &[(6usize, 4usize), (4, 6), (5, 5), (1, 3)] {
             let a = rand_vec(10 + r as u64 * 7 + c as u64, r * c);

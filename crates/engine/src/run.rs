@@ -16,7 +16,7 @@ use crate::vocab::VocabMap;
 use amalgam_core::config::{MergeConfig, TokenizerSource};
 use amalgam_core::methods::{self, GlobalStats, MergeMethod};
 use amalgam_core::plan::{Plan, TensorPlan};
-use amalgam_core::tensor::{TensorJob, TensorWriter};
+use amalgam_core::tensor::{LogRecord, TensorJob, TensorWriter};
 use amalgam_core::MergeError;
 use amalgam_io::{Checkpoint, CheckpointWriter, DType, OutputLayout, OutputTensor, StatsFile};
 use std::ops::Range;
@@ -32,6 +32,9 @@ pub struct ReadExtras<'a> {
     /// Statistics file of each plan model (plan order), if given.
     pub stats: Vec<Option<&'a StatsFile>>,
 }
+
+/// File name of the per-block solver log written beside the merged checkpoint.
+pub const SOLVER_LOG: &str = "solver_log.jsonl";
 
 /// Options of one run.
 #[derive(Debug, Clone)]
@@ -151,6 +154,7 @@ fn input_bytes(t: &TensorPlan, ckpts: &[&Checkpoint]) -> u64 {
 struct WriterAdapter<'a> {
     writer: &'a mut CheckpointWriter,
     next: usize,
+    logs: Vec<LogRecord>,
 }
 
 impl TensorWriter for WriterAdapter<'_> {
@@ -165,6 +169,10 @@ impl TensorWriter for WriterAdapter<'_> {
         self.writer
             .write_f32(data)
             .map_err(|e| MergeError::Write(e.to_string()))
+    }
+
+    fn log(&mut self, record: LogRecord) {
+        self.logs.push(record);
     }
 }
 
@@ -236,7 +244,7 @@ pub fn merge_tensor(
     opts: &MergeOptions,
     extras: &ReadExtras<'_>,
     writer: &mut CheckpointWriter,
-) -> Result<(), EngineError> {
+) -> Result<Vec<LogRecord>, EngineError> {
     writer.begin_tensor(&t.name)?;
     if t.copy_raw {
         let src = t
@@ -248,14 +256,18 @@ pub fn merge_tensor(
                 message: format!("tensor \"{}\" has no input", t.name),
             })?;
         writer.write_raw(ckpts[src.model].raw(&src.tensor)?)?;
-        return Ok(());
+        return Ok(Vec::new());
     }
     let method = build_method(t)?;
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
     let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite)
         .with_vocab(extras.vocab)
         .with_stats(&extras.stats);
-    let mut adapter = WriterAdapter { writer, next: 0 };
+    let mut adapter = WriterAdapter {
+        writer,
+        next: 0,
+        logs: Vec::new(),
+    };
     method.merge(&job, global, &reader, &mut adapter)?;
     if adapter.next != job.numel() {
         return Err(MergeError::Write(format!(
@@ -267,7 +279,12 @@ pub fn merge_tensor(
         ))
         .into());
     }
-    Ok(())
+    for r in adapter.logs.iter_mut() {
+        r.insert("method".into(), t.method.clone().into());
+        r.entry("tensor")
+            .or_insert_with(|| serde_json::Value::from(t.name.clone()));
+    }
+    Ok(adapter.logs)
 }
 
 /// Refuse, before any work, a plan with a tensor whose method must hold more than the budget.
@@ -330,15 +347,35 @@ pub fn execute(
     let t1 = Instant::now();
     let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, &ckpts)).sum();
     progress.begin("merging", total, plan.tensors.len());
+    let mut logs = Vec::new();
     for t in &plan.tensors {
-        merge_tensor(t, plan.seed, &global, &ckpts, opts, &extras, &mut writer)?;
+        logs.extend(merge_tensor(
+            t,
+            plan.seed,
+            &global,
+            &ckpts,
+            opts,
+            &extras,
+            &mut writer,
+        )?);
         progress.advance(&t.name, input_bytes(t, &ckpts));
     }
     progress.end();
     let out = writer.finish()?;
     let merge_time = t1.elapsed();
 
-    let aux_files = write_aux(config, plan, inputs, config_dir, &opts.out_dir)?;
+    let mut aux_files = write_aux(config, plan, inputs, config_dir, &opts.out_dir)?;
+    if !logs.is_empty() {
+        // One JSON line per solved block (conjugate-gradient exit code, iterations, residuals).
+        let path = opts.out_dir.join(SOLVER_LOG);
+        let mut text = String::new();
+        for r in &logs {
+            text.push_str(&serde_json::Value::Object(r.clone()).to_string());
+            text.push('\n');
+        }
+        amalgam_io::write_text_atomic(&path, &text)?;
+        aux_files.push(path);
+    }
     Ok(RunSummary {
         files: out.files.clone(),
         aux_files,

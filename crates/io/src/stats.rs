@@ -332,9 +332,11 @@ fn parse_count(file: &Path, key: &str, v: Option<&Value>) -> Result<u64, IoError
             .parse::<u64>()
             .map_err(|_| err(format!("\"{s}\" does not fit in 64 bits")))?,
         Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().expect("checked is_some"),
-        Some(other) => return Err(err(format!(
+        Some(other) => {
+            return Err(err(format!(
             "{other} is not a non-negative integer (write it as a decimal string, e.g. \"1000\")"
-        ))),
+        )))
+        }
     };
     if n == 0 {
         return Err(err(zero_reason(key)));

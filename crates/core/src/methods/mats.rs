@@ -26,15 +26,20 @@
 //! - `ties`: this crate's `ties` (mergekit semantics) with per-model `density` = `init_density`
 //!   (default 0.2), `weight` 1, `lambda` = `init_lambda` (default 1.0 for ties), needs a base;
 //! - `average`, `base` (θ_0), `zeros`.
+//!
 //! With no `init` given, the default is `task_arithmetic` when the merge has a base and
 //! `average` otherwise (git-theta's `covariance-mats` falls back to the average likewise).
 //!
 //! CG ([`crate::solve::cg`], SciPy's algorithm, no preconditioner): `iterations` (maxiter,
 //! default 100; the README uses 10 for (IA)^3), `rtol` (1e-5), `atol` (0); stop when
-//! ‖r‖ ≤ max(rtol·‖b‖, atol), checked before each step. `cg_parts` (default 1) splits the block
+//! ‖r‖ < max(rtol·‖b‖, atol), checked before each step (SciPy's strict test). `cg_parts` (default 1) splits the block
 //! into that many parts by output rows (the reference's output columns of X; elements for 1-D
 //! tensors), each part computing its slice of the matvec and its partial inner products, summed
 //! in part order: the split exercised in one process is the one the cluster runs.
+//!
+//! When ‖b‖ = 0 (all-zero statistics) x0 is returned unchanged (methods.md's recommendation;
+//! SciPy returns zeros); features no model's statistic sees (zero rows of a singular Gram)
+//! keep their x0 values, since CG never moves along the null space.
 //!
 //! Numerics: the iterate, residual and direction are f64, and so is the matvec (the reference
 //! computes the matvec in f32 on the GPU and keeps x in f64). An f64 matvec lets CG converge
@@ -43,9 +48,9 @@
 //! and widened.
 //!
 //! Each block logs one record through [`TensorWriter::log`]: `tensor`, `objective`, `init`,
-//! `exit_code` (0 converged, else the iteration count reached, as SciPy), `iterations`,
-//! `initial_residual` ‖A x0 − b‖, `final_residual` ‖A x − b‖ (a fresh matvec, as the
-//! reference), `b_norm`, `parts`.
+//! `parts`, and the solver's fields ([`CgResult::to_log_record`]): `exit_code` (0 converged,
+//! else the iteration count reached, as SciPy), `iterations`, `initial_residual` ‖A x0 − b‖,
+//! `final_residual` ‖A x − b‖ (a fresh matvec, as the reference), `rhs_norm`, `stop`, ….
 //!
 //! Tensors without the objective's statistic are not solved: the planner averages them
 //! (architecture.md, "Statistics files"); here a missing statistic is an error naming the model
@@ -343,8 +348,7 @@ impl Mats {
                     stat_shape(INFO.name, job, reader, i, "gram_in", Some(&[d, d]))?;
                 }
                 for i in 0..n {
-                    let gi =
-                        read_square_stat(INFO.name, job, reader, i, "gram_in", d, self.alpha, 1.0)?;
+                    let gi = read_square_stat(INFO.name, job, reader, i, "gram_in", d, self.alpha)?;
                     for (x, y) in g.iter_mut().zip(&gi) {
                         *x += y;
                     }
@@ -361,11 +365,9 @@ impl Mats {
                 let mut a = Vec::with_capacity(n);
                 let mut s = Vec::with_capacity(n);
                 for i in 0..n {
-                    let ai =
-                        read_square_stat(INFO.name, job, reader, i, "gram_in", d, self.alpha, 1.0)?;
-                    let si = read_square_stat(
-                        INFO.name, job, reader, i, "kfac_out", out, self.alpha, 1.0,
-                    )?;
+                    let ai = read_square_stat(INFO.name, job, reader, i, "gram_in", d, self.alpha)?;
+                    let si =
+                        read_square_stat(INFO.name, job, reader, i, "kfac_out", out, self.alpha)?;
                     add_weight_times(job, reader, i, &ai, Some(&si), &mut b)?;
                     a.push(ai);
                     s.push(si);
@@ -380,16 +382,8 @@ impl Mats {
                     stat_shape(INFO.name, job, reader, i, "fisher_block", Some(&[d, d]))?;
                 }
                 for i in 0..n {
-                    let fi = read_square_stat(
-                        INFO.name,
-                        job,
-                        reader,
-                        i,
-                        "fisher_block",
-                        d,
-                        self.alpha,
-                        1.0,
-                    )?;
+                    let fi =
+                        read_square_stat(INFO.name, job, reader, i, "fisher_block", d, self.alpha)?;
                     read_checked(job, reader, Input::Model(i), 0..d, &mut l)?;
                     let li: Vec<f64> = l.iter().map(|v| f64::from(*v)).collect();
                     let fl = linalg::matmul(&fi, d, d, &li, 1);

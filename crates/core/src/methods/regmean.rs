@@ -63,8 +63,7 @@ pub const PANEL_ROWS: usize = 64;
 pub const DEFAULT_RIDGE: f64 = 1e-8;
 
 /// Read model `model`'s square `d×d` statistic `kind` (rows in blocks of at most
-/// `job.block_elems` elements), checked finite, as f64 with off-diagonals scaled by `alpha`
-/// and everything by `scale`.
+/// `job.block_elems` elements), checked finite, as f64 with off-diagonals scaled by `alpha`.
 pub(crate) fn read_square_stat(
     method: &str,
     job: &TensorJob,
@@ -73,7 +72,6 @@ pub(crate) fn read_square_stat(
     kind: &str,
     d: usize,
     alpha: f64,
-    scale: f64,
 ) -> Result<Vec<f64>> {
     stat_shape(method, job, reader, model, kind, Some(&[d, d]))?;
     let mut g = vec![0.0f64; d * d];
@@ -88,7 +86,7 @@ pub(crate) fn read_square_stat(
         for (k, v) in buf.iter().enumerate() {
             let e = range.start + k;
             let (r, c) = (e / d, e % d);
-            let s = if r == c { scale } else { scale * alpha };
+            let s = if r == c { 1.0 } else { alpha };
             g[e] = s * f64::from(*v);
         }
         r0 = r1;
@@ -233,7 +231,12 @@ impl MergeMethod for RegMean {
             if c == 0.0 {
                 continue;
             }
-            let g = read_square_stat(INFO.name, job, reader, i, "gram_in", d_in, self.alpha, c)?;
+            let mut g = read_square_stat(INFO.name, job, reader, i, "gram_in", d_in, self.alpha)?;
+            if c != 1.0 {
+                for v in &mut g {
+                    *v *= c;
+                }
+            }
             for (x, y) in a.iter_mut().zip(&g) {
                 *x += y;
             }
@@ -286,9 +289,9 @@ impl MergeMethod for RegMean {
             }
             buf.resize(range.len(), 0.0f32);
             for o in o0..o1 {
-                for k in 0..d_in {
+                for (k, &dead_k) in dead.iter().enumerate() {
                     let e = (o - o0) * d_in + k;
-                    buf[e] = if !dead[k] {
+                    buf[e] = if !dead_k {
                         x.as_ref().expect("a live feature implies a solve")[k * out + o] as f32
                     } else if self.zero_fallback {
                         0.0

@@ -1,0 +1,327 @@
+//! Data-driven methods end to end: statistics files written here, merges checked against naive
+//! float64 computations done here.
+
+use crate::common::*;
+use amalgam_io::{write_stats, Checkpoint, StatKey, StatKind, StatsMeta};
+use std::path::Path;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            ((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A symmetric positive-definite d x d Gram matrix XᵀX/rows (+ small diagonal), as f32.
+fn gram(seed: u64, d: usize) -> Vec<f32> {
+    let rows = d + 3;
+    let x = values(seed, rows * d);
+    let mut g = vec![0f64; d * d];
+    for r in 0..rows {
+        for i in 0..d {
+            for j in 0..d {
+                g[i * d + j] += x[r * d + i] * x[r * d + j] / rows as f64;
+            }
+        }
+    }
+    for i in 0..d {
+        g[i * d + i] += 1e-3;
+    }
+    g.into_iter().map(|v| v as f32).collect()
+}
+
+/// Write statistics for every tensor of `model`: `gram_in` for linear weights, `fisher` for all.
+fn write_model_stats(dir: &Path, model: &str, seed: u64) {
+    let ck = Checkpoint::open(&dir.join(model)).unwrap();
+    let mut owned: Vec<(StatKey, Vec<f32>)> = Vec::new();
+    for (k, t) in ck.tensors().iter().enumerate() {
+        let n: usize = t.shape.iter().product();
+        let f: Vec<f32> = values(seed * 1000 + k as u64, n)
+            .into_iter()
+            .map(|v| (v.abs() + 0.05) as f32)
+            .collect();
+        owned.push((
+            StatKey::new(t.name.clone(), StatKind::Fisher, t.shape.clone()),
+            f,
+        ));
+        if t.shape.len() == 2 && t.name.contains("_proj.") {
+            let d_in = t.shape[1];
+            owned.push((
+                StatKey::new(t.name.clone(), StatKind::GramIn, vec![d_in, d_in]),
+                gram(seed * 7919 + k as u64, d_in),
+            ));
+        }
+    }
+    let entries: Vec<(StatKey, &[f32])> = owned
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_slice()))
+        .collect();
+    let meta = StatsMeta::new("synthetic", 10, 100).for_model(&ck);
+    write_stats(
+        &dir.join(format!("{model}.stats.safetensors")),
+        &meta,
+        &entries,
+        true,
+    )
+    .unwrap();
+}
+
+fn read_stat(dir: &Path, model: &str, key: &str) -> Vec<f64> {
+    let bytes = std::fs::read(dir.join(format!("{model}.stats.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect()
+}
+
+/// Solve A X = B (A n x n, B n x m, row-major) by Gaussian elimination with partial pivoting.
+fn solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize, m: usize) -> Vec<f64> {
+    for c in 0..n {
+        let p = (c..n)
+            .max_by(|&i, &j| a[i * n + c].abs().total_cmp(&a[j * n + c].abs()))
+            .unwrap();
+        for k in 0..n {
+            a.swap(c * n + k, p * n + k);
+        }
+        for k in 0..m {
+            b.swap(c * m + k, p * m + k);
+        }
+        for r in 0..n {
+            if r != c {
+                let f = a[r * n + c] / a[c * n + c];
+                for k in 0..n {
+                    a[r * n + k] -= f * a[c * n + k];
+                }
+                for k in 0..m {
+                    b[r * m + k] -= f * b[c * m + k];
+                }
+            }
+        }
+    }
+    for r in 0..n {
+        for k in 0..m {
+            b[r * m + k] /= a[r * n + r];
+        }
+    }
+    b
+}
+
+fn setup(d: &Path) {
+    tiny_family(
+        d,
+        2,
+        &[
+            "--hidden",
+            "16",
+            "--intermediate",
+            "24",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--vocab",
+            "32",
+            "--layers",
+            "2",
+        ],
+    );
+    write_model_stats(d, "ft1", 1);
+    write_model_stats(d, "ft2", 2);
+}
+
+const STATS_MODELS: &str = "models:\n  - model: ft1\n    statistics: ft1.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n";
+
+#[test]
+fn regmean_solves_linear_weights_and_averages_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    std::fs::write(
+        d.join("rm.yaml"),
+        format!("merge_method: regmean\n{STATS_MODELS}"),
+    )
+    .unwrap();
+    let plan = run_ok(d, &["merge", "rm.yaml", "--out", "out", "--dry-run"]);
+    assert!(plan.contains("linear (avg)"), "{plan}");
+    run_ok(d, &["merge", "rm.yaml", "--out", "out", "--quiet"]);
+    let out = load_dir(&d.join("out"));
+    let f1 = load_dir(&d.join("ft1"));
+    let f2 = load_dir(&d.join("ft2"));
+    // A solved weight: W* ᵀ = (G1 + G2)⁻¹ (G1 W1ᵀ + G2 W2ᵀ).
+    let name = "model.layers.1.mlp.up_proj.weight";
+    let (dout, din) = (out[name].shape[0], out[name].shape[1]);
+    let g1 = read_stat(d, "ft1", &format!("{name}::gram_in"));
+    let g2 = read_stat(d, "ft2", &format!("{name}::gram_in"));
+    let a: Vec<f64> = g1.iter().zip(&g2).map(|(x, y)| x + y).collect();
+    let mut b = vec![0f64; din * dout];
+    for i in 0..din {
+        for o in 0..dout {
+            for k in 0..din {
+                b[i * dout + o] += g1[i * din + k] * f1[name].values[o * din + k]
+                    + g2[i * din + k] * f2[name].values[o * din + k];
+            }
+        }
+    }
+    let xt = solve(a, b, din, dout);
+    let want: Vec<f64> = (0..dout * din)
+        .map(|e| xt[(e % din) * dout + e / din])
+        .collect();
+    assert_close(name, &out[name].values, &want, 1e-4, 1e-2);
+    // A norm is averaged.
+    let norm = "model.layers.0.input_layernorm.weight";
+    let avg: Vec<f64> = f1[norm]
+        .values
+        .iter()
+        .zip(&f2[norm].values)
+        .map(|(x, y)| (x + y) / 2.0)
+        .collect();
+    assert_close(norm, &out[norm].values, &avg, 1e-6, 1e-3);
+}
+
+#[test]
+fn fisher_is_the_fisher_weighted_mean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    std::fs::write(
+        d.join("f.yaml"),
+        format!("merge_method: fisher\n{STATS_MODELS}"),
+    )
+    .unwrap();
+    run_ok(d, &["merge", "f.yaml", "--out", "out", "--quiet"]);
+    let out = load_dir(&d.join("out"));
+    let f1 = load_dir(&d.join("ft1"));
+    let f2 = load_dir(&d.join("ft2"));
+    for (name, t) in &out {
+        let a = read_stat(d, "ft1", &format!("{name}::fisher"));
+        let b = read_stat(d, "ft2", &format!("{name}::fisher"));
+        let want: Vec<f64> = (0..t.values.len())
+            .map(|k| (a[k] * f1[name].values[k] + b[k] * f2[name].values[k]) / (a[k] + b[k]))
+            .collect();
+        assert_close(name, &t.values, &want, 1e-5, 1e-3);
+    }
+}
+
+#[test]
+fn missing_statistics_name_the_model_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    // ft2 has no statistics file at all.
+    std::fs::write(d.join("m.yaml"), "merge_method: regmean\nmodels:\n  - model: ft1\n    statistics: ft1.stats.safetensors\n  - model: ft2\n").unwrap();
+    let e = run_err(d, &["merge", "m.yaml", "--out", "out"]);
+    assert!(e.contains("gram_in") && e.contains("_proj.weight"), "{e}");
+    assert!(final_outputs(&d.join("out")).is_empty());
+    // Statistics computed for another model: the recorded header hash does not match.
+    let ck = Checkpoint::open(&d.join("ft1")).unwrap();
+    let t = &ck.tensors()[0];
+    let f = vec![1f32; t.shape.iter().product()];
+    let mut meta = StatsMeta::new("synthetic", 1, 1);
+    meta.model_header_sha256 = Some("0".repeat(64));
+    write_stats(
+        &d.join("other.stats.safetensors"),
+        &meta,
+        &[(
+            StatKey::new(t.name.clone(), StatKind::Fisher, t.shape.clone()),
+            f.as_slice(),
+        )],
+        true,
+    )
+    .unwrap();
+    std::fs::write(d.join("w.yaml"), "merge_method: fisher\nmodels:\n  - model: ft1\n    statistics: other.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n").unwrap();
+    let e = run_err(d, &["merge", "w.yaml", "--out", "out"]);
+    assert!(
+        e.contains("other.stats.safetensors") && e.contains("ft1"),
+        "{e}"
+    );
+    assert!(final_outputs(&d.join("out")).is_empty());
+}
+
+#[test]
+fn svd_methods_run_end_to_end_deterministically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 3, &[]);
+    for m in ["tsv", "iso_c", "iso_cts"] {
+        std::fs::write(d.join(format!("{m}.yaml")), format!("merge_method: {m}\nbase_model: base\nmodels:\n  - model: ft1\n  - model: ft2\n  - model: ft3\n")).unwrap();
+        run_ok(
+            d,
+            &[
+                "merge",
+                &format!("{m}.yaml"),
+                "--out",
+                &format!("{m}-a"),
+                "--quiet",
+                "--threads",
+                "1",
+            ],
+        );
+        run_ok(
+            d,
+            &[
+                "merge",
+                &format!("{m}.yaml"),
+                "--out",
+                &format!("{m}-b"),
+                "--quiet",
+                "--threads",
+                "2",
+                "--memory-budget",
+                "64MiB",
+            ],
+        );
+        let a = std::fs::read(d.join(format!("{m}-a/model.safetensors"))).unwrap();
+        let b = std::fs::read(d.join(format!("{m}-b/model.safetensors"))).unwrap();
+        assert!(a == b, "{m}: output depends on threads or budget");
+    }
+}
+
+#[test]
+fn mats_gram_converges_to_regmean_and_logs_every_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    std::fs::write(
+        d.join("rm.yaml"),
+        format!("merge_method: regmean\n{STATS_MODELS}"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("mats.yaml"),
+        format!("merge_method: mats\nbase_model: base\n{STATS_MODELS}parameters:\n  iterations: 200\n  rtol: 1.0e-10\n"),
+    )
+    .unwrap();
+    run_ok(d, &["merge", "rm.yaml", "--out", "rm", "--quiet"]);
+    run_ok(d, &["merge", "mats.yaml", "--out", "mats", "--quiet"]);
+    let rm = load_dir(&d.join("rm"));
+    let mats = load_dir(&d.join("mats"));
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    assert_close(name, &mats[name].values, &rm[name].values, 1e-4, 1e-2);
+    let log = std::fs::read_to_string(d.join("mats/solver_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // One record per solved linear weight: 7 per layer, 2 layers.
+    assert_eq!(lines.len(), 14, "{log}");
+    for l in &lines {
+        assert_eq!(l["method"], "mats");
+        assert!(
+            l["tensor"].as_str().unwrap().ends_with("_proj.weight"),
+            "{l}"
+        );
+        assert!(
+            l.get("exit_code").is_some() || l.get("info").is_some(),
+            "{l}"
+        );
+    }
+}
