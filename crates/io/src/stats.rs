@@ -906,13 +906,37 @@ impl StatsWriter {
             .expect("inner is only taken by finish, which consumes self")
     }
 
+    /// Names the statistics file, not the staging file, in the inner writer's usage errors.
+    fn retarget(&self, e: IoError) -> IoError {
+        match e {
+            IoError::WriteOrder { reason, .. } => IoError::WriteOrder {
+                file: self.target.clone(),
+                reason,
+            },
+            IoError::TensorSize {
+                tensor,
+                written,
+                expected,
+                ..
+            } => IoError::TensorSize {
+                file: self.target.clone(),
+                tensor,
+                written,
+                expected,
+            },
+            other => other,
+        }
+    }
+
     /// Starts the next statistic, which must be `kind` of `name` (keys come in the order
     /// given to [`create`](Self::create)); the previous one must be complete.
     pub fn begin(&mut self, name: &str, kind: StatKind) -> Result<(), IoError> {
         let next = self.current.map_or(0, |(i, _)| i + 1);
         let key = kind.key(name);
         // The inner writer checks order and completeness and names the expected key.
-        self.inner().begin_tensor(&key)?;
+        if let Err(e) = self.inner().begin_tensor(&key) {
+            return Err(self.retarget(e));
+        }
         self.current = Some((next, 0));
         Ok(())
     }
@@ -932,7 +956,9 @@ impl StatsWriter {
             }
         }
         // Without a current key, the inner writer reports the misuse.
-        self.inner().write_f32(data)?;
+        if let Err(e) = self.inner().write_f32(data) {
+            return Err(self.retarget(e));
+        }
         if let Some((_, done)) = self.current.as_mut() {
             *done += data.len();
         }
@@ -946,7 +972,7 @@ impl StatsWriter {
             .inner
             .take()
             .expect("inner is only taken here, and finish consumes self");
-        let summary = inner.finish()?;
+        let summary = inner.finish().map_err(|e| self.retarget(e))?;
         let written = summary
             .files
             .first()

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Methods to run (comma separated).
     #[arg(long, default_value = "linear,ties")]
     pub methods: String,
+    /// `merge` (linear and TIES against the I/O floor) or `mats` (MaTS conjugate gradient
+    /// against the matmul floor and task arithmetic).
+    #[arg(long, default_value = "merge")]
+    pub suite: String,
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -85,7 +89,7 @@ fn rss_anon(pid: u32) -> Option<u64> {
 }
 
 /// Run a child `amalgam merge` and return (wall time, peak RssAnon).
-fn timed_merge(config: &Path, out: &Path, budget: u64) -> Result<(Duration, u64)> {
+pub(crate) fn timed_merge(config: &Path, out: &Path, budget: u64) -> Result<(Duration, u64)> {
     let exe = std::env::current_exe()?;
     let start = Instant::now();
     let mut child = Command::new(exe)
@@ -114,6 +118,10 @@ fn timed_merge(config: &Path, out: &Path, budget: u64) -> Result<(Duration, u64)
 /// Run `amalgam bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     println!("amalgam bench: {} cores", rayon::current_num_threads());
+    if a.suite == "mats" {
+        return super::bench_mats::run(&a.dir.join("mats"), a.memory_budget);
+    }
+    anyhow::ensure!(a.suite == "merge", "--suite must be `merge` or `mats`");
     let mut rows = Vec::new();
     for dt_name in a.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let dtype =

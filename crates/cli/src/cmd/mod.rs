@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_mats;
 pub mod demo;
 pub mod generate;
 pub mod inspect;
