@@ -19,8 +19,12 @@
 //! in the last bits between CPUs with different SIMD widths.
 
 use crate::error::{MergeError, Result};
-use faer::linalg::solvers::Solve;
-use faer::{Accum, MatMut, MatRef, Par, Side};
+use faer::diag::DiagMut;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt;
+use faer::linalg::lu::partial_pivoting as pplu;
+use faer::linalg::svd::{self as fsvd, ComputeSvdVectors};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 /// Placeholder tensor name in the errors raised here; [`name_tensor`] replaces it.
 pub const LINALG_TENSOR: &str = "<linear algebra>";
@@ -178,12 +182,13 @@ pub fn svd(a: &[f64], rows: usize, cols: usize) -> Result<Svd> {
             k,
         });
     }
-    let d = view(a, rows, cols)
-        .thin_svd()
-        .map_err(|e| numeric(format!("svd of a {rows} x {cols} matrix failed: {e:?}")))?;
-    let u = to_row_major(d.U());
-    let vt = to_row_major(d.V().transpose());
-    let s: Vec<f64> = d.S().column_vector().iter().copied().collect();
+    let mut u = Mat::<f64>::zeros(rows, k);
+    let mut v = Mat::<f64>::zeros(cols, k);
+    let mut s = vec![0.0; k];
+    run_svd(view(a, rows, cols), &mut s, Some((u.as_mut(), v.as_mut())))
+        .map_err(|e| numeric(format!("svd of a {rows} x {cols} matrix failed: {e}")))?;
+    let u = to_row_major(u.as_ref());
+    let vt = to_row_major(v.as_ref().transpose());
     Ok(Svd {
         u,
         s,
@@ -205,11 +210,50 @@ pub fn singular_values(a: &[f64], rows: usize, cols: usize) -> Result<Vec<f64>> 
     if rows.min(cols) == 0 {
         return Ok(Vec::new());
     }
-    view(a, rows, cols).singular_values().map_err(|e| {
+    let mut s = vec![0.0; rows.min(cols)];
+    run_svd(view(a, rows, cols), &mut s, None).map_err(|e| {
         numeric(format!(
-            "singular values of a {rows} x {cols} matrix failed: {e:?}"
+            "singular values of a {rows} x {cols} matrix failed: {e}"
         ))
-    })
+    })?;
+    Ok(s)
+}
+
+/// faer's SVD, sequential (its parallel SVD changes bits with the thread count).
+fn run_svd(
+    a: MatRef<'_, f64>,
+    s: &mut [f64],
+    uv: Option<(MatMut<'_, f64>, MatMut<'_, f64>)>,
+) -> std::result::Result<(), String> {
+    let (rows, cols) = (a.nrows(), a.ncols());
+    let compute = if uv.is_some() {
+        ComputeSvdVectors::Thin
+    } else {
+        ComputeSvdVectors::No
+    };
+    let mut mem = MemBuffer::try_new(fsvd::svd_scratch::<f64>(
+        rows,
+        cols,
+        compute,
+        compute,
+        Par::Seq,
+        Default::default(),
+    ))
+    .map_err(|_| "cannot allocate the SVD workspace".to_string())?;
+    let (u, v) = match uv {
+        Some((u, v)) => (Some(u), Some(v)),
+        None => (None, None),
+    };
+    fsvd::svd(
+        a,
+        DiagMut::from_slice_mut(s),
+        u,
+        v,
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| format!("{e:?}"))
 }
 
 /// Polar factor `U Vᵀ` of the row-major `rows × cols` matrix `a` (from its thin SVD): the
@@ -248,15 +292,32 @@ pub fn cholesky_solve(a: &[f64], n: usize, b: &[f64], nrhs: usize, ridge: f64) -
     }
     check_finite("cholesky_solve", "a", a)?;
     check_finite("cholesky_solve", "b", b)?;
-    let mut m = view(a, n, n).to_owned();
+    let mut l = view(a, n, n).to_owned();
     if ridge != 0.0 {
         for i in 0..n {
-            m[(i, i)] += ridge;
+            l[(i, i)] += ridge;
         }
     }
-    let llt = m.llt(Side::Lower).map_err(|e| {
+    let mut mem = MemBuffer::try_new(llt::factor::cholesky_in_place_scratch::<f64>(
+        n,
+        Par::Seq,
+        Default::default(),
+    ))
+    .map_err(|_| {
+        numeric(format!(
+            "cholesky_solve: cannot allocate the workspace for n = {n}"
+        ))
+    })?;
+    llt::factor::cholesky_in_place(
+        l.as_mut(),
+        Default::default(),
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| {
         let detail = match e {
-            faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => {
+            llt::factor::LltError::NonPositivePivot { index } => {
                 format!("pivot {index} is not positive")
             }
         };
@@ -266,7 +327,14 @@ pub fn cholesky_solve(a: &[f64], n: usize, b: &[f64], nrhs: usize, ridge: f64) -
         ))
     })?;
     let mut x = b.to_vec();
-    llt.solve_in_place(view_mut(&mut x, n, nrhs));
+    let mut mem = MemBuffer::try_new(llt::solve::solve_in_place_scratch::<f64>(n, nrhs, Par::Seq))
+        .map_err(|_| numeric("cholesky_solve: cannot allocate the workspace".to_string()))?;
+    llt::solve::solve_in_place(
+        l.as_ref(),
+        view_mut(&mut x, n, nrhs),
+        Par::Seq,
+        MemStack::new(&mut mem),
+    );
     check_finite("cholesky_solve", "result", &x)?;
     Ok(x)
 }
@@ -285,9 +353,45 @@ pub fn lu_solve(a: &[f64], n: usize, b: &[f64], nrhs: usize) -> Result<Vec<f64>>
     check_len("lu_solve", "b", b.len(), n, nrhs);
     check_finite("lu_solve", "a", a)?;
     check_finite("lu_solve", "b", b)?;
-    let lu = view(a, n, n).partial_piv_lu();
+    let mut lu = view(a, n, n).to_owned();
+    let mut fwd = vec![0usize; n];
+    let mut bwd = vec![0usize; n];
+    let alloc = |_| {
+        numeric(format!(
+            "lu_solve: cannot allocate the workspace for n = {n}"
+        ))
+    };
+    let mut mem = MemBuffer::try_new(pplu::factor::lu_in_place_scratch::<usize, f64>(
+        n,
+        n,
+        Par::Seq,
+        Default::default(),
+    ))
+    .map_err(alloc)?;
+    let (_, perm) = pplu::factor::lu_in_place(
+        lu.as_mut(),
+        &mut fwd,
+        &mut bwd,
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    );
     let mut x = b.to_vec();
-    lu.solve_in_place(view_mut(&mut x, n, nrhs));
+    let mut mem = MemBuffer::try_new(pplu::solve::solve_in_place_scratch::<usize, f64>(
+        n,
+        nrhs,
+        Par::Seq,
+    ))
+    .map_err(alloc)?;
+    // L (unit lower) and U share the factored matrix.
+    pplu::solve::solve_in_place(
+        lu.as_ref(),
+        lu.as_ref(),
+        perm,
+        view_mut(&mut x, n, nrhs),
+        Par::Seq,
+        MemStack::new(&mut mem),
+    );
     if x.iter().any(|v| !v.is_finite()) {
         return Err(numeric(format!(
             "lu_solve: the {n} x {n} matrix is singular"
@@ -399,6 +503,21 @@ mod tests {
         let three = pool3.install(|| matmul_tn(&a, m, k, &a, k));
         let one = pool.install(|| matmul_tn(&a, m, k, &a, k));
         assert_eq!(bits(&three), bits(&one));
+        // tall-skinny Gram (large inner dimension) and a matrix-vector product
+        let (rows, cols) = (40_000, 6);
+        let x = rand_vec(9, rows * cols);
+        let g3 = pool3.install(|| matmul_tn(&x, rows, cols, &x, cols));
+        let g1 = pool.install(|| matmul_tn(&x, rows, cols, &x, cols));
+        assert_eq!(bits(&g3), bits(&g1));
+        let v = rand_vec(10, rows);
+        let y3 = pool3.install(|| matmul_tn(&x, rows, cols, &v, 1));
+        let y1 = pool.install(|| matmul_tn(&x, rows, cols, &v, 1));
+        assert_eq!(bits(&y3), bits(&y1));
+        let w = rand_vec(11, 700 * 900);
+        let u = rand_vec(12, 900);
+        let z3 = pool3.install(|| matmul(&w, 700, 900, &u, 1));
+        let z1 = pool.install(|| matmul(&w, 700, 900, &u, 1));
+        assert_eq!(bits(&z3), bits(&z1));
     }
 
     #[test]
@@ -421,7 +540,12 @@ mod tests {
                 (bits(&d.u), bits(&d.s), bits(&d.vt), bits(&x), bits(&y))
             })
         };
-        assert!(run(1) == run(4));
+        let (p, q) = (run(1), run(4));
+        assert!(p.0 == q.0, "u");
+        assert!(p.1 == q.1, "s");
+        assert!(p.2 == q.2, "vt");
+        assert!(p.3 == q.3, "chol");
+        assert!(p.4 == q.4, "lu");
     }
 
     #[test]

@@ -287,6 +287,54 @@ where
 /// Elements per parallel work item of the in-memory selection.
 const MEM_CHUNK: usize = 1 << 16;
 
+/// Bits dropped from a key for the coarse histogram (2048 buckets).
+const COARSE_SHIFT: u32 = 21;
+
+/// Histogram of `key(j) >> COARSE_SHIFT` over `0..n` (`n` at most `u32::MAX`): four
+/// interleaved tables per chunk so that runs of equal keys do not serialise on one counter.
+fn coarse_hist<K>(n: usize, key: &K) -> Vec<u64>
+where
+    K: Fn(usize) -> u32 + Sync,
+{
+    const NB: usize = 1 << (32 - COARSE_SHIFT);
+    let h = (0..n.div_ceil(MEM_CHUNK))
+        .into_par_iter()
+        .fold(
+            || vec![0u32; 4 * NB],
+            |mut h, c| {
+                let (lo, hi) = (c * MEM_CHUNK, ((c + 1) * MEM_CHUNK).min(n));
+                let mut i = lo;
+                while i + 4 <= hi {
+                    let k0 = (key(i) >> COARSE_SHIFT) as usize;
+                    let k1 = (key(i + 1) >> COARSE_SHIFT) as usize;
+                    let k2 = (key(i + 2) >> COARSE_SHIFT) as usize;
+                    let k3 = (key(i + 3) >> COARSE_SHIFT) as usize;
+                    h[k0] += 1;
+                    h[NB + k1] += 1;
+                    h[2 * NB + k2] += 1;
+                    h[3 * NB + k3] += 1;
+                    i += 4;
+                }
+                for j in i..hi {
+                    h[(key(j) >> COARSE_SHIFT) as usize] += 1;
+                }
+                h
+            },
+        )
+        .reduce(
+            || vec![0u32; 4 * NB],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    (0..NB)
+        .map(|b| (0..4).map(|t| u64::from(h[t * NB + b])).sum())
+        .collect()
+}
+
 /// A histogram of `bucket(j)` over `j` in `0..n` (`n` at most `u32::MAX`), built in parallel
 /// over fixed chunks; counts are exact integers, so the result does not depend on the split.
 fn par_hist<F>(n: usize, bucket: F) -> Vec<u64>
@@ -347,6 +395,48 @@ where
     if active.is_empty() {
         return cuts;
     }
+    // Coarse pass: a small (cache-resident) histogram of the top bits; then the elements of
+    // the bucket holding a position are gathered, in index order, and the exact
+    // `(key, index)` element at the position is selected among them.
+    let coarse = coarse_hist(n, &key);
+    let mut remaining = Vec::new();
+    for &j in &active {
+        let p = positions[j];
+        let (b, less) = locate(&coarse, p);
+        if coarse[b] > (n as u64 / 2).max(1 << 16) {
+            // Too many candidates to hold: the two 16-bit histogram passes instead.
+            remaining.push(j);
+            continue;
+        }
+        let b = b as u32;
+        let mut cands: Vec<(u32, u32)> = (0..n.div_ceil(MEM_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let mut v = Vec::new();
+                for i in c * MEM_CHUNK..((c + 1) * MEM_CHUNK).min(n) {
+                    let k = key(i);
+                    if k >> COARSE_SHIFT == b {
+                        v.push((k, i as u32));
+                    }
+                }
+                v
+            })
+            .flatten()
+            .collect();
+        let r = (p - less) as usize;
+        let (before, &mut (k0, i0), _) = cands.select_nth_unstable(r);
+        // As `select_cuts`: index 0 when no element with this key precedes the position.
+        let index = if before.iter().any(|&(k, _)| k == k0) {
+            i0 as u64
+        } else {
+            0
+        };
+        cuts[j] = Cut { key: k0, index };
+    }
+    if remaining.is_empty() {
+        return cuts;
+    }
+    let active = remaining;
     let hist_hi = par_hist(n, |j| Some((key(j) >> 16) as usize));
     let mut his: Vec<u32> = active
         .iter()

@@ -332,22 +332,18 @@ pub enum IoError {
         param: String,
     },
     /// A statistic's shape does not fit its parameter's shape.
-    #[error("{}: statistics key \"{key}\" has shape {actual:?} but parameter \"{param}\" of model {} has shape {param_shape:?}, which needs {expected}; the statistics were computed for a different model (recompute them)", stats.display(), model.display())]
+    #[error("{}: statistics key \"{key}\" has shape {actual:?} but in model {} {need}; the statistics were computed for a different model (recompute them)", stats.display(), model.display())]
     StatsShape {
         /// The statistics file.
         stats: PathBuf,
         /// The model checkpoint.
         model: PathBuf,
-        /// The full key.
+        /// The full key (`NAME::suffix`; NAME is the parameter).
         key: String,
-        /// The parameter name.
-        param: String,
         /// The statistic's shape.
         actual: Vec<usize>,
-        /// The parameter's shape.
-        param_shape: Vec<usize>,
-        /// The shape it should have, in words (`[4096, 4096]`, or "a 2-D weight [d_out, d_in]").
-        expected: String,
+        /// What the parameter needs, in words: `parameter "P" has shape [3, 4], which needs [4, 4]`.
+        need: String,
     },
     /// The statistics file to write already exists.
     #[error("{}: already exists; choose another path for the statistics or allow overwriting (--overwrite)", file.display())]

@@ -428,7 +428,7 @@ fn bad_value(kind: StatKind, d: usize, idx: usize, x: f32) -> bool {
     x < 0.0
         && match kind {
             StatKind::Fisher => true,
-            _ => idx % (d + 1) == 0,
+            _ => idx.is_multiple_of(d + 1),
         }
 }
 
@@ -710,10 +710,11 @@ impl StatsFile {
                 stats: self.shown(&t.file),
                 model: model_path(model),
                 key: t.name.clone(),
-                param: k.name.clone(),
                 actual: k.shape.clone(),
-                param_shape: p.shape.clone(),
-                expected,
+                need: format!(
+                    "parameter \"{}\" has shape {:?}, which needs {expected}",
+                    k.name, p.shape
+                ),
             });
         }
         Ok(())
