@@ -13,10 +13,12 @@
 //! does not converge, non-finite input) are [`MergeError::Numeric`] errors whose `tensor` field
 //! is [`LINALG_TENSOR`]; callers name the tensor with [`name_tensor`].
 //!
-//! Determinism: every call runs with faer's parallelism fixed to [`Par::Seq`] for factorizations
-//! and [`Par::rayon`] for products. faer splits products over output tiles, never over the inner
-//! dimension, so results do not depend on the rayon thread count (tested below); they may differ
-//! in the last bits between CPUs with different SIMD widths.
+//! Determinism: results do not depend on the rayon thread count (tested below). faer's own
+//! parallel kernels do not guarantee that (its parallel SVD, and products with a small output
+//! and a long inner dimension, change bits with the thread count), so factorizations run with
+//! [`Par::Seq`] and products are cut into fixed output tiles computed sequentially and run in
+//! parallel with rayon. Results may still differ in the last bits between CPUs with different
+//! SIMD widths (faer dispatches its kernels at run time).
 
 use crate::error::{MergeError, Result};
 use faer::diag::DiagMut;
@@ -98,8 +100,50 @@ fn to_row_major(m: MatRef<'_, f64>) -> Vec<f64> {
     out
 }
 
-fn product_par() -> Par {
-    Par::rayon(0)
+/// Output rows (or columns) per parallel task of a product.
+const TILE: usize = 64;
+
+/// `C = A · B` into row-major `c` (`m × n`), for views `a` (`m × k`) and `b` (`k × n`).
+///
+/// faer's parallel product splits the inner dimension when the output is small, which changes
+/// bits with the thread count. Here the output is cut into fixed tiles of [`TILE`] rows (or,
+/// when there are fewer rows than columns, [`TILE`] columns), each computed sequentially, and
+/// the tiles run in parallel: the tiling depends only on the shapes.
+fn gemm(c: &mut [f64], m: usize, n: usize, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
+    use rayon::prelude::*;
+    if m == 0 || n == 0 {
+        return;
+    }
+    if m >= n {
+        c.par_chunks_mut(TILE * n).enumerate().for_each(|(t, ct)| {
+            let rows = ct.len() / n;
+            faer::linalg::matmul::matmul(
+                view_mut(ct, rows, n),
+                Accum::Replace,
+                a.subrows(t * TILE, rows),
+                b,
+                1.0,
+                Par::Seq,
+            );
+        });
+    } else {
+        // Tiles of columns: compute Cᵀ = Bᵀ Aᵀ by row tiles, then transpose into `c`.
+        let mut ct = vec![0.0; n * m];
+        ct.par_chunks_mut(TILE * m)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let cols = chunk.len() / m;
+                faer::linalg::matmul::matmul(
+                    view_mut(chunk, cols, m),
+                    Accum::Replace,
+                    b.subcols(t * TILE, cols).transpose(),
+                    a.transpose(),
+                    1.0,
+                    Par::Seq,
+                );
+            });
+        view_mut(c, m, n).copy_from(view(&ct, n, m).transpose());
+    }
 }
 
 /// `C = A · B` for row-major `A` (`m × k`) and `B` (`k × n`); returns row-major `C` (`m × n`).
@@ -110,14 +154,7 @@ pub fn matmul(a: &[f64], m: usize, k: usize, b: &[f64], n: usize) -> Vec<f64> {
     check_len("matmul", "a", a.len(), m, k);
     check_len("matmul", "b", b.len(), k, n);
     let mut c = vec![0.0; m * n];
-    faer::linalg::matmul::matmul(
-        view_mut(&mut c, m, n),
-        Accum::Replace,
-        view(a, m, k),
-        view(b, k, n),
-        1.0,
-        product_par(),
-    );
+    gemm(&mut c, m, n, view(a, m, k), view(b, k, n));
     c
 }
 
@@ -130,14 +167,7 @@ pub fn matmul_tn(a: &[f64], k: usize, m: usize, b: &[f64], n: usize) -> Vec<f64>
     check_len("matmul_tn", "a", a.len(), k, m);
     check_len("matmul_tn", "b", b.len(), k, n);
     let mut c = vec![0.0; m * n];
-    faer::linalg::matmul::matmul(
-        view_mut(&mut c, m, n),
-        Accum::Replace,
-        view(a, k, m).transpose(),
-        view(b, k, n),
-        1.0,
-        product_par(),
-    );
+    gemm(&mut c, m, n, view(a, k, m).transpose(), view(b, k, n));
     c
 }
 
@@ -149,14 +179,7 @@ pub fn matmul_nt(a: &[f64], m: usize, k: usize, b: &[f64], n: usize) -> Vec<f64>
     check_len("matmul_nt", "a", a.len(), m, k);
     check_len("matmul_nt", "b", b.len(), n, k);
     let mut c = vec![0.0; m * n];
-    faer::linalg::matmul::matmul(
-        view_mut(&mut c, m, n),
-        Accum::Replace,
-        view(a, m, k),
-        view(b, n, k).transpose(),
-        1.0,
-        product_par(),
-    );
+    gemm(&mut c, m, n, view(a, m, k), view(b, n, k).transpose());
     c
 }
 
