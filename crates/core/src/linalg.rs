@@ -493,15 +493,23 @@ mod tests {
 
     #[test]
     fn products_match_naive() {
-        let (m, k, n) = (7, 5, 4);
-        let a = rand_vec(1, m * k);
-        let b = rand_vec(2, k * n);
-        let c = naive_mm(&a, m, k, &b, n);
-        assert!(max_abs_diff(&matmul(&a, m, k, &b, n), &c) < 1e-14);
-        let at = transpose(&a, m, k);
-        assert!(max_abs_diff(&matmul_tn(&at, k, m, &b, n), &c) < 1e-14);
-        let bt = transpose(&b, k, n);
-        assert!(max_abs_diff(&matmul_nt(&a, m, k, &bt, n), &c) < 1e-14);
+        // both tilings (rows when m >= n, columns otherwise), tiles crossing TILE
+        for &(m, k, n) in &[
+            (7, 5, 4),
+            (3, 5, 150),
+            (150, 9, 70),
+            (1, 40, 1),
+            (2, 3, 200),
+        ] {
+            let a = rand_vec(1 + m as u64, m * k);
+            let b = rand_vec(2 + n as u64, k * n);
+            let c = naive_mm(&a, m, k, &b, n);
+            assert!(max_abs_diff(&matmul(&a, m, k, &b, n), &c) < 1e-13);
+            let at = transpose(&a, m, k);
+            assert!(max_abs_diff(&matmul_tn(&at, k, m, &b, n), &c) < 1e-13);
+            let bt = transpose(&b, k, n);
+            assert!(max_abs_diff(&matmul_nt(&a, m, k, &bt, n), &c) < 1e-13);
+        }
         assert!(matmul(&[], 0, 3, &rand_vec(3, 6), 2).is_empty());
         assert_eq!(matmul(&[], 3, 0, &[], 2), vec![0.0; 6]);
     }

@@ -411,16 +411,19 @@ where
         let b = b as u32;
         let mut cands: Vec<(u32, u32)> = (0..n.div_ceil(MEM_CHUNK))
             .into_par_iter()
-            .map(|c| {
-                let mut v = Vec::new();
-                for i in c * MEM_CHUNK..((c + 1) * MEM_CHUNK).min(n) {
-                    let k = key(i);
-                    if k >> COARSE_SHIFT == b {
-                        v.push((k, i as u32));
+            .map_init(
+                || vec![(0u32, 0u32); MEM_CHUNK],
+                |buf, c| {
+                    // Branch-free compaction: always store, advance only on a match.
+                    let mut m = 0;
+                    for i in c * MEM_CHUNK..((c + 1) * MEM_CHUNK).min(n) {
+                        let k = key(i);
+                        buf[m] = (k, i as u32);
+                        m += (k >> COARSE_SHIFT == b) as usize;
                     }
-                }
-                v
-            })
+                    buf[..m].to_vec()
+                },
+            )
             .flatten()
             .collect();
         let r = (p - less) as usize;

@@ -354,7 +354,7 @@ fn numeric(message: String) -> MergeError {
     }
 }
 
-/// `y[i] = a·y[i] + x[i]`-style element-wise loops in parallel (no reductions, so bit-exact).
+/// Elements per parallel task of the element-wise updates (no reductions there, so bit-exact).
 const PAR_MIN: usize = 1 << 14;
 
 fn axpy_update(x: &mut [f64], r: &mut [f64], p: &[f64], q: &[f64], alpha: f64) {
