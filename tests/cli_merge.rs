@@ -377,3 +377,38 @@ fn tokenizer_source_permutes_embeddings() {
     }
     assert!(file_names(&d.join("out")).contains(&"tokenizer.json".to_string()));
 }
+
+#[test]
+fn config_from_base_tokenizer_from_tokenizer_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 2, &["--vocab", "8"]);
+    let toks: Vec<String> = (0..8).map(|i| format!("tok{i}")).collect();
+    for m in ["base", "ft1", "ft2"] {
+        write_tokenizer(&d.join(m), &toks);
+        std::fs::write(
+            d.join(m).join("tokenizer_config.json"),
+            format!("{{\"marker\": \"{m}\"}}"),
+        )
+        .unwrap();
+    }
+    let cfg = write(d, "t.yaml", "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\ntokenizer_source: ft2\nchat_template: chatml\n");
+    run_ok(d, &["merge", &cfg, "--out", "out", "--quiet"]);
+    let tc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tc["marker"], "ft2");
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    let base_cfg = std::fs::read_to_string(d.join("base/config.json")).unwrap();
+    let out_cfg = std::fs::read_to_string(d.join("out/config.json")).unwrap();
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&base_cfg).unwrap(),
+        serde_json::from_str(&out_cfg).unwrap(),
+    );
+    assert_eq!(a["num_hidden_layers"], b["num_hidden_layers"]);
+    assert_eq!(b["torch_dtype"], "float32");
+}

@@ -456,20 +456,25 @@ fn write_aux(
         .base_model
         .clone()
         .or_else(|| plan.models.first().cloned());
+    // Config files from the base (else the first model); tokenizer files from the tokenizer
+    // source when one is named, else from the same model.
     let mut written = Vec::new();
-    if let Some(src) = &config_src {
-        if let Some(ck) = inputs.checkpoints.get(src) {
-            written.extend(amalgam_io::copy_aux_files(ck.root(), out_dir)?);
-        }
+    let root_of = |m: &amalgam_core::config::ModelRef| {
+        inputs.checkpoints.get(m).map(|c| c.root().to_path_buf())
+    };
+    if let Some(dir) = config_src.as_ref().and_then(root_of) {
+        written.extend(amalgam_io::copy_files(
+            &dir,
+            out_dir,
+            &["config.json", "generation_config.json"],
+        )?);
     }
-    if let Some(tm) = &tok_model {
-        if let Some(ck) = inputs.checkpoints.get(tm) {
-            for f in amalgam_io::copy_aux_files(ck.root(), out_dir)? {
-                if !written.contains(&f) {
-                    written.push(f);
-                }
-            }
-        }
+    if let Some(dir) = tok_model.as_ref().or(config_src.as_ref()).and_then(root_of) {
+        written.extend(amalgam_io::copy_files(
+            &dir,
+            out_dir,
+            amalgam_io::TOKENIZER_FILES,
+        )?);
     }
     // Patch config.json.
     let cfg_path = out_dir.join("config.json");

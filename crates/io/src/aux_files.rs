@@ -23,11 +23,29 @@ pub const AUX_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
+/// The tokenizer files among [`AUX_FILES`] (what `tokenizer_source` takes from its model).
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
 /// Copies the config and tokenizer files ([`AUX_FILES`]) present in directory `from` into
 /// directory `to` (each through a temporary name and a rename). Returns the written paths.
 pub fn copy_aux_files(from: &Path, to: &Path) -> Result<Vec<PathBuf>, IoError> {
+    copy_files(from, to, AUX_FILES)
+}
+
+/// Copies the files `names` present in directory `from` into directory `to`, each through a
+/// temporary name and a rename. Returns the written paths.
+pub fn copy_files(from: &Path, to: &Path, names: &[&str]) -> Result<Vec<PathBuf>, IoError> {
     let mut written = Vec::new();
-    for name in AUX_FILES {
+    for name in names {
         let src = from.join(name);
         if !src.is_file() {
             continue;
