@@ -332,7 +332,7 @@ mod tests {
                 let j = job(n, 1, block);
                 let sp = magnitude(&j, &reader, &[density]).unwrap();
                 let d: Vec<f32> = model.iter().zip(&base).map(|(m, b)| m - b).collect();
-                assert_eq!(magnitude_loaded(&[d.clone()], &[density]), sp);
+                assert_eq!(magnitude_loaded(std::slice::from_ref(&d), &[density]), sp);
                 let got = apply_all(&sp, 0, &d, block);
                 let k = if density >= 1.0 {
                     n
