@@ -7,6 +7,12 @@ mod size;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed pages for reuse: a merge allocates and frees block buffers of the same
+/// sizes tensor after tensor, and with the system allocator every large buffer is a fresh
+/// mapping whose pages fault in one by one (measured: most of a linear merge's time).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// amalgam merges fine-tuned models into one, streaming, on one machine or a cluster.
 ///
 /// Configs are mergekit YAML (a superset): existing mergekit configs run unchanged.
