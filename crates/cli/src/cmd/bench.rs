@@ -178,12 +178,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .flat_map(|n| files_under(&root.join(n)))
                 .collect();
             // Floor: read every input of this merge once (warm cache) + write an output-sized file.
-            let t = Instant::now();
-            let in_bytes = read_all(&inputs)?;
-            let scratch = root.join("floor.bin");
-            write_file(&scratch, model_bytes)?;
-            let floor = t.elapsed();
-            let _ = std::fs::remove_file(&scratch);
+            // Best of 3: the machine is shared and fsync times vary.
+            let mut floor = Duration::MAX;
+            let mut in_bytes = 0;
+            for _ in 0..3 {
+                let t = Instant::now();
+                in_bytes = read_all(&inputs)?;
+                let scratch = root.join("floor.bin");
+                write_file(&scratch, model_bytes)?;
+                floor = floor.min(t.elapsed());
+                let _ = std::fs::remove_file(&scratch);
+            }
             rows.push((
                 dt_name.to_string(),
                 format!("floor ({} inputs)", used.len()),
@@ -203,7 +208,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let cfg_path = root.join(format!("{method}.yaml"));
             std::fs::write(&cfg_path, cfg)?;
             let out = root.join(format!("out-{method}"));
-            let (wall, peak) = timed_merge(&cfg_path, &out, a.memory_budget)?;
+            // Best of 2 runs, for the same reason.
+            let (w1, p1) = timed_merge(&cfg_path, &out, a.memory_budget)?;
+            let (w2, p2) = timed_merge(&cfg_path, &out, a.memory_budget)?;
+            let (wall, peak) = (w1.min(w2), p1.max(p2));
             rows.push((
                 dt_name.to_string(),
                 method.to_string(),
