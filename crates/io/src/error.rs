@@ -351,6 +351,71 @@ pub enum IoError {
         /// The existing file.
         file: PathBuf,
     },
+    /// A path given as a PEFT adapter is not one: no directory, no `adapter_config.json`, or
+    /// no weights file.
+    #[error("{}: not a PEFT adapter directory: {reason}; an adapter directory holds adapter_config.json and adapter_model.safetensors (as written by PEFT's save_pretrained)", dir.display())]
+    NoAdapter {
+        /// The directory.
+        dir: PathBuf,
+        /// What is missing.
+        reason: String,
+    },
+    /// The adapter's weights are only in PyTorch pickle format (`adapter_model.bin`).
+    #[error("{}: adapter weights in PyTorch pickle format are not read (pickles can run code); convert them to safetensors first, e.g. in Python: `safetensors.torch.save_file(torch.load(\"adapter_model.bin\"), \"adapter_model.safetensors\", metadata={{\"format\": \"pt\"}})`", file.display())]
+    AdapterNotSafetensors {
+        /// The `.bin` file.
+        file: PathBuf,
+    },
+    /// `adapter_config.json` is malformed, names an unsupported adapter type or option, or
+    /// holds an invalid value or pattern.
+    #[error("{}: \"{key}\": {reason}", file.display())]
+    AdapterConfig {
+        /// The config file.
+        file: PathBuf,
+        /// The config field (`peft_type`, `r`, `rank_pattern`, ...).
+        key: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// An adapter tensor is missing, has the wrong shape, disagrees with the config, or is of
+    /// an unsupported kind.
+    #[error("{}: tensor \"{key}\": {reason}", file.display())]
+    AdapterTensor {
+        /// The adapter weights file.
+        file: PathBuf,
+        /// The tensor key.
+        key: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// An adapter holds no adapter tensors of its type.
+    #[error("{}: holds no {what} tensors; an adapter needs at least one adapted module", file.display())]
+    AdapterEmpty {
+        /// The adapter weights file.
+        file: PathBuf,
+        /// What was looked for ("LoRA (lora_A/lora_B)", "(IA)^3 (ia3_l)").
+        what: &'static str,
+    },
+    /// An adapter does not fit the base model it is applied to.
+    #[error("{}: module \"{module}\" does not fit the base model {}: {reason}; use the base model the adapter was trained on", adapter.display(), base.display())]
+    AdapterBase {
+        /// The adapter weights file.
+        adapter: PathBuf,
+        /// The adapted module (`model.layers.0.self_attn.q_proj`).
+        module: String,
+        /// The base checkpoint file (or directory) consulted.
+        base: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The output directory already holds an adapter.
+    #[error("{}: already holds an adapter ({found}); choose another output directory or allow overwriting (--overwrite)", dir.display())]
+    AdapterExists {
+        /// The output directory.
+        dir: PathBuf,
+        /// The adapter file found there.
+        found: String,
+    },
 }
 
 fn found_hint(found: &[String]) -> String {

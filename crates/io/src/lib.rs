@@ -34,6 +34,7 @@ pub mod checksum;
 mod dtype;
 mod error;
 pub mod hf_index;
+pub mod peft;
 pub mod safetensors;
 pub mod stats;
 
@@ -42,6 +43,10 @@ pub use aux_files::{copy_aux_files, copy_files, read_vocab, AUX_FILES, TOKENIZER
 pub use dtype::DType;
 pub use error::IoError;
 pub use hf_index::{INDEX_FILE, SINGLE_FILE};
+pub use peft::{
+    write_adapter, Adapter, AdapterConfig, AdapterKind, AdapterModules, AdapterWriter, Ia3Config,
+    Ia3Module, LoraConfig, LoraModule, TargetModules,
+};
 pub use safetensors::read::{Checkpoint, CheckpointFile, TensorMeta};
 pub use safetensors::write::{
     CheckpointWriter, OutputFile, OutputLayout, OutputSummary, OutputTensor,
