@@ -5,6 +5,7 @@
 
 mod common;
 
+mod adapters;
 mod cli_merge;
 mod cli_validation;
 mod data_driven;

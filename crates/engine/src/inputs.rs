@@ -20,6 +20,8 @@ pub struct Inputs {
     /// Statistics files by model (the config's per-model `statistics:`), validated against
     /// their model.
     pub stats: BTreeMap<ModelRef, Arc<StatsFile>>,
+    /// Adapters applied on the fly (`model+adapter` references).
+    pub adapters: BTreeMap<ModelRef, Arc<crate::adapter::AdapterDelta>>,
 }
 
 fn looks_like_hub_name(s: &str) -> bool {
@@ -84,17 +86,13 @@ pub fn input_model(display: String, ckpt: &Checkpoint) -> InputModel {
 pub fn open_inputs(config: &MergeConfig, config_dir: Option<&Path>) -> Result<Inputs, EngineError> {
     let mut inputs = Inputs::default();
     for m in referenced_models(config) {
-        if let Some(adapter) = &m.adapter {
-            return Err(EngineError::Model {
-                model: m.to_string(),
-                message: format!(
-                    "LoRA adapters (`model+adapter`, here `{adapter}`) are not supported yet; \
-                     apply the adapter to its base first"
-                ),
-            });
-        }
         let path = resolve_model_path(&m.path, config_dir)?;
         let ckpt = Checkpoint::open(&path)?;
+        if let Some(adapter) = &m.adapter {
+            let apath = resolve_model_path(adapter, config_dir)?;
+            let delta = crate::adapter::AdapterDelta::load(&apath, &ckpt)?;
+            inputs.adapters.insert(m.clone(), Arc::new(delta));
+        }
         inputs
             .models
             .insert(m.clone(), input_model(m.to_string(), &ckpt));

@@ -14,6 +14,7 @@
 //! The cluster's workers will call the same per-tensor code ([`run::merge_tensor`]).
 #![deny(missing_docs)]
 
+pub mod adapter;
 pub mod budget;
 pub mod card;
 pub mod error;

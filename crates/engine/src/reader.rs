@@ -1,5 +1,6 @@
 //! A [`TensorReader`] over memory-mapped checkpoints for one planned tensor.
 
+use crate::adapter::AdapterDelta;
 use crate::vocab::{is_vocab_tensor, DefaultRow, RowSource, VocabMap};
 use amalgam_core::plan::{TensorPlan, TensorSource};
 use amalgam_core::tensor::{Input, TensorReader};
@@ -44,6 +45,7 @@ pub struct PlanReader<'a> {
     allow_nonfinite: bool,
     vocab: Option<&'a VocabMap>,
     stats: &'a [Option<&'a StatsFile>],
+    adapters: &'a [Option<&'a AdapterDelta>],
 }
 
 impl<'a> PlanReader<'a> {
@@ -59,7 +61,14 @@ impl<'a> PlanReader<'a> {
             allow_nonfinite,
             vocab: None,
             stats: &[],
+            adapters: &[],
         }
+    }
+
+    /// Apply `adapters[i]` (a `model+adapter` reference's adapter) to the plan's model `i`.
+    pub fn with_adapters(mut self, adapters: &'a [Option<&'a AdapterDelta>]) -> Self {
+        self.adapters = adapters;
+        self
     }
 
     /// Read statistics from `stats[i]`, the statistics file of the plan's model `i` (if any).
@@ -201,11 +210,28 @@ impl TensorReader for PlanReader<'_> {
         let src = self.source(input)?;
         let ckpt = self.checkpoints[src.model];
         let start = range.start;
+        let update = self
+            .adapters
+            .get(src.model)
+            .copied()
+            .flatten()
+            .and_then(|d| d.updates.get(&src.tensor));
         match self.vocab {
-            Some(v) if !range.is_empty() => self.read_mapped(v, src, range, out)?,
+            Some(_) if update.is_some() => {
+                return Err(MergeError::Read(format!(
+                    "tensor \"{}\": an adapter that changes a vocabulary tensor cannot be combined \
+                     with `tokenizer_source`",
+                    src.tensor
+                )))
+            }
+            Some(v) if !range.is_empty() => self.read_mapped(v, src, range.clone(), out)?,
             _ => ckpt
-                .read_f32(&src.tensor, range, out)
+                .read_f32(&src.tensor, range.clone(), out)
                 .map_err(|e| MergeError::Read(e.to_string()))?,
+        }
+        if let Some(u) = update {
+            let cols = self.plan.shape.last().copied().unwrap_or(1).max(1);
+            u.apply(range, cols, out);
         }
         if !self.allow_nonfinite {
             if let Some(k) = first_non_finite(out) {

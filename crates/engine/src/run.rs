@@ -7,6 +7,7 @@
 //! model card are copied or written. A failure at any step leaves no final-named output file
 //! from this run.
 
+use crate::adapter::AdapterDelta;
 use crate::budget;
 use crate::card;
 use crate::error::EngineError;
@@ -31,6 +32,23 @@ pub struct ReadExtras<'a> {
     pub vocab: Option<&'a VocabMap>,
     /// Statistics file of each plan model (plan order), if given.
     pub stats: Vec<Option<&'a StatsFile>>,
+    /// Adapter of each plan model (plan order), for `model+adapter` references.
+    pub adapters: Vec<Option<&'a AdapterDelta>>,
+}
+
+impl<'a> ReadExtras<'a> {
+    /// The reader of one planned tensor, with every extra applied.
+    pub fn reader(
+        &'a self,
+        t: &'a TensorPlan,
+        ckpts: &'a [&'a Checkpoint],
+        allow_nonfinite: bool,
+    ) -> PlanReader<'a> {
+        PlanReader::new(t, ckpts, allow_nonfinite)
+            .with_vocab(self.vocab)
+            .with_stats(&self.stats)
+            .with_adapters(&self.adapters)
+    }
 }
 
 /// File name of the per-block solver log written beside the merged checkpoint.
@@ -222,9 +240,7 @@ pub fn global_passes(
         for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
             let method = build_method(t)?;
             let job = job_for(t, method.as_ref(), plan.seed, opts.memory_budget);
-            let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite)
-                .with_vocab(extras.vocab)
-                .with_stats(&extras.stats);
+            let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
             let stats = method.global_pass(pass, &done, &job, &reader)?;
             acc.accumulate(&stats);
             progress.advance(&t.name, input_bytes(t, ckpts));
@@ -260,9 +276,7 @@ pub fn merge_tensor(
     }
     let method = build_method(t)?;
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
-    let reader = PlanReader::new(t, ckpts, opts.allow_nonfinite)
-        .with_vocab(extras.vocab)
-        .with_stats(&extras.stats);
+    let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
     let mut adapter = WriterAdapter {
         writer,
         next: 0,
@@ -335,6 +349,11 @@ pub fn execute(
             .models
             .iter()
             .map(|m| inputs.stats.get(m).map(|s| s.as_ref()))
+            .collect(),
+        adapters: plan
+            .models
+            .iter()
+            .map(|m| inputs.adapters.get(m).map(|a| a.as_ref()))
             .collect(),
     };
     let layout = output_layout(config, plan, opts.out_shard_size)?;
