@@ -17,7 +17,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Configs are mergekit YAML (a superset): existing mergekit configs run unchanged.
 #[derive(Debug, Parser)]
-#[command(name = "amalgam", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "amalgam",
+    version,
+    about = "amalgam merges fine-tuned models into one, streaming, in bounded memory.\nConfigs are mergekit YAML: existing mergekit configs run unchanged.",
+    after_help = "Start with `amalgam demo`, then `amalgam merge CONFIG --out DIR [--dry-run]`.",
+    propagate_version = true
+)]
 struct Cli {
     /// Print only errors (no progress bar, no summary).
     #[arg(long, short, global = true)]
@@ -36,7 +42,7 @@ enum Command {
     Methods,
     /// Generate a tiny Llama-shaped base and fine-tunes, merge them with TIES, print where.
     Demo(cmd::demo::DemoArgs),
-    /// Benchmark linear and TIES merges against the I/O floor on generated models.
+    /// Benchmark merges on generated models: linear/TIES vs the I/O floor, or `--suite mats`.
     Bench(cmd::bench::BenchArgs),
     /// Generate a seeded synthetic Llama-shaped checkpoint (for tests and experiments).
     Generate(cmd::generate::GenerateArgs),
