@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// amalgam merges fine-tuned models into one, streaming, on one machine or a cluster.
+/// amalgam merges fine-tuned models into one, streaming, in bounded memory.
 ///
 /// Configs are mergekit YAML (a superset): existing mergekit configs run unchanged.
 #[derive(Debug, Parser)]
