@@ -11,8 +11,8 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mergekit")
 }
 
-/// mergekit methods outside amalgam's scope so far (optional in methods.md §19, or not listed).
-const NOT_IMPLEMENTED: [&str; 3] = ["arcee_fusion", "ram", "ramplus_tl"];
+/// mergekit methods outside amalgam's scope so far (not listed in methods.md).
+const NOT_IMPLEMENTED: [&str; 1] = ["arcee_fusion"];
 
 /// Merge one case and compare; `Err` describes the first mismatch.
 fn check_case(root: &Path, config: &str, expected: &Path, out: &Path) -> Result<usize, String> {

@@ -75,7 +75,7 @@ impl std::fmt::Display for ConfigWarning {
 }
 
 /// Merge methods mergekit 0.1.5 has that amalgam does not implement.
-const MERGEKIT_ONLY_METHODS: &[&str] = &["arcee_fusion", "ram", "ramplus_tl"];
+const MERGEKIT_ONLY_METHODS: &[&str] = &["arcee_fusion"];
 
 /// Parse a config. With `strict`, unknown keys are errors.
 pub fn parse_config(

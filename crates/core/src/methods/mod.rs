@@ -26,6 +26,7 @@ pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod ram;
 pub mod regmean;
 pub mod sce;
 pub mod slerp;
@@ -161,6 +162,8 @@ pub fn registry() -> Vec<MethodInfo> {
         model_stock::INFO,
         nearswap::INFO,
         passthrough::INFO,
+        ram::INFO,
+        ram::INFO_PLUS,
         tsv::INFO,
         iso::INFO_C,
         iso::INFO_CTS,
@@ -211,6 +214,8 @@ pub fn build(
         "model_stock" => Box::new(model_stock::ModelStock::from_params(params, n_models)?),
         "nearswap" => Box::new(nearswap::Nearswap::from_params(params, n_models)?),
         "passthrough" => Box::new(passthrough::Passthrough::from_params(params, n_models)?),
+        "ram" => Box::new(ram::Ram::from_params(params, n_models, false)?),
+        "ramplus_tl" => Box::new(ram::Ram::from_params(params, n_models, true)?),
         "tsv" => Box::new(tsv::Tsv::from_params(params, n_models, has_base)?),
         "iso_c" => Box::new(iso::Iso::from_params(params, n_models, has_base, false)?),
         "iso_cts" => Box::new(iso::Iso::from_params(params, n_models, has_base, true)?),
