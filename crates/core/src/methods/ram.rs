@@ -197,6 +197,7 @@ mod tests {
     }
 
     /// Naive f64 RAM / RAM+ written from the paper's description.
+    #[allow(clippy::needless_range_loop)]
     fn naive(base: &[f32], models: &[Vec<f32>], eps: f64, plus: Option<(f64, f64)>) -> Vec<f64> {
         let n = base.len();
         let d: Vec<Vec<f64>> = models
