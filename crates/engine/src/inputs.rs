@@ -24,18 +24,6 @@ pub struct Inputs {
     pub adapters: BTreeMap<ModelRef, Arc<crate::adapter::AdapterDelta>>,
 }
 
-fn looks_like_hub_name(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                && *p != "."
-                && *p != ".."
-        })
-}
-
 /// Find a model on disk: as written (relative to the working directory, as mergekit does), else
 /// relative to the config file's directory.
 pub fn resolve_model_path(path: &str, config_dir: Option<&Path>) -> Result<PathBuf, EngineError> {
@@ -49,7 +37,7 @@ pub fn resolve_model_path(path: &str, config_dir: Option<&Path>) -> Result<PathB
             return Ok(q);
         }
     }
-    let message = if looks_like_hub_name(path) {
+    let message = if amalgam_core::config::parse::looks_like_hub_name(path) {
         "not found on disk, and it looks like a Hugging Face hub name: amalgam reads local \
          checkpoints only. Download it first (e.g. `huggingface-cli download NAME --local-dir DIR`) \
          and give the directory"
@@ -136,17 +124,4 @@ pub fn open_and_plan(
         inputs.vocab = Some(crate::vocab::build_vocab_map(config, &plan, &v, &rows_of)?);
     }
     Ok((inputs, plan))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hub_names() {
-        assert!(looks_like_hub_name("meta-llama/Llama-3.1-8B"));
-        assert!(!looks_like_hub_name("./models/base"));
-        assert!(!looks_like_hub_name("models/base/x"));
-        assert!(!looks_like_hub_name("../x"));
-    }
 }
