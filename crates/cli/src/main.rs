@@ -48,7 +48,15 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
 }
 
+/// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 option enums).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // Never hand freed pages back to the OS: block buffers are freed and reallocated tensor after
+    // tensor, and purged pages come back as zero-filled page faults (measured: a quarter of a
+    // linear merge's time). Peak memory is unchanged: the budget bounds the live set.
+    // SAFETY: sets a process-wide allocator option before any thread starts.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if cli.quiet { "error" } else { "warn" })
