@@ -18,6 +18,7 @@
 //! the output in a [`tensor::TensorWriter`], and calls [`methods::MergeMethod::merge`].
 #![deny(missing_docs)]
 
+pub mod adapters;
 pub mod config;
 pub mod error;
 pub mod linalg;
