@@ -29,6 +29,8 @@ pub mod extract;
 pub mod ia3;
 pub mod knots;
 pub mod merge_ops;
+#[cfg(test)]
+mod test_util;
 
 use crate::error::{MergeError, Result};
 
