@@ -26,6 +26,7 @@ pub mod methods;
 pub mod params;
 pub mod philox;
 pub mod plan;
+pub mod raw;
 pub mod reduce;
 pub mod select;
 pub mod solve;

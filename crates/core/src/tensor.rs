@@ -8,6 +8,7 @@
 //! [`TensorJob::block_elems`], never by the tensor size.
 
 use crate::error::Result;
+use crate::raw::{RawBlock, RawDtype};
 use std::ops::Range;
 
 /// Which input of a merge a read refers to.
@@ -80,6 +81,33 @@ pub trait TensorReader: Sync {
     /// `out.len()` equals `range.len()`.
     fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()>;
 
+    /// Fill `out` with the elements `range` of `input` in their stored encoding, when the input
+    /// is stored as f32, f16 or bf16 and needs no transformation on the way (a vocabulary
+    /// permutation or an adapter does). Returns `false` (leaving `out` alone) otherwise; the
+    /// caller then uses [`TensorReader::read`]. Unlike `read`, values are not checked finite:
+    /// the caller checks them unless [`TensorReader::allows_nonfinite`].
+    fn read_raw(&self, input: Input, range: Range<usize>, out: &mut RawBlock) -> Result<bool> {
+        let _ = (input, range, out);
+        Ok(false)
+    }
+
+    /// Whether non-finite input values are accepted (`--allow-nonfinite`).
+    fn allows_nonfinite(&self) -> bool {
+        false
+    }
+
+    /// The error for a non-finite value of `input` at flat element `index` of output tensor
+    /// `tensor` (readers that know the file name it).
+    fn non_finite_error(
+        &self,
+        tensor: &str,
+        input: Input,
+        index: usize,
+        value: f32,
+    ) -> crate::MergeError {
+        crate::raw::non_finite_message(tensor, input, index, value)
+    }
+
     /// Shape of statistic `kind` of model `model` (an [`Input::Model`] index) for this tensor,
     /// or `None` when that model has no such statistic. `kind` is the key suffix of the
     /// statistics file format (architecture.md, "Statistics files"): `fisher`, `gram_in`,
@@ -131,20 +159,34 @@ pub struct MemReader {
     pub stats: std::collections::BTreeMap<(usize, String), (Vec<usize>, Vec<f32>)>,
 }
 
-impl TensorReader for MemReader {
-    fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()> {
-        let src = match input {
+impl MemReader {
+    fn input(&self, input: Input) -> Result<&Vec<f32>> {
+        match input {
             Input::Base => self
                 .base
                 .as_ref()
-                .ok_or_else(|| crate::MergeError::Read("no base model in this merge".into()))?,
+                .ok_or_else(|| crate::MergeError::Read("no base model in this merge".into())),
             Input::Model(i) => self
                 .models
                 .get(i)
-                .ok_or_else(|| crate::MergeError::Read(format!("no model {i}")))?,
-        };
-        out.copy_from_slice(&src[range]);
+                .ok_or_else(|| crate::MergeError::Read(format!("no model {i}"))),
+        }
+    }
+}
+
+impl TensorReader for MemReader {
+    fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.input(input)?[range]);
         Ok(())
+    }
+
+    fn read_raw(&self, input: Input, range: Range<usize>, out: &mut RawBlock) -> Result<bool> {
+        let src = &self.input(input)?[range];
+        let bytes = out.fill(RawDtype::F32, src.len());
+        for (b, v) in bytes.chunks_exact_mut(4).zip(src) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(true)
     }
 
     fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>> {

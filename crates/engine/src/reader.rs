@@ -3,6 +3,7 @@
 use crate::adapter::AdapterDelta;
 use crate::vocab::{is_vocab_tensor, DefaultRow, RowSource, VocabMap};
 use amalgam_core::plan::{TensorPlan, TensorSource};
+use amalgam_core::raw::RawBlock;
 use amalgam_core::tensor::{Input, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_io::{Checkpoint, StatKind, StatsFile};
@@ -14,6 +15,14 @@ const SCAN_CHUNK: usize = 1 << 15;
 
 /// Index of the first non-finite value: a branch-free (vectorisable) test per chunk, chunks in
 /// parallel, and a search only inside a chunk that fails it.
+/// The error for a non-finite input value, naming the file, tensor and element.
+fn non_finite(file: &str, tensor: &str, value: f32, index: usize) -> MergeError {
+    MergeError::Read(format!(
+        "{file}: tensor \"{tensor}\" holds a non-finite value ({value}) at element {index}; \
+         fix the input or pass --allow-nonfinite"
+    ))
+}
+
 fn first_non_finite(v: &[f32]) -> Option<usize> {
     let bad = |c: &[f32]| {
         !c.iter().fold(true, |ok, x| {
@@ -206,6 +215,42 @@ impl TensorReader for PlanReader<'_> {
             .map_err(|e| MergeError::Read(e.to_string()))
     }
 
+    fn read_raw(
+        &self,
+        input: Input,
+        range: Range<usize>,
+        out: &mut RawBlock,
+    ) -> Result<bool, MergeError> {
+        let src = self.source(input)?;
+        let has_update = self
+            .adapters
+            .get(src.model)
+            .copied()
+            .flatten()
+            .is_some_and(|d| d.updates.contains_key(&src.tensor));
+        if self.vocab.is_some() || has_update {
+            return Ok(false);
+        }
+        self.checkpoints[src.model]
+            .read_raw(&src.tensor, range, out)
+            .map_err(|e| MergeError::Read(e.to_string()))
+    }
+
+    fn allows_nonfinite(&self) -> bool {
+        self.allow_nonfinite
+    }
+
+    fn non_finite_error(&self, tensor: &str, input: Input, index: usize, value: f32) -> MergeError {
+        let Ok(src) = self.source(input) else {
+            return amalgam_core::raw::non_finite_message(tensor, input, index, value);
+        };
+        let file = self.checkpoints[src.model]
+            .get(&src.tensor)
+            .map(|m| m.file.display().to_string())
+            .unwrap_or_default();
+        non_finite(&file, &src.tensor, value, index)
+    }
+
     fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<(), MergeError> {
         let src = self.source(input)?;
         let ckpt = self.checkpoints[src.model];
@@ -239,13 +284,7 @@ impl TensorReader for PlanReader<'_> {
                     .get(&src.tensor)
                     .map(|m| m.file.display().to_string())
                     .unwrap_or_default();
-                return Err(MergeError::Read(format!(
-                    "{file}: tensor \"{}\" holds a non-finite value ({}) at element {}; \
-                     fix the input or pass --allow-nonfinite",
-                    src.tensor,
-                    out[k],
-                    start + k
-                )));
+                return Err(non_finite(&file, &src.tensor, out[k], start + k));
             }
         }
         Ok(())

@@ -16,6 +16,7 @@
 //! the block size or the thread count.
 
 use crate::error::Result;
+use crate::raw::{give_f32, take_f32, BlockInputs, STREAM_BLOCK, TILE};
 use crate::reduce::ChunkedSum;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
 use rayon::prelude::*;
@@ -257,8 +258,51 @@ pub(crate) fn gram(
     Ok(Gram { n, data })
 }
 
-/// Stream the blocks of `inputs` (each minus `base` when given) and write, for each block,
-/// what `f(range, blocks, out)` puts in `out` (`out.len() == range.len()`).
+/// One tile of every input of [`map_blocks`]: `x[i][..len]` is input `i` (minus the base
+/// when a base is set) and `base_vals[..len]` the base (empty without a base).
+pub(crate) struct Tile {
+    /// One buffer per input (at least the tile's length).
+    pub(crate) x: Vec<Vec<f32>>,
+    /// The base values of the tile (empty without a base).
+    pub(crate) base_vals: Vec<f32>,
+}
+
+impl Tile {
+    fn new(n: usize, with_base: bool) -> Self {
+        Self {
+            x: vec![vec![0.0; TILE]; n],
+            base_vals: if with_base {
+                vec![0.0; TILE]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Decode `range` of the block's inputs (the base last when `with_base`).
+    fn load(&mut self, blocks: &BlockInputs<'_>, range: Range<usize>) -> Result<()> {
+        let len = range.len();
+        let n = self.x.len();
+        if !self.base_vals.is_empty() {
+            blocks.decode(n, range.clone(), &mut self.base_vals[..len])?;
+        }
+        for (i, x) in self.x.iter_mut().enumerate() {
+            let x = &mut x[..len];
+            blocks.decode(i, range.clone(), x)?;
+            if !self.base_vals.is_empty() {
+                for (v, b) in x.iter_mut().zip(&self.base_vals[..len]) {
+                    *v -= *b;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stream the blocks of `inputs` (each minus `base` when given) and write what
+/// `f(range, tile, out)` puts in `out` for each tile (`out.len() == range.len()`, at most
+/// [`TILE`] elements; tiles run in parallel). Inputs are read in their stored encoding where
+/// possible and decoded tile by tile, so each input goes through memory once.
 pub(crate) fn map_blocks<F>(
     job: &TensorJob,
     reader: &dyn TensorReader,
@@ -268,16 +312,45 @@ pub(crate) fn map_blocks<F>(
     f: F,
 ) -> Result<()>
 where
-    F: Fn(Range<usize>, &Blocks<'_>, &mut [f32]),
+    F: Fn(Range<usize>, &Tile, &mut [f32]) + Sync,
 {
-    let mut blocks = Blocks::new(job, reader, inputs, base);
-    let mut out = Vec::with_capacity(job.block_elems.max(1).min(job.numel()));
-    for range in job.blocks() {
+    let mut all = inputs.to_vec();
+    all.extend(base);
+    let mut blocks = BlockInputs::new(reader, &job.name, &all);
+    let (n, with_base) = (inputs.len(), base.is_some());
+    // Sub-blocks small enough that what the reads bring in is still cached when the tiles use
+    // it (the budget's blocks only bound memory).
+    let step = job.block_elems.clamp(1, STREAM_BLOCK);
+    let numel = job.numel();
+    let mut buf = take_f32(step.min(numel));
+    let sub_blocks = (0..numel.div_ceil(step)).map(|i| i * step..((i + 1) * step).min(numel));
+    for range in sub_blocks {
         blocks.read(range.clone())?;
-        out.resize(range.len(), 0.0);
-        f(range.clone(), &blocks, &mut out);
-        writer.write(range, &out)?;
+        let out = &mut buf[..range.len()];
+        let start = range.start;
+        let blocks = &blocks;
+        let run = |tile: &mut Tile, t: usize, o: &mut [f32]| -> Result<()> {
+            let lo = start + t * TILE;
+            let r = lo..lo + o.len();
+            tile.load(blocks, r.clone())?;
+            f(r, tile, o);
+            Ok(())
+        };
+        let res = out
+            .par_chunks_mut(TILE)
+            .enumerate()
+            .try_for_each_init(|| Tile::new(n, with_base), |tile, (t, o)| run(tile, t, o));
+        if res.is_err() {
+            // Report the first bad element in index order, whichever thread saw one first.
+            let mut tile = Tile::new(n, with_base);
+            for (t, o) in out.chunks_mut(TILE).enumerate() {
+                run(&mut tile, t, o)?;
+            }
+            res?;
+        }
+        writer.write(range, out)?;
     }
+    give_f32(buf);
     Ok(())
 }
 
@@ -295,7 +368,7 @@ pub(crate) fn write_combination(
     let n = inputs.len();
     map_blocks(job, reader, writer, inputs, base, |range, b, out| {
         let start = range.start;
-        out.par_iter_mut().enumerate().for_each(|(k, o)| {
+        out.iter_mut().enumerate().for_each(|(k, o)| {
             let g = map.group_of(start + k);
             let c = &coefs[g * n..(g + 1) * n];
             let mut acc = 0.0f32;
@@ -318,7 +391,7 @@ pub(crate) fn copy_input(
     input: Input,
 ) -> Result<()> {
     map_blocks(job, reader, writer, &[input], None, |_, b, out| {
-        out.copy_from_slice(&b.x[0]);
+        out.copy_from_slice(&b.x[0][..out.len()]);
     })
 }
 

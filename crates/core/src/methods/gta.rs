@@ -40,6 +40,7 @@
 
 use crate::error::{MergeError, Result};
 use crate::params::TensorParams;
+use crate::raw::{for_each_tile, give_f32, take_f32, BlockInputs, STREAM_BLOCK};
 use crate::reduce::ChunkedSum;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
 use rayon::prelude::*;
@@ -437,16 +438,100 @@ fn check_job(opts: &GtaOptions, job: &TensorJob) -> Result<()> {
     Ok(())
 }
 
-/// Elements per inner tile of [`combine`] (per-tile arrays keep its loops vectorisable).
-const TILE: usize = 512;
+/// `pos[k]` = the majority sign of consensus sum `s[k]`, `+1.0` or `-1.0` (mergekit: `+1`
+/// where `s ≥ 0`; `strict`: `sgn s`, and `+1` for `s == 0` only when `zero_pos`).
+fn majority_sign(s: &[f32], pos: &mut [f32], strict: bool, zero_pos: bool) {
+    for (p, &x) in pos.iter_mut().zip(s) {
+        let up = if strict {
+            (x > 0.0) | ((x == 0.0) & zero_pos)
+        } else {
+            x >= 0.0
+        };
+        *p = if up { 1.0 } else { -1.0 };
+    }
+}
 
-/// Steps 3-5 on one block: `out[j] = base[j] + λ·mix(v_·[j])` from the weighted task vectors.
+/// Add the weighted task-vector tile `v` (weight `w`) where it has the majority sign `pos`
+/// (`v·sign > 0`, exact: the product only flips the sign bit): to the mix `s` and its
+/// weight to `div`.
+fn sign_mix(v: &[f32], pos: &[f32], w: f32, s: &mut [f32], div: &mut [f32]) {
+    let len = s.len();
+    let (v, pos, div) = (&v[..len], &pos[..len], &mut div[..len]);
+    for k in 0..len {
+        let take = v[k] * pos[k] > 0.0;
+        s[k] += if take { v[k] } else { 0.0 };
+        div[k] += if take { w } else { 0.0 };
+    }
+}
+
+/// How [`finish`] divides the mix.
+enum Divide<'a> {
+    /// No `normalize`.
+    None,
+    /// By the sum of weights.
+    By(f32),
+    /// By the per-element masked sum of weights.
+    Each(&'a [f32]),
+}
+
+/// `out = base + λ·(mix / divisor)`, step 5.
+fn finish(mix: &[f32], div: Divide<'_>, lambda: f32, base: &[f32], out: &mut [f32]) {
+    let len = out.len();
+    let (mix, base) = (&mix[..len], &base[..len]);
+    match div {
+        Divide::None => {
+            for k in 0..len {
+                let m = if lambda != 1.0 {
+                    mix[k] * lambda
+                } else {
+                    mix[k]
+                };
+                out[k] = base[k] + m;
+            }
+        }
+        Divide::By(d) => {
+            for k in 0..len {
+                let m = mix[k] / d;
+                let m = if lambda != 1.0 { m * lambda } else { m };
+                out[k] = base[k] + m;
+            }
+        }
+        Divide::Each(d) => {
+            let d = &d[..len];
+            for k in 0..len {
+                let m = mix[k] / d[k];
+                let m = if lambda != 1.0 { m * lambda } else { m };
+                out[k] = base[k] + m;
+            }
+        }
+    }
+}
+
+/// Elements per tile of [`combine`] (per-tile arrays keep its loops in the cache and
+/// vectorisable).
+const TILE: usize = 2048;
+
+/// Steps 1-5 on one block: `out[j] = base[j] + λ·mix(v_·[j])` from the raw task vectors
+/// `deltas` (elements `start..`), tile by tile: each model's tile is sparsified (unless
+/// `sparsified`: already done in place), rescaled and weighted exactly as [`weight_block`]
+/// would, then mixed.
 ///
-/// Written tile by tile over whole arrays so that it vectorises; per element it performs
-/// exactly the f32 operations of the rule in model order (adding `+0.0` for a model that does
-/// not take part leaves the sums' bits unchanged: they start at `+0.0` and never become `-0.0`).
-fn combine(opts: &GtaOptions, base: &[f32], deltas: &[Vec<f32>], out: &mut [f32]) {
+/// Per element it performs exactly the f32 operations of the rule in model order (adding
+/// `+0.0` for a model that does not take part leaves the sums' bits unchanged: they start at
+/// `+0.0` and never become `-0.0`).
+#[allow(clippy::too_many_arguments)]
+fn combine(
+    opts: &GtaOptions,
+    sp: Option<&dyn Sparsifier>,
+    factors: &[f32],
+    sparsified: bool,
+    start: usize,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    out: &mut [f32],
+) -> Result<()> {
     let weights = &opts.weights;
+    let n = weights.len();
     let plain_div = {
         let s: f32 = weights.iter().sum();
         if s.abs() < 1e-8 {
@@ -455,89 +540,98 @@ fn combine(opts: &GtaOptions, base: &[f32], deltas: &[Vec<f32>], out: &mut [f32]
             s
         }
     };
-    out.par_chunks_mut(PAR_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut s_buf = [0.0f32; TILE];
-            let mut div_buf = [0.0f32; TILE];
-            for (t, o) in chunk.chunks_mut(TILE).enumerate() {
-                let off = c * PAR_CHUNK + t * TILE;
-                let len = o.len();
-                let s = &mut s_buf[..len];
-                let div = &mut div_buf[..len];
-                s.fill(0.0);
-                let mut plain = true;
-                match opts.consensus {
-                    None => {
-                        for d in deltas {
-                            for (a, x) in s.iter_mut().zip(&d[off..off + len]) {
+    let (zero_pos, strict) = match opts.zero_sign {
+        None => (true, false),
+        Some(z) => (z > 0, true),
+    };
+    let run = |v: &mut Vec<f32>, t: usize, o: &mut [f32]| -> Result<()> {
+        let off = t * TILE;
+        let len = o.len();
+        // v: n model tiles, then the consensus sum, the divisor and the sign.
+        let (vs, rest) = v.split_at_mut(n * TILE);
+        let (s, rest) = rest.split_at_mut(TILE);
+        let (div, pos) = rest.split_at_mut(TILE);
+        let (s, div, pos) = (&mut s[..len], &mut div[..len], &mut pos[..len]);
+        for (i, d) in deltas.iter().enumerate() {
+            let x = &mut vs[i * TILE..i * TILE + len];
+            x.copy_from_slice(&d[off..off + len]);
+            if let Some(sp) = sp {
+                if !sp.is_identity(i) {
+                    if !sparsified {
+                        sp.apply(i, start + off, x)?;
+                    }
+                    if factors[i] != 1.0 {
+                        let f = factors[i];
+                        x.iter_mut().for_each(|x| *x *= f);
+                    }
+                }
+            }
+            let w = weights[i];
+            x.iter_mut().for_each(|x| *x *= w);
+        }
+        let tile = |i: usize| &vs[i * TILE..i * TILE + len];
+        s.fill(0.0);
+        let mut plain = true;
+        match opts.consensus {
+            None => {
+                for i in 0..n {
+                    for (a, x) in s.iter_mut().zip(tile(i)) {
+                        *a += *x;
+                    }
+                }
+            }
+            Some(cm) => {
+                plain = false;
+                for i in 0..n {
+                    match cm {
+                        Consensus::Sum => {
+                            for (a, x) in s.iter_mut().zip(tile(i)) {
                                 *a += *x;
                             }
                         }
-                    }
-                    Some(cm) => {
-                        plain = false;
-                        for d in deltas {
-                            let d = &d[off..off + len];
-                            match cm {
-                                Consensus::Sum => {
-                                    for (a, x) in s.iter_mut().zip(d) {
-                                        *a += *x;
-                                    }
-                                }
-                                Consensus::Count => {
-                                    for (a, &v) in s.iter_mut().zip(d) {
-                                        let p = if v > 0.0 { 1.0 } else { 0.0 };
-                                        let q = if v < 0.0 { 1.0 } else { 0.0 };
-                                        *a += p - q;
-                                    }
-                                }
-                            }
-                        }
-                        // s becomes the mix; `positive` is decided from the consensus sum.
-                        let (zero_pos, strict) = match opts.zero_sign {
-                            None => (true, false),
-                            Some(z) => (z > 0, true),
-                        };
-                        let mut pos = [false; TILE];
-                        for (p, &x) in pos.iter_mut().zip(s.iter()) {
-                            *p = if strict {
-                                x > 0.0 || (x == 0.0 && zero_pos)
-                            } else {
-                                x >= 0.0
-                            };
-                        }
-                        s.fill(0.0);
-                        div.fill(0.0);
-                        for (d, &w) in deltas.iter().zip(weights) {
-                            let d = &d[off..off + len];
-                            for k in 0..len {
-                                let v = d[k];
-                                let take = (pos[k] && v > 0.0) || (!pos[k] && v < 0.0);
-                                s[k] += if take { v } else { 0.0 };
-                                div[k] += if take { w } else { 0.0 };
-                            }
-                        }
-                        for x in div.iter_mut() {
-                            if *x == 0.0 {
-                                *x = 1.0;
+                        Consensus::Count => {
+                            for (a, &v) in s.iter_mut().zip(tile(i)) {
+                                let p = if v > 0.0 { 1.0 } else { 0.0 };
+                                let q = if v < 0.0 { 1.0 } else { 0.0 };
+                                *a += p - q;
                             }
                         }
                     }
                 }
-                let b = &base[off..off + len];
-                for k in 0..len {
-                    let mut mix = s[k];
-                    if opts.normalize {
-                        mix /= if plain { plain_div } else { div[k] };
-                    }
-                    if opts.lambda != 1.0 {
-                        mix *= opts.lambda;
-                    }
-                    o[k] = b[k] + mix;
+                majority_sign(s, pos, strict, zero_pos);
+                s.fill(0.0);
+                div.fill(0.0);
+                for (i, &w) in weights.iter().enumerate() {
+                    sign_mix(tile(i), pos, w, s, div);
+                }
+                for x in div.iter_mut() {
+                    *x = if *x == 0.0 { 1.0 } else { *x };
                 }
             }
-        });
+        }
+        let mode = if !opts.normalize {
+            Divide::None
+        } else if plain {
+            Divide::By(plain_div)
+        } else {
+            Divide::Each(div)
+        };
+        finish(s, mode, opts.lambda, &base[off..off + len], o);
+        Ok(())
+    };
+    let buf = || vec![0.0f32; (n + 3) * TILE];
+    let res = out
+        .par_chunks_mut(TILE)
+        .enumerate()
+        .try_for_each_init(buf, |v, (t, o)| run(v, t, o));
+    if res.is_err() {
+        // The first error in index order, whichever thread met one first.
+        let mut v = buf();
+        for (t, o) in out.chunks_mut(TILE).enumerate() {
+            run(&mut v, t, o)?;
+        }
+    }
+    res
 }
 
 /// Whether the whole tensor is one row block of `job`: its inputs may then be held whole
@@ -547,22 +641,56 @@ pub fn single_block(job: &TensorJob) -> bool {
     job.row_blocks().nth(1).is_none()
 }
 
-/// Read the whole base and every model's raw task vector `δ_i = θ_i − θ_0` (checked finite),
-/// each input read once. Only for [`single_block`] jobs (the caller checks memory).
-pub fn load_task_vectors(
-    job: &TensorJob,
-    reader: &dyn TensorReader,
-) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-    let numel = job.numel();
-    let mut base = vec![0.0f32; numel];
-    read_base(job, reader, 0..numel, &mut base)?;
-    let mut deltas = Vec::with_capacity(job.n_models);
-    for i in 0..job.n_models {
-        let mut d = vec![0.0f32; numel];
-        read_delta(job, reader, i, 0..numel, &base, &mut d)?;
-        deltas.push(d);
+/// A whole tensor's base and raw task vectors in memory ([`load_task_vectors`]); the buffers
+/// go back to the thread's pool when dropped.
+pub struct Loaded {
+    /// The base values.
+    pub base: Vec<f32>,
+    /// `δ_i = θ_i − θ_0`, one per model.
+    pub deltas: Vec<Vec<f32>>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        give_f32(std::mem::take(&mut self.base));
+        for d in self.deltas.drain(..) {
+            give_f32(d);
+        }
     }
-    Ok((base, deltas))
+}
+
+/// Read the whole base and every model's raw task vector `δ_i = θ_i − θ_0` (checked finite),
+/// each input read once, in its stored encoding, and decoded tile by tile. Only for
+/// [`single_block`] jobs (the caller checks memory).
+pub fn load_task_vectors(job: &TensorJob, reader: &dyn TensorReader) -> Result<Loaded> {
+    let numel = job.numel();
+    let mut inputs = vec![Input::Base];
+    inputs.extend((0..job.n_models).map(Input::Model));
+    let mut blocks = BlockInputs::new(reader, &job.name, &inputs);
+    let mut loaded = Loaded {
+        base: take_f32(numel),
+        deltas: (0..job.n_models).map(|_| take_f32(numel)).collect(),
+    };
+    let step = STREAM_BLOCK;
+    for lo in (0..numel).step_by(step) {
+        let range = lo..(lo + step).min(numel);
+        blocks.read(range.clone())?;
+        let blocks = &blocks;
+        let base = &mut loaded.base[range.clone()];
+        for_each_tile(base, lo, |r, b| blocks.decode(0, r, b))?;
+        let base = &loaded.base[range.clone()];
+        for (i, d) in loaded.deltas.iter_mut().enumerate() {
+            let d = &mut d[range.clone()];
+            for_each_tile(d, lo, |r, d| {
+                blocks.decode(i + 1, r.clone(), d)?;
+                for (x, b) in d.iter_mut().zip(&base[r.start - lo..r.end - lo]) {
+                    *x -= *b;
+                }
+                Ok(())
+            })?;
+        }
+    }
+    Ok(loaded)
 }
 
 /// Run the pipeline on a whole tensor already in memory (`deltas[i]` the raw task vectors of
@@ -602,12 +730,13 @@ pub fn merge_loaded(
         }
         sparsified = true;
     }
-    for (i, d) in deltas.iter_mut().enumerate() {
-        weight_block(opts, sparsifier, &factors, i, 0, d, sparsified)?;
-    }
-    let mut out = vec![0.0f32; numel];
-    combine(opts, base, deltas, &mut out);
-    writer.write(0..numel, &out)
+    let mut out = take_f32(numel);
+    let res = combine(
+        opts, sparsifier, &factors, sparsified, 0, base, deltas, &mut out,
+    )
+    .and_then(|()| writer.write(0..numel, &out));
+    give_f32(out);
+    res
 }
 
 /// Run the pipeline on one tensor and write the result.
@@ -620,8 +749,8 @@ pub fn merge(
 ) -> Result<()> {
     check_job(opts, job)?;
     if single_block(job) {
-        let (base, mut deltas) = load_task_vectors(job, reader)?;
-        return merge_loaded(opts, sparsifier, job, &base, &mut deltas, writer);
+        let mut l = load_task_vectors(job, reader)?;
+        return merge_loaded(opts, sparsifier, job, &l.base, &mut l.deltas, writer);
     }
     merge_streaming(opts, sparsifier, job, reader, writer)
 }
@@ -642,18 +771,16 @@ pub fn merge_streaming(
     let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); n];
     let mut out = Vec::new();
     for r in job.row_blocks() {
-        weighted_deltas(
-            opts,
-            sparsifier,
-            &factors,
-            job,
-            reader,
-            r.clone(),
-            &mut base,
-            &mut deltas,
-        )?;
+        base.resize(r.len(), 0.0);
+        read_base(job, reader, r.clone(), &mut base)?;
+        for (i, d) in deltas.iter_mut().enumerate() {
+            d.resize(r.len(), 0.0);
+            read_delta(job, reader, i, r.clone(), &base, d)?;
+        }
         out.resize(r.len(), 0.0f32);
-        combine(opts, &base, &deltas, &mut out);
+        combine(
+            opts, sparsifier, &factors, false, r.start, &base, &deltas, &mut out,
+        )?;
         writer.write(r, &out)?;
     }
     Ok(())

@@ -21,7 +21,6 @@ use crate::methods::gram::map_blocks;
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
-use rayon::prelude::*;
 
 /// Static facts about `linear`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -104,16 +103,20 @@ impl MergeMethod for Linear {
     ) -> Result<()> {
         let inputs: Vec<Input> = (0..self.weights.len()).map(Input::Model).collect();
         map_blocks(job, reader, writer, &inputs, None, |_, b, out| {
-            out.par_iter_mut().enumerate().for_each(|(k, o)| {
-                let mut acc = 0.0f32;
-                for (w, x) in self.weights.iter().zip(&b.x) {
-                    acc += x[k] * w;
+            // Model by model over the tile (vectorises); per element the same f32 operations
+            // in model order as `Σ_i x_i·w_i`.
+            let len = out.len();
+            out.fill(0.0);
+            for (w, x) in self.weights.iter().zip(&b.x) {
+                for (o, v) in out.iter_mut().zip(&x[..len]) {
+                    *o += v * w;
                 }
-                *o = match self.divisor {
-                    Some(d) => acc / d,
-                    None => acc,
-                };
-            });
+            }
+            if let Some(d) = self.divisor {
+                for o in out.iter_mut() {
+                    *o /= d;
+                }
+            }
         })
     }
 }

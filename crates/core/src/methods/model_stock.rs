@@ -26,7 +26,6 @@ use crate::methods::gram::{gram, map_blocks, GroupMap, Grouping};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
-use rayon::prelude::*;
 
 /// Static facts about `model_stock`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -137,7 +136,7 @@ impl MergeMethod for ModelStock {
             let (xs, base) = b.x.split_at(self.n);
             let base = &base[0];
             let start = range.start;
-            out.par_iter_mut().enumerate().for_each(|(k, o)| {
+            out.iter_mut().enumerate().for_each(|(k, o)| {
                 let tk = t[map.group_of(start + k)];
                 let mut s = 0.0f32;
                 for x in xs {

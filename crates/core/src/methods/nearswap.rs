@@ -17,7 +17,6 @@ use crate::methods::gram::map_blocks;
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
-use rayon::prelude::*;
 
 /// Static facts about `nearswap`. `exact_models` counts the base.
 pub const INFO: MethodInfo = MethodInfo {
@@ -95,7 +94,7 @@ impl MergeMethod for Nearswap {
         let t = self.t;
         map_blocks(job, reader, writer, &inputs, None, |_, b, out| {
             let (a, m) = (&b.x[0], &b.x[1]);
-            out.par_iter_mut().enumerate().for_each(|(k, o)| {
+            out.iter_mut().enumerate().for_each(|(k, o)| {
                 let w = (t / (a[k] - m[k]).abs().max(MIN_DIFF)).clamp(0.0, 1.0);
                 *o = w * m[k] + (1.0 - w) * a[k];
             });

@@ -16,7 +16,6 @@ use crate::methods::gram::{copy_input, map_blocks};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
-use rayon::prelude::*;
 
 /// Static facts about `passthrough`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -88,9 +87,7 @@ impl MergeMethod for Passthrough {
                 &[Input::Model(0)],
                 None,
                 |_, b, out| {
-                    out.par_iter_mut()
-                        .zip(b.x[0].par_iter())
-                        .for_each(|(o, x)| *o = x * s);
+                    out.iter_mut().zip(&b.x[0]).for_each(|(o, x)| *o = x * s);
                 },
             ),
         }

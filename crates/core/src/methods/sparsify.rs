@@ -71,6 +71,32 @@ impl RankMask {
         let k = self.order.key(x);
         !self.lo.before(k, index) && self.hi.before(k, index)
     }
+
+    /// Zero the dropped elements of `chunk` (flat indices `base..`, fewer than 2^32), as
+    /// [`RankMask::keeps`] decides, branch-free so that it vectorises: each cut's index bound
+    /// becomes a bound on the position inside the chunk.
+    pub fn apply_chunk(&self, base: u64, chunk: &mut [f32]) {
+        let len = chunk.len() as u64;
+        debug_assert!(len <= u64::from(u32::MAX));
+        let flip = match self.order {
+            KeyOrder::Ascending => 0u32,
+            KeyOrder::Descending => u32::MAX,
+        };
+        // Elements at positions below `rel` have an index below the cut's.
+        let rel = |c: &Cut| c.index.saturating_sub(base).min(len) as u32;
+        let (lo_k, lo_i) = (self.lo.key, rel(&self.lo));
+        let (hi_k, hi_i) = (self.hi.key, rel(&self.hi));
+        for (k, x) in chunk.iter_mut().enumerate() {
+            let bits = x.to_bits();
+            let key = (bits & 0x7FFF_FFFF) ^ flip;
+            let k = k as u32;
+            let before_lo = (key < lo_k) | ((key == lo_k) & (k < lo_i));
+            let before_hi = (key < hi_k) | ((key == hi_k) & (k < hi_i));
+            let keep = !before_lo & before_hi;
+            // A dropped entry's bits are cleared (`+0.0`).
+            *x = f32::from_bits(bits & 0u32.wrapping_sub(keep as u32));
+        }
+    }
 }
 
 /// One model's mask for one tensor.
@@ -101,17 +127,16 @@ impl Sparsifier for RankSparsifier {
             None | Some(ModelMask::All) => {}
             Some(ModelMask::Nothing) => delta.fill(0.0),
             Some(ModelMask::Rank(m)) => {
-                delta
-                    .par_chunks_mut(PAR_CHUNK)
-                    .enumerate()
-                    .for_each(|(c, chunk)| {
-                        let base = (start + c * PAR_CHUNK) as u64;
-                        // Branch-free: a dropped entry's bits are cleared (`+0.0`).
-                        for (k, x) in chunk.iter_mut().enumerate() {
-                            let keep = m.keeps(*x, base + k as u64) as u32;
-                            *x = f32::from_bits(x.to_bits() & 0u32.wrapping_sub(keep));
-                        }
-                    });
+                let mask = |base: u64, chunk: &mut [f32]| m.apply_chunk(base, chunk);
+                if delta.len() <= PAR_CHUNK {
+                    // A tile of a caller's parallel loop.
+                    mask(start as u64, delta);
+                } else {
+                    delta
+                        .par_chunks_mut(PAR_CHUNK)
+                        .enumerate()
+                        .for_each(|(c, chunk)| mask((start + c * PAR_CHUNK) as u64, chunk));
+                }
             }
         }
         Ok(())

@@ -255,9 +255,9 @@ impl MergeMethod for Ties {
         match self.scope {
             TrimScope::Tensor if gta::single_block(job) => {
                 // The whole tensor fits the budget: read every input once and select in memory.
-                let (base, mut deltas) = gta::load_task_vectors(job, reader)?;
-                let sp = sparsify::magnitude_loaded(&deltas, &self.densities);
-                gta::merge_loaded(&self.opts, Some(&sp), job, &base, &mut deltas, writer)
+                let mut l = gta::load_task_vectors(job, reader)?;
+                let sp = sparsify::magnitude_loaded(&l.deltas, &self.densities);
+                gta::merge_loaded(&self.opts, Some(&sp), job, &l.base, &mut l.deltas, writer)
             }
             TrimScope::Tensor => {
                 let sp = sparsify::magnitude(job, reader, &self.densities)?;

@@ -3,4 +3,5 @@
 
 pub(crate) mod header;
 pub mod read;
+pub mod sink;
 pub mod write;

@@ -298,6 +298,37 @@ impl Checkpoint {
         Ok(&f.map[t.data_range.clone()])
     }
 
+    /// Reads elements `range` of an F32, F16 or BF16 tensor into `out` in its stored encoding
+    /// (a positioned read, no conversion). Returns `false`, reading nothing, for other dtypes.
+    pub fn read_raw(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut amalgam_core::raw::RawBlock,
+    ) -> Result<bool, IoError> {
+        use amalgam_core::raw::RawDtype;
+        let (t, f) = self.lookup(name)?;
+        let dtype = match t.dtype {
+            DType::F32 => RawDtype::F32,
+            DType::F16 => RawDtype::F16,
+            DType::BF16 => RawDtype::Bf16,
+            _ => return Ok(false),
+        };
+        let numel = t.numel();
+        if range.start > range.end || range.end > numel {
+            return Err(IoError::RangeOutOfBounds {
+                file: t.file.clone(),
+                tensor: t.name.clone(),
+                buffer_len: range.len(),
+                range,
+                numel,
+            });
+        }
+        let start = t.data_range.start + range.start * dtype.size();
+        pread_par(f, start as u64, out.fill(dtype, range.len()))?;
+        Ok(true)
+    }
+
     /// Reads elements `range` (flat, row-major) of a tensor into `out` as f32, converting
     /// from F32, F16, BF16 or F64. `out.len()` must equal `range.len()`.
     pub fn read_f32(

@@ -12,8 +12,6 @@
 //! with no index; several are `model-00001-of-0000N.safetensors` plus
 //! `model.safetensors.index.json`.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::atomic::{self, temp_path};
@@ -21,9 +19,8 @@ use crate::dtype::{encode_f32, DType};
 use crate::error::IoError;
 use crate::hf_index::{self, INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::header::{self, HeaderEntry};
+use crate::safetensors::sink::FileSink;
 
-/// Buffer size of each output file's writer.
-const WRITE_BUFFER: usize = 8 << 20;
 /// Elements converted per step in [`CheckpointWriter::write_f32`].
 const ENCODE_CHUNK: usize = 1 << 20;
 
@@ -205,7 +202,7 @@ pub struct CheckpointWriter {
     layout: OutputLayout,
     overwrite: bool,
     cursor: Option<Cursor>,
-    out: Option<BufWriter<File>>,
+    out: Option<FileSink>,
     temps: Vec<PathBuf>,
     scratch: Vec<u8>,
     metadata: Vec<(String, String)>,
@@ -300,11 +297,7 @@ impl CheckpointWriter {
     /// Flushes and fsyncs the open file, if any.
     fn close_current(&mut self) -> Result<(), IoError> {
         if let Some(out) = self.out.take() {
-            let path = self.temps.last().cloned().unwrap_or_default();
-            let f = out
-                .into_inner()
-                .map_err(|e| IoError::io(&path, "write", e.into_error()))?;
-            f.sync_all().map_err(|e| IoError::io(&path, "fsync", e))?;
+            out.finish()?;
         }
         Ok(())
     }
@@ -333,12 +326,10 @@ impl CheckpointWriter {
             .collect();
         let header = header::serialize(&metadata, &entries);
         let tmp = temp_path(&self.file_path(file));
-        let handle = File::create(&tmp).map_err(|e| IoError::io(&tmp, "create", e))?;
         self.temps.push(tmp.clone());
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, handle);
-        out.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|_| out.write_all(&header))
-            .map_err(|e| IoError::io(&tmp, "write", e))?;
+        let mut out = FileSink::create(&tmp)?;
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
         self.out = Some(out);
         Ok(())
     }
@@ -405,8 +396,7 @@ impl CheckpointWriter {
             .as_mut()
             .expect("a file is open while a tensor is begun");
         let bytes = data.unwrap_or(&self.scratch);
-        out.write_all(bytes)
-            .map_err(|e| IoError::io(self.temps.last().cloned().unwrap_or_default(), "write", e))?;
+        out.write_all(bytes)?;
         if let Some(c) = self.cursor.as_mut() {
             c.written += bytes_len;
         }
