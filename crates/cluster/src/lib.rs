@@ -1,0 +1,35 @@
+//! Distributed merging for amalgam (issue 3): the gRPC coordinator and workers, shard leases,
+//! the job journal. This crate does not depend on the merge engine; the engine plugs in through
+//! [`server::JobHost`] (coordinator side), [`worker::ShardExecutor`] (worker side) and
+//! [`journal::JobStore`] (durable job state).
+//!
+//! - [`scheduler`]: pure lease state machine (deadlines, expiry, gangs, endgame re-issue).
+//! - [`server`]: the `Coordinator` gRPC service and [`server::serve`].
+//! - [`worker`]: the worker loop [`worker::run_worker`] and the blocking [`worker::InputClient`].
+//! - [`auth`]: bearer-token interceptors; [`client`]: connecting with limits and token.
+//! - [`journal`]: [`journal::JobStore`] and its JSON-lines file implementation.
+#![deny(missing_docs)]
+
+/// Generated protobuf and gRPC code for `amalgam.v1` (from `proto/amalgam.proto`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("amalgam.v1");
+}
+
+/// Payload chunk size for streamed inputs and results (512 KiB: in the 256 KiB..1 MiB range that
+/// streamed fastest on loopback).
+pub const CHUNK_BYTES: usize = 512 * 1024;
+
+/// Largest gRPC message either side encodes or decodes (set explicitly on server and clients).
+/// Chunks are far below it; a `Reduce` carries at most about 500k doubles.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod journal;
+pub mod scheduler;
+pub mod server;
+pub mod worker;
+
+pub use error::{ClusterError, Result};
