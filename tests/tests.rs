@@ -8,6 +8,7 @@ mod common;
 mod adapters;
 mod cli_merge;
 mod cli_validation;
+mod cluster;
 mod data_driven;
 mod mergekit_parity;
 mod streaming;

@@ -46,6 +46,12 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Generate a seeded synthetic Llama-shaped checkpoint (for tests and experiments).
     Generate(cmd::generate::GenerateArgs),
+    /// Serve a merge to cluster workers over gRPC and write the checkpoint they produce.
+    Coordinator(cmd::cluster::CoordinatorArgs),
+    /// Merge shards leased from a coordinator until its job is done.
+    Worker(cmd::cluster::WorkerArgs),
+    /// Show a coordinator's job progress (shards, leases, workers).
+    Status(cmd::cluster::StatusArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 option enums).
@@ -74,6 +80,9 @@ fn main() {
         Command::Demo(a) => cmd::demo::run(a, quiet),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Coordinator(a) => cmd::cluster::run_coordinator(a, quiet),
+        Command::Worker(a) => cmd::cluster::run_worker_cmd(a, quiet),
+        Command::Status(a) => cmd::cluster::run_status(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

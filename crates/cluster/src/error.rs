@@ -19,7 +19,7 @@ pub enum ClusterError {
     #[error("protocol: {0}")]
     Protocol(String),
     /// A gRPC call failed.
-    #[error("rpc {rpc} failed: {status}")]
+    #[error("rpc {rpc} failed: {}", crate::tls::status_chain(status))]
     Rpc {
         /// RPC name.
         rpc: &'static str,
@@ -29,9 +29,21 @@ pub enum ClusterError {
     /// Connecting or serving failed at the transport level.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Connecting to the coordinator failed (refused, unreachable, TLS handshake failed).
+    #[error("cannot connect to the coordinator at {url}: {}", crate::tls::error_chain(.source))]
+    Connect {
+        /// The coordinator URL.
+        url: String,
+        /// The transport error (its causes are part of the message).
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// Bad server or client configuration (token, address, ...).
     #[error("config: {0}")]
     Config(String),
+    /// A path outside the allowed roots (`--allow-root`), or one that cannot be resolved.
+    #[error("path refused: {0}")]
+    PathRefused(String),
     /// File system error with the path involved.
     #[error("{path}: {source}")]
     Io {

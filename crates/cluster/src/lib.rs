@@ -8,6 +8,8 @@
 //! - [`worker`]: the worker loop [`worker::run_worker`] and the blocking [`worker::InputClient`].
 //! - [`auth`]: bearer-token interceptors; [`client`]: connecting with limits and token.
 //! - [`journal`]: [`journal::JobStore`] and its JSON-lines file implementation.
+//! - [`roots`]: `--allow-root` path checks; [`metrics`]: Prometheus `/metrics`.
+//! - [`tls`]: TLS and mutual TLS settings of the coordinator and its clients.
 #![deny(missing_docs)]
 
 /// Generated protobuf and gRPC code for `amalgam.v1` (from `proto/amalgam.proto`).
@@ -28,8 +30,12 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod journal;
+pub mod merge_job;
+pub mod metrics;
+pub mod roots;
 pub mod scheduler;
 pub mod server;
+pub mod tls;
 pub mod worker;
 
 pub use error::{ClusterError, Result};

@@ -20,11 +20,13 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::ServerAuth;
 use crate::error::{ClusterError, Result};
 use crate::journal::{CommitRecord, JobStore};
+use crate::metrics::{serve_metrics, MetricsServer, StatusFn};
 use crate::pb;
 use crate::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::scheduler::{
     LeaseDecision, LeaseId, Scheduler, ShardId, ShardSpec, SubmitDecision, WorkerId,
 };
+use crate::tls::{error_chain, ServerTls};
 use crate::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 
 /// The engine side of the coordinator: the plan's shards, input bytes, and result storage.
@@ -59,6 +61,11 @@ pub struct ServerOptions {
     /// How long a `Reduce` call waits for the other parts before failing with
     /// `DeadlineExceeded`.
     pub reduce_timeout: Duration,
+    /// Where to serve Prometheus `/metrics` over plain HTTP (port 0 picks a free port);
+    /// `None` serves no metrics.
+    pub metrics_addr: Option<SocketAddr>,
+    /// TLS (and, with a client CA, mutual TLS) on the gRPC port; `None` serves plain HTTP/2.
+    pub tls: Option<ServerTls>,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -71,6 +78,8 @@ impl std::fmt::Debug for ServerOptions {
             .field("wait_retry", &self.wait_retry)
             .field("store", &self.store.is_some())
             .field("reduce_timeout", &self.reduce_timeout)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("tls", &self.tls.as_ref().map(|t| t.client_ca_pem.is_some()))
             .finish()
     }
 }
@@ -85,6 +94,8 @@ impl Default for ServerOptions {
             wait_retry: Duration::from_millis(200),
             store: None,
             reduce_timeout: Duration::from_secs(600),
+            metrics_addr: None,
+            tls: None,
         }
     }
 }
@@ -643,8 +654,6 @@ impl<H: JobHost> Coordinator for Service<H> {
     }
 }
 
-type StatusFn = Arc<dyn Fn() -> pb::JobStatusResponse + Send + Sync>;
-
 /// A running coordinator.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -652,12 +661,15 @@ pub struct ServerHandle {
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     done_rx: watch::Receiver<bool>,
     status: StatusFn,
+    metrics: Option<MetricsServer>,
+    tls: bool,
 }
 
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
             .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr())
             .finish()
     }
 }
@@ -668,9 +680,15 @@ impl ServerHandle {
         self.addr
     }
 
-    /// `http://ADDR`, for [`crate::client::connect`].
+    /// The bound `/metrics` address, when `ServerOptions::metrics_addr` was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// `http://ADDR`, or `https://ADDR` with TLS, for [`crate::client::connect_with`].
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Resolves when every shard is committed (at once if the job was complete on start).
@@ -689,6 +707,9 @@ impl ServerHandle {
 
     /// Stops accepting calls, waits up to `grace` for calls in flight, then aborts the rest.
     pub async fn shutdown(mut self, grace: Duration) -> Result<()> {
+        if let Some(m) = self.metrics.take() {
+            m.shutdown();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -769,6 +790,13 @@ pub async fn serve<H: JobHost>(
         rounds: Mutex::new(HashMap::new()),
         done_tx,
     });
+    let st = Arc::clone(&shared);
+    let status: StatusFn = Arc::new(move || st.status());
+    // Bound first: if the gRPC bind below fails, dropping it stops it.
+    let metrics = match shared.opts.metrics_addr {
+        Some(maddr) => Some(serve_metrics(maddr, Arc::clone(&status)).await?),
+        None => None,
+    };
     let incoming = TcpIncoming::bind(addr)
         .map_err(|e| ClusterError::Config(format!("cannot listen on {addr}: {e}")))?
         .with_nodelay(Some(true));
@@ -781,19 +809,26 @@ pub async fn serve<H: JobHost>(
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &shared.opts.tls {
+        builder = builder.tls_config(tls.config()?).map_err(|e| {
+            ClusterError::Config(format!("coordinator TLS settings: {}", error_chain(&e)))
+        })?;
+    }
+    let router = builder
         .http2_adaptive_window(Some(true))
         .add_service(InterceptedService::new(svc, auth));
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = rx.await;
     }));
     tracing::info!(addr = %bound, "coordinator listening");
-    let st = Arc::clone(&shared);
     Ok(ServerHandle {
         addr: bound,
         shutdown: Some(tx),
         task,
         done_rx,
-        status: Arc::new(move || st.status()),
+        status,
+        metrics,
+        tls: shared.opts.tls.is_some(),
     })
 }

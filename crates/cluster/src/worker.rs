@@ -14,10 +14,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::client::{connect, Client};
+use crate::client::{connect_with, Client};
 use crate::error::{ClusterError, Result};
 use crate::pb;
 use crate::scheduler::{LeaseId, ShardId, WorkerId};
+use crate::tls::ClientTls;
 use crate::CHUNK_BYTES;
 
 /// Environment variable read by [`WorkerOptions::with_test_hooks_from_env`]: pause after this
@@ -186,6 +187,8 @@ pub struct WorkerOptions {
     /// How long to keep retrying while the coordinator is unreachable (at start, or after it
     /// went away); a restarted coordinator is re-registered with.
     pub reconnect_timeout: Duration,
+    /// TLS to the coordinator (for an `https://` URL).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for WorkerOptions {
@@ -201,6 +204,7 @@ impl Default for WorkerOptions {
             pause_pid_file: None,
             corrupt_results: 0,
             reconnect_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -287,6 +291,12 @@ fn is_transient(code: tonic::Code) -> bool {
     )
 }
 
+/// True when a connection error says the TLS handshake or a certificate was refused.
+fn is_tls_failure(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("certificate") || m.contains("handshake") || m.contains("alert")
+}
+
 async fn register(
     client: &mut Client,
     opts: &WorkerOptions,
@@ -310,7 +320,8 @@ async fn connect_and_register(opts: &WorkerOptions) -> Result<(Client, pb::Regis
     let mut backoff = Duration::from_millis(20);
     loop {
         let attempt = async {
-            let mut client = connect(&opts.url, opts.token.as_deref()).await?;
+            let mut client =
+                connect_with(&opts.url, opts.token.as_deref(), opts.tls.as_ref()).await?;
             let reg = register(&mut client, opts)
                 .await
                 .map_err(|s| ClusterError::rpc("Register", s))?;
@@ -321,7 +332,11 @@ async fn connect_and_register(opts: &WorkerOptions) -> Result<(Client, pb::Regis
             Err(e) => {
                 let transient = match &e {
                     ClusterError::Transport(_) => true,
-                    ClusterError::Rpc { status, .. } => is_transient(status.code()),
+                    // A refused certificate does not fix itself: fail at once.
+                    ClusterError::Connect { .. } => !is_tls_failure(&e.to_string()),
+                    ClusterError::Rpc { status, .. } => {
+                        is_transient(status.code()) && !is_tls_failure(&e.to_string())
+                    }
                     _ => false,
                 };
                 if !transient || tokio::time::Instant::now() + backoff > deadline {

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amalgam_cluster::client::connect;
+use amalgam_cluster::client::{connect, connect_with};
 use amalgam_cluster::journal::{CommitRecord, JobStore, JournalStore};
 use amalgam_cluster::pb;
 use amalgam_cluster::scheduler::ShardSpec;
 use amalgam_cluster::server::{plan_hash, serve, JobHost, ServerHandle, ServerOptions};
+use amalgam_cluster::tls::{ClientTls, PemIdentity, ServerTls};
 use amalgam_cluster::worker::{run_worker, InputClient, ShardExecutor, WorkerOptions};
 use amalgam_cluster::{ClusterError, Result, MAX_MESSAGE_BYTES};
 use sha2::{Digest, Sha256};
@@ -149,6 +150,7 @@ fn opts(ttl_ms: u64, token: Option<&str>) -> ServerOptions {
         wait_retry: Duration::from_millis(10),
         store: None,
         reduce_timeout: Duration::from_secs(5),
+        ..ServerOptions::default()
     }
 }
 
@@ -715,5 +717,293 @@ async fn gang_parts_run_concurrently_and_meet_in_reduce() {
     // 8 shards, one gang of 3: 6 leases.
     assert_eq!(r.leases, 6);
     assert_eq!(host.assembled(), host.expected_assembled());
+    h.shutdown(Duration::from_millis(200)).await.unwrap();
+}
+
+/// `GET path` over a plain TCP connection; the whole answer (head and body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_show_the_lease_expiry_and_the_re_lease() {
+    let n = 4;
+    let host = ToyHost::new(n);
+    let mut o = opts(500, Some("tok"));
+    o.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    let h = serve(Arc::clone(&host), "127.0.0.1:0".parse().unwrap(), o)
+        .await
+        .unwrap();
+    let maddr = h.metrics_addr().expect("metrics listener");
+    assert_ne!(maddr.port(), h.local_addr().port());
+    let before = http_get(maddr, "/metrics").await;
+    assert!(before.starts_with("HTTP/1.1 200 OK\r\n"), "{before}");
+    assert!(before.contains("text/plain; version=0.0.4"), "{before}");
+    assert!(before.contains("\namalgam_shards_total 4\n"), "{before}");
+    assert!(before.contains("\namalgam_shards_pending 4\n"), "{before}");
+    assert!(
+        before.contains("\namalgam_lease_expiries_total 0\n"),
+        "{before}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("worker.pid");
+    let mut a = worker_opts(&h, "stalls", Some("tok"));
+    a.pause_after_bytes = Some(1);
+    a.pause_pid_file = Some(pid_file.clone());
+    let exec = Arc::new(ToyExecutor {
+        delay: Duration::ZERO,
+    });
+    let a_task = tokio::spawn(run_worker(a, Arc::clone(&exec)));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !pid_file.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("worker A pauses");
+    let during = http_get(maddr, "/metrics").await;
+    assert!(during.contains("\namalgam_shards_leased 1\n"), "{during}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let b = tokio::spawn(run_worker(worker_opts(&h, "finishes", Some("tok")), exec));
+    tokio::time::timeout(Duration::from_secs(10), h.done())
+        .await
+        .expect("job finishes");
+    b.await.unwrap().unwrap();
+    a_task.abort();
+    let after = http_get(maddr, "/metrics").await;
+    for line in [
+        "amalgam_lease_expiries_total 1",
+        "amalgam_releases_total 1",
+        "amalgam_shards_committed 4",
+        "amalgam_shards_pending 0",
+        "amalgam_job_done 1",
+        "amalgam_results_rejected_total 0",
+    ] {
+        assert!(after.lines().any(|l| l == line), "missing {line}:\n{after}");
+    }
+    let done_by_b = after
+        .lines()
+        .find(|l| l.starts_with("amalgam_worker_shards_done{worker=\"finishes\""))
+        .unwrap_or_else(|| panic!("no per-worker line:\n{after}"));
+    assert!(done_by_b.ends_with(" 4"), "{done_by_b}");
+    assert!(
+        after.contains("amalgam_worker_bytes{worker=\"stalls\""),
+        "{after}"
+    );
+    let nf = http_get(maddr, "/nothing").await;
+    assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+    h.shutdown(Duration::from_millis(200)).await.unwrap();
+    assert!(tokio::net::TcpStream::connect(maddr).await.is_err());
+}
+
+struct Pki {
+    ca_pem: Vec<u8>,
+    other_ca_pem: Vec<u8>,
+    server: PemIdentity,
+    client: PemIdentity,
+    /// A client certificate signed by the other CA.
+    stranger: PemIdentity,
+}
+
+/// A CA, a server certificate for localhost and 127.0.0.1 and a client certificate signed by
+/// it, and an unrelated CA with a client certificate of its own.
+fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    }
+    fn leaf(
+        ca: &CertifiedIssuer<'static, KeyPair>,
+        name: &str,
+        sans: &[&str],
+        eku: ExtendedKeyUsagePurpose,
+    ) -> PemIdentity {
+        let key = KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![eku];
+        let cert = p.signed_by(&key, ca).unwrap();
+        PemIdentity {
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: key.serialize_pem().into_bytes(),
+        }
+    }
+    let main = ca("amalgam test CA");
+    let other = ca("unrelated CA");
+    Pki {
+        ca_pem: main.pem().into_bytes(),
+        other_ca_pem: other.pem().into_bytes(),
+        server: leaf(
+            &main,
+            "coordinator",
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        client: leaf(
+            &main,
+            "worker",
+            &["worker"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+        stranger: leaf(
+            &other,
+            "intruder",
+            &["intruder"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    }
+}
+
+/// Connects with `tls` and calls JobStatus; the error message when either step fails.
+async fn tls_status(url: &str, tls: &ClientTls) -> std::result::Result<u64, String> {
+    let mut c = connect_with(url, Some("tok"), Some(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    c.job_status(pb::JobStatusRequest {})
+        .await
+        .map(|r| r.into_inner().shards_total)
+        .map_err(|s| ClusterError::rpc("JobStatus", s).to_string())
+}
+
+async fn tls_job(pki: &Pki, mutual: bool) -> ServerHandle {
+    let mut o = opts(2000, Some("tok"));
+    o.tls = Some(ServerTls {
+        identity: pki.server.clone(),
+        client_ca_pem: mutual.then(|| pki.ca_pem.clone()),
+    });
+    serve(ToyHost::new(3), "127.0.0.1:0".parse().unwrap(), o)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_passes_with_the_right_ca_and_is_refused_with_another() {
+    let pki = pki();
+    let h = tls_job(&pki, false).await;
+    let url = h.url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let trusting = ClientTls {
+        ca_pem: Some(pki.ca_pem.clone()),
+        ..ClientTls::default()
+    };
+    // A whole job over TLS.
+    let mut wo = worker_opts(&h, "tls", Some("tok"));
+    wo.tls = Some(trusting.clone());
+    let exec = Arc::new(ToyExecutor {
+        delay: Duration::ZERO,
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), run_worker(wo, exec))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.shards_committed, 3);
+    assert_eq!(tls_status(&url, &trusting).await, Ok(3));
+    // By name as well as by IP address.
+    let by_name = url.replace("127.0.0.1", "localhost");
+    assert_eq!(tls_status(&by_name, &trusting).await, Ok(3));
+    // A client that trusts another CA refuses the coordinator's certificate.
+    let wrong = ClientTls {
+        ca_pem: Some(pki.other_ca_pem.clone()),
+        ..ClientTls::default()
+    };
+    let e = tls_status(&url, &wrong).await.unwrap_err();
+    assert!(e.contains(&url), "{e}");
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // A worker with the wrong CA fails at once instead of retrying for a minute.
+    let mut wo = worker_opts(&h, "wrong-ca", Some("tok"));
+    wo.tls = Some(wrong);
+    let t0 = std::time::Instant::now();
+    let e = run_worker(
+        wo,
+        Arc::new(ToyExecutor {
+            delay: Duration::ZERO,
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // Plain HTTP/2 to a TLS port fails; https without TLS settings is a config error.
+    assert!(tls_status(&url.replace("https", "http"), &trusting)
+        .await
+        .unwrap_err()
+        .contains("not an https:// URL"));
+    let e = connect(&url, Some("tok")).await.unwrap_err().to_string();
+    assert!(e.contains("--ca-cert"), "{e}");
+    h.shutdown(Duration::from_millis(200)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
+    let pki = pki();
+    let h = tls_job(&pki, true).await;
+    let url = h.url();
+    let with_cert = ClientTls {
+        ca_pem: Some(pki.ca_pem.clone()),
+        identity: Some(pki.client.clone()),
+        domain: None,
+    };
+    let mut wo = worker_opts(&h, "mtls", Some("tok"));
+    wo.tls = Some(with_cert.clone());
+    let exec = Arc::new(ToyExecutor {
+        delay: Duration::ZERO,
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), run_worker(wo, exec))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.shards_committed, 3);
+    assert_eq!(tls_status(&url, &with_cert).await, Ok(3));
+    // No client certificate: refused.
+    let without = ClientTls {
+        ca_pem: Some(pki.ca_pem.clone()),
+        ..ClientTls::default()
+    };
+    let e = tls_status(&url, &without).await.unwrap_err();
+    println!("mTLS without a client certificate: {e}");
+    assert!(e.contains("CertificateRequired"), "{e}");
+    // A worker without one stops at once (no retrying for a minute).
+    let mut wo = worker_opts(&h, "no-cert", Some("tok"));
+    wo.tls = Some(without.clone());
+    let t0 = std::time::Instant::now();
+    let e = run_worker(
+        wo,
+        Arc::new(ToyExecutor {
+            delay: Duration::ZERO,
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(e.to_string().contains("CertificateRequired"), "{e}");
+    // A client certificate from another CA: refused.
+    let stranger = ClientTls {
+        ca_pem: Some(pki.ca_pem.clone()),
+        identity: Some(pki.stranger.clone()),
+        domain: None,
+    };
+    let e = tls_status(&url, &stranger).await.unwrap_err();
+    println!("mTLS with a certificate from another CA: {e}");
+    // The server still works for a good client afterwards.
+    assert_eq!(tls_status(&url, &with_cert).await, Ok(3));
     h.shutdown(Duration::from_millis(200)).await.unwrap();
 }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod inputs;
 pub mod reader;
 pub mod run;
+pub mod shard;
 pub mod synth;
 pub mod vocab;
 

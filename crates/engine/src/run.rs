@@ -169,8 +169,31 @@ fn input_bytes(t: &TensorPlan, ckpts: &[&Checkpoint]) -> u64 {
         .sum()
 }
 
+/// Where merged tensors go, in layout order: the checkpoint being written
+/// ([`CheckpointWriter`]), or one shard's bytes on a cluster worker ([`crate::shard`]).
+pub trait TensorOut {
+    /// Start tensor `name` (the previous one must be complete).
+    fn begin_tensor(&mut self, name: &str) -> Result<(), EngineError>;
+    /// Append values, converted to the tensor's output dtype.
+    fn write_f32(&mut self, data: &[f32]) -> Result<(), EngineError>;
+    /// Append bytes already in the tensor's output dtype.
+    fn write_raw(&mut self, bytes: &[u8]) -> Result<(), EngineError>;
+}
+
+impl TensorOut for CheckpointWriter {
+    fn begin_tensor(&mut self, name: &str) -> Result<(), EngineError> {
+        Ok(CheckpointWriter::begin_tensor(self, name)?)
+    }
+    fn write_f32(&mut self, data: &[f32]) -> Result<(), EngineError> {
+        Ok(CheckpointWriter::write_f32(self, data)?)
+    }
+    fn write_raw(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
+        Ok(CheckpointWriter::write_raw(self, bytes)?)
+    }
+}
+
 struct WriterAdapter<'a> {
-    writer: &'a mut CheckpointWriter,
+    writer: &'a mut dyn TensorOut,
     next: usize,
     logs: Vec<LogRecord>,
 }
@@ -184,9 +207,10 @@ impl TensorWriter for WriterAdapter<'_> {
             )));
         }
         self.next = range.end;
-        self.writer
-            .write_f32(data)
-            .map_err(|e| MergeError::Write(e.to_string()))
+        self.writer.write_f32(data).map_err(|e| match e {
+            EngineError::Merge(m) => m,
+            other => MergeError::Write(other.to_string()),
+        })
     }
 
     fn log(&mut self, record: LogRecord) {
@@ -259,7 +283,7 @@ pub fn merge_tensor(
     ckpts: &[&Checkpoint],
     opts: &MergeOptions,
     extras: &ReadExtras<'_>,
-    writer: &mut CheckpointWriter,
+    writer: &mut dyn TensorOut,
 ) -> Result<Vec<LogRecord>, EngineError> {
     writer.begin_tensor(&t.name)?;
     if t.copy_raw {
@@ -343,19 +367,7 @@ pub fn execute(
     let ckpts = plan_checkpoints(plan, inputs)?;
     resolve_chat_template(config, inputs)?;
     check_whole_tensor_needs(plan, opts.memory_budget)?;
-    let extras = ReadExtras {
-        vocab: inputs.vocab.as_ref(),
-        stats: plan
-            .models
-            .iter()
-            .map(|m| inputs.stats.get(m).map(|s| s.as_ref()))
-            .collect(),
-        adapters: plan
-            .models
-            .iter()
-            .map(|m| inputs.adapters.get(m).map(|a| a.as_ref()))
-            .collect(),
-    };
+    let extras = read_extras(plan, inputs);
     let layout = output_layout(config, plan, opts.out_shard_size)?;
     let mut writer = CheckpointWriter::create(&opts.out_dir, layout, opts.overwrite)?;
 
@@ -380,29 +392,73 @@ pub fn execute(
         progress.advance(&t.name, input_bytes(t, &ckpts));
     }
     progress.end();
-    let out = writer.finish()?;
-    let merge_time = t1.elapsed();
+    let (files, total_bytes, aux_files) = finish_outputs(
+        config,
+        plan,
+        inputs,
+        config_dir,
+        &opts.out_dir,
+        writer,
+        &logs,
+    )?;
+    Ok(RunSummary {
+        files,
+        aux_files,
+        total_bytes,
+        input_bytes: total,
+        global_time,
+        merge_time: t1.elapsed(),
+    })
+}
 
-    let mut aux_files = write_aux(config, plan, inputs, config_dir, &opts.out_dir)?;
+/// Bytes of every input tensor the plan reads (each counted once per read pass).
+pub fn plan_input_bytes(plan: &Plan, ckpts: &[&Checkpoint]) -> u64 {
+    plan.tensors.iter().map(|t| input_bytes(t, ckpts)).sum()
+}
+
+/// The readers' extras of a plan: vocabulary map, statistics files and adapters.
+pub fn read_extras<'a>(plan: &Plan, inputs: &'a Inputs) -> ReadExtras<'a> {
+    ReadExtras {
+        vocab: inputs.vocab.as_ref(),
+        stats: plan
+            .models
+            .iter()
+            .map(|m| inputs.stats.get(m).map(|s| s.as_ref()))
+            .collect(),
+        adapters: plan
+            .models
+            .iter()
+            .map(|m| inputs.adapters.get(m).map(|a| a.as_ref()))
+            .collect(),
+    }
+}
+
+/// Finish a checkpoint whose tensors are all written: rename its files into place (index
+/// last), then copy or write config, tokenizer files, model card and the solver log (`logs`,
+/// when not empty). Returns the checkpoint files, their tensor bytes and the auxiliary files.
+pub fn finish_outputs(
+    config: &MergeConfig,
+    plan: &Plan,
+    inputs: &Inputs,
+    config_dir: Option<&Path>,
+    out_dir: &Path,
+    writer: CheckpointWriter,
+    logs: &[LogRecord],
+) -> Result<(Vec<PathBuf>, u64, Vec<PathBuf>), EngineError> {
+    let out = writer.finish()?;
+    let mut aux_files = write_aux(config, plan, inputs, config_dir, out_dir)?;
     if !logs.is_empty() {
         // One JSON line per solved block (conjugate-gradient exit code, iterations, residuals).
-        let path = opts.out_dir.join(SOLVER_LOG);
+        let path = out_dir.join(SOLVER_LOG);
         let mut text = String::new();
-        for r in &logs {
+        for r in logs {
             text.push_str(&serde_json::Value::Object(r.clone()).to_string());
             text.push('\n');
         }
         amalgam_io::write_text_atomic(&path, &text)?;
         aux_files.push(path);
     }
-    Ok(RunSummary {
-        files: out.files.clone(),
-        aux_files,
-        total_bytes: out.total_bytes,
-        input_bytes: total,
-        global_time,
-        merge_time,
-    })
+    Ok((out.files.clone(), out.total_bytes, aux_files))
 }
 
 /// The ChatML template (written here from the format's public description).

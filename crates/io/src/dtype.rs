@@ -243,7 +243,7 @@ const PAR_CHUNK: usize = 1 << 15;
 /// Encodes `src` as little-endian `dtype` bytes appended to `dst`, rounding to nearest even
 /// (large inputs in parallel over fixed chunks: the result is elementwise, so identical).
 /// Returns `false` (and appends nothing) for a dtype that is not float-convertible.
-pub(crate) fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool {
+pub fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool {
     if !dtype.is_float_convertible() {
         return false;
     }

@@ -40,7 +40,7 @@ pub mod stats;
 
 pub use atomic::{temp_path, write_text_atomic};
 pub use aux_files::{copy_aux_files, copy_files, read_vocab, AUX_FILES, TOKENIZER_FILES};
-pub use dtype::DType;
+pub use dtype::{encode_f32, DType};
 pub use error::IoError;
 pub use hf_index::{INDEX_FILE, SINGLE_FILE};
 pub use peft::{

@@ -46,6 +46,13 @@ pub struct MergeArgs {
     /// Worker threads for the merge math (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Merge with this many workers in this process, through the cluster code (gRPC on a
+    /// loopback port); the output is byte-identical. 0: merge directly.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Output bytes per shard when merging with `--workers`.
+    #[arg(long, default_value_t = amalgam_cluster::merge_job::DEFAULT_SHARD_BYTES, value_parser = parse_size)]
+    pub shard_size: u64,
 }
 
 /// Read and parse a config file, printing its warnings.
@@ -175,6 +182,35 @@ fn fmt_scalar(v: &amalgam_core::params::Scalar) -> String {
 }
 
 /// Run `amalgam merge`.
+/// `--workers N`: the embedded coordinator and `N` workers.
+fn run_embedded(args: &MergeArgs, opts: MergeOptions, quiet: bool) -> Result<()> {
+    let out = opts.out_dir.clone();
+    let job = super::cluster::prepare(&args.config, args.strict, true, opts, args.shard_size)?;
+    let tensors = job.plan.tensors.len();
+    let method = job.plan.method.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let t = std::time::Instant::now();
+    let summary = rt
+        .block_on(amalgam_cluster::merge_job::run_embedded(job, args.workers))
+        .with_context(|| format!("merging {} into {}", args.config.display(), out.display()))?;
+    if !quiet {
+        println!(
+            "merged {tensors} tensors with `{method}` into {} ({} in {} file(s), {} shards, {} workers, {:.2} s)",
+            out.display(),
+            human(summary.total_bytes),
+            summary.files.len(),
+            summary.shards,
+            args.workers,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -201,6 +237,10 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
         overwrite: args.overwrite,
         allow_nonfinite: args.allow_nonfinite,
     };
+    if args.workers > 0 {
+        drop(inputs);
+        return run_embedded(&args, opts, quiet);
+    }
     let bar = Bar::new(quiet);
     let dir = args.config.parent().filter(|p| !p.as_os_str().is_empty());
     let summary = run::execute(&config, &plan, &inputs, dir, &opts, &bar)

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_mats;
+pub mod cluster;
 pub mod demo;
 pub mod generate;
 pub mod inspect;

@@ -1,0 +1,293 @@
+//! `amalgam coordinator`, `amalgam worker`, `amalgam status`: the same merge on a cluster.
+//!
+//! The coordinator plans, cuts the output into shards and leases them to workers over gRPC;
+//! workers open the same model paths (shared storage), merge their shards and stream the bytes
+//! back; the coordinator writes the checkpoint, byte-identical to `amalgam merge`. Its job
+//! state (the plan hash and the committed shards) is journaled, so a restarted coordinator
+//! with the same `--job-id` redoes only the shards not yet committed.
+
+use crate::cmd::merge::load_config;
+use crate::size::{human, parse_size};
+use amalgam_cluster::journal::JournalStore;
+use amalgam_cluster::merge_job::{
+    finish_job, prepare_job, MergeExecutor, MergeHost, DEFAULT_SHARD_BYTES,
+};
+use amalgam_cluster::server::{serve, ServerOptions};
+use amalgam_cluster::worker::{run_worker, WorkerOptions};
+use amalgam_engine::run::MergeOptions;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Arguments of `amalgam coordinator`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  amalgam coordinator --config ties.yaml --out merged/ --listen 0.0.0.0:7070 --token-file token\n  amalgam worker --coordinator http://HOST:7070 --token-file token   (on every node)"
+)]
+pub struct CoordinatorArgs {
+    /// The merge config (mergekit YAML). Model paths must be the same on every worker.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output directory.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Address to serve gRPC on (port 0 picks one; it is printed).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token every worker must send.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Job id: a restarted coordinator with the same id resumes the job from its journal.
+    #[arg(long, default_value = "merge")]
+    pub job_id: String,
+    /// Job journal (default: OUT/.amalgam-journal.jsonl).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Output bytes per shard (the unit of work leased to a worker).
+    #[arg(long, default_value_t = DEFAULT_SHARD_BYTES, value_parser = parse_size)]
+    pub shard_size: u64,
+    /// Lease time-to-live in seconds (a worker silent this long loses its shard).
+    #[arg(long, default_value_t = 30)]
+    pub lease_ttl: u64,
+    /// Peak private memory target of each merge on a worker.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    pub memory_budget: u64,
+    /// Maximum bytes per output file.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub out_shard_size: u64,
+    /// Replace an existing checkpoint in the output directory.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Accept NaN / Inf in inputs.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+    /// Unknown config keys are errors.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Arguments of `amalgam worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Coordinator URL, e.g. `http://10.0.0.5:7070`.
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the coordinator's bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Device to merge on (`cpu`; `cuda` comes with the GPU backend).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Only read files under this directory (repeatable; compared after resolving `..` and
+    /// symlinks). A job naming a file elsewhere is refused. Default: no restriction.
+    #[arg(long = "allow-root", value_name = "DIR")]
+    pub allow_root: Vec<PathBuf>,
+    /// Worker name shown in the coordinator's status (default: host name and PID).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How long to keep retrying while the coordinator is unreachable, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub reconnect_timeout: u64,
+}
+
+/// Arguments of `amalgam status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Coordinator URL, e.g. `http://10.0.0.5:7070`.
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the coordinator's bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn read_token(path: &Option<PathBuf>) -> Result<Option<String>> {
+    path.as_ref()
+        .map(|p| {
+            amalgam_cluster::auth::load_token_file(p)
+                .with_context(|| format!("token file {}", p.display()))
+        })
+        .transpose()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Load, plan and cut `config` into shards (global passes included).
+pub fn prepare(
+    config_path: &Path,
+    strict: bool,
+    quiet: bool,
+    opts: MergeOptions,
+    shard_size: u64,
+) -> Result<amalgam_cluster::merge_job::PreparedJob> {
+    let config = load_config(config_path, strict, quiet)?;
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read config {}", config_path.display()))?;
+    let dir = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::current_dir().ok());
+    prepare_job(config, text, dir, opts, shard_size)
+        .with_context(|| format!("planning {}", config_path.display()))
+}
+
+/// Run `amalgam coordinator`.
+pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
+    let token = read_token(&a.token_file)?;
+    let opts = MergeOptions {
+        out_dir: a.out.clone(),
+        memory_budget: a.memory_budget,
+        out_shard_size: a.out_shard_size,
+        overwrite: a.overwrite,
+        allow_nonfinite: a.allow_nonfinite,
+    };
+    let job = prepare(&a.config, a.strict, quiet, opts, a.shard_size)?;
+    let host = Arc::new(MergeHost::new(&job, true)?);
+    let journal = a
+        .journal
+        .clone()
+        .unwrap_or_else(|| a.out.join(".amalgam-journal.jsonl"));
+    let store = JournalStore::open(&journal)
+        .with_context(|| format!("job journal {}", journal.display()))?;
+    let rt = runtime()?;
+    let (summary, already) = rt.block_on(async {
+        let opts = ServerOptions {
+            job_id: a.job_id.clone(),
+            token,
+            lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
+            heartbeat_interval: Duration::from_millis((a.lease_ttl.max(1) * 1000 / 3).max(100)),
+            store: Some(Arc::new(store)),
+            ..ServerOptions::default()
+        };
+        let server = serve(Arc::clone(&host), a.listen, opts)
+            .await
+            .with_context(|| format!("serving on {}", a.listen))?;
+        let already = server.status().shards_committed;
+        if !quiet {
+            println!(
+                "coordinator: job `{}`, {} shards ({already} already committed), listening on {}",
+                a.job_id,
+                job.shards.len(),
+                server.url()
+            );
+        }
+        server.done().await;
+        // Linger so that waiting workers hear `done` from us instead of finding us gone.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.shutdown(Duration::from_secs(5)).await?;
+        let h = Arc::clone(&host);
+        let j = &job;
+        let summary = tokio::task::block_in_place(|| finish_job(j, &h))?;
+        Ok::<_, anyhow::Error>((summary, already))
+    })?;
+    let _ = std::fs::remove_file(&journal);
+    if !quiet {
+        println!(
+            "merged {} tensors in {} shards ({already} committed before this run, {} merged by this run) into {} ({} in {} file(s))",
+            job.plan.tensors.len(),
+            summary.shards,
+            host.accepted(),
+            a.out.display(),
+            human(summary.total_bytes),
+            summary.files.len()
+        );
+    }
+    Ok(())
+}
+
+/// Run `amalgam worker`.
+pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
+    if a.device != "cpu" {
+        bail!(
+            "--device {}: only `cpu` is available in this build",
+            a.device
+        );
+    }
+    let token = read_token(&a.token_file)?;
+    let roots = if a.allow_root.is_empty() {
+        None
+    } else {
+        Some(amalgam_cluster::roots::AllowedRoots::new(&a.allow_root)?)
+    };
+    let name = a.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let opts = WorkerOptions {
+        url: a.coordinator.clone(),
+        token,
+        name,
+        device: a.device.clone(),
+        threads: rayon::current_num_threads() as u32,
+        allowed_roots: a
+            .allow_root
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+        ..WorkerOptions::default()
+    }
+    .with_test_hooks_from_env()?;
+    let rt = runtime()?;
+    let report = rt
+        .block_on(run_worker(opts, Arc::new(MergeExecutor::with_roots(roots))))
+        .with_context(|| format!("worker of {}", a.coordinator))?;
+    if !quiet {
+        println!(
+            "worker {}: {} shards committed, {} dropped, {} rejected",
+            report.worker_id,
+            report.shards_committed,
+            report.results_dropped,
+            report.results_rejected
+        );
+    }
+    Ok(())
+}
+
+/// Run `amalgam status`.
+pub fn run_status(a: StatusArgs) -> Result<()> {
+    let token = read_token(&a.token_file)?;
+    let rt = runtime()?;
+    let st = rt.block_on(async {
+        let mut c = amalgam_cluster::client::connect(&a.coordinator, token.as_deref()).await?;
+        let r = c
+            .job_status(amalgam_cluster::pb::JobStatusRequest {})
+            .await
+            .map_err(|s| amalgam_cluster::ClusterError::rpc("JobStatus", s))?;
+        Ok::<_, amalgam_cluster::ClusterError>(r.into_inner())
+    })?;
+    println!(
+        "job `{}`: {}/{} shards committed, {} leased, {} pending; {} lease expiries, {} re-leases; {} received{}",
+        st.job_id,
+        st.shards_committed,
+        st.shards_total,
+        st.shards_leased,
+        st.shards_pending,
+        st.lease_expiries,
+        st.re_leases,
+        human(st.bytes_received),
+        if st.done { "; done" } else { "" }
+    );
+    for w in &st.workers {
+        println!(
+            "  {} (#{}, {}, {} threads): {} shards, {}",
+            w.name,
+            w.worker_id,
+            w.device,
+            w.threads,
+            w.shards_done,
+            human(w.bytes_received)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,740 @@
+//! A merge as a cluster job: the engine behind [`JobHost`] and [`ShardExecutor`].
+//!
+//! - **Shards.** The output tensors, in checkpoint layout order, are cut into consecutive
+//!   groups of about `shard_bytes` output bytes ([`partition`]). The cut depends only on the
+//!   config and the shard size, never on the number of workers.
+//! - **Workers** ([`MergeExecutor`]) get a [`ShardWork`]: the config text, its directory, the
+//!   merge options, the results of the method's model-global passes, and the shard's tensor
+//!   names. They open the same model paths (shared storage), plan exactly as the coordinator
+//!   did, merge each tensor with the engine into its output dtype ([`ShardBytes`]) and return
+//!   the bytes ([`encode_result`]).
+//! - **The coordinator** ([`MergeHost`]) checks each verified result against the layout
+//!   (names and byte lengths), keeps it in a spill file under the output directory, and copies
+//!   results into the checkpoint writer strictly in shard order, so the checkpoint is
+//!   byte-identical to a single-process `amalgam merge`, whatever the number of workers or
+//!   the order results arrive in. Spill files survive a coordinator restart (a journal then
+//!   says which shards are committed).
+//!
+//! The model-global passes (e.g. whole-model TIES thresholds) run on the coordinator before
+//! any shard is leased; distributing them is future work.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amalgam_core::config::{parse_config, MergeConfig};
+use amalgam_core::methods::GlobalStats;
+use amalgam_core::plan::Plan;
+use amalgam_core::tensor::LogRecord;
+use amalgam_engine::inputs::{open_and_plan, Inputs};
+use amalgam_engine::run::{self, MergeOptions, NoProgress};
+use amalgam_engine::shard::ShardBytes;
+use amalgam_io::{CheckpointWriter, OutputLayout};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ClusterError, Result};
+use crate::roots::AllowedRoots;
+use crate::scheduler::{ShardId, ShardSpec};
+use crate::server::{serve, JobHost, ServerOptions};
+use crate::worker::{run_worker, InputClient, ShardExecutor, WorkerOptions};
+
+/// Default output bytes per shard.
+pub const DEFAULT_SHARD_BYTES: u64 = 256 << 20;
+
+/// Name of the folder (inside the output directory) holding verified shard results until the
+/// checkpoint is finished.
+pub const SPILL_DIR: &str = ".amalgam-shards";
+
+/// What every worker needs to merge shards of one job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    /// The merge config, as text.
+    pub config_yaml: String,
+    /// Directory relative model paths resolve against (absolute).
+    pub config_dir: Option<PathBuf>,
+    /// Peak private memory target per merge, bytes.
+    pub memory_budget: u64,
+    /// Accept NaN / Inf inputs.
+    pub allow_nonfinite: bool,
+    /// Output file size (only used to build the layout, which gives dtypes and sizes).
+    pub out_shard_size: u64,
+    /// Results of the method's model-global passes: `(counts, sums)` per pass.
+    pub global: Vec<(Vec<u64>, Vec<f64>)>,
+}
+
+/// One shard's work.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardWork {
+    /// The job.
+    pub job: JobSpec,
+    /// Output tensors to merge, in layout order.
+    pub tensors: Vec<String>,
+}
+
+/// Cut the layout's tensors, in order, into groups of about `shard_bytes` output bytes (a
+/// tensor larger than that is a shard of its own).
+pub fn partition(layout: &OutputLayout, shard_bytes: u64) -> Vec<Vec<(String, u64)>> {
+    let mut shards = Vec::new();
+    let mut cur: Vec<(String, u64)> = Vec::new();
+    let mut bytes = 0u64;
+    for t in layout.files.iter().flat_map(|f| f.tensors.iter()) {
+        let len = t.byte_len().unwrap_or(0);
+        if !cur.is_empty() && bytes + len > shard_bytes.max(1) {
+            shards.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        cur.push((t.name.clone(), len));
+        bytes += len;
+    }
+    if !cur.is_empty() {
+        shards.push(cur);
+    }
+    shards
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResultHeader {
+    tensors: Vec<(String, u64)>,
+    logs: Vec<LogRecord>,
+}
+
+/// A shard's result: an 8-byte little-endian header length, a JSON header (tensor names and
+/// byte lengths, solver log records), then the tensors' bytes back to back.
+pub fn encode_result(tensors: &[(String, u64)], logs: &[LogRecord], bytes: &[u8]) -> Vec<u8> {
+    let header = serde_json::to_vec(&ResultHeader {
+        tensors: tensors.to_vec(),
+        logs: logs.to_vec(),
+    })
+    .expect("a result header serialises");
+    let mut out = Vec::with_capacity(8 + header.len() + bytes.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A decoded shard result: tensors (name, byte length), solver log records, data bytes.
+pub type DecodedResult<'a> = (Vec<(String, u64)>, Vec<LogRecord>, &'a [u8]);
+
+/// Split a result made by [`encode_result`]: tensors, logs and the data bytes.
+pub fn decode_result(b: &[u8]) -> Result<DecodedResult<'_>> {
+    let bad = |m: &str| ClusterError::Protocol(format!("malformed shard result: {m}"));
+    if b.len() < 8 {
+        return Err(bad("shorter than its header length"));
+    }
+    let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
+    if b.len() - 8 < n {
+        return Err(bad("header runs past the end"));
+    }
+    let h: ResultHeader =
+        serde_json::from_slice(&b[8..8 + n]).map_err(|e| bad(&format!("header: {e}")))?;
+    let data = &b[8 + n..];
+    let total: u64 = h.tensors.iter().map(|t| t.1).sum();
+    if total != data.len() as u64 {
+        return Err(bad(&format!(
+            "the header lists {total} bytes of tensors but {} follow",
+            data.len()
+        )));
+    }
+    Ok((h.tensors, h.logs, data))
+}
+
+/// A job ready to be served: the config, plan and inputs opened on the coordinator, the
+/// global passes done, the shards cut.
+pub struct PreparedJob {
+    /// The parsed config.
+    pub config: MergeConfig,
+    /// The plan.
+    pub plan: Plan,
+    /// The opened inputs.
+    pub inputs: Inputs,
+    /// Directory relative paths resolve against.
+    pub config_dir: Option<PathBuf>,
+    /// Merge options (output directory, budget, ...).
+    pub opts: MergeOptions,
+    /// Output layout.
+    pub layout: OutputLayout,
+    /// What workers get.
+    pub job: JobSpec,
+    /// Tensors (name, bytes) of each shard, in shard id order.
+    pub shards: Vec<Vec<(String, u64)>>,
+}
+
+impl std::fmt::Debug for PreparedJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedJob")
+            .field("tensors", &self.plan.tensors.len())
+            .field("shards", &self.shards.len())
+            .finish()
+    }
+}
+
+fn engine_err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Host(e.to_string())
+}
+
+/// Open and plan `config` (its text `config_yaml`, relative paths against `config_dir`), run
+/// the global passes, and cut shards of about `shard_bytes`.
+pub fn prepare_job(
+    config: MergeConfig,
+    config_yaml: String,
+    config_dir: Option<PathBuf>,
+    opts: MergeOptions,
+    shard_bytes: u64,
+) -> Result<PreparedJob> {
+    let config_dir = match config_dir {
+        Some(d) => Some(std::fs::canonicalize(&d).map_err(|e| ClusterError::io(&d, e))?),
+        None => None,
+    };
+    let (inputs, plan) = open_and_plan(&config, config_dir.as_deref()).map_err(engine_err)?;
+    let ckpts = run::plan_checkpoints(&plan, &inputs).map_err(engine_err)?;
+    run::resolve_chat_template(&config, &inputs).map_err(engine_err)?;
+    run::check_whole_tensor_needs(&plan, opts.memory_budget).map_err(engine_err)?;
+    let extras = run::read_extras(&plan, &inputs);
+    let global =
+        run::global_passes(&plan, &ckpts, &opts, &extras, &NoProgress).map_err(engine_err)?;
+    let layout = run::output_layout(&config, &plan, opts.out_shard_size).map_err(engine_err)?;
+    let shards = partition(&layout, shard_bytes);
+    let job = JobSpec {
+        config_yaml,
+        config_dir: config_dir.clone(),
+        memory_budget: opts.memory_budget,
+        allow_nonfinite: opts.allow_nonfinite,
+        out_shard_size: opts.out_shard_size,
+        global: global.into_iter().map(|g| (g.counts, g.sums)).collect(),
+    };
+    drop(extras);
+    Ok(PreparedJob {
+        config,
+        plan,
+        inputs,
+        config_dir,
+        opts,
+        layout,
+        job,
+        shards,
+    })
+}
+
+struct Drain {
+    writer: Option<CheckpointWriter>,
+    next: usize,
+    ready: BTreeSet<usize>,
+    logs: Vec<LogRecord>,
+    error: Option<String>,
+}
+
+/// The coordinator's side of a merge job (see the module docs).
+pub struct MergeHost {
+    specs: Vec<ShardSpec>,
+    expected: Vec<Vec<(String, u64)>>,
+    spill: PathBuf,
+    inputs: BTreeSet<PathBuf>,
+    drain: Mutex<Drain>,
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for MergeHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeHost")
+            .field("shards", &self.specs.len())
+            .field("spill", &self.spill)
+            .finish()
+    }
+}
+
+impl MergeHost {
+    /// Create the checkpoint writer for `job` and the spill folder. With `resume`, verified
+    /// results left in the spill folder by an earlier run are used; otherwise the folder is
+    /// emptied first.
+    pub fn new(job: &PreparedJob, resume: bool) -> Result<Self> {
+        let out = &job.opts.out_dir;
+        let writer = CheckpointWriter::create(out, job.layout.clone(), job.opts.overwrite)
+            .map_err(engine_err)?;
+        let specs: Vec<ShardSpec> = job
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, tensors)| {
+                let work = ShardWork {
+                    job: job.job.clone(),
+                    tensors: tensors.iter().map(|t| t.0.clone()).collect(),
+                };
+                ShardSpec {
+                    id: i as ShardId,
+                    est_bytes: tensors.iter().map(|t| t.1).sum(),
+                    gang: None,
+                    spec: serde_json::to_vec(&work).expect("shard work serialises"),
+                }
+            })
+            .collect();
+        // One folder per plan: results of another config never mix with this one's.
+        let all = out.join(SPILL_DIR);
+        if !resume && all.exists() {
+            std::fs::remove_dir_all(&all).map_err(|e| ClusterError::io(&all, e))?;
+        }
+        let spill = all.join(&crate::server::plan_hash(&specs)[..16]);
+        std::fs::create_dir_all(&spill).map_err(|e| ClusterError::io(&spill, e))?;
+        let inputs = job
+            .inputs
+            .checkpoints
+            .values()
+            .flat_map(|c| c.files().iter().map(|f| f.path.clone()))
+            .collect();
+        let mut ready = BTreeSet::new();
+        if resume {
+            for i in 0..job.shards.len() {
+                if spill_path(&spill, i).exists() {
+                    ready.insert(i);
+                }
+            }
+        }
+        let host = MergeHost {
+            specs,
+            expected: job.shards.clone(),
+            spill,
+            inputs,
+            drain: Mutex::new(Drain {
+                writer: Some(writer),
+                next: 0,
+                ready,
+                logs: Vec::new(),
+                error: None,
+            }),
+            accepted: Default::default(),
+        };
+        host.drain_ready()?;
+        Ok(host)
+    }
+
+    /// Copy every result that is next in shard order into the checkpoint.
+    fn drain_ready(&self) -> Result<()> {
+        let mut d = self
+            .drain
+            .lock()
+            .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+        if let Some(e) = &d.error {
+            return Err(ClusterError::Host(e.clone()));
+        }
+        while d.ready.contains(&d.next) {
+            let i = d.next;
+            let path = spill_path(&self.spill, i);
+            let res = (|| -> Result<Vec<LogRecord>> {
+                let bytes = std::fs::read(&path).map_err(|e| ClusterError::io(&path, e))?;
+                let (tensors, logs, data) = decode_result(&bytes)?;
+                let writer = d.writer.as_mut().expect("the writer lives until finish");
+                let mut off = 0usize;
+                for (name, len) in &tensors {
+                    let len = *len as usize;
+                    writer.begin_tensor(name).map_err(engine_err)?;
+                    writer
+                        .write_raw(&data[off..off + len])
+                        .map_err(engine_err)?;
+                    off += len;
+                }
+                Ok(logs)
+            })();
+            match res {
+                Ok(logs) => {
+                    d.logs.extend(logs);
+                    d.ready.remove(&i);
+                    d.next += 1;
+                }
+                Err(e) => {
+                    // The checkpoint writer is in an unknown state: the job cannot finish.
+                    let msg = format!("writing shard {i} into the checkpoint: {e}");
+                    d.error = Some(msg.clone());
+                    return Err(ClusterError::Host(msg));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After every shard is committed: the checkpoint writer (all tensors written) and the
+    /// solver log records, in shard order.
+    pub fn finish(&self) -> Result<(CheckpointWriter, Vec<LogRecord>)> {
+        self.drain_ready()?;
+        let mut d = self
+            .drain
+            .lock()
+            .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+        if d.next != self.specs.len() {
+            let missing: Vec<usize> = (d.next..self.specs.len())
+                .filter(|i| !d.ready.contains(i))
+                .collect();
+            return Err(ClusterError::Host(format!(
+                "shards {missing:?} are committed but their results are missing from {}; \
+                 an earlier run's results were lost: start again with a new job id",
+                self.spill.display()
+            )));
+        }
+        let writer = d
+            .writer
+            .take()
+            .ok_or_else(|| ClusterError::Host("the job was already finished".into()))?;
+        Ok((writer, std::mem::take(&mut d.logs)))
+    }
+
+    /// Shard results this host has accepted (merged by this run's workers).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Remove the spill folder (after the checkpoint is finished).
+    pub fn clean_up(&self) {
+        let _ = std::fs::remove_dir_all(&self.spill);
+        if let Some(all) = self.spill.parent() {
+            // Only when no other plan's results are left in it.
+            let _ = std::fs::remove_dir(all);
+        }
+    }
+}
+
+fn spill_path(dir: &Path, shard: usize) -> PathBuf {
+    dir.join(format!("{shard:06}.bin"))
+}
+
+impl JobHost for MergeHost {
+    fn shards(&self) -> Vec<ShardSpec> {
+        self.specs.clone()
+    }
+
+    fn read_input(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let path = PathBuf::from(key);
+        if !self.inputs.contains(&path) {
+            return Err(ClusterError::Host(format!(
+                "{key} is not an input file of this job"
+            )));
+        }
+        let f = std::fs::File::open(&path).map_err(|e| ClusterError::io(&path, e))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| ClusterError::io(&path, e))?;
+        Ok(buf)
+    }
+
+    fn accept(&self, shard_id: ShardId, bytes: Vec<u8>) -> Result<()> {
+        let i = shard_id as usize;
+        let expected = self
+            .expected
+            .get(i)
+            .ok_or_else(|| ClusterError::Host(format!("no shard {shard_id} in this job")))?;
+        let (tensors, _, _) = decode_result(&bytes)?;
+        if &tensors != expected {
+            return Err(ClusterError::Host(format!(
+                "shard {shard_id}: the result holds tensors {:?} but the layout expects {:?}",
+                tensors.iter().map(|t| (&t.0, t.1)).collect::<Vec<_>>(),
+                expected.iter().map(|t| (&t.0, t.1)).collect::<Vec<_>>()
+            )));
+        }
+        {
+            let d = self
+                .drain
+                .lock()
+                .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+            if i < d.next {
+                // Already in the checkpoint (a repeated commit): the bytes are the same.
+                return Ok(());
+            }
+        }
+        let path = spill_path(&self.spill, i);
+        let tmp = self.spill.join(format!(".{shard_id:06}.partial"));
+        std::fs::write(&tmp, &bytes).map_err(|e| ClusterError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ClusterError::io(&path, e))?;
+        self.accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.drain
+            .lock()
+            .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?
+            .ready
+            .insert(i);
+        self.drain_ready()
+    }
+}
+
+struct WorkerJob {
+    plan: Plan,
+    inputs: Inputs,
+    layout: OutputLayout,
+    global: Vec<GlobalStats>,
+    opts: MergeOptions,
+    index: HashMap<String, usize>,
+}
+
+/// The worker's side of a merge job: merges a shard's tensors (see the module docs). The last
+/// job opened is kept, so consecutive shards of one job plan once.
+#[derive(Default)]
+pub struct MergeExecutor {
+    cache: Mutex<Option<(String, Arc<WorkerJob>)>>,
+    roots: Option<AllowedRoots>,
+}
+
+impl std::fmt::Debug for MergeExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeExecutor").finish()
+    }
+}
+
+impl MergeExecutor {
+    /// An executor that opens only files under `roots` (compared after canonicalisation) and
+    /// refuses a job that names anything else; `None`: no restriction.
+    pub fn with_roots(roots: Option<AllowedRoots>) -> Self {
+        MergeExecutor {
+            cache: Mutex::default(),
+            roots,
+        }
+    }
+
+    /// Refuse the job unless every file it reads lies under the allowed roots.
+    fn check_paths(&self, job: &JobSpec, inputs: &Inputs) -> Result<()> {
+        let Some(roots) = &self.roots else {
+            return Ok(());
+        };
+        if let Some(d) = &job.config_dir {
+            roots.check(d)?;
+        }
+        for c in inputs.checkpoints.values() {
+            for f in c.files() {
+                roots.check(&f.path)?;
+            }
+        }
+        for s in inputs.stats.values() {
+            roots.check(s.path())?;
+        }
+        Ok(())
+    }
+
+    fn open(&self, job: &JobSpec) -> Result<Arc<WorkerJob>> {
+        let key = hex::encode(Sha256::digest(
+            serde_json::to_vec(job).expect("job spec serialises"),
+        ));
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| ClusterError::Executor("job cache lock poisoned".into()))?;
+        if let Some((k, j)) = cache.as_ref() {
+            if *k == key {
+                return Ok(Arc::clone(j));
+            }
+        }
+        let (config, _warnings) = parse_config(&job.config_yaml, false)
+            .map_err(|e| ClusterError::Executor(format!("the job's config: {e}")))?;
+        if let (Some(roots), Some(d)) = (&self.roots, &job.config_dir) {
+            roots.check(d)?;
+        }
+        let (inputs, plan) = open_and_plan(&config, job.config_dir.as_deref())
+            .map_err(|e| ClusterError::Executor(e.to_string()))?;
+        self.check_paths(job, &inputs)?;
+        let layout = run::output_layout(&config, &plan, job.out_shard_size)
+            .map_err(|e| ClusterError::Executor(e.to_string()))?;
+        let index = plan
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let opts = MergeOptions {
+            out_dir: PathBuf::new(),
+            memory_budget: job.memory_budget,
+            out_shard_size: job.out_shard_size,
+            overwrite: false,
+            allow_nonfinite: job.allow_nonfinite,
+        };
+        let global = job
+            .global
+            .iter()
+            .map(|(c, s)| GlobalStats {
+                counts: c.clone(),
+                sums: s.clone(),
+            })
+            .collect();
+        let j = Arc::new(WorkerJob {
+            plan,
+            inputs,
+            layout,
+            global,
+            opts,
+            index,
+        });
+        *cache = Some((key, Arc::clone(&j)));
+        Ok(j)
+    }
+}
+
+impl ShardExecutor for MergeExecutor {
+    fn execute(&self, spec: &[u8], _inputs: &InputClient) -> Result<Vec<u8>> {
+        let work: ShardWork = serde_json::from_slice(spec)
+            .map_err(|e| ClusterError::Executor(format!("malformed shard spec: {e}")))?;
+        let job = self.open(&work.job)?;
+        let ckpts = run::plan_checkpoints(&job.plan, &job.inputs)
+            .map_err(|e| ClusterError::Executor(e.to_string()))?;
+        let extras = run::read_extras(&job.plan, &job.inputs);
+        let mut out = ShardBytes::new(&job.layout);
+        let mut logs = Vec::new();
+        for name in &work.tensors {
+            let i = *job.index.get(name).ok_or_else(|| {
+                ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
+            })?;
+            let t = &job.plan.tensors[i];
+            logs.extend(
+                run::merge_tensor(
+                    t,
+                    job.plan.seed,
+                    &job.global,
+                    &ckpts,
+                    &job.opts,
+                    &extras,
+                    &mut out,
+                )
+                .map_err(|e| ClusterError::Executor(e.to_string()))?,
+            );
+        }
+        let (bytes, tensors) = out
+            .finish()
+            .map_err(|e| ClusterError::Executor(e.to_string()))?;
+        let tensors: Vec<(String, u64)> = tensors.into_iter().map(|t| (t.name, t.len)).collect();
+        Ok(encode_result(&tensors, &logs, &bytes))
+    }
+}
+
+/// A random hex token for an embedded job's loopback server.
+pub fn random_token() -> String {
+    let mut h = Sha256::new();
+    h.update(std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(now.as_nanos().to_le_bytes());
+    let local = 0u8;
+    h.update((std::ptr::addr_of!(local) as usize).to_le_bytes());
+    hex::encode(h.finalize())
+}
+
+/// What [`finish_job`] wrote.
+#[derive(Debug, Clone)]
+pub struct JobSummary {
+    /// Checkpoint files.
+    pub files: Vec<PathBuf>,
+    /// Tensor bytes written.
+    pub total_bytes: u64,
+    /// Config, tokenizer, card and log files.
+    pub aux_files: Vec<PathBuf>,
+    /// Shards in the job.
+    pub shards: usize,
+}
+
+/// Finish the checkpoint of a job whose shards are all committed: rename the files into place,
+/// write the auxiliary files, remove the spill folder.
+pub fn finish_job(job: &PreparedJob, host: &MergeHost) -> Result<JobSummary> {
+    let (writer, logs) = host.finish()?;
+    let (files, total_bytes, aux_files) = run::finish_outputs(
+        &job.config,
+        &job.plan,
+        &job.inputs,
+        job.config_dir.as_deref(),
+        &job.opts.out_dir,
+        writer,
+        &logs,
+    )
+    .map_err(engine_err)?;
+    host.clean_up();
+    Ok(JobSummary {
+        files,
+        total_bytes,
+        aux_files,
+        shards: job.shards.len(),
+    })
+}
+
+/// Run `job` with `workers` worker tasks in this process, over gRPC on a loopback port with a
+/// random token: the same code paths as a cluster, without etcd.
+pub async fn run_embedded(job: PreparedJob, workers: usize) -> Result<JobSummary> {
+    let job = Arc::new(job);
+    let j = Arc::clone(&job);
+    let host = Arc::new(
+        tokio::task::spawn_blocking(move || MergeHost::new(&j, false))
+            .await
+            .map_err(|e| ClusterError::Host(format!("setup task failed: {e}")))??,
+    );
+    let token = random_token();
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("a valid address");
+    let opts = ServerOptions {
+        job_id: "embedded".into(),
+        token: Some(token.clone()),
+        lease_ttl: Duration::from_secs(120),
+        heartbeat_interval: Duration::from_secs(5),
+        ..ServerOptions::default()
+    };
+    let server = serve(Arc::clone(&host), addr, opts).await?;
+    let exec = Arc::new(MergeExecutor::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..workers.max(1) {
+        let wo = WorkerOptions {
+            url: server.url(),
+            token: Some(token.clone()),
+            name: format!("embedded-{i}"),
+            reconnect_timeout: Duration::from_secs(5),
+            ..WorkerOptions::default()
+        };
+        let e = Arc::clone(&exec);
+        tasks.spawn(async move { run_worker(wo, e).await });
+    }
+    let done = server.done();
+    tokio::pin!(done);
+    let mut first_err = None;
+    loop {
+        tokio::select! {
+            _ = &mut done => break,
+            r = tasks.join_next() => match r {
+                None => break,
+                Some(Ok(Ok(_))) => {}
+                Some(Ok(Err(e))) => { first_err.get_or_insert(e); }
+                Some(Err(e)) => {
+                    first_err.get_or_insert(ClusterError::Executor(format!("worker task: {e}")));
+                }
+            },
+        }
+    }
+    let complete = server.status().done;
+    // Workers see `done` on their next call and exit.
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    server.shutdown(Duration::from_secs(2)).await?;
+    if !complete {
+        return Err(first_err.unwrap_or_else(|| {
+            ClusterError::Host("every worker stopped before the job was done".into())
+        }));
+    }
+    let (j, h) = (Arc::clone(&job), Arc::clone(&host));
+    tokio::task::spawn_blocking(move || finish_job(&j, &h))
+        .await
+        .map_err(|e| ClusterError::Host(format!("finish task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_round_trip_and_reject_bad_lengths() {
+        let tensors = vec![("a".to_string(), 3u64), ("b".to_string(), 2)];
+        let mut log = LogRecord::new();
+        log.insert("iters".into(), 4.into());
+        let r = encode_result(&tensors, std::slice::from_ref(&log), b"abcde");
+        let (t, l, d) = decode_result(&r).expect("decodes");
+        assert_eq!(t, tensors);
+        assert_eq!(l, vec![log]);
+        assert_eq!(d, b"abcde");
+        let short = encode_result(&tensors, &[], b"abcd");
+        assert!(decode_result(&short).is_err());
+        assert!(decode_result(&r[..5]).is_err());
+    }
+}

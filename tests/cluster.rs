@@ -1,0 +1,374 @@
+//! The cluster path as real processes: an embedded coordinator with worker tasks
+//! (`merge --workers N`), and a coordinator process with worker processes over loopback gRPC,
+//! with a worker and the coordinator killed (-9) mid-job. Every output must equal the
+//! single-process merge byte for byte.
+
+use crate::common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).unwrap();
+    name.to_string()
+}
+
+/// Every file of two output directories is byte-identical (hidden files excluded).
+fn assert_same_dirs(a: &Path, b: &Path) {
+    let (fa, fb) = (final_outputs(a), final_outputs(b));
+    assert_eq!(fa, fb, "file lists differ");
+    for f in fa {
+        let x = std::fs::read(a.join(&f)).unwrap();
+        let y = std::fs::read(b.join(&f)).unwrap();
+        assert!(
+            x == y,
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+fn family(d: &Path) {
+    tiny_family(d, 3, &["--layers", "3"]);
+}
+
+const TIES: &str = "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 0.5}\n  - model: ft2\n    parameters: {weight: 0.7, density: [0.3, 0.8]}\n  - model: ft3\n    parameters: {weight: 0.5, density: 0.6}\nparameters: {normalize: true}\n";
+
+#[test]
+fn embedded_workers_give_the_single_process_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let ties = write(d, "ties.yaml", TIES);
+    // Whole-model trim: a model-global pre-pass before any shard is merged.
+    let model_ties = write(
+        d,
+        "ties_model.yaml",
+        &format!("{TIES}dtype: bfloat16\n").replace(
+            "parameters: {normalize: true}",
+            "parameters: {normalize: true, trim_scope: model}",
+        ),
+    );
+    let dare = write(
+        d,
+        "dare.yaml",
+        &TIES
+            .replace("ties", "dare_ties")
+            .replace("parameters: {normalize: true}\n", "random_seed: 7\n"),
+    );
+    for cfg in [&ties, &model_ties, &dare] {
+        let single = format!("{cfg}-single");
+        run_ok(d, &["merge", cfg, "--out", &single, "-q"]);
+        for workers in ["1", "3"] {
+            let out = format!("{cfg}-w{workers}");
+            run_ok(
+                d,
+                &[
+                    "merge",
+                    cfg,
+                    "--out",
+                    &out,
+                    "-q",
+                    "--workers",
+                    workers,
+                    "--shard-size",
+                    "40KB",
+                ],
+            );
+            assert_same_dirs(&d.join(&single), &d.join(&out));
+            assert!(
+                !d.join(&out).join(".amalgam-shards").exists(),
+                "the spill folder is removed"
+            );
+        }
+    }
+}
+
+/// A child process whose stdout lines are collected; killed on drop.
+struct Proc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amalgam"));
+        cmd.current_dir(cwd)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(l);
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    /// The first stdout line containing `pat` (waits up to 60 s).
+    fn line_with(&self, pat: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {pat:?}: {e}"),
+            }
+        }
+    }
+
+    fn wait_ok(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "process failed: {st}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "process did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url_of(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a url on the line")
+        .to_string()
+}
+
+fn wait_for_file(p: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            if !s.trim().is_empty() {
+                return s.trim().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill9(pid: &str) {
+    let st = Command::new("kill").args(["-9", pid]).status().unwrap();
+    assert!(st.success());
+}
+
+fn coordinator_args<'a>(cfg: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "coordinator",
+        "--config",
+        cfg,
+        "--out",
+        out,
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        "token",
+        "--shard-size",
+        "40KB",
+        "--lease-ttl",
+        "1",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let cfg = write(d, "ties.yaml", TIES);
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    std::fs::write(d.join("wrong"), "not-the-right-token-at-all\n").unwrap();
+    run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
+
+    let mut coord = Proc::start(d, &coordinator_args(&cfg, "multi", &[]), &[]);
+    let url = url_of(&coord.line_with("listening on"));
+
+    // A wrong token is refused with a clear message.
+    let err = run_err(
+        d,
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "wrong",
+            "--reconnect-timeout",
+            "2",
+        ],
+    );
+    assert!(
+        err.to_lowercase().contains("token"),
+        "the refusal names the token: {err}"
+    );
+
+    // One worker pauses mid-result (test hook) and is killed -9; three others finish.
+    let pid_file = d.join("paused.pid");
+    let pid_path = pid_file.to_str().unwrap().to_string();
+    let _paused = Proc::start(
+        d,
+        &["worker", "--coordinator", &url, "--token-file", "token"],
+        &[
+            ("AMALGAM_TEST_PAUSE_AFTER_BYTES", "100000"),
+            ("AMALGAM_TEST_PAUSE_PID_FILE", &pid_path),
+        ],
+    );
+    let pid = wait_for_file(&pid_file);
+    kill9(&pid);
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|_| {
+            Proc::start(
+                d,
+                &["worker", "--coordinator", &url, "--token-file", "token"],
+                &[],
+            )
+        })
+        .collect();
+    coord.wait_ok();
+    for w in workers.iter_mut() {
+        w.wait_ok();
+    }
+    assert_same_dirs(&d.join("single"), &d.join("multi"));
+}
+
+#[test]
+fn restarted_coordinator_redoes_only_uncommitted_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let cfg = write(d, "ties.yaml", TIES);
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
+    let journal = d.join("job.jsonl");
+    let jpath = journal.to_str().unwrap().to_string();
+    let extra = ["--job-id", "restart-test", "--journal", &jpath];
+
+    // First run: one worker commits some shards, then pauses; the coordinator is killed -9.
+    let coord = Proc::start(d, &coordinator_args(&cfg, "out", &extra), &[]);
+    let url = url_of(&coord.line_with("listening on"));
+    let pid_file = d.join("paused.pid");
+    let pid_path = pid_file.to_str().unwrap().to_string();
+    let _paused = Proc::start(
+        d,
+        &["worker", "--coordinator", &url, "--token-file", "token"],
+        &[
+            ("AMALGAM_TEST_PAUSE_AFTER_BYTES", "300000"),
+            ("AMALGAM_TEST_PAUSE_PID_FILE", &pid_path),
+        ],
+    );
+    let wpid = wait_for_file(&pid_file);
+    kill9(&coord.child.id().to_string());
+    kill9(&wpid);
+    drop(coord);
+    let committed = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"commit\""))
+        .count();
+    assert!(committed > 0, "some shards were committed before the kill");
+    assert!(
+        !d.join("out").join("model.safetensors").exists(),
+        "no final output after the kill"
+    );
+
+    // Restart with the same job id: only the uncommitted shards are merged.
+    let mut coord = Proc::start(d, &coordinator_args(&cfg, "out", &extra), &[]);
+    let line = coord.line_with("listening on");
+    assert!(
+        line.contains(&format!("({committed} already committed)")),
+        "{line}"
+    );
+    let url = url_of(&line);
+    let mut w = Proc::start(
+        d,
+        &["worker", "--coordinator", &url, "--token-file", "token"],
+        &[],
+    );
+    let done = coord.line_with("merged by this run");
+    let total: usize = done
+        .split(" shards")
+        .next()
+        .and_then(|s| s.split_whitespace().last())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        done.contains(&format!("{} merged by this run", total - committed)),
+        "{done} (committed before: {committed})"
+    );
+    coord.wait_ok();
+    w.wait_ok();
+    assert_same_dirs(&d.join("single"), &d.join("out"));
+}
+
+#[test]
+fn worker_refuses_a_plan_outside_its_allowed_roots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // The models live in `data2`; the worker may only read `data` (a sibling with the same
+    // prefix), so it must refuse.
+    let data2 = d.join("data2");
+    std::fs::create_dir_all(&data2).unwrap();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    family(&data2);
+    let cfg = write(&data2, "ties.yaml", TIES);
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    let cfg_path = data2.join(&cfg);
+    let cfg_s = cfg_path.to_str().unwrap();
+    let mut coord = Proc::start(d, &coordinator_args(cfg_s, "out", &[]), &[]);
+    let url = url_of(&coord.line_with("listening on"));
+    let err = run_err(
+        d,
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "token",
+            "--allow-root",
+            "data",
+        ],
+    );
+    assert!(
+        err.contains("outside the allowed roots") && err.contains("data2"),
+        "the refusal names the path and the roots: {err}"
+    );
+    // Allowed through a path with `..` in it: the same directory, canonicalised.
+    let mut w = Proc::start(
+        d,
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "token",
+            "--allow-root",
+            "data/../data2",
+        ],
+        &[],
+    );
+    coord.wait_ok();
+    w.wait_ok();
+    run_ok(d, &["merge", cfg_s, "--out", "single", "-q"]);
+    assert_same_dirs(&d.join("single"), &d.join("out"));
+}
