@@ -201,8 +201,13 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
     std::fs::write(d.join("wrong"), "not-the-right-token-at-all\n").unwrap();
     run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
 
-    let mut coord = Proc::start(d, &coordinator_args(&cfg, "multi", &[]), &[]);
+    let mut coord = Proc::start(
+        d,
+        &coordinator_args(&cfg, "multi", &["--metrics-listen", "127.0.0.1:0"]),
+        &[],
+    );
     let url = url_of(&coord.line_with("listening on"));
+    let metrics = url_of(&coord.line_with("metrics on"));
 
     // A wrong token is refused with a clear message.
     let err = run_err(
@@ -235,6 +240,19 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
     );
     let pid = wait_for_file(&pid_file);
     kill9(&pid);
+    // Its lease expires after the TTL (1 s here); /metrics shows it before anyone else works.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = http_get(&metrics).unwrap_or_default();
+        if page.contains("amalgam_lease_expiries_total 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease never expired:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut workers: Vec<Proc> = (0..3)
         .map(|_| {
             Proc::start(
@@ -244,15 +262,178 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
             )
         })
         .collect();
+    // Scrape /metrics until the coordinator exits; the last page shows the whole job.
+    let mut last = String::new();
+    while coord.child.try_wait().unwrap().is_none() {
+        if let Some(page) = http_get(&metrics) {
+            last = page;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     coord.wait_ok();
     for w in workers.iter_mut() {
         w.wait_ok();
     }
     assert_same_dirs(&d.join("single"), &d.join("multi"));
+    assert!(
+        last.contains("amalgam_lease_expiries_total 1"),
+        "the killed worker's lease expired:\n{last}"
+    );
+    let releases: u64 = last
+        .lines()
+        .find(|l| l.starts_with("amalgam_releases_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(releases >= 1, "its shard was leased again:\n{last}");
+    assert!(last.contains("amalgam_job_done 1"), "{last}");
+}
+
+/// `GET` a plain-HTTP URL (`http://host:port/path`); `None` when nothing answers.
+fn http_get(url: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.starts_with("HTTP/1.1 200").then_some(body)
 }
 
 #[test]
 fn restarted_coordinator_redoes_only_uncommitted_shards() {
+    restart_case(None);
+}
+
+#[test]
+fn restarted_coordinator_resumes_from_etcd_in_a_fresh_directory() {
+    let Some(etcd) = Etcd::start() else {
+        eprintln!("skipped: no `etcd` binary (.ci/run installs Debian's etcd-server)");
+        return;
+    };
+    restart_case(Some(&etcd));
+}
+
+/// A throwaway etcd on loopback ports with a temp data dir.
+struct Etcd {
+    _dir: tempfile::TempDir,
+    child: Child,
+    port: u16,
+}
+
+impl Etcd {
+    fn start() -> Option<Etcd> {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (port, peer) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "t",
+                "--data-dir",
+                dir.path().join("d").to_str().unwrap(),
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{port}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{port}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("t=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let e = Etcd {
+            _dir: dir,
+            child,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_post(&e.url(), "/v3/kv/range", "{\"key\":\"AA==\"}").is_none() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(e)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Keys under `prefix`, counted by etcd's own JSON gateway (independently of amalgam).
+    fn count_prefix(&self, prefix: &str) -> usize {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let body = format!(
+            "{{\"key\":\"{}\",\"range_end\":\"{}\",\"count_only\":true}}",
+            b64(prefix.as_bytes()),
+            b64(&end)
+        );
+        let resp = http_post(&self.url(), "/v3/kv/range", &body).expect("etcd answers");
+        let json = &resp[resp.find('{').expect("a JSON body")..];
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["count"].as_str().map(|c| c.parse().unwrap()).unwrap_or(0)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for k in 0..4 {
+            if k <= c.len() {
+                out.push(T[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn http_post(base: &str, path: &str, body: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let host = base.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.starts_with("HTTP/1.1 200").then_some(resp)
+}
+
+fn restart_case(etcd: Option<&Etcd>) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     family(d);
@@ -261,7 +442,11 @@ fn restarted_coordinator_redoes_only_uncommitted_shards() {
     run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
     let journal = d.join("job.jsonl");
     let jpath = journal.to_str().unwrap().to_string();
-    let extra = ["--job-id", "restart-test", "--journal", &jpath];
+    let etcd_url = etcd.map(|e| e.url()).unwrap_or_default();
+    let extra: Vec<&str> = match etcd {
+        None => vec!["--job-id", "restart-test", "--journal", &jpath],
+        Some(_) => vec!["--job-id", "restart-test", "--etcd", &etcd_url],
+    };
 
     // First run: one worker commits some shards, then pauses; the coordinator is killed -9.
     let coord = Proc::start(d, &coordinator_args(&cfg, "out", &extra), &[]);
@@ -280,19 +465,29 @@ fn restarted_coordinator_redoes_only_uncommitted_shards() {
     kill9(&coord.child.id().to_string());
     kill9(&wpid);
     drop(coord);
-    let committed = std::fs::read_to_string(&journal)
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("\"kind\":\"commit\""))
-        .count();
+    let committed = match etcd {
+        None => std::fs::read_to_string(&journal)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"commit\""))
+            .count(),
+        Some(e) => e.count_prefix("/amalgam/jobs/restart-test/commits/"),
+    };
     assert!(committed > 0, "some shards were committed before the kill");
     assert!(
         !d.join("out").join("model.safetensors").exists(),
         "no final output after the kill"
     );
 
-    // Restart with the same job id: only the uncommitted shards are merged.
-    let mut coord = Proc::start(d, &coordinator_args(&cfg, "out", &extra), &[]);
+    // Restart with the same job id, from a fresh working directory (absolute paths): only
+    // the uncommitted shards are merged.
+    let fresh = tempfile::tempdir().unwrap();
+    let abs = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let (cfg_abs, out_abs, tok_abs) = (abs(&cfg), abs("out"), abs("token"));
+    let mut args = coordinator_args(&cfg_abs, &out_abs, &extra);
+    let t = args.iter().position(|a| *a == "token").unwrap();
+    args[t] = &tok_abs;
+    let mut coord = Proc::start(fresh.path(), &args, &[]);
     let line = coord.line_with("listening on");
     assert!(
         line.contains(&format!("({committed} already committed)")),

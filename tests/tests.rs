@@ -10,5 +10,6 @@ mod cli_merge;
 mod cli_validation;
 mod cluster;
 mod data_driven;
+mod deploy_manifests;
 mod mergekit_parity;
 mod streaming;

@@ -43,10 +43,12 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Server-side interceptor: refuses calls without the right bearer token.
+/// Server-side interceptor: refuses calls without the right bearer token, and (mutual TLS)
+/// calls over a connection whose client presented no certificate.
 #[derive(Clone, Debug, Default)]
 pub struct ServerAuth {
     token: Option<Arc<[u8]>>,
+    require_client_cert: bool,
 }
 
 impl ServerAuth {
@@ -57,7 +59,16 @@ impl ServerAuth {
         }
         Ok(ServerAuth {
             token: token.map(|t| Arc::from(t.as_bytes())),
+            require_client_cert: false,
         })
+    }
+
+    /// Also requires a verified TLS client certificate on the call's connection (mutual TLS;
+    /// see [`crate::tls`]: the handshake verifies a certificate when one is offered, this
+    /// check refuses connections that offered none, with a clear error).
+    pub fn require_client_cert(mut self, required: bool) -> Self {
+        self.require_client_cert = required;
+        self
     }
 
     /// Checks the `authorization` metadata of a request.
@@ -83,6 +94,12 @@ impl ServerAuth {
 
 impl Interceptor for ServerAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        if self.require_client_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "mutual TLS: this coordinator requires a client certificate signed by its \
+                 client CA (worker --client-cert and --client-key)",
+            ));
+        }
         self.check(req.metadata())?;
         Ok(req)
     }

@@ -9,6 +9,7 @@
 //! - [`auth`]: bearer-token interceptors; [`client`]: connecting with limits and token.
 //! - [`journal`]: [`journal::JobStore`] and its JSON-lines file implementation.
 //! - [`roots`]: `--allow-root` path checks; [`metrics`]: Prometheus `/metrics`.
+//! - [`etcd_store`]: [`journal::JobStore`] on etcd, and a throwaway local etcd for tests.
 //! - [`tls`]: TLS and mutual TLS settings of the coordinator and its clients.
 #![deny(missing_docs)]
 
@@ -29,6 +30,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod etcd_store;
 pub mod journal;
 pub mod merge_job;
 pub mod metrics;

@@ -491,13 +491,12 @@ impl MergeExecutor {
     }
 
     /// Refuse the job unless every file it reads lies under the allowed roots.
-    fn check_paths(&self, job: &JobSpec, inputs: &Inputs) -> Result<()> {
+    fn check_paths(&self, inputs: &Inputs) -> Result<()> {
         let Some(roots) = &self.roots else {
             return Ok(());
         };
-        if let Some(d) = &job.config_dir {
-            roots.check(d)?;
-        }
+        // The config's own directory is not read (the config travels in the job spec); only
+        // the files the merge opens are checked.
         for c in inputs.checkpoints.values() {
             for f in c.files() {
                 roots.check(&f.path)?;
@@ -524,12 +523,9 @@ impl MergeExecutor {
         }
         let (config, _warnings) = parse_config(&job.config_yaml, false)
             .map_err(|e| ClusterError::Executor(format!("the job's config: {e}")))?;
-        if let (Some(roots), Some(d)) = (&self.roots, &job.config_dir) {
-            roots.check(d)?;
-        }
         let (inputs, plan) = open_and_plan(&config, job.config_dir.as_deref())
             .map_err(|e| ClusterError::Executor(e.to_string()))?;
-        self.check_paths(job, &inputs)?;
+        self.check_paths(&inputs)?;
         let layout = run::output_layout(&config, &plan, job.out_shard_size)
             .map_err(|e| ClusterError::Executor(e.to_string()))?;
         let index = plan

@@ -82,6 +82,16 @@ impl AllowedRoots {
         )))
     }
 
+    /// Checks every path of a plan (inputs and outputs); the canonical paths in order, or the
+    /// first refusal. A worker refuses the whole plan when one path is outside its roots.
+    pub fn check_all<I, P>(&self, paths: I) -> Result<Vec<PathBuf>>
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<Path>,
+    {
+        paths.into_iter().map(|p| self.check(p)).collect()
+    }
+
     /// The roots as a readable list, e.g. `[/data, /out]`, or a note when there is none.
     pub fn describe(&self) -> String {
         if self.roots.is_empty() {
@@ -225,6 +235,18 @@ mod tests {
         let e = roots.check(t.base.join("data2/c.bin")).unwrap_err();
         assert!(e.to_string().contains("outside the allowed roots"), "{e}");
         assert!(roots.check(t.base.join("data2")).is_err());
+        // A plan with one path outside is refused as a whole.
+        let e = roots
+            .check_all([t.base.join("data/a.bin"), t.base.join("data2/c.bin")])
+            .unwrap_err();
+        assert!(e.to_string().contains("data2"), "{e}");
+        assert_eq!(
+            roots
+                .check_all([t.base.join("data/a.bin"), t.base.join("data/sub/b.bin")])
+                .unwrap()
+                .len(),
+            2
+        );
         // With both roots, both are accepted.
         let both = AllowedRoots::new([t.base.join("data"), t.base.join("data2")]).unwrap();
         assert!(both.check(t.base.join("data2/c.bin")).is_ok());

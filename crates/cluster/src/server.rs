@@ -734,7 +734,8 @@ pub async fn serve<H: JobHost>(
     addr: SocketAddr,
     opts: ServerOptions,
 ) -> Result<ServerHandle> {
-    let auth = ServerAuth::new(opts.token.as_deref())?;
+    let mutual_tls = opts.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+    let auth = ServerAuth::new(opts.token.as_deref())?.require_client_cert(mutual_tls);
     if opts.token.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "coordinator listens beyond loopback without a token");
     }

@@ -1,8 +1,12 @@
 //! TLS for the coordinator's gRPC port (rustls with the `ring` provider, through tonic).
 //!
 //! - Server: [`ServerTls`], a certificate chain and its private key (PEM), and optionally a
-//!   client CA: with one, every client must present a certificate signed by it (mutual TLS);
-//!   a client without one, or with one from another CA, fails the handshake.
+//!   client CA: with one, every client must present a certificate signed by it (mutual TLS).
+//!   A certificate from another CA fails the TLS handshake. A client that offers no
+//!   certificate completes the handshake, and the interceptor that guards every RPC
+//!   ([`crate::auth::ServerAuth::require_client_cert`]) refuses each of its calls with
+//!   `Unauthenticated` and a message that says what is missing: with TLS 1.3 a handshake
+//!   refusal reaches the client only as a race between an alert and a closed connection.
 //! - Client: [`ClientTls`], the CA that signed the coordinator's certificate (there are no
 //!   built-in web roots: a cluster uses its own CA), optionally a client identity for mutual
 //!   TLS, and optionally the name to verify (by default the URL's host, which may be an IP
@@ -79,8 +83,10 @@ impl ServerTls {
         })
     }
 
-    /// The tonic server configuration.
-    pub fn config(&self) -> Result<ServerTlsConfig> {
+    /// The tonic server configuration. With a client CA, client certificates are verified
+    /// when offered but not demanded by the handshake: [`crate::server::serve`] pairs this
+    /// with [`crate::auth::ServerAuth::require_client_cert`].
+    pub(crate) fn config(&self) -> Result<ServerTlsConfig> {
         self.identity.validate("server")?;
         let mut cfg = ServerTlsConfig::new().identity(self.identity.identity());
         if let Some(ca) = &self.client_ca_pem {
@@ -88,7 +94,7 @@ impl ServerTls {
                 .map_err(|e| ClusterError::Config(format!("client CA: {e}")))?;
             cfg = cfg
                 .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(false);
+                .client_auth_optional(true);
         }
         Ok(cfg)
     }

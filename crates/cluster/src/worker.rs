@@ -16,6 +16,7 @@ use tokio_stream::StreamExt;
 
 use crate::client::{connect_with, Client};
 use crate::error::{ClusterError, Result};
+use crate::etcd_store::{EtcdStore, MemberInfo, Membership};
 use crate::pb;
 use crate::scheduler::{LeaseId, ShardId, WorkerId};
 use crate::tls::ClientTls;
@@ -189,6 +190,9 @@ pub struct WorkerOptions {
     pub reconnect_timeout: Duration,
     /// TLS to the coordinator (for an `https://` URL).
     pub tls: Option<ClientTls>,
+    /// etcd URL: when set, the worker publishes its membership there under a lease for as
+    /// long as it runs (see [`crate::etcd_store`]); an unreachable etcd is an error.
+    pub etcd: Option<String>,
 }
 
 impl Default for WorkerOptions {
@@ -205,6 +209,7 @@ impl Default for WorkerOptions {
             corrupt_results: 0,
             reconnect_timeout: Duration::from_secs(60),
             tls: None,
+            etcd: None,
         }
     }
 }
@@ -359,6 +364,10 @@ pub async fn run_worker<E: ShardExecutor>(
 ) -> Result<WorkerReport> {
     let (client, reg) = connect_and_register(&opts).await?;
     tracing::info!(worker_id = reg.worker_id, job = %reg.job_id, "registered");
+    let presence = match &opts.etcd {
+        Some(url) => Some(join_etcd(url.clone(), &opts, &reg).await?),
+        None => None,
+    };
     let hooks = Arc::new(Hooks {
         pause_after: opts.pause_after_bytes,
         pid_file: opts.pause_pid_file.clone(),
@@ -380,7 +389,40 @@ pub async fn run_worker<E: ShardExecutor>(
     ));
     let result = lease_loop(client, &opts, executor, &state, &hooks).await;
     hb.abort();
+    if let Some((store, member)) = presence {
+        let left = tokio::task::spawn_blocking(move || store.deregister_member(member)).await;
+        if let Ok(Err(e)) = left {
+            tracing::warn!(error = %e, "leaving etcd membership");
+        }
+    }
     result
+}
+
+/// Publishes this worker's membership in etcd under job `reg.job_id`, with a lease TTL of
+/// the coordinator's lease TTL (at least 2 s).
+async fn join_etcd(
+    url: String,
+    opts: &WorkerOptions,
+    reg: &pb::RegisterResponse,
+) -> Result<(EtcdStore, Membership)> {
+    let info = MemberInfo {
+        name: opts.name.clone(),
+        device: opts.device.clone(),
+        threads: opts.threads,
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let job = reg.job_id.clone();
+    let ttl = Duration::from_millis(reg.lease_ttl_ms).max(Duration::from_secs(2));
+    tokio::task::spawn_blocking(move || {
+        let store = EtcdStore::connect(&url)?;
+        let member = store.register_member(&job, &info, ttl)?;
+        Ok((store, member))
+    })
+    .await
+    .map_err(|e| ClusterError::Store(format!("etcd membership task failed: {e}")))?
 }
 
 struct LoopState {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amalgam_cluster::client::{connect, connect_with};
+use amalgam_cluster::etcd_store::{EtcdStore, LocalEtcd};
 use amalgam_cluster::journal::{CommitRecord, JobStore, JournalStore};
 use amalgam_cluster::pb;
 use amalgam_cluster::scheduler::ShardSpec;
@@ -613,11 +614,125 @@ async fn slow_worker_does_not_hold_back_the_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_coordinator_redoes_only_uncommitted_shards() {
-    let n = 10;
     let dir = tempfile::tempdir().unwrap();
     let journal = Arc::new(JournalStore::open(dir.path().join("toy.journal")).unwrap());
+    restart_scenario(journal.clone(), journal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_coordinator_with_only_etcd_redoes_only_uncommitted_shards() {
+    if LocalEtcd::binary().is_none() {
+        eprintln!("SKIPPED: no etcd binary (apt-get install etcd-server)");
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(LocalEtcd::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = etcd.url();
+    let (s1, s2) = tokio::task::spawn_blocking(move || {
+        (
+            EtcdStore::connect(&url).unwrap(),
+            EtcdStore::connect(&url).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    // The restarted coordinator gets a store of its own: only etcd carries the state.
+    restart_scenario(Arc::new(s1), Arc::new(s2)).await;
+    drop(etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_publish_membership_in_etcd_while_they_run() {
+    if LocalEtcd::binary().is_none() {
+        eprintln!("SKIPPED: no etcd binary (apt-get install etcd-server)");
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(LocalEtcd::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = etcd.url();
+    let u = url.clone();
+    let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&u).unwrap())
+        .await
+        .unwrap();
+    let store = Arc::new(store);
+    let n = 6;
+    let host = ToyHost::new(n);
+    let h = serve(
+        Arc::clone(&host),
+        "127.0.0.1:0".parse().unwrap(),
+        opts(2000, None),
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for name in ["m0", "m1"] {
+        let mut wo = worker_opts(&h, name, None);
+        wo.etcd = Some(url.clone());
+        tasks.push(tokio::spawn(run_worker(
+            wo,
+            Arc::new(ToyExecutor {
+                delay: Duration::from_millis(100),
+            }),
+        )));
+    }
+    let s = store.clone();
+    let names = tokio::task::spawn_blocking(move || {
+        let t0 = std::time::Instant::now();
+        loop {
+            let mut names: Vec<String> = s
+                .members("toy")
+                .unwrap()
+                .into_iter()
+                .map(|m| m.name)
+                .collect();
+            names.sort();
+            if names.len() == 2 || t0.elapsed() > Duration::from_secs(5) {
+                return names;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(names, vec!["m0", "m1"]);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let s = store.clone();
+    let left = tokio::task::spawn_blocking(move || s.members("toy").unwrap())
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    // An unreachable etcd is a clear error for a worker that asks for it.
+    let mut wo = worker_opts(&h, "no-etcd", None);
+    wo.etcd = Some("http://127.0.0.1:1".into());
+    let e = run_worker(
+        wo,
+        Arc::new(ToyExecutor {
+            delay: Duration::ZERO,
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("etcd at http://127.0.0.1:1 is unreachable"),
+        "{e}"
+    );
+    h.shutdown(Duration::from_millis(200)).await.unwrap();
+    drop(etcd);
+}
+
+/// A coordinator with `store1` is shut down after some commits; a fresh one (new host, same
+/// plan) with `store2` on the same address finishes the job, redoing only the rest.
+async fn restart_scenario(store1: Arc<dyn JobStore>, store2: Arc<dyn JobStore>) {
+    let n = 10;
     let mut o = opts(1000, None);
-    o.store = Some(journal.clone());
+    o.store = Some(store1.clone());
     let host1 = ToyHost::new(n);
     let h1 = serve(
         Arc::clone(&host1),
@@ -643,13 +758,24 @@ async fn restarted_coordinator_redoes_only_uncommitted_shards() {
     .await
     .unwrap();
     h1.shutdown(Duration::from_secs(5)).await.unwrap();
-    let committed = journal.load("toy").unwrap().unwrap().committed.len() as u64;
+    drop(o);
+    let s1 = store1.clone();
+    let committed = tokio::task::spawn_blocking(move || s1.load("toy"))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .committed
+        .len() as u64;
     assert!((3..n).contains(&committed), "{committed}");
     assert_eq!(host1.accept_counts().len() as u64, committed);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // A fresh coordinator (new host, same plan and journal) on the same address.
+    // A fresh coordinator (new host, same plan) on the same address.
     let host2 = ToyHost::new(n);
+    let mut o = opts(1000, None);
+    o.store = Some(store2);
     let h2 = serve(Arc::clone(&host2), addr, o).await.unwrap();
+    assert_eq!(h2.status().shards_committed, committed);
     let done = tokio::time::timeout(Duration::from_secs(10), h2.done()).await;
     let r = worker.await.unwrap();
     assert!(
@@ -980,7 +1106,8 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     };
     let e = tls_status(&url, &without).await.unwrap_err();
     println!("mTLS without a client certificate: {e}");
-    assert!(e.contains("CertificateRequired"), "{e}");
+    assert!(e.contains("requires a client certificate"), "{e}");
+    assert!(e.contains("Unauthenticated"), "{e}");
     // A worker without one stops at once (no retrying for a minute).
     let mut wo = worker_opts(&h, "no-cert", Some("tok"));
     wo.tls = Some(without.clone());
@@ -994,7 +1121,10 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     .await
     .unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-    assert!(e.to_string().contains("CertificateRequired"), "{e}");
+    assert!(
+        e.to_string().contains("requires a client certificate"),
+        "{e}"
+    );
     // A client certificate from another CA: refused.
     let stranger = ClientTls {
         ca_pem: Some(pki.ca_pem.clone()),
@@ -1006,4 +1136,89 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     // The server still works for a good client afterwards.
     assert_eq!(tls_status(&url, &with_cert).await, Ok(3));
     h.shutdown(Duration::from_millis(200)).await.unwrap();
+}
+
+/// etcd goes away in the middle of a job: results that cannot be recorded are answered
+/// `RejectedHost` and their shards go back to the queue; the coordinator keeps serving; once
+/// etcd is back the job completes, every shard recorded once, with the same output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_lost_during_a_job_delays_commits_until_it_returns() {
+    use amalgam_cluster::etcd_store::EtcdStoreOptions;
+    if LocalEtcd::binary().is_none() {
+        eprintln!("SKIPPED: no etcd binary (apt-get install etcd-server)");
+        return;
+    }
+    let mut etcd = tokio::task::spawn_blocking(LocalEtcd::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = etcd.url();
+    let store = tokio::task::spawn_blocking(move || {
+        EtcdStore::connect_with(
+            &url,
+            EtcdStoreOptions {
+                op_timeout: Duration::from_millis(500),
+                ..EtcdStoreOptions::default()
+            },
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let store = Arc::new(store);
+    let n = 12;
+    let host = ToyHost::new(n);
+    let mut o = opts(2000, None);
+    o.store = Some(store.clone());
+    let h = serve(Arc::clone(&host), "127.0.0.1:0".parse().unwrap(), o)
+        .await
+        .unwrap();
+    let worker = tokio::spawn(run_worker(
+        worker_opts(&h, "w", None),
+        Arc::new(ToyExecutor {
+            delay: Duration::from_millis(20),
+        }),
+    ));
+    let wait_for = |pred: &dyn Fn(&pb::JobStatusResponse) -> bool| {
+        let t0 = std::time::Instant::now();
+        while !pred(&h.status()) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", h.status());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    tokio::task::block_in_place(|| wait_for(&|s| s.shards_committed >= 2));
+    let mut etcd = tokio::task::spawn_blocking(move || {
+        etcd.stop();
+        etcd
+    })
+    .await
+    .unwrap();
+    let committed_before = h.status().shards_committed;
+    tokio::task::block_in_place(|| wait_for(&|s| s.results_rejected >= 2));
+    let st = h.status();
+    assert!(!st.done);
+    // At most the one commit in flight when etcd stopped got through.
+    assert!(st.shards_committed <= committed_before + 1, "{st:?}");
+    let etcd = tokio::task::spawn_blocking(move || {
+        etcd.restart().unwrap();
+        etcd
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), h.done())
+        .await
+        .expect("job finishes once etcd is back");
+    let r = worker.await.unwrap().unwrap();
+    assert!(r.results_rejected >= 2, "{r:?}");
+    assert_eq!(r.shards_committed, n);
+    assert_eq!(host.assembled(), host.expected_assembled());
+    let s2 = store.clone();
+    let st = tokio::task::spawn_blocking(move || s2.load("toy").unwrap().unwrap())
+        .await
+        .unwrap();
+    let mut ids: Vec<u64> = st.committed.iter().map(|c| c.shard_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..n).collect::<Vec<_>>());
+    h.shutdown(Duration::from_millis(200)).await.unwrap();
+    drop(etcd);
 }

@@ -130,14 +130,17 @@ pub fn give_raw(b: RawBlock) {
     });
 }
 
-/// An f32 buffer of exactly `len` elements from this thread's pool. Its contents are
-/// unspecified (left from earlier use, zeros where it grew): the caller overwrites them.
+/// An f32 buffer of exactly `len` elements from this thread's pool: the smallest one that
+/// holds `len` without growing, else the largest (grown). Its contents are unspecified (left
+/// from earlier use, zeros where it grew): the caller overwrites them.
 pub fn take_f32(len: usize) -> Vec<f32> {
     let mut v = F32_POOL.with(|p| {
         let mut p = p.borrow_mut();
-        // The largest buffer: the fewest regrowths.
-        let best = (0..p.len()).max_by_key(|&i| p[i].capacity());
-        best.map(|i| p.swap_remove(i)).unwrap_or_default()
+        let fit = (0..p.len())
+            .filter(|&i| p[i].capacity() >= len)
+            .min_by_key(|&i| p[i].capacity());
+        let pick = fit.or_else(|| (0..p.len()).max_by_key(|&i| p[i].capacity()));
+        pick.map(|i| p.swap_remove(i)).unwrap_or_default()
     });
     if v.len() >= len {
         v.truncate(len);
@@ -147,12 +150,16 @@ pub fn take_f32(len: usize) -> Vec<f32> {
     v
 }
 
-/// Return an f32 buffer to this thread's pool.
+/// Return an f32 buffer to this thread's pool. When the pool is full the smallest buffer is
+/// dropped (large ones are the expensive ones to fault in again).
 pub fn give_f32(v: Vec<f32>) {
     F32_POOL.with(|p| {
         let mut p = p.borrow_mut();
-        if p.len() < POOL_MAX {
-            p.push(v);
+        p.push(v);
+        if p.len() > POOL_MAX {
+            if let Some(i) = (0..p.len()).min_by_key(|&i| p[i].capacity()) {
+                p.swap_remove(i);
+            }
         }
     });
 }

@@ -8,11 +8,13 @@
 
 use crate::cmd::merge::load_config;
 use crate::size::{human, parse_size};
-use amalgam_cluster::journal::JournalStore;
+use amalgam_cluster::etcd_store::EtcdStore;
+use amalgam_cluster::journal::{JobStore, JournalStore};
 use amalgam_cluster::merge_job::{
     finish_job, prepare_job, MergeExecutor, MergeHost, DEFAULT_SHARD_BYTES,
 };
 use amalgam_cluster::server::{serve, ServerOptions};
+use amalgam_cluster::tls::{ClientTls, ServerTls};
 use amalgam_cluster::worker::{run_worker, WorkerOptions};
 use amalgam_engine::run::MergeOptions;
 use anyhow::{bail, Context, Result};
@@ -43,9 +45,25 @@ pub struct CoordinatorArgs {
     /// Job id: a restarted coordinator with the same id resumes the job from its journal.
     #[arg(long, default_value = "merge")]
     pub job_id: String,
-    /// Job journal (default: OUT/.amalgam-journal.jsonl).
+    /// Job journal (default: OUT/.amalgam-journal.jsonl). Not used with `--etcd`.
     #[arg(long)]
     pub journal: Option<PathBuf>,
+    /// Keep the job state (plan hash, committed shards) in etcd at this URL instead of a
+    /// journal file, so a coordinator restarted anywhere with the same `--job-id` resumes.
+    #[arg(long, value_name = "URL")]
+    pub etcd: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS certificate (PEM) of the coordinator; with `--tls-key`, gRPC is served over TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the coordinator.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that worker certificates must chain to: mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Output bytes per shard (the unit of work leased to a worker).
     #[arg(long, default_value_t = DEFAULT_SHARD_BYTES, value_parser = parse_size)]
     pub shard_size: u64,
@@ -91,6 +109,38 @@ pub struct WorkerArgs {
     /// How long to keep retrying while the coordinator is unreachable, in seconds.
     #[arg(long, default_value_t = 60)]
     pub reconnect_timeout: u64,
+    /// Publish this worker's membership in etcd at this URL (under a lease) while it runs.
+    #[arg(long, value_name = "URL")]
+    pub etcd: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS options of a coordinator client (`worker`, `status`).
+#[derive(Debug, Args)]
+pub struct ClientTlsArgs {
+    /// CA (PEM) the coordinator's certificate must chain to (for an `https://` URL).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn load(&self) -> Result<Option<ClientTls>> {
+        if self.tls_ca.is_none() && self.tls_cert.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(ClientTls::from_files(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+        )?))
+    }
 }
 
 /// Arguments of `amalgam status`.
@@ -102,6 +152,8 @@ pub struct StatusArgs {
     /// File holding the coordinator's bearer token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 fn read_token(path: &Option<PathBuf>) -> Result<Option<String>> {
@@ -152,13 +204,22 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
         allow_nonfinite: a.allow_nonfinite,
     };
     let job = prepare(&a.config, a.strict, quiet, opts, a.shard_size)?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(ServerTls::from_files(c, k, a.tls_client_ca.as_deref())?),
+        _ => None,
+    };
     let host = Arc::new(MergeHost::new(&job, true)?);
     let journal = a
         .journal
         .clone()
         .unwrap_or_else(|| a.out.join(".amalgam-journal.jsonl"));
-    let store = JournalStore::open(&journal)
-        .with_context(|| format!("job journal {}", journal.display()))?;
+    let store: Arc<dyn JobStore> = match &a.etcd {
+        Some(url) => Arc::new(EtcdStore::connect(url).with_context(|| "the job store")?),
+        None => Arc::new(
+            JournalStore::open(&journal)
+                .with_context(|| format!("job journal {}", journal.display()))?,
+        ),
+    };
     let rt = runtime()?;
     let (summary, already) = rt.block_on(async {
         let opts = ServerOptions {
@@ -166,7 +227,9 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
             token,
             lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
             heartbeat_interval: Duration::from_millis((a.lease_ttl.max(1) * 1000 / 3).max(100)),
-            store: Some(Arc::new(store)),
+            store: Some(store),
+            metrics_addr: a.metrics_listen,
+            tls,
             ..ServerOptions::default()
         };
         let server = serve(Arc::clone(&host), a.listen, opts)
@@ -180,6 +243,9 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
                 job.shards.len(),
                 server.url()
             );
+            if let Some(m) = server.metrics_addr() {
+                println!("metrics on http://{m}/metrics");
+            }
         }
         server.done().await;
         // Linger so that waiting workers hear `done` from us instead of finding us gone.
@@ -190,7 +256,9 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
         let summary = tokio::task::block_in_place(|| finish_job(j, &h))?;
         Ok::<_, anyhow::Error>((summary, already))
     })?;
-    let _ = std::fs::remove_file(&journal);
+    if a.etcd.is_none() {
+        let _ = std::fs::remove_file(&journal);
+    }
     if !quiet {
         println!(
             "merged {} tensors in {} shards ({already} committed before this run, {} merged by this run) into {} ({} in {} file(s))",
@@ -235,6 +303,8 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
             .map(|p| p.display().to_string())
             .collect(),
         reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+        tls: a.tls.load()?,
+        etcd: a.etcd.clone(),
         ..WorkerOptions::default()
     }
     .with_test_hooks_from_env()?;
@@ -257,9 +327,12 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
 /// Run `amalgam status`.
 pub fn run_status(a: StatusArgs) -> Result<()> {
     let token = read_token(&a.token_file)?;
+    let tls = a.tls.load()?;
     let rt = runtime()?;
     let st = rt.block_on(async {
-        let mut c = amalgam_cluster::client::connect(&a.coordinator, token.as_deref()).await?;
+        let mut c =
+            amalgam_cluster::client::connect_with(&a.coordinator, token.as_deref(), tls.as_ref())
+                .await?;
         let r = c
             .job_status(amalgam_cluster::pb::JobStatusRequest {})
             .await
