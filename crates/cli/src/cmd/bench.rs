@@ -36,8 +36,9 @@ pub struct BenchArgs {
     /// Methods to run (comma separated).
     #[arg(long, default_value = "linear,ties")]
     pub methods: String,
-    /// `merge` (linear and TIES against the I/O floor) or `mats` (MaTS conjugate gradient
-    /// against the matmul floor and task arithmetic).
+    /// `merge` (linear and TIES against the I/O floor), `mats` (MaTS conjugate gradient
+    /// against the matmul floor and task arithmetic) or `cluster` (TIES through a coordinator
+    /// and 1, 2, 4 worker processes on loopback, against a direct merge).
     #[arg(long, default_value = "merge")]
     pub suite: String,
 }
@@ -121,7 +122,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.suite == "mats" {
         return super::bench_mats::run(&a.dir.join("mats"), a.memory_budget);
     }
-    anyhow::ensure!(a.suite == "merge", "--suite must be `merge` or `mats`");
+    if a.suite == "cluster" {
+        return super::bench_cluster::run(&a.dir.join("cluster"), a.layers, a.memory_budget);
+    }
+    anyhow::ensure!(
+        a.suite == "merge",
+        "--suite must be `merge`, `mats` or `cluster`"
+    );
     let mut rows = Vec::new();
     for dt_name in a.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let dtype =

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_cluster;
 pub mod bench_mats;
 pub mod cluster;
 pub mod demo;

@@ -1,0 +1,180 @@
+//! `amalgam bench --suite cluster`: the same TIES merge through the cluster code on loopback,
+//! with 1, 2 and 4 worker processes reading the inputs from shared storage, against a direct
+//! `amalgam merge` measured in the same run.
+//!
+//! Printed per case: wall time, GB/s of input, parallel efficiency (`T1 / (N · TN)`, against the
+//! 1-worker cluster run), and the coordinator's CPU seconds (user + system, from `wait4`) per GB
+//! of results it received.
+
+use super::bench::timed_merge;
+use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
+use amalgam_io::DType;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Run a coordinator process and `workers` worker processes; returns (wall, coordinator CPU).
+fn cluster_run(dir: &Path, cfg: &Path, out: &Path, workers: usize) -> Result<(Duration, Duration)> {
+    let exe = std::env::current_exe()?;
+    let token = dir.join("token");
+    std::fs::write(&token, "bench-token-0123456789abcdef\n")?;
+    let start = Instant::now();
+    let mut coord = Command::new(&exe)
+        .arg("coordinator")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--overwrite",
+            "--shard-size",
+            "64MiB",
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--journal")
+        .arg(dir.join("bench-journal.jsonl"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the coordinator")?;
+    let stdout = coord.stdout.take().context("coordinator stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("listening on") => {
+                break l
+                    .split_whitespace()
+                    .find(|w| w.starts_with("http://"))
+                    .map(str::to_string)
+                    .context("coordinator url")?
+            }
+            Some(Ok(_)) => {}
+            _ => bail!("the coordinator stopped before listening"),
+        }
+    };
+    let mut ws = Vec::new();
+    for _ in 0..workers {
+        ws.push(
+            Command::new(&exe)
+                .args(["worker", "-q", "--coordinator", &url, "--token-file"])
+                .arg(&token)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a worker")?,
+        );
+    }
+    // Drain the coordinator's output so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let pid = coord.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for the kernel to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid pointers to locals.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = start.elapsed();
+    anyhow::ensure!(
+        r == pid,
+        "wait4 failed: {}",
+        std::io::Error::last_os_error()
+    );
+    anyhow::ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the coordinator failed"
+    );
+    for mut w in ws {
+        let _ = w.wait();
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok((wall, tv(usage.ru_utime) + tv(usage.ru_stime)))
+}
+
+fn files_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Run the cluster benchmark in `dir` with models of `layers` layers.
+pub fn run(dir: &Path, layers: usize, budget: u64) -> Result<()> {
+    let spec = SynthSpec {
+        hidden: 1024,
+        intermediate: 2816,
+        layers,
+        heads: 16,
+        kv_heads: 8,
+        vocab: 32000,
+        dtype: DType::BF16,
+    };
+    let names = ["base", "ft1", "ft2", "ft3", "ft4"];
+    for (i, n) in names.iter().enumerate() {
+        let d = dir.join(n);
+        if d.join("config.json").exists() {
+            continue;
+        }
+        let v = SynthValues {
+            base_seed: 3,
+            delta_seed: 100 + i as u64,
+            delta_scale: if i == 0 { 0.0 } else { 0.01 },
+            delta_density: 1.0,
+        };
+        write_model(&d, &spec, &v, 2_000_000_000, true)?;
+    }
+    let in_bytes: u64 = names.iter().map(|n| files_bytes(&dir.join(n))).sum();
+    let models: String = names[1..]
+        .iter()
+        .map(|n| format!("  - model: {n}\n    parameters: {{weight: 1.0, density: 0.2}}\n"))
+        .collect();
+    let cfg: PathBuf = dir.join("ties.yaml");
+    std::fs::write(
+        &cfg,
+        format!("merge_method: ties\nbase_model: base\nmodels:\n{models}"),
+    )?;
+    println!(
+        "cluster bench: TIES of 4 bf16 fine-tunes, {} parameters each, {:.2} GB of input",
+        spec.params(),
+        in_bytes as f64 / 1e9
+    );
+    let out = dir.join("out");
+    let (direct, _) = timed_merge(&cfg, &out, budget)?;
+    let out_bytes = files_bytes(&out);
+    let mut rows = vec![("direct merge".to_string(), direct, None)];
+    let mut t1 = None;
+    for n in [1usize, 2, 4] {
+        let (wall, cpu) = cluster_run(dir, &cfg, &out, n)?;
+        t1.get_or_insert(wall);
+        rows.push((format!("{n} worker process(es)"), wall, Some((n, cpu))));
+    }
+    println!();
+    println!("| case | wall s | input GB/s | parallel efficiency | coordinator CPU s per GB |");
+    println!("|---|---:|---:|---:|---:|");
+    for (case, wall, info) in rows {
+        let (eff, cpu) = match (info, t1) {
+            (Some((n, cpu)), Some(t1)) => (
+                format!("{:.2}", t1.as_secs_f64() / (n as f64 * wall.as_secs_f64())),
+                format!("{:.3}", cpu.as_secs_f64() / (out_bytes as f64 / 1e9)),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {case} | {:.2} | {:.2} | {eff} | {cpu} |",
+            wall.as_secs_f64(),
+            in_bytes as f64 / wall.as_secs_f64() / 1e9
+        );
+    }
+    println!(
+        "(workers read the inputs from shared storage; {:.2} GB of results went to the coordinator)",
+        out_bytes as f64 / 1e9
+    );
+    Ok(())
+}
