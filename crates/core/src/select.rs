@@ -287,8 +287,9 @@ where
 /// Elements per parallel work item of the in-memory selection.
 const MEM_CHUNK: usize = 1 << 16;
 
-/// Bits dropped from a key for the coarse histogram (2048 buckets).
-const COARSE_SHIFT: u32 = 21;
+/// Bits dropped from a key for the coarse histogram (8192 buckets: measured fastest for TIES
+/// among 2048..32768, as fewer candidates outweigh a histogram that no longer fits L1).
+const COARSE_SHIFT: u32 = 19;
 
 /// Histogram of `key(j) >> COARSE_SHIFT` over `0..n` (`n` at most `u32::MAX`): four
 /// interleaved tables per chunk so that runs of equal keys do not serialise on one counter.
