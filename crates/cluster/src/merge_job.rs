@@ -318,12 +318,15 @@ impl MergeHost {
         Ok(host)
     }
 
+    fn lock_drain(&self) -> Result<std::sync::MutexGuard<'_, Drain>> {
+        self.drain
+            .lock()
+            .map_err(|_| ClusterError::Host("drain lock poisoned".into()))
+    }
+
     /// Copy every result that is next in shard order into the checkpoint.
     fn drain_ready(&self) -> Result<()> {
-        let mut d = self
-            .drain
-            .lock()
-            .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+        let mut d = self.lock_drain()?;
         if let Some(e) = &d.error {
             return Err(ClusterError::Host(e.clone()));
         }
@@ -370,10 +373,7 @@ impl MergeHost {
     /// solver log records, in shard order.
     pub fn finish(&self) -> Result<(CheckpointWriter, Vec<LogRecord>)> {
         self.drain_ready()?;
-        let mut d = self
-            .drain
-            .lock()
-            .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+        let mut d = self.lock_drain()?;
         if d.next != self.specs.len() {
             let missing: Vec<usize> = (d.next..self.specs.len())
                 .filter(|i| !d.ready.contains(i))
@@ -445,10 +445,7 @@ impl JobHost for MergeHost {
             )));
         }
         {
-            let d = self
-                .drain
-                .lock()
-                .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+            let d = self.lock_drain()?;
             if i < d.next {
                 // Already in the checkpoint (a repeated commit): the bytes are the same.
                 return Ok(());
@@ -465,10 +462,7 @@ impl JobHost for MergeHost {
         self.accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
-            let mut d = self
-                .drain
-                .lock()
-                .map_err(|_| ClusterError::Host("drain lock poisoned".into()))?;
+            let mut d = self.lock_drain()?;
             let held: usize = d.held.values().map(Vec::len).sum();
             if held + bytes.len() <= HELD_BYTES {
                 d.held.insert(i, bytes);

@@ -411,11 +411,6 @@ pub fn execute(
     })
 }
 
-/// Bytes of every input tensor the plan reads (each counted once per read pass).
-pub fn plan_input_bytes(plan: &Plan, ckpts: &[&Checkpoint]) -> u64 {
-    plan.tensors.iter().map(|t| input_bytes(t, ckpts)).sum()
-}
-
 /// The readers' extras of a plan: vocabulary map, statistics files and adapters.
 pub fn read_extras<'a>(plan: &Plan, inputs: &'a Inputs) -> ReadExtras<'a> {
     ReadExtras {

@@ -43,7 +43,30 @@ pub struct BenchArgs {
     pub suite: String,
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+/// The base and fine-tunes every merge benchmark uses.
+pub(crate) const BENCH_MODELS: [&str; 5] = ["base", "ft1", "ft2", "ft3", "ft4"];
+
+/// Generate [`BENCH_MODELS`] of `spec` under `root` (a base and 4 dense fine-tunes), keeping
+/// any already there.
+pub(crate) fn ensure_models(root: &Path, spec: &SynthSpec) -> Result<()> {
+    for (i, n) in BENCH_MODELS.iter().enumerate() {
+        let d = root.join(n);
+        if d.join("config.json").exists() {
+            continue;
+        }
+        let v = SynthValues {
+            base_seed: 3,
+            delta_seed: 100 + i as u64,
+            delta_scale: if i == 0 { 0.0 } else { 0.01 },
+            delta_density: 1.0,
+        };
+        write_model(&d, spec, &v, 2_000_000_000, true)?;
+    }
+    Ok(())
+}
+
+/// The `.safetensors` files directly under `dir`, sorted.
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -143,21 +166,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             dtype,
         };
         let root = a.dir.join(dt_name);
-        let names = ["base", "ft1", "ft2", "ft3", "ft4"];
+        let names = BENCH_MODELS;
         let t = Instant::now();
-        for (i, n) in names.iter().enumerate() {
-            let d = root.join(n);
-            if d.join("config.json").exists() {
-                continue;
-            }
-            let v = SynthValues {
-                base_seed: 3,
-                delta_seed: 100 + i as u64,
-                delta_scale: if i == 0 { 0.0 } else { 0.01 },
-                delta_density: 1.0,
-            };
-            write_model(&d, &spec, &v, 2_000_000_000, true)?;
-        }
+        ensure_models(&root, &spec)?;
         println!(
             "{dt_name}: {} parameters per model; inputs ready in {:.1} s",
             spec.params(),

@@ -6,8 +6,8 @@
 //! 1-worker cluster run), and the coordinator's CPU seconds (user + system, from `wait4`) per GB
 //! of results it received.
 
-use super::bench::timed_merge;
-use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
+use super::bench::{ensure_models, files_under, timed_merge, BENCH_MODELS};
+use amalgam_engine::synth::SynthSpec;
 use amalgam_io::DType;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
@@ -95,14 +95,10 @@ fn cluster_run(dir: &Path, cfg: &Path, out: &Path, workers: usize) -> Result<(Du
 }
 
 fn files_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|r| {
-            r.filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
-                .sum()
-        })
-        .unwrap_or(0)
+    files_under(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok().map(|m| m.len()))
+        .sum()
 }
 
 /// Run the cluster benchmark in `dir` with models of `layers` layers.
@@ -116,20 +112,8 @@ pub fn run(dir: &Path, layers: usize, budget: u64) -> Result<()> {
         vocab: 32000,
         dtype: DType::BF16,
     };
-    let names = ["base", "ft1", "ft2", "ft3", "ft4"];
-    for (i, n) in names.iter().enumerate() {
-        let d = dir.join(n);
-        if d.join("config.json").exists() {
-            continue;
-        }
-        let v = SynthValues {
-            base_seed: 3,
-            delta_seed: 100 + i as u64,
-            delta_scale: if i == 0 { 0.0 } else { 0.01 },
-            delta_density: 1.0,
-        };
-        write_model(&d, &spec, &v, 2_000_000_000, true)?;
-    }
+    let names = BENCH_MODELS;
+    ensure_models(dir, &spec)?;
     let in_bytes: u64 = names.iter().map(|n| files_bytes(&dir.join(n))).sum();
     let models: String = names[1..]
         .iter()

@@ -6,7 +6,7 @@
 //! state (the plan hash and the committed shards) is journaled, so a restarted coordinator
 //! with the same `--job-id` redoes only the shards not yet committed.
 
-use crate::cmd::merge::load_config;
+use crate::cmd::merge::{load_config, RunArgs};
 use crate::size::{human, parse_size};
 use amalgam_cluster::etcd_store::EtcdStore;
 use amalgam_cluster::journal::{JobStore, JournalStore};
@@ -70,21 +70,8 @@ pub struct CoordinatorArgs {
     /// Lease time-to-live in seconds (a worker silent this long loses its shard).
     #[arg(long, default_value_t = 30)]
     pub lease_ttl: u64,
-    /// Peak private memory target of each merge on a worker.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
-    pub memory_budget: u64,
-    /// Maximum bytes per output file.
-    #[arg(long, default_value = "5GB", value_parser = parse_size)]
-    pub out_shard_size: u64,
-    /// Replace an existing checkpoint in the output directory.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// Accept NaN / Inf in inputs.
-    #[arg(long)]
-    pub allow_nonfinite: bool,
-    /// Unknown config keys are errors.
-    #[arg(long)]
-    pub strict: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Arguments of `amalgam worker`.
@@ -196,14 +183,8 @@ pub fn prepare(
 /// Run `amalgam coordinator`.
 pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
     let token = read_token(&a.token_file)?;
-    let opts = MergeOptions {
-        out_dir: a.out.clone(),
-        memory_budget: a.memory_budget,
-        out_shard_size: a.out_shard_size,
-        overwrite: a.overwrite,
-        allow_nonfinite: a.allow_nonfinite,
-    };
-    let job = prepare(&a.config, a.strict, quiet, opts, a.shard_size)?;
+    let opts = a.run.options(a.out.clone());
+    let job = prepare(&a.config, a.run.strict, quiet, opts, a.shard_size)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(ServerTls::from_files(c, k, a.tls_client_ca.as_deref())?),
         _ => None,

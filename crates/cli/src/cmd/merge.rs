@@ -28,6 +28,23 @@ pub struct MergeArgs {
     /// Print the plan (per tensor: method, parameters, bytes) and the estimated peak memory; merge nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Worker threads for the merge math (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Merge with this many workers in this process, through the cluster code (gRPC on a
+    /// loopback port); the output is byte-identical. 0: merge directly.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Output bytes per shard when merging with `--workers`.
+    #[arg(long, default_value_t = amalgam_cluster::merge_job::DEFAULT_SHARD_BYTES, value_parser = parse_size)]
+    pub shard_size: u64,
+}
+
+/// Options every command that runs a merge takes (`merge`, `coordinator`).
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// Peak private memory target (e.g. 2GiB, 512MiB). Large tensors are streamed in blocks.
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     pub memory_budget: u64,
@@ -43,16 +60,19 @@ pub struct MergeArgs {
     /// Treat unknown config keys as errors instead of warnings.
     #[arg(long)]
     pub strict: bool,
-    /// Worker threads for the merge math (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Merge with this many workers in this process, through the cluster code (gRPC on a
-    /// loopback port); the output is byte-identical. 0: merge directly.
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
-    /// Output bytes per shard when merging with `--workers`.
-    #[arg(long, default_value_t = amalgam_cluster::merge_job::DEFAULT_SHARD_BYTES, value_parser = parse_size)]
-    pub shard_size: u64,
+}
+
+impl RunArgs {
+    /// The engine's options for writing into `out_dir`.
+    pub fn options(&self, out_dir: PathBuf) -> MergeOptions {
+        MergeOptions {
+            out_dir,
+            memory_budget: self.memory_budget,
+            out_shard_size: self.out_shard_size,
+            overwrite: self.overwrite,
+            allow_nonfinite: self.allow_nonfinite,
+        }
+    }
 }
 
 /// Read and parse a config file, printing its warnings.
@@ -129,7 +149,7 @@ fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<
         };
         if !t.copy_raw {
             let m = run::build_method(t)?;
-            let job = run::job_for(t, m.as_ref(), plan.seed, args.memory_budget);
+            let job = run::job_for(t, m.as_ref(), plan.seed, args.run.memory_budget);
             peak = peak.max(budget::tensor_peak(m.as_ref(), &job));
         }
         let mut params: Vec<String> = t
@@ -156,18 +176,18 @@ fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<
             params.join(" ")
         );
     }
-    let layout = run::output_layout(config, plan, args.out_shard_size)?;
+    let layout = run::output_layout(config, plan, args.run.out_shard_size)?;
     println!("output: {} in {} file(s)", human(total), layout.files.len());
     println!(
         "estimated peak private memory: {} (budget {})",
         human(peak),
-        human(args.memory_budget)
+        human(args.run.memory_budget)
     );
-    if peak > args.memory_budget {
+    if peak > args.run.memory_budget {
         bail!(
             "the plan needs about {} but --memory-budget is {}; raise the budget",
             human(peak),
-            human(args.memory_budget)
+            human(args.run.memory_budget)
         );
     }
     Ok(())
@@ -185,7 +205,7 @@ fn fmt_scalar(v: &amalgam_core::params::Scalar) -> String {
 /// `--workers N`: the embedded coordinator and `N` workers.
 fn run_embedded(args: &MergeArgs, opts: MergeOptions, quiet: bool) -> Result<()> {
     let out = opts.out_dir.clone();
-    let job = super::cluster::prepare(&args.config, args.strict, true, opts, args.shard_size)?;
+    let job = super::cluster::prepare(&args.config, args.run.strict, true, opts, args.shard_size)?;
     let tensors = job.plan.tensors.len();
     let method = job.plan.method.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -218,7 +238,7 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
             .build_global()
             .context("setting the thread count")?;
     }
-    let config = load_config(&args.config, args.strict, quiet)?;
+    let config = load_config(&args.config, args.run.strict, quiet)?;
     let (inputs, plan) = prepare(&config, &args.config, quiet)?;
     if args.dry_run {
         return print_dry_run(&config, &plan, &args);
@@ -230,13 +250,7 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
         }
         (None, None) => bail!("no output directory: pass --out DIR"),
     };
-    let opts = MergeOptions {
-        out_dir: out.clone(),
-        memory_budget: args.memory_budget,
-        out_shard_size: args.out_shard_size,
-        overwrite: args.overwrite,
-        allow_nonfinite: args.allow_nonfinite,
-    };
+    let opts = args.run.options(out.clone());
     if args.workers > 0 {
         drop(inputs);
         return run_embedded(&args, opts, quiet);

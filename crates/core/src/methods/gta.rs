@@ -212,15 +212,10 @@ fn non_finite(job: &TensorJob, input: Input, at: usize) -> MergeError {
 
 /// Whether every value is finite: branch-free (vectorisable) per chunk, chunks in parallel.
 pub fn all_finite(v: &[f32]) -> bool {
-    fn seq(v: &[f32]) -> bool {
-        v.iter().fold(true, |ok, x| {
-            ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000)
-        })
-    }
     if v.len() < 2 * PAR_CHUNK {
-        seq(v)
+        crate::raw::all_finite(v)
     } else {
-        v.par_chunks(PAR_CHUNK).all(seq)
+        v.par_chunks(PAR_CHUNK).all(crate::raw::all_finite)
     }
 }
 
@@ -355,18 +350,24 @@ fn weight_block(
                 sp.apply(i, start, d)?;
             }
             if factors[i] != 1.0 {
-                let f = factors[i];
-                d.par_iter_mut()
-                    .with_min_len(PAR_CHUNK)
-                    .for_each(|x| *x *= f);
+                scale(d, factors[i]);
             }
         }
     }
-    let w = opts.weights[i];
-    d.par_iter_mut()
-        .with_min_len(PAR_CHUNK)
-        .for_each(|x| *x *= w);
+    scale(d, opts.weights[i]);
     Ok(())
+}
+
+/// `d *= f` elementwise: in parallel for a block, inline for a tile of a caller's parallel
+/// loop.
+fn scale(d: &mut [f32], f: f32) {
+    if d.len() <= PAR_CHUNK {
+        d.iter_mut().for_each(|x| *x *= f);
+    } else {
+        d.par_iter_mut()
+            .with_min_len(PAR_CHUNK)
+            .for_each(|x| *x *= f);
+    }
 }
 
 /// Read one block: base into `base`, and `w_i · δ'_i` (sparsified, rescaled, weighted) into
@@ -513,8 +514,8 @@ const TILE: usize = 2048;
 
 /// Steps 1-5 on one block: `out[j] = base[j] + λ·mix(v_·[j])` from the raw task vectors
 /// `deltas` (elements `start..`), tile by tile: each model's tile is sparsified (unless
-/// `sparsified`: already done in place), rescaled and weighted exactly as [`weight_block`]
-/// would, then mixed.
+/// `sparsified`: already done in place), rescaled and weighted by [`weight_block`], then
+/// mixed.
 ///
 /// Per element it performs exactly the f32 operations of the rule in model order (adding
 /// `+0.0` for a model that does not take part leaves the sums' bits unchanged: they start at
@@ -555,19 +556,7 @@ fn combine(
         for (i, d) in deltas.iter().enumerate() {
             let x = &mut vs[i * TILE..i * TILE + len];
             x.copy_from_slice(&d[off..off + len]);
-            if let Some(sp) = sp {
-                if !sp.is_identity(i) {
-                    if !sparsified {
-                        sp.apply(i, start + off, x)?;
-                    }
-                    if factors[i] != 1.0 {
-                        let f = factors[i];
-                        x.iter_mut().for_each(|x| *x *= f);
-                    }
-                }
-            }
-            let w = weights[i];
-            x.iter_mut().for_each(|x| *x *= w);
+            weight_block(opts, sp, factors, i, start + off, x, sparsified)?;
         }
         let tile = |i: usize| &vs[i * TILE..i * TILE + len];
         s.fill(0.0);
