@@ -52,6 +52,8 @@ enum Command {
     Worker(cmd::cluster::WorkerArgs),
     /// Show a coordinator's job progress (shards, leases, workers).
     Status(cmd::cluster::StatusArgs),
+    /// Check the GPU kernels against the CPU and print bandwidth figures (`--features cuda`).
+    GpuCheck(cmd::gpu_check::GpuCheckArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 option enums).
@@ -83,6 +85,7 @@ fn main() {
         Command::Coordinator(a) => cmd::cluster::run_coordinator(a, quiet),
         Command::Worker(a) => cmd::cluster::run_worker_cmd(a, quiet),
         Command::Status(a) => cmd::cluster::run_status(a),
+        Command::GpuCheck(a) => cmd::gpu_check::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -488,6 +488,7 @@ struct WorkerJob {
 pub struct MergeExecutor {
     cache: Mutex<Option<(String, Arc<WorkerJob>)>>,
     roots: Option<AllowedRoots>,
+    device: amalgam_engine::device::Device,
 }
 
 impl std::fmt::Debug for MergeExecutor {
@@ -503,7 +504,14 @@ impl MergeExecutor {
         MergeExecutor {
             cache: Mutex::default(),
             roots,
+            device: Default::default(),
         }
+    }
+
+    /// Merge on `device` (a GPU) the tensors whose methods have a device plan.
+    pub fn with_device(mut self, device: amalgam_engine::device::Device) -> Self {
+        self.device = device;
+        self
     }
 
     /// Refuse the job unless every file it reads lies under the allowed roots.
@@ -556,6 +564,7 @@ impl MergeExecutor {
             out_shard_size: job.out_shard_size,
             overwrite: false,
             allow_nonfinite: job.allow_nonfinite,
+            device: self.device.clone(),
         };
         let global = job
             .global

@@ -91,6 +91,22 @@ pub trait TensorReader: Sync {
         Ok(false)
     }
 
+    /// The stored encoding of `input` when [`TensorReader::read_raw_bytes`] can read it (f32,
+    /// f16 or bf16, no transformation on the way), else `None`.
+    fn raw_dtype(&self, input: Input) -> Result<Option<RawDtype>> {
+        let _ = input;
+        Ok(None)
+    }
+
+    /// Fill `out` (`range.len()` elements of [`TensorReader::raw_dtype`]) with the elements
+    /// `range` of `input` in their stored encoding, unchecked like
+    /// [`TensorReader::read_raw`]; `false` (leaving `out` alone) when the input has no raw
+    /// encoding. Lets a device backend read straight into its pinned transfer buffers.
+    fn read_raw_bytes(&self, input: Input, range: Range<usize>, out: &mut [u8]) -> Result<bool> {
+        let _ = (input, range, out);
+        Ok(false)
+    }
+
     /// Whether non-finite input values are accepted (`--allow-nonfinite`).
     fn allows_nonfinite(&self) -> bool {
         false

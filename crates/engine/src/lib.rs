@@ -17,6 +17,7 @@
 pub mod adapter;
 pub mod budget;
 pub mod card;
+pub mod device;
 pub mod error;
 pub mod inputs;
 pub mod reader;

@@ -3,7 +3,7 @@
 use crate::adapter::AdapterDelta;
 use crate::vocab::{is_vocab_tensor, DefaultRow, RowSource, VocabMap};
 use amalgam_core::plan::{TensorPlan, TensorSource};
-use amalgam_core::raw::RawBlock;
+use amalgam_core::raw::{RawBlock, RawDtype};
 use amalgam_core::tensor::{Input, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_io::{Checkpoint, StatKind, StatsFile};
@@ -98,6 +98,15 @@ impl<'a> PlanReader<'a> {
             .parse()
             .map_err(|e: String| MergeError::Read(format!("statistic kind `{kind}`: {e}")))?;
         Ok((src, self.stats.get(src.model).copied().flatten(), kind))
+    }
+
+    /// Whether model `model`'s adapter changes tensor `tensor`.
+    fn has_update(&self, model: usize, tensor: &str) -> bool {
+        self.adapters
+            .get(model)
+            .copied()
+            .flatten()
+            .is_some_and(|d| d.updates.contains_key(tensor))
     }
 
     /// Re-index vocabulary-axis tensors through `vocab` (`tokenizer_source`).
@@ -222,17 +231,36 @@ impl TensorReader for PlanReader<'_> {
         out: &mut RawBlock,
     ) -> Result<bool, MergeError> {
         let src = self.source(input)?;
-        let has_update = self
-            .adapters
-            .get(src.model)
-            .copied()
-            .flatten()
-            .is_some_and(|d| d.updates.contains_key(&src.tensor));
-        if self.vocab.is_some() || has_update {
+        if self.vocab.is_some() || self.has_update(src.model, &src.tensor) {
             return Ok(false);
         }
         self.checkpoints[src.model]
             .read_raw(&src.tensor, range, out)
+            .map_err(|e| MergeError::Read(e.to_string()))
+    }
+
+    fn raw_dtype(&self, input: Input) -> Result<Option<RawDtype>, MergeError> {
+        let src = self.source(input)?;
+        if self.vocab.is_some() || self.has_update(src.model, &src.tensor) {
+            return Ok(None);
+        }
+        self.checkpoints[src.model]
+            .raw_dtype(&src.tensor)
+            .map_err(|e| MergeError::Read(e.to_string()))
+    }
+
+    fn read_raw_bytes(
+        &self,
+        input: Input,
+        range: Range<usize>,
+        out: &mut [u8],
+    ) -> Result<bool, MergeError> {
+        let src = self.source(input)?;
+        if self.vocab.is_some() || self.has_update(src.model, &src.tensor) {
+            return Ok(false);
+        }
+        self.checkpoints[src.model]
+            .read_raw_bytes(&src.tensor, range, out)
             .map_err(|e| MergeError::Read(e.to_string()))
     }
 

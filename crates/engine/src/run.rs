@@ -67,6 +67,8 @@ pub struct MergeOptions {
     pub overwrite: bool,
     /// Accept NaN / Inf in inputs.
     pub allow_nonfinite: bool,
+    /// Where tensors are merged.
+    pub device: crate::device::Device,
 }
 
 /// Progress reporting (the CLI draws a bar; tests pass [`NoProgress`]).
@@ -178,6 +180,11 @@ pub trait TensorOut {
     fn write_f32(&mut self, data: &[f32]) -> Result<(), EngineError>;
     /// Append bytes already in the tensor's output dtype.
     fn write_raw(&mut self, bytes: &[u8]) -> Result<(), EngineError>;
+    /// The current tensor's output dtype when it is F32, F16 or BF16 and the writer takes
+    /// bytes in it (a device may then encode on its side), else `None`.
+    fn raw_dtype(&self) -> Option<amalgam_core::raw::RawDtype> {
+        None
+    }
 }
 
 impl TensorOut for CheckpointWriter {
@@ -189,6 +196,15 @@ impl TensorOut for CheckpointWriter {
     }
     fn write_raw(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
         Ok(CheckpointWriter::write_raw(self, bytes)?)
+    }
+    fn raw_dtype(&self) -> Option<amalgam_core::raw::RawDtype> {
+        use amalgam_core::raw::RawDtype;
+        match self.current_dtype()? {
+            amalgam_io::DType::F32 => Some(RawDtype::F32),
+            amalgam_io::DType::F16 => Some(RawDtype::F16),
+            amalgam_io::DType::BF16 => Some(RawDtype::Bf16),
+            _ => None,
+        }
     }
 }
 
@@ -301,6 +317,13 @@ pub fn merge_tensor(
     let method = build_method(t)?;
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
     let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
+    if let crate::device::Device::Accelerator(dev) = &opts.device {
+        if let Some(plan) = method.device_plan() {
+            if dev.merge(&plan, &job, &reader, writer)? {
+                return Ok(Vec::new());
+            }
+        }
+    }
     let mut adapter = WriterAdapter {
         writer,
         next: 0,

@@ -110,6 +110,16 @@ impl TensorOut for ShardBytes {
         Ok(())
     }
 
+    fn raw_dtype(&self) -> Option<amalgam_core::raw::RawDtype> {
+        use amalgam_core::raw::RawDtype;
+        match self.current.as_ref()?.0 {
+            amalgam_io::DType::F32 => Some(RawDtype::F32),
+            amalgam_io::DType::F16 => Some(RawDtype::F16),
+            amalgam_io::DType::BF16 => Some(RawDtype::Bf16),
+            _ => None,
+        }
+    }
+
     fn write_f32(&mut self, data: &[f32]) -> Result<(), EngineError> {
         let dtype = match &self.current {
             Some((d, _)) => d.clone(),

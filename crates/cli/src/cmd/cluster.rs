@@ -17,7 +17,7 @@ use amalgam_cluster::server::{serve, ServerOptions};
 use amalgam_cluster::tls::{ClientTls, ServerTls};
 use amalgam_cluster::worker::{run_worker, WorkerOptions};
 use amalgam_engine::run::MergeOptions;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,8 @@ pub struct WorkerArgs {
     /// File holding the coordinator's bearer token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Device to merge on (`cpu`; `cuda` comes with the GPU backend).
+    /// Device to merge on: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`); on a
+    /// GPU the methods with device kernels run there, the rest on the CPU.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Only read files under this directory (repeatable; compared after resolving `..` and
@@ -256,12 +257,7 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
 
 /// Run `amalgam worker`.
 pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
-    if a.device != "cpu" {
-        bail!(
-            "--device {}: only `cpu` is available in this build",
-            a.device
-        );
-    }
+    let device = crate::cmd::device::open(&a.device)?;
     let token = read_token(&a.token_file)?;
     let roots = if a.allow_root.is_empty() {
         None
@@ -291,7 +287,10 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
     .with_test_hooks_from_env()?;
     let rt = runtime()?;
     let report = rt
-        .block_on(run_worker(opts, Arc::new(MergeExecutor::with_roots(roots))))
+        .block_on(run_worker(
+            opts,
+            Arc::new(MergeExecutor::with_roots(roots).with_device(device)),
+        ))
         .with_context(|| format!("worker of {}", a.coordinator))?;
     if !quiet {
         println!(

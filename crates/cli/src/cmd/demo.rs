@@ -72,6 +72,7 @@ pub fn run(a: DemoArgs, quiet: bool) -> Result<()> {
         out_shard_size: 5_000_000_000,
         overwrite: true,
         allow_nonfinite: false,
+        device: Default::default(),
     };
     let summary = execute(
         &config,

@@ -37,6 +37,12 @@ pub struct MergeArgs {
     /// loopback port); the output is byte-identical. 0: merge directly.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Where to merge: `cpu`, or `cuda` / `cuda:N` (an NVIDIA GPU; needs a build with
+    /// `--features cuda`). On a GPU, linear, task arithmetic, TIES (per-tensor trim) and DARE
+    /// run there bit-identically to the CPU; other methods, and tensors too large for the GPU's
+    /// free memory, are merged on the CPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Output bytes per shard when merging with `--workers`.
     #[arg(long, default_value_t = amalgam_cluster::merge_job::DEFAULT_SHARD_BYTES, value_parser = parse_size)]
     pub shard_size: u64,
@@ -71,6 +77,7 @@ impl RunArgs {
             out_shard_size: self.out_shard_size,
             overwrite: self.overwrite,
             allow_nonfinite: self.allow_nonfinite,
+            device: Default::default(),
         }
     }
 }
@@ -250,7 +257,11 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
         }
         (None, None) => bail!("no output directory: pass --out DIR"),
     };
-    let opts = args.run.options(out.clone());
+    let mut opts = args.run.options(out.clone());
+    opts.device = crate::cmd::device::open(&args.device)?;
+    if args.workers > 0 && args.device != "cpu" {
+        bail!("--device applies to direct merges; with --workers, give each worker its device");
+    }
     if args.workers > 0 {
         drop(inputs);
         return run_embedded(&args, opts, quiet);

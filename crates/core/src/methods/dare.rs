@@ -241,6 +241,21 @@ impl MergeMethod for Dare {
         n_models + 2
     }
 
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        use crate::methods::device::{DevicePlan, DeviceSparsify};
+        Some(DevicePlan::Gta {
+            opts: self.opts.clone(),
+            sparsify: self
+                .densities
+                .iter()
+                .map(|&density| DeviceSparsify::Dare {
+                    density,
+                    inverse: self.inverse,
+                })
+                .collect(),
+        })
+    }
+
     fn merge(
         &self,
         job: &TensorJob,

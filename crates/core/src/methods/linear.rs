@@ -94,6 +94,13 @@ impl MergeMethod for Linear {
         n_models + 1
     }
 
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        Some(crate::methods::device::DevicePlan::Linear {
+            weights: self.weights.clone(),
+            divisor: self.divisor,
+        })
+    }
+
     fn merge(
         &self,
         job: &TensorJob,

@@ -14,6 +14,7 @@ use crate::tensor::{TensorJob, TensorReader, TensorWriter};
 pub mod breadcrumbs;
 pub mod dare;
 pub mod della;
+pub mod device;
 pub mod fisher;
 pub(crate) mod gram;
 pub mod gta;
@@ -90,6 +91,13 @@ pub trait MergeMethod: Send + Sync {
     /// and the dry run reports it.
     fn whole_tensor_bytes(&self, job: &TensorJob) -> Option<u64> {
         let _ = job;
+        None
+    }
+
+    /// The method's work as a [`device::DevicePlan`] a GPU can run with the same f32
+    /// operations per element, or `None` (the default) when it has none: the tensor is then
+    /// merged on the CPU.
+    fn device_plan(&self) -> Option<device::DevicePlan> {
         None
     }
 

@@ -58,6 +58,13 @@ impl MergeMethod for TaskArithmetic {
         n_models + 2
     }
 
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        Some(crate::methods::device::DevicePlan::Gta {
+            opts: self.opts.clone(),
+            sparsify: vec![crate::methods::device::DeviceSparsify::None; self.opts.weights.len()],
+        })
+    }
+
     fn merge(
         &self,
         job: &TensorJob,

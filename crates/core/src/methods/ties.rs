@@ -181,6 +181,20 @@ impl MergeMethod for Ties {
         n_models + 3
     }
 
+    /// Per-tensor trimming only: the model-scope cut and zero sign come from global passes
+    /// that run on the CPU.
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        use crate::methods::device::{DevicePlan, DeviceSparsify};
+        (self.scope == TrimScope::Tensor).then(|| DevicePlan::Gta {
+            opts: self.opts.clone(),
+            sparsify: self
+                .densities
+                .iter()
+                .map(|&density| DeviceSparsify::Magnitude { density })
+                .collect(),
+        })
+    }
+
     fn global_passes(&self) -> usize {
         match self.scope {
             TrimScope::Tensor => 0,

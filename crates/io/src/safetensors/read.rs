@@ -297,36 +297,60 @@ impl Checkpoint {
         let (t, f) = self.lookup(name)?;
         Ok(&f.map[t.data_range.clone()])
     }
+    /// The stored encoding of tensor `name` when it is F32, F16 or BF16 (what
+    /// [`Checkpoint::read_raw_bytes`] reads), else `None`.
+    pub fn raw_dtype(&self, name: &str) -> Result<Option<amalgam_core::raw::RawDtype>, IoError> {
+        use amalgam_core::raw::RawDtype;
+        let (t, _) = self.lookup(name)?;
+        Ok(match t.dtype {
+            DType::F32 => Some(RawDtype::F32),
+            DType::F16 => Some(RawDtype::F16),
+            DType::BF16 => Some(RawDtype::Bf16),
+            _ => None,
+        })
+    }
 
-    /// Reads elements `range` of an F32, F16 or BF16 tensor into `out` in its stored encoding
-    /// (a positioned read, no conversion). Returns `false`, reading nothing, for other dtypes.
+    /// Reads elements `range` of tensor `name` in their stored encoding into `out`
+    /// (`range.len()` times the element size), with parallel positioned reads. Returns `false`
+    /// (leaving `out` alone) when the tensor is not F32, F16 or BF16.
+    pub fn read_raw_bytes(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [u8],
+    ) -> Result<bool, IoError> {
+        let Some(dtype) = self.raw_dtype(name)? else {
+            return Ok(false);
+        };
+        let (t, f) = self.lookup(name)?;
+        let numel = t.numel();
+        if range.start > range.end || range.end > numel || out.len() != range.len() * dtype.size() {
+            return Err(IoError::RangeOutOfBounds {
+                file: t.file.clone(),
+                tensor: t.name.clone(),
+                buffer_len: out.len() / dtype.size(),
+                range,
+                numel,
+            });
+        }
+        let start = t.data_range.start + range.start * dtype.size();
+        pread_par(f, start as u64, out)?;
+        Ok(true)
+    }
+
+    /// Reads elements `range` of tensor `name` into `out` in their stored encoding, when the
+    /// tensor is F32, F16 or BF16 (returns `false` otherwise, leaving `out` alone).
     pub fn read_raw(
         &self,
         name: &str,
         range: Range<usize>,
         out: &mut amalgam_core::raw::RawBlock,
     ) -> Result<bool, IoError> {
-        use amalgam_core::raw::RawDtype;
-        let (t, f) = self.lookup(name)?;
-        let dtype = match t.dtype {
-            DType::F32 => RawDtype::F32,
-            DType::F16 => RawDtype::F16,
-            DType::BF16 => RawDtype::Bf16,
-            _ => return Ok(false),
+        let Some(dtype) = self.raw_dtype(name)? else {
+            return Ok(false);
         };
-        let numel = t.numel();
-        if range.start > range.end || range.end > numel {
-            return Err(IoError::RangeOutOfBounds {
-                file: t.file.clone(),
-                tensor: t.name.clone(),
-                buffer_len: range.len(),
-                range,
-                numel,
-            });
-        }
-        let start = t.data_range.start + range.start * dtype.size();
-        pread_par(f, start as u64, out.fill(dtype, range.len()))?;
-        Ok(true)
+        let len = range.len();
+        self.read_raw_bytes(name, range, out.fill(dtype, len))
     }
 
     /// Reads elements `range` (flat, row-major) of a tensor into `out` as f32, converting

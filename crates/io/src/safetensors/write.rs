@@ -403,6 +403,11 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// The stored dtype of the tensor being written, if one is begun.
+    pub fn current_dtype(&self) -> Option<DType> {
+        self.current().ok().map(|(t, _)| t.dtype.clone())
+    }
+
     /// Appends f32 values to the current tensor, converted to its dtype (F32, F16, BF16, F64;
     /// rounding to nearest even).
     pub fn write_f32(&mut self, data: &[f32]) -> Result<(), IoError> {

@@ -1,0 +1,656 @@
+//! `amalgam gpu-check`: parity of every GPU kernel against the CPU path on random data, and a
+//! figures table (time, GB/s, share of the device copy bandwidth measured in the same run).
+
+/// One line of the figures table.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    /// What was run, e.g. `linear f32 4x128M`.
+    pub name: String,
+    /// Median time of one run, milliseconds.
+    pub ms: f64,
+    /// Bytes the run must move through device memory (inputs read once, output written once).
+    pub bytes: f64,
+    /// Floating-point operations (for matrix work), 0 when not meaningful.
+    pub flops: f64,
+    /// Largest relative error against the CPU reference (`None`: not checked in this row).
+    pub rel_err: Option<f64>,
+    /// Whether the result is bit-identical to the CPU path (`None`: not compared bitwise).
+    pub bitwise: Option<bool>,
+    /// Free text: the target, a ratio, a failure.
+    pub note: String,
+}
+
+use crate::device::Gpu;
+use crate::error::{Ctx, Result};
+use crate::merge::{self, GtaSpec};
+use crate::tensor::{DType, DeviceTensor};
+use amalgam_core::methods::device::DevicePlan;
+use amalgam_core::params::{Scalar, TensorParams};
+use amalgam_core::tensor::{merge_in_memory, MemReader, TensorJob};
+use cudarc::driver::PushKernelArg;
+use rayon::prelude::*;
+
+/// Tensor name of the checks (keys DARE's masks).
+const CHECK_TENSOR: &str = "check.weight";
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift64; not the code under test's RNG).
+pub fn random(n: usize, salt: u64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0.0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let mut s = (salt ^ ((c as u64) << 20)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for x in out.iter_mut() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *x = ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32;
+        }
+    });
+    v
+}
+
+/// A test problem: a base and `n_models` fine-tunes (`base + scale·noise`), rounded to `dtype`
+/// so that the CPU sees exactly the values the GPU decodes.
+pub struct Problem {
+    /// Encoding of every input.
+    pub dtype: DType,
+    /// Base values.
+    pub base: Vec<f32>,
+    /// Model values.
+    pub models: Vec<Vec<f32>>,
+}
+
+impl Problem {
+    /// `n` elements, `n_models` models, task vectors of size `scale`; `levels > 0` quantises the
+    /// task vectors to that many steps of `scale / levels` (many equal magnitudes: TIES ties).
+    pub fn new(n: usize, n_models: usize, dtype: DType, scale: f32, levels: u32) -> Self {
+        let round = |v: Vec<f32>| dtype.decode(&dtype.encode(&v));
+        let base = round(random(n, 7));
+        let models = (0..n_models)
+            .map(|i| {
+                let noise = random(n, 100 + i as u64);
+                let v: Vec<f32> = noise
+                    .par_iter()
+                    .zip(&base)
+                    .map(|(&z, &b)| {
+                        let d = if levels > 0 {
+                            (z * levels as f32).round() * (scale / levels as f32)
+                        } else {
+                            z * scale
+                        };
+                        b + d
+                    })
+                    .collect();
+                round(v)
+            })
+            .collect();
+        Self {
+            dtype,
+            base,
+            models,
+        }
+    }
+
+    /// Elements per tensor.
+    pub fn len(&self) -> usize {
+        self.base.len()
+    }
+
+    /// Whether the tensors are empty.
+    pub fn is_empty(&self) -> bool {
+        self.base.is_empty()
+    }
+
+    /// The inputs on the device: base, then the models.
+    pub fn upload(&self, gpu: &Gpu) -> Result<(DeviceTensor, Vec<DeviceTensor>)> {
+        let base = DeviceTensor::from_f32(gpu, self.dtype, &self.base)?;
+        let models = self
+            .models
+            .iter()
+            .map(|m| DeviceTensor::from_f32(gpu, self.dtype, m))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((base, models))
+    }
+
+    /// The CPU path's result for method `method` with `params` (one block, as the engine runs
+    /// a tensor that fits its budget).
+    pub fn cpu(&self, method: &str, params: &TensorParams, seed: u64) -> Result<Vec<f32>> {
+        let has_base = method != "linear";
+        let job = TensorJob {
+            name: CHECK_TENSOR.into(),
+            shape: vec![self.len()],
+            n_models: self.models.len() + usize::from(!has_base),
+            has_base,
+            block_elems: self.len(),
+            seed,
+        };
+        let mut models = self.models.clone();
+        if !has_base {
+            models.insert(0, self.base.clone());
+        }
+        let reader = MemReader {
+            base: has_base.then(|| self.base.clone()),
+            models,
+            stats: Default::default(),
+        };
+        let m = amalgam_core::methods::build(method, params, job.n_models, has_base)?;
+        Ok(merge_in_memory(m.as_ref(), &job, &reader)?)
+    }
+}
+
+/// Compare GPU output (as stored in `dtype`) with the CPU's f32 result stored the same way:
+/// (bit-identical, largest error relative to the largest CPU magnitude).
+pub fn compare(gpu_out: &[u8], cpu: &[f32], dtype: DType) -> (bool, f64) {
+    let want = dtype.encode(cpu);
+    let same = want == gpu_out;
+    let got = dtype.decode(gpu_out);
+    let scale = cpu
+        .iter()
+        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
+        .max(1e-30);
+    let err = got.iter().zip(cpu).fold(0.0f64, |m, (&g, &c)| {
+        let d = (f64::from(g) - f64::from(c)).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    (same, err / scale)
+}
+
+/// Median device time of `f` in milliseconds (CUDA events on the compute stream), after two
+/// warm-up runs.
+pub fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    use cudarc::driver::sys::CUevent_flags;
+    for _ in 0..2 {
+        f()?;
+    }
+    gpu.sync()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a = gpu
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .ctx("creating an event")?;
+        let b = gpu
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .ctx("creating an event")?;
+        a.record(&gpu.stream).ctx("recording an event")?;
+        f()?;
+        b.record(&gpu.stream).ctx("recording an event")?;
+        b.synchronize().ctx("waiting for an event")?;
+        times.push(f64::from(a.elapsed_ms(&b).ctx("reading an event")?));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn weights(n: usize) -> Vec<f64> {
+    (0..n).map(|i| 0.5 + 0.25 * i as f64).collect()
+}
+
+/// One checked method: its CPU parameters and the plan the GPU runs.
+pub struct Case {
+    /// CPU method name.
+    pub method: &'static str,
+    /// CPU parameters.
+    pub params: TensorParams,
+    /// What the GPU runs (the method's own [`amalgam_core::methods::MergeMethod::device_plan`]).
+    pub plan: DevicePlan,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// The checked cases for `n_models` models (besides the base): linear (normalised, the base as
+/// one more model), task arithmetic, TIES, DARE linear (L1 rescale), DARE TIES (inverse
+/// density).
+pub fn cases(n_models: usize) -> Vec<Case> {
+    let w = weights(n_models);
+    let dens: Vec<f64> = (0..n_models).map(|i| 0.2 + 0.1 * i as f64).collect();
+    let seed = 1234;
+    let lin_w = {
+        let mut v = vec![1.0];
+        v.extend(&w);
+        v
+    };
+    let with = |p: TensorParams| p.with_model_values("weight", &w);
+    let list: Vec<(&'static str, TensorParams)> = vec![
+        (
+            "linear",
+            TensorParams::default().with_model_values("weight", &lin_w),
+        ),
+        (
+            "task_arithmetic",
+            with(TensorParams::default()).with_global("lambda", Scalar::Num(0.8)),
+        ),
+        (
+            "ties",
+            with(TensorParams::default()).with_model_values("density", &dens),
+        ),
+        (
+            "dare_linear",
+            with(TensorParams::default()).with_model_values("density", &dens),
+        ),
+        (
+            "dare_ties",
+            with(TensorParams::default())
+                .with_model_values("density", &dens)
+                .with_global("rescale_mode", Scalar::Str("inverse_density".into())),
+        ),
+    ];
+    list.into_iter()
+        .map(|(method, params)| {
+            let has_base = method != "linear";
+            let n = n_models + usize::from(!has_base);
+            let m = amalgam_core::methods::build(method, &params, n, has_base)
+                .expect("valid check parameters");
+            let plan = m
+                .device_plan()
+                .expect("the checked methods have device plans");
+            Case {
+                method,
+                params,
+                plan,
+                seed,
+            }
+        })
+        .collect()
+}
+
+/// Run one case on the GPU.
+pub fn run_case(
+    gpu: &Gpu,
+    case: &Case,
+    base: &DeviceTensor,
+    models: &[DeviceTensor],
+    out: DType,
+) -> Result<DeviceTensor> {
+    match &case.plan {
+        DevicePlan::Linear { weights, divisor } => {
+            let mut inputs = vec![base];
+            inputs.extend(models.iter());
+            merge::linear(gpu, &inputs, weights, *divisor, out, false)
+        }
+        DevicePlan::Gta { opts, sparsify } => {
+            let refs: Vec<&DeviceTensor> = models.iter().collect();
+            let spec = GtaSpec::from_options(opts, CHECK_TENSOR, case.seed, sparsify);
+            merge::gta(gpu, base, &refs, &spec, out)
+        }
+    }
+}
+
+/// Parity of every case on `p` against the CPU path: one row per case.
+pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
+    let (base, models) = p.upload(gpu)?;
+    let mut rows = Vec::new();
+    for case in cases(p.models.len()) {
+        let name = format!("parity {} {label}", case.method);
+        let cpu = p.cpu(case.method, &case.params, case.seed)?;
+        let got = match run_case(gpu, &case, &base, &models, p.dtype).and_then(|t| t.bytes(gpu)) {
+            Ok(g) => g,
+            Err(e) => {
+                rows.push(failed(&name, &e));
+                continue;
+            }
+        };
+        let (same, err) = compare(&got, &cpu, p.dtype);
+        rows.push(Row {
+            name,
+            rel_err: Some(err),
+            bitwise: Some(same),
+            note: if same {
+                "bit-identical".into()
+            } else {
+                format!("max rel err {err:.2e}")
+            },
+            ..Default::default()
+        });
+    }
+    Ok(rows)
+}
+
+/// What `gpu-check` runs.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Elements per tensor of the timed merges (128M in the figures).
+    pub elems: usize,
+    /// Models merged.
+    pub models: usize,
+    /// Elements per tensor of the parity checks.
+    pub parity_elems: usize,
+    /// Timed repetitions (median reported).
+    pub reps: usize,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        Self {
+            elems: 128 << 20,
+            models: 4,
+            parity_elems: 8 << 20,
+            reps: 10,
+        }
+    }
+}
+
+/// A row that records a failure instead of a figure.
+pub fn failed(name: &str, e: &dyn std::fmt::Display) -> Row {
+    Row {
+        name: name.into(),
+        note: format!("FAILED: {e}"),
+        ..Default::default()
+    }
+}
+
+/// Device-to-device copy bandwidth (bytes read + written, GB/s) over `bytes`.
+pub fn copy_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<Row> {
+    let s = &gpu.stream;
+    let src = s.alloc_zeros::<u8>(bytes).ctx("allocating")?;
+    let mut dst = s.alloc_zeros::<u8>(bytes).ctx("allocating")?;
+    let ms = time_ms(gpu, reps, || {
+        s.memcpy_dtod(&src, &mut dst).ctx("copying on the device")
+    })?;
+    Ok(Row {
+        name: format!("device copy {} MiB", bytes >> 20),
+        ms,
+        bytes: 2.0 * bytes as f64,
+        note: "reference bandwidth".into(),
+        ..Default::default()
+    })
+}
+
+/// Host-to-device copy rate from pinned and from pageable memory.
+pub fn h2d_rates(gpu: &Gpu, bytes: usize, reps: usize) -> Result<Vec<Row>> {
+    let s = &gpu.stream;
+    let mut dst = s.alloc_zeros::<u8>(bytes).ctx("allocating")?;
+    // SAFETY: the pinned buffer is filled before use.
+    let mut pinned =
+        unsafe { gpu.ctx.alloc_pinned::<u8>(bytes) }.ctx("allocating pinned memory")?;
+    pinned
+        .as_mut_slice()
+        .ctx("mapping pinned memory")?
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    let pinned_ms = time_ms(gpu, reps, || {
+        s.memcpy_htod(&pinned, &mut dst)
+            .ctx("copying pinned to device")
+    })?;
+    let pageable: Vec<u8> = (0..bytes).map(|i| i as u8).collect();
+    let pageable_ms = time_ms(gpu, reps.min(4), || {
+        s.memcpy_htod(&pageable, &mut dst)
+            .ctx("copying pageable to device")
+    })?;
+    let row = |name: &str, ms: f64, note: &str| Row {
+        name: name.into(),
+        ms,
+        bytes: bytes as f64,
+        note: note.into(),
+        ..Default::default()
+    };
+    let gbs = bytes as f64 / pinned_ms / 1e6;
+    Ok(vec![
+        row(
+            &format!("H2D pinned {} MiB", bytes >> 20),
+            pinned_ms,
+            &format!(
+                "target >= 40 GB/s: {}",
+                if gbs >= 40.0 { "met" } else { "MISSED" }
+            ),
+        ),
+        row(
+            &format!("H2D pageable {} MiB", bytes >> 20),
+            pageable_ms,
+            "",
+        ),
+    ])
+}
+
+/// Timed merges of `opts.models` models of `opts.elems` elements in `dtype`: each case once
+/// (median of `reps`), plus the dtype conversion; the TIES rows note their ratio to linear.
+pub fn timings(gpu: &Gpu, opts: &CheckOptions, dtype: DType) -> Result<Vec<Row>> {
+    let n = opts.elems;
+    let p = Problem::new(n, opts.models, dtype, 0.01, 0);
+    let (base, models) = p.upload(gpu)?;
+    drop(p);
+    let size = dtype.size() as f64;
+    let label = format!("{} {}x{}M", dtype.name(), opts.models, n >> 20);
+    let mut rows = Vec::new();
+    // Linear over the models alone (the "4 models"), no base.
+    let refs: Vec<&DeviceTensor> = models.iter().collect();
+    let w: Vec<f32> = (0..opts.models).map(|i| 0.25 + 0.1 * i as f32).collect();
+    let wsum: f32 = w.iter().sum();
+    let lin_ms = match time_ms(gpu, opts.reps, || {
+        merge::linear(gpu, &refs, &w, Some(wsum), dtype, false).map(drop)
+    }) {
+        Ok(ms) => ms,
+        Err(e) => {
+            rows.push(failed(&format!("linear {label}"), &e));
+            f64::NAN
+        }
+    };
+    rows.push(Row {
+        name: format!("linear {label}"),
+        ms: lin_ms,
+        bytes: (opts.models as f64 + 1.0) * n as f64 * size,
+        note: "target >= 80% of copy".into(),
+        ..Default::default()
+    });
+    for case in cases(opts.models).into_iter().skip(1) {
+        let ms = time_ms(gpu, opts.reps, || {
+            run_case(gpu, &case, &base, &models, dtype).map(drop)
+        });
+        let name = format!("{} {label}", case.method);
+        match ms {
+            Ok(ms) => {
+                let note = match case.method {
+                    "ties" => {
+                        let r = ms / lin_ms;
+                        format!(
+                            "{r:.2}x linear (target <= 4x: {})",
+                            if r <= 4.0 { "met" } else { "MISSED" }
+                        )
+                    }
+                    "task_arithmetic" => "target >= 80% of copy".into(),
+                    _ => format!("{:.2}x linear", ms / lin_ms),
+                };
+                rows.push(Row {
+                    name,
+                    ms,
+                    bytes: (opts.models as f64 + 2.0) * n as f64 * size,
+                    note,
+                    ..Default::default()
+                });
+            }
+            Err(e) => rows.push(failed(&name, &e)),
+        }
+    }
+    let out = if dtype == DType::F32 {
+        DType::Bf16
+    } else {
+        DType::F32
+    };
+    let ms = time_ms(gpu, opts.reps, || convert(gpu, &base, out).map(drop));
+    let ms = match ms {
+        Ok(ms) => ms,
+        Err(e) => {
+            rows.push(failed("convert", &e));
+            return Ok(rows);
+        }
+    };
+    rows.push(Row {
+        name: format!("convert {}->{} {}M", dtype.name(), out.name(), n >> 20),
+        ms,
+        bytes: n as f64 * (size + out.size() as f64),
+        ..Default::default()
+    });
+    Ok(rows)
+}
+
+/// Re-encode a tensor on the device.
+pub fn convert(gpu: &Gpu, t: &DeviceTensor, out: DType) -> Result<DeviceTensor> {
+    let mut o = DeviceTensor::alloc(&gpu.stream, out, t.len)?;
+    let (n, in_dt, out_dt) = (t.len as u64, t.dtype.code(), out.code());
+    let mut b = gpu.stream.launch_builder(gpu.function("convert"));
+    b.arg(&t.data)
+        .arg(&in_dt)
+        .arg(&mut o.data)
+        .arg(&out_dt)
+        .arg(&n);
+    // SAFETY: argument types match `convert`; both buffers cover `n` elements.
+    unsafe { b.launch(gpu.grid(n)) }.ctx("launching convert")?;
+    Ok(o)
+}
+
+/// Parity checks of `gpu-check` and of the tests: every case on f32, bf16 and f16 data, on
+/// bf16 data with many equal magnitudes (TIES ties) through both selection paths, and on an odd
+/// length; conversion to each dtype; a non-finite input refused.
+pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let add = |rows: &mut Vec<Row>, label: &str, r: Result<Vec<Row>>| match r {
+        Ok(v) => rows.extend(v),
+        Err(e) => rows.push(failed(&format!("parity {label}"), &e)),
+    };
+    for dtype in [DType::F32, DType::Bf16, DType::F16] {
+        let p = Problem::new(elems, models, dtype, 0.01, 0);
+        let label = format!("{} {}M", dtype.name(), elems >> 20);
+        add(&mut rows, &label, parity(gpu, &p, &label));
+    }
+    let ties = Problem::new(elems / 4, models, DType::Bf16, 0.01, 6);
+    add(
+        &mut rows,
+        "ties",
+        parity(gpu, &ties, "bf16 quantised (ties)"),
+    );
+    merge::force_exact_selection(true);
+    let exact = parity(gpu, &ties, "bf16 quantised, exact path");
+    merge::force_exact_selection(false);
+    add(&mut rows, "exact", exact);
+    let odd = Problem::new(1_000_003, models, DType::F32, 0.01, 0);
+    add(&mut rows, "odd", parity(gpu, &odd, "f32 odd length"));
+    // Conversion, bit for bit against the `half` crate.
+    let v: Vec<f32> = random(1 << 20, 99).iter().map(|x| x * 1000.0).collect();
+    let t = DeviceTensor::from_f32(gpu, DType::F32, &v)?;
+    for out in [DType::F32, DType::F16, DType::Bf16] {
+        let got = convert(gpu, &t, out)?.bytes(gpu)?;
+        let same = got == out.encode(&v);
+        rows.push(Row {
+            name: format!("parity convert f32->{}", out.name()),
+            bitwise: Some(same),
+            rel_err: Some(if same { 0.0 } else { f64::INFINITY }),
+            note: if same {
+                "bit-identical".into()
+            } else {
+                "DIFFERS".into()
+            },
+            ..Default::default()
+        });
+    }
+    // A non-finite input is reported with its slot and first index.
+    let mut p = Problem::new(4096, models, DType::F32, 0.01, 0);
+    p.models[1][77] = f32::NAN;
+    p.models[1][3000] = f32::INFINITY;
+    let (base, ms) = p.upload(gpu)?;
+    let case = &cases(models)[2];
+    let r = run_case(gpu, case, &base, &ms, DType::F32);
+    let ok = matches!(r, Err(crate::CudaError::NonFinite { slot: 2, index: 77 }));
+    rows.push(Row {
+        name: "parity non-finite input refused".into(),
+        bitwise: Some(ok),
+        note: match r {
+            Err(e) => e.to_string(),
+            Ok(_) => "NOT REFUSED".into(),
+        },
+        ..Default::default()
+    });
+    Ok(rows)
+}
+
+/// The table `gpu-check` prints: GB/s and percent of the copy bandwidth where bytes are known,
+/// TFLOP/s where flops are.
+pub fn table(rows: &[Row], copy_gbs: f64) -> String {
+    let mut s = format!(
+        "{:<44} {:>10} {:>9} {:>7} {:>10}  {}\n",
+        "check", "ms", "GB/s", "%copy", "rel err", "note"
+    );
+    for r in rows {
+        let (gbs, pct) = if r.bytes > 0.0 && r.ms > 0.0 {
+            let g = r.bytes / r.ms / 1e6;
+            (format!("{g:.1}"), format!("{:.0}%", 100.0 * g / copy_gbs))
+        } else {
+            (String::new(), String::new())
+        };
+        let ms = if r.ms > 0.0 {
+            format!("{:.3}", r.ms)
+        } else {
+            String::new()
+        };
+        let err = r.rel_err.map(|e| format!("{e:.1e}")).unwrap_or_default();
+        let mut note = r.note.clone();
+        if r.flops > 0.0 && r.ms > 0.0 {
+            note = format!("{:.1} TFLOP/s; {note}", r.flops / r.ms / 1e9);
+        }
+        s.push_str(&format!(
+            "{:<44} {:>10} {:>9} {:>7} {:>10}  {}\n",
+            r.name, ms, gbs, pct, err, note
+        ));
+    }
+    s
+}
+
+/// Whether every parity row passed (bit-identical, or within 1e-6 where not compared bitwise).
+pub fn all_passed(rows: &[Row]) -> bool {
+    rows.iter().all(|r| {
+        !r.note.starts_with("FAILED")
+            && match (r.bitwise, r.rel_err) {
+                (Some(true), _) => true,
+                (_, Some(e)) => e <= 1e-6,
+                (Some(false), None) => false,
+                (None, None) => true,
+            }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::with_gpu;
+
+    #[test]
+    fn table_formats_rates() {
+        let rows = vec![Row {
+            name: "x".into(),
+            ms: 2.0,
+            bytes: 8e9,
+            ..Default::default()
+        }];
+        let t = table(&rows, 4000.0);
+        assert!(t.contains("4000.0"), "{t}");
+        assert!(t.contains("100%"), "{t}");
+    }
+
+    #[test]
+    fn quantised_problem_has_equal_magnitudes() {
+        let p = Problem::new(4096, 2, DType::Bf16, 0.01, 4);
+        let d: std::collections::BTreeSet<u32> = p.models[0]
+            .iter()
+            .zip(&p.base)
+            .map(|(m, b)| (m - b).abs().to_bits())
+            .collect();
+        assert!(d.len() < 2000, "{} distinct magnitudes", d.len());
+    }
+
+    #[test]
+    fn gpu_matches_cpu_bit_for_bit() {
+        with_gpu("gpu_matches_cpu_bit_for_bit", |gpu| {
+            let rows = parity_suite(gpu, 1 << 18, 3).expect("parity suite");
+            let bad: Vec<&Row> = rows
+                .iter()
+                .filter(|r| !all_passed(std::slice::from_ref(*r)))
+                .collect();
+            assert!(bad.is_empty(), "{}", table(&rows, 1.0));
+        });
+    }
+}

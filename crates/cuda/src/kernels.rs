@@ -1,0 +1,120 @@
+//! The CUDA C kernel sources, compiled at run time by NVRTC (once per process and device).
+//!
+//! Every `.cu` file under `kernels/` is appended to `common.cuh` and compiled as one program,
+//! so no include path is needed (f16/bf16 conversions are written with PTX `cvt`, not
+//! `cuda_fp16.h`). Options: `--fmad=false`, so that `a * b + c` is a multiply then an add as
+//! on the CPU, which keeps the elementwise kernels bit-identical to the CPU path; IEEE division
+//! and square root (NVRTC's defaults).
+
+use crate::error::{CudaError, Result};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+/// The program's parts, in order.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../kernels/common.cuh")),
+    ("merge.cu", include_str!("../kernels/merge.cu")),
+    ("select.cu", include_str!("../kernels/select.cu")),
+    ("cg.cu", include_str!("../kernels/cg.cu")),
+];
+
+/// Every kernel entry point of the program (checked present after loading).
+/// (The CG kernels are listed in [`crate::cg::KERNELS`].)
+pub const KERNELS: &[&str] = &[
+    "linear_merge",
+    "gta_merge_2",
+    "gta_merge_4",
+    "gta_merge_8",
+    "gta_merge_16",
+    "gta_merge_64",
+    "gta_l1",
+    "convert",
+    "copy16",
+    "sample_hist",
+    "bracket_pick",
+    "bracket_compact",
+    "bracket_check",
+    "cand_hist",
+    "cand_pick",
+];
+
+/// The whole program's source.
+pub fn program() -> String {
+    let mut s = String::new();
+    for (name, src) in SOURCES {
+        s.push_str(&format!("// ---- {name}\n"));
+        s.push_str(src);
+        s.push('\n');
+    }
+    s
+}
+
+/// The NVRTC `--gpu-architecture` for compute capability `major.minor` (virtual architecture:
+/// the driver finishes the compilation for the exact chip).
+pub fn arch_for(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, _) => "compute_90",
+        (10, _) => "compute_100",
+        (12, _) => "compute_120",
+        (m, _) if m > 12 => "compute_120",
+        _ => "compute_75",
+    }
+}
+
+/// Whether the NVRTC library can be loaded (cudarc panics on first use otherwise).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to open the shared library by its candidate names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compile the program to PTX for `arch` (e.g. `compute_90`).
+pub fn compile(arch: &'static str) -> Result<Ptx> {
+    if !nvrtc_present() {
+        return Err(CudaError::Unavailable(
+            "the NVRTC library (libnvrtc.so) was not found; install the CUDA toolkit or the \
+             `nvidia-cuda-nvrtc` wheel and add its lib folder to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let opts = CompileOptions {
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    compile_ptx_with_opts(program(), opts).map_err(|e| CudaError::Compile {
+        arch: arch.to_string(),
+        log: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI: every kernel compiles (no GPU needed, only libnvrtc). Skips with a reason otherwise.
+    #[test]
+    fn kernels_compile_to_ptx() {
+        if !nvrtc_present() {
+            eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel's lib)");
+            return;
+        }
+        for arch in ["compute_75", "compute_90"] {
+            let ptx = compile(arch).unwrap_or_else(|e| panic!("{e}"));
+            let src = ptx.to_src();
+            for k in KERNELS.iter().chain(crate::cg::KERNELS) {
+                assert!(
+                    src.contains(&format!(".entry {k}(")),
+                    "kernel {k} missing from the PTX for {arch}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! GPU backend of amalgam (issue 5): merge kernels written in CUDA C and compiled at run time
+//! by NVRTC, driven through cudarc with every CUDA library loaded at run time, so that building
+//! needs no CUDA toolkit and a machine without a GPU gets a clear error, never a panic.
+//!
+//! - [`device`]: finding and opening a GPU ([`device::Gpu`]), the compiled kernels;
+//! - [`kernels`]: the CUDA C program and its NVRTC compilation;
+//! - [`tensor`]: tensors on the device in their stored encoding (f32, f16, bf16);
+//! - [`merge`]: linear / task arithmetic in one fused pass, and the task-arithmetic family
+//!   (TIES with exact per-tensor magnitude selection, DARE with the CPU's Philox masks);
+//! - [`accel`]: the engine's accelerator: pinned, double-buffered transfers around the kernels;
+//! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS;
+//! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`.
+
+pub mod accel;
+pub mod cg;
+pub mod check;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod merge;
+pub mod tensor;
+
+pub use device::Gpu;
+pub use error::{CudaError, Result};

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU check of amalgam's CUDA backend (issue 5), in two halves:
+#
+#   scripts/gpu-check.sh build   # here (no GPU, no CUDA toolkit needed): release build with
+#                                # --features cuda, stripped, copied to .gpu/amalgam
+#   scripts/gpu-check.sh run     # on the GPU machine: finds libnvrtc/libcublas, prints the
+#                                # device, runs `amalgam gpu-check`, logs to $OUT if set
+#
+# With the device tool (one call; `.gpu` is git-excluded, so it must be carried):
+#   run(command="scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=480)
+#
+# Extra arguments after `run` go to `amalgam gpu-check` (e.g. --reps 5 --e2e-layers 0).
+set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+mode=${1:-run}
+shift || true
+
+case "$mode" in
+build)
+    set -e
+    cd "$here"
+    cargo build --release -p amalgam-cli --features cuda
+    mkdir -p .gpu
+    cp target/release/amalgam .gpu/amalgam
+    strip .gpu/amalgam
+    ls -l .gpu/amalgam
+    ;;
+run)
+    bin="$here/.gpu/amalgam"
+    [ -x "$bin" ] || { echo "no $bin: run 'scripts/gpu-check.sh build' first and carry .gpu"; exit 2; }
+    # NVRTC and cuBLAS: the toolkit's, else the pip wheels PyTorch ships.
+    libs=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /opt /usr/local/lib -xdev \
+        \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null |
+        grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | head -3
+    nproc; free -g | head -2
+    work=${GPU_CHECK_DIR:-/tmp/amalgam-gpu-check}
+    log=${OUT:-/tmp}/gpu-check.log
+    set -o pipefail
+    "$bin" gpu-check --dir "$work" "$@" 2>&1 | tee "$log"
+    rc=$?
+    echo "gpu-check exit code $rc"
+    exit $rc
+    ;;
+*)
+    echo "usage: $0 build|run [gpu-check args]"
+    exit 2
+    ;;
+esac
