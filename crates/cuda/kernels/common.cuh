@@ -96,9 +96,34 @@ __device__ __forceinline__ void store8(void* p, int dt, u64 g, const float v[8])
     }
 }
 
-// Record the lowest flat index of a non-finite input value (per input slot).
+// Record the lowest flat index of a non-finite input value per input slot, as ~index in a
+// zero-initialised slot (so the largest value wins).
 __device__ __forceinline__ void note_nonfinite(u64* bad, int slot, float v, u64 idx) {
-    if (!isfinite(v)) atomicMin(bad + slot, idx);
+    if (!isfinite(v)) atomicMax((unsigned long long*)(bad + slot), (unsigned long long)~idx);
+}
+
+// Load 4 consecutive elements 4g..4g+3 (the base pointer is 16-byte aligned).
+__device__ __forceinline__ void load4(const void* p, int dt, u64 g, float v[4]) {
+    if (dt == DT_F32) {
+        float4 a = ((const float4*)p)[g];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    } else {
+        uint2 w = ((const uint2*)p)[g];
+        u16 h[4] = {(u16)(w.x & 0xffffu), (u16)(w.x >> 16), (u16)(w.y & 0xffffu), (u16)(w.y >> 16)};
+#pragma unroll
+        for (int k = 0; k < 4; k++) v[k] = dt == DT_BF16 ? bf16_to_f32(h[k]) : f16_to_f32(h[k]);
+    }
+}
+
+__device__ __forceinline__ void store4(void* p, int dt, u64 g, const float v[4]) {
+    if (dt == DT_F32) {
+        ((float4*)p)[g] = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        u16 h[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) h[k] = dt == DT_BF16 ? f32_to_bf16(v[k]) : f32_to_f16(v[k]);
+        ((uint2*)p)[g] = make_uint2((u32)h[0] | ((u32)h[1] << 16), (u32)h[2] | ((u32)h[3] << 16));
+    }
 }
 
 // Philox4x32-10 (Random123 `philox4x32_R(10, ctr, key)`), as `amalgam_core::philox`.

@@ -3,10 +3,80 @@
 // Per element they perform the f32 operations of the CPU path in the same order (compiled with
 // --fmad=false), so results are bit-identical to it.
 
-// out = sum_i x_i * w_i (model order), divided by `div` when has_div.
-extern "C" __global__ void linear_merge(const u64* ptrs, const int* dts, const float* w, int n_in,
-                                        int has_div, float div, u64 n, void* out, int out_dt,
-                                        u64* bad) {
+// One input of `linear_merge` (layout shared with `amalgam_cuda::merge::LinInput`).
+struct LinInput {
+    u64 ptr;
+    float w;
+    int dt;
+};
+
+// out = sum_i x_i * w_i (input order), divided by `div` when has_div; 8 elements per thread,
+// every input's loads issued before the sums. A non-finite input always makes its output
+// non-finite (inf * 0 and inf - inf are NaN), so only non-finite outputs are traced back to
+// their inputs.
+template <int MAXN>
+__device__ __forceinline__ void linear_body(const LinInput* __restrict__ in, int n_in, int has_div,
+                                            float div, u64 n, void* out, int out_dt, u64* bad) {
+    u64 groups = n / 8;
+    GRID_STRIDE(g, groups) {
+        float v[MAXN][8];
+#pragma unroll
+        for (int i = 0; i < MAXN; i++)
+            if (i < n_in) load8((const void*)in[i].ptr, in[i].dt, g, v[i]);
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[k] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MAXN; i++) {
+            if (i < n_in) {
+                float wi = in[i].w;
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[k] += v[i][k] * wi;
+            }
+        }
+        if (has_div) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[k] /= div;
+        }
+        bool all = true;
+#pragma unroll
+        for (int k = 0; k < 8; k++) all &= isfinite(acc[k]);
+        if (!all) {
+#pragma unroll
+            for (int i = 0; i < MAXN; i++)
+                if (i < n_in)
+#pragma unroll
+                    for (int k = 0; k < 8; k++) note_nonfinite(bad, i, v[i][k], 8 * g + k);
+        }
+        store8(out, out_dt, g, acc);
+    }
+    // Tail: fewer than 8 elements.
+    u64 j = groups * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < n) {
+        float acc = 0.0f;
+        for (int i = 0; i < n_in; i++) {
+            float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
+            note_nonfinite(bad, i, v, j);
+            acc += v * in[i].w;
+        }
+        if (has_div) acc /= div;
+        store_elem(out, out_dt, j, acc);
+    }
+}
+
+#define LINEAR_INSTANCE(N)                                                                   \
+    extern "C" __global__ void linear_merge_##N(const LinInput* in, int n_in, int has_div,   \
+                                                float div, u64 n, void* out, int out_dt,     \
+                                                u64* bad) {                                  \
+        linear_body<N>(in, n_in, has_div, div, n, out, out_dt, bad);                         \
+    }
+LINEAR_INSTANCE(2)
+LINEAR_INSTANCE(4)
+LINEAR_INSTANCE(8)
+
+// Any number of inputs, one at a time.
+extern "C" __global__ void linear_merge_any(const LinInput* in, int n_in, int has_div, float div,
+                                            u64 n, void* out, int out_dt, u64* bad) {
     u64 groups = n / 8;
     GRID_STRIDE(g, groups) {
         float acc[8];
@@ -14,8 +84,8 @@ extern "C" __global__ void linear_merge(const u64* ptrs, const int* dts, const f
         for (int k = 0; k < 8; k++) acc[k] = 0.0f;
         for (int i = 0; i < n_in; i++) {
             float v[8];
-            load8((const void*)ptrs[i], dts[i], g, v);
-            float wi = w[i];
+            load8((const void*)in[i].ptr, in[i].dt, g, v);
+            float wi = in[i].w;
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 note_nonfinite(bad, i, v[k], 8 * g + k);
@@ -28,15 +98,13 @@ extern "C" __global__ void linear_merge(const u64* ptrs, const int* dts, const f
         }
         store8(out, out_dt, g, acc);
     }
-    // Tail: fewer than 8 elements.
-    u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    u64 j = groups * 8 + t;
+    u64 j = groups * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j < n) {
         float acc = 0.0f;
         for (int i = 0; i < n_in; i++) {
-            float v = load_elem((const void*)ptrs[i], dts[i], j);
+            float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
             note_nonfinite(bad, i, v, j);
-            acc += v * w[i];
+            acc += v * in[i].w;
         }
         if (has_div) acc /= div;
         store_elem(out, out_dt, j, acc);
@@ -76,12 +144,9 @@ struct GtaArgs {
     float plain_div, lambda;
 };
 
-// The sparsified task vector of model `m` at element j (sparsify, DARE scale, rescale).
-__device__ __forceinline__ float gta_delta(const GtaModel& m, float b, u64 j, u64 name_hash,
-                                           u64* bad, int slot) {
-    float x = load_elem((const void*)m.ptr, m.dt, j);
-    note_nonfinite(bad, slot, x, j);
-    float d = x - b;
+// Model m's sparsification of task-vector value d at element j (TIES cut or DARE mask and
+// scale; unchanged without a mask).
+__device__ __forceinline__ float gta_sparsify(const GtaModel& m, float d, u64 j, u64 name_hash) {
     if (m.mask == MASK_RANK) {
         u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
         bool keep = ((((u64)key) << 32) | j) < m.cut;
@@ -91,62 +156,134 @@ __device__ __forceinline__ float gta_delta(const GtaModel& m, float b, u64 j, u6
                              m.k1);
         d = ((u64)w < m.threshold) ? d * m.scale : 0.0f;
     }
-    return d * m.factor;
+    return d;
 }
 
+// The pipeline's steps 2-5 for one element from the sparsified task vectors v[0..n_models).
 template <int MAXN>
-__device__ __forceinline__ void gta_body(const GtaModel* __restrict__ models, const GtaArgs& a) {
+__device__ __forceinline__ float gta_mix(const GtaModel* __restrict__ models, const GtaArgs& a,
+                                         const float* v, float b) {
     int n_models = a.n_models;
-    u64* bad = (u64*)a.bad;
-    GRID_STRIDE(j, a.n) {
-        float b = load_elem((const void*)a.base, a.base_dt, j);
-        note_nonfinite(bad, 0, b, j);
-        float v[MAXN];
-        float s = 0.0f;
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) {
+        if (i < n_models) {
+            if (a.consensus == CONS_COUNT) {
+                float p = v[i] > 0.0f ? 1.0f : 0.0f;
+                float q = v[i] < 0.0f ? 1.0f : 0.0f;
+                s += p - q;
+            } else {
+                s += v[i];
+            }
+        }
+    }
+    float m;
+    if (a.consensus == CONS_NONE) {
+        m = s;
+        if (a.normalize) m = m / a.plain_div;
+    } else {
+        bool up = a.strict ? ((s > 0.0f) || (s == 0.0f && a.zero_pos)) : (s >= 0.0f);
+        float pos = up ? 1.0f : -1.0f;
+        float mix = 0.0f, div = 0.0f;
 #pragma unroll
         for (int i = 0; i < MAXN; i++) {
             if (i < n_models) {
-                v[i] = gta_delta(models[i], b, j, a.name_hash, bad, 1 + i) * models[i].weight;
-                if (a.consensus == CONS_COUNT) {
-                    float p = v[i] > 0.0f ? 1.0f : 0.0f;
-                    float q = v[i] < 0.0f ? 1.0f : 0.0f;
-                    s += p - q;
-                } else {
-                    s += v[i];
-                }
+                bool take = v[i] * pos > 0.0f;
+                mix += take ? v[i] : 0.0f;
+                div += take ? models[i].weight : 0.0f;
             }
         }
-        float m;
-        if (a.consensus == CONS_NONE) {
-            m = s;
-            if (a.normalize) m = m / a.plain_div;
-        } else {
-            bool up = a.strict ? ((s > 0.0f) || (s == 0.0f && a.zero_pos)) : (s >= 0.0f);
-            float pos = up ? 1.0f : -1.0f;
-            float mix = 0.0f, div = 0.0f;
+        div = div == 0.0f ? 1.0f : div;
+        m = mix;
+        if (a.normalize) m = m / div;
+    }
+    if (a.lambda != 1.0f) m = m * a.lambda;
+    return b + m;
+}
+
+// Sparsify, rescale and weight x (model m's value at j) against base value b.
+__device__ __forceinline__ float gta_weighted(const GtaModel& m, float x, float b, u64 j,
+                                              u64 name_hash) {
+    return (gta_sparsify(m, x - b, j, name_hash) * m.factor) * m.weight;
+}
+
+template <int V>
+__device__ __forceinline__ void loadv(const void* p, int dt, u64 g, float* v) {
+    if (V == 8) {
+        load8(p, dt, g, v);
+    } else {
+        load4(p, dt, g, v);
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void storev(void* p, int dt, u64 g, const float* v) {
+    if (V == 8) {
+        store8(p, dt, g, v);
+    } else {
+        store4(p, dt, g, v);
+    }
+}
+
+// V (4 or 8) elements per thread (vector loads), every model's loads issued before the
+// arithmetic.
+template <int MAXN, int V>
+__device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, const GtaArgs& a) {
+    __shared__ GtaModel models[MAXN];
+    int n_models = a.n_models;
+    for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) models[i] = gmodels[i];
+    __syncthreads();
+    u64* bad = (u64*)a.bad;
+    u64 groups = a.n / V;
+    GRID_STRIDE(g, groups) {
+        float b[V];
+        loadv<V>((const void*)a.base, a.base_dt, g, b);
+        float x[MAXN][V];
+#pragma unroll
+        for (int i = 0; i < MAXN; i++)
+            if (i < n_models) loadv<V>((const void*)models[i].ptr, models[i].dt, g, x[i]);
+        float o[V];
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            u64 j = V * g + k;
+            note_nonfinite(bad, 0, b[k], j);
+            float v[MAXN];
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
                 if (i < n_models) {
-                    bool take = v[i] * pos > 0.0f;
-                    mix += take ? v[i] : 0.0f;
-                    div += take ? models[i].weight : 0.0f;
+                    note_nonfinite(bad, 1 + i, x[i][k], j);
+                    v[i] = gta_weighted(models[i], x[i][k], b[k], j, a.name_hash);
                 }
             }
-            div = div == 0.0f ? 1.0f : div;
-            m = mix;
-            if (a.normalize) m = m / div;
+            o[k] = gta_mix<MAXN>(models, a, v, b[k]);
         }
-        if (a.lambda != 1.0f) m = m * a.lambda;
-        store_elem((void*)a.out, a.out_dt, j, b + m);
+        storev<V>((void*)a.out, a.out_dt, g, o);
+    }
+    // Tail: fewer than V elements.
+    u64 j = groups * V + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < a.n) {
+        float b = load_elem((const void*)a.base, a.base_dt, j);
+        note_nonfinite(bad, 0, b, j);
+        float v[MAXN];
+#pragma unroll
+        for (int i = 0; i < MAXN; i++) {
+            if (i < n_models) {
+                float x = load_elem((const void*)models[i].ptr, models[i].dt, j);
+                note_nonfinite(bad, 1 + i, x, j);
+                v[i] = gta_weighted(models[i], x, b, j, a.name_hash);
+            }
+        }
+        store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(models, a, v, b));
     }
 }
 
 // Instances by the largest model count they accept (the caller picks the smallest that fits).
-extern "C" __global__ void gta_merge_2(const GtaModel* m, GtaArgs a) { gta_body<2>(m, a); }
-extern "C" __global__ void gta_merge_4(const GtaModel* m, GtaArgs a) { gta_body<4>(m, a); }
-extern "C" __global__ void gta_merge_8(const GtaModel* m, GtaArgs a) { gta_body<8>(m, a); }
-extern "C" __global__ void gta_merge_16(const GtaModel* m, GtaArgs a) { gta_body<16>(m, a); }
-extern "C" __global__ void gta_merge_64(const GtaModel* m, GtaArgs a) { gta_body<64>(m, a); }
+// (4 elements per thread, as merge.rs launches them.)
+extern "C" __global__ void gta_merge_2(const GtaModel* m, GtaArgs a) { gta_body<2, 4>(m, a); }
+extern "C" __global__ void gta_merge_4(const GtaModel* m, GtaArgs a) { gta_body<4, 4>(m, a); }
+extern "C" __global__ void gta_merge_8(const GtaModel* m, GtaArgs a) { gta_body<8, 4>(m, a); }
+extern "C" __global__ void gta_merge_16(const GtaModel* m, GtaArgs a) { gta_body<16, 4>(m, a); }
+extern "C" __global__ void gta_merge_64(const GtaModel* m, GtaArgs a) { gta_body<64, 4>(m, a); }
 
 // L1 norms of each model's task vector before and after sparsification, for the per-tensor
 // rescale: block c sums elements [c*L1_CHUNK, (c+1)*L1_CHUNK) in f64 with a fixed tree order,
@@ -158,15 +295,13 @@ extern "C" __global__ void gta_l1(const GtaModel* models, GtaArgs a, double* par
     u64 lo = (u64)blockIdx.x * L1_CHUNK;
     u64 hi = lo + L1_CHUNK < a.n ? lo + L1_CHUNK : a.n;
     for (int i = 0; i < a.n_models; i++) {
-        GtaModel m = models[i];
-        m.factor = 1.0f;
+        const GtaModel m = models[i];
         double before = 0.0, after = 0.0;
         for (u64 j = lo + threadIdx.x; j < hi; j += blockDim.x) {
             float b = load_elem((const void*)a.base, a.base_dt, j);
-            float x = load_elem((const void*)m.ptr, m.dt, j);
-            float d = x - b;
+            float d = load_elem((const void*)m.ptr, m.dt, j) - b;
             before += (double)fabsf(d);
-            after += (double)fabsf(gta_delta(m, b, j, a.name_hash, (u64*)a.bad, 1 + i));
+            after += (double)fabsf(gta_sparsify(m, d, j, a.name_hash));
         }
         red[0][threadIdx.x] = before;
         red[1][threadIdx.x] = after;

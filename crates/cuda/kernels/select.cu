@@ -1,199 +1,416 @@
-// Exact magnitude selection for TIES (per tensor, per model), without sorting and without a
-// host round trip:
+// Exact magnitude selection for TIES (per tensor, per model): the cut that keeps exactly `p`
+// elements in the order (key, index), key = ~bits(|d|) (ascending keys are descending
+// magnitudes, ties to the lowest index), as the CPU's `select` does. No sort, no gather:
 //
-// 1. `sample_hist`: a 16-bit histogram of the keys of a sample (chunks of SAMPLE_CHUNK elements,
-//    one every `stride` chunks) per model;
-// 2. `bracket_pick`: per model, the key range [lo, hi] that holds the sample ranks around the
-//    target quantile with a wide margin;
-// 3. `bracket_compact`: one pass over all elements counting keys below `lo` and gathering the
-//    composite keys (key << 32 | index) inside [lo, hi];
-// 4. `bracket_check`: whether the target position falls inside the gathered range (else the
-//    host reruns the model with the whole tensor gathered), and the rank inside it;
-// 5. four `cand_hist` + `cand_pick` rounds (16 bits each) find the exact composite key at that
-//    rank, which becomes the model's cut (`GtaModel.cut`): exactly `p` elements precede it in
-//    the (key, index) order, ties between equal magnitudes going to the lowest index as on the
-//    CPU.
+// 1. `sample_hist` / `sample_pick`: the high 16 key bits of a sample (chunks of SAMPLE_CHUNK
+//    elements, one every `stride` chunks) locate a bracket [lo, hi] of at most FINE_SPAN high
+//    bins around the target quantile, with a wide margin; `sample_hist_lo` / `sample_pick_lo`
+//    refine the sample's own key at the target (`guess`).
+// 2. `bracket_pass`: one pass over every element counting keys below `lo`, histogramming the
+//    keys inside [lo, hi] at full resolution, and counting per TIE_CHUNK chunk the keys equal to
+//    `guess`.
+// 3. `resolve`: the exact key K at position p and the number of keys below it; when some but
+//    not all elements with key K come before p, the index of the (p - less)-th of them from the
+//    per-chunk counts and one chunk's scan. If K is not the guess, `tie_pass` counts K per chunk
+//    and `resolve` runs again. If p is outside the bracket (the sample misled), the host takes
+//    the whole key range through `full_hist` / `full_pick` and runs 2-3 again.
 //
-// The key of a task-vector value d is ~(bits(|d|)): ascending keys are descending magnitudes.
+// The result, written to `GtaModel.cut`, is the composite (K << 32 | I): an element is kept
+// when (key << 32 | index) < cut.
 
 #define SAMPLE_CHUNK 256
 #define HBINS 65536
+#define FINE_SPAN 4
+#define FINE_BINS (FINE_SPAN * HBINS)
+#define TIE_CHUNK 4096
+
+#define ST_PENDING 0
+#define ST_DONE 1
+#define ST_TIES 2
+#define ST_MISSED 3
 
 struct SelModel {
-    u64 p;          // target position (elements kept)
-    u64 before;     // keys below lo (from bracket_compact)
-    u64 count;      // gathered candidates
-    u64 target;     // rank still to find inside the current prefix
-    u64 prefix;     // composite bits found so far
-    u64 prefix_mask;
-    u64 cand_off;   // this model's candidates start at cand[cand_off]
-    u32 lo, hi;     // bracket keys
-    int active;     // 1: select for this model
-    int ok;         // bracket_check result
+    u64 p;       // target position (elements kept)
+    u64 before;  // keys below lo
+    u64 srank;   // sample rank of the guess inside its high bin
+    u64 less;    // keys below K
+    u64 cut;     // result
+    u32 lo, hi;  // bracket
+    u32 guess;   // key counted per chunk in bracket_pass / tie_pass
+    u32 key;     // K
+    int active;  // select for this model
+    int state;   // ST_*
 };
 
 __device__ __forceinline__ u32 mag_key(float d) { return ~(__float_as_uint(d) & 0x7fffffffu); }
 
-// Grid: x over sample chunks, y over models. hist: [n_models][HBINS].
+__device__ __forceinline__ u32 model_key(const GtaModel& m, float b, u64 j) {
+    return mag_key(load_elem((const void*)m.ptr, m.dt, j) - b);
+}
+
+// Add 1 to h[bin] for every lane with `valid`, one atomic per distinct bin in the warp. Every
+// lane of the warp must call it.
+__device__ __forceinline__ void agg_add(u32* h, u32 bin, bool valid) {
+    unsigned act = __ballot_sync(0xffffffffu, valid);
+    if (!valid) return;
+    if (__popc(act) == 1) {
+        atomicAdd(h + bin, 1u);
+        return;
+    }
+    unsigned peers = __match_any_sync(act, bin);
+    if ((int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(h + bin, (u32)__popc(peers));
+}
+
+// Block-wide (1024 threads) search in counts h[0..nbins) for position r: the bin holding it
+// (nbins when r is past the total) and, in *below, the total of the bins before it. Each warp
+// sums a contiguous slice with coalesced loads; the warp whose slice holds r scans it 32 bins
+// at a time. Every thread of the block must call it.
+__device__ u64 find_rank(const u32* h, u64 nbins, u64 r, u64* below) {
+    __shared__ u64 wsum[32];
+    __shared__ u64 f_bin, f_below, f_acc;
+    __shared__ int f_warp;
+    int t = threadIdx.x, w = t >> 5, lane = t & 31;
+    u64 per = (nbins + 31) / 32;
+    u64 b0 = (u64)w * per;
+    u64 b1 = b0 + per < nbins ? b0 + per : nbins;
+    u64 s = 0;
+    for (u64 k = b0 + lane; k < b1; k += 32) s += h[k];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if (lane == 0) wsum[w] = s;
+    __syncthreads();
+    if (t == 0) {
+        u64 acc = 0;
+        f_warp = -1;
+        for (int i = 0; i < 32; i++) {
+            if (f_warp < 0 && r < acc + wsum[i]) {
+                f_warp = i;
+                f_acc = acc;
+            }
+            acc += wsum[i];
+        }
+        f_bin = nbins;
+        f_below = acc;
+    }
+    __syncthreads();
+    if (w == f_warp) {
+        u64 acc = f_acc;
+        for (u64 k = b0; k < b1; k += 32) {
+            u64 c = k + lane < b1 ? h[k + lane] : 0;
+            u64 incl = c;
+            for (int off = 1; off < 32; off <<= 1) {
+                u64 v = __shfl_up_sync(0xffffffffu, incl, off);
+                if (lane >= off) incl += v;
+            }
+            u64 tot = __shfl_sync(0xffffffffu, incl, 31);
+            if (r < acc + tot) {
+                unsigned hit = __ballot_sync(0xffffffffu, r < acc + incl);
+                int first = __ffs(hit) - 1;
+                if (lane == first) {
+                    f_bin = k + lane;
+                    f_below = acc + incl - c;
+                }
+                break;
+            }
+            acc += tot;
+        }
+    }
+    __syncthreads();
+    *below = f_below;
+    u64 res = f_bin;
+    __syncthreads();
+    return res;
+}
+
+// Grid: x over sample chunks, y over models. hist: [n_models][HBINS]. `lo_pass`: histogram the
+// low 16 bits of the keys whose high 16 bits equal guess >> 16 (else the high 16 bits).
 extern "C" __global__ void sample_hist(const GtaModel* models, const SelModel* sel, GtaArgs a,
-                                       u64 stride, u64 n_chunks, u32* hist) {
+                                       u64 stride, u64 n_chunks, int lo_pass, u32* hist) {
     int i = blockIdx.y;
     if (!sel[i].active) return;
     const GtaModel m = models[i];
+    u32 want = sel[i].guess >> 16;
     u32* h = hist + (u64)i * HBINS;
     for (u64 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         u64 j = c * stride * SAMPLE_CHUNK + threadIdx.x;
+        bool in = j < a.n;
+        u32 key = 0;
+        if (in) key = model_key(m, load_elem((const void*)a.base, a.base_dt, j), j);
+        if (lo_pass) {
+            agg_add(h, key & 0xffffu, in && (key >> 16) == want);
+        } else {
+            agg_add(h, key >> 16, in);
+        }
+    }
+}
+
+// The high-bits pass of `sample_hist` with a per-block histogram in (dynamic, 128 KiB) shared
+// memory: keys always have their top bit set, so 32768 bins cover them. Grid: x over blocks of
+// 4 chunks (blockDim.x == 1024), y over models; each block adds its counts to hist at the end.
+extern "C" __global__ void sample_hist_smem(const GtaModel* models, const SelModel* sel,
+                                            GtaArgs a, u64 stride, u64 n_chunks, u32* hist) {
+    extern __shared__ u32 sh[];
+    int i = blockIdx.y;
+    if (!sel[i].active) return;
+    for (int k = threadIdx.x; k < 32768; k += blockDim.x) sh[k] = 0;
+    __syncthreads();
+    const GtaModel m = models[i];
+    int sub = threadIdx.x >> 8;
+    for (u64 c = (u64)blockIdx.x * 4 + sub; c < n_chunks; c += (u64)gridDim.x * 4) {
+        u64 j = c * stride * SAMPLE_CHUNK + (threadIdx.x & 255);
         if (j < a.n) {
-            float b = load_elem((const void*)a.base, a.base_dt, j);
-            float d = load_elem((const void*)m.ptr, m.dt, j) - b;
-            atomicAdd(h + (mag_key(d) >> 16), 1u);
-        }
-    }
-}
-
-// Block-wide search in a histogram of HBINS bins for position `r`: returns the bin holding it
-// and sets *below to the number of entries in lower bins. blockDim.x == 1024.
-__device__ u32 find_bin(const u32* h, u64 r, u64* below) {
-    __shared__ u64 sums[1024];
-    __shared__ u32 found_bin;
-    __shared__ u64 found_below;
-    const int per = HBINS / 1024;
-    int t = threadIdx.x;
-    u64 mine = 0;
-    for (int k = 0; k < per; k++) mine += h[t * per + k];
-    sums[t] = mine;
-    __syncthreads();
-    // Inclusive scan (Hillis-Steele).
-    for (int off = 1; off < 1024; off <<= 1) {
-        u64 v = t >= off ? sums[t - off] : 0;
-        __syncthreads();
-        sums[t] += v;
-        __syncthreads();
-    }
-    if (t == 0) {
-        found_bin = HBINS - 1;
-        found_below = sums[1023] - h[HBINS - 1];
-    }
-    __syncthreads();
-    u64 excl = sums[t] - mine;
-    if (r >= excl && r < sums[t]) {
-        u64 acc = excl;
-        for (int k = 0; k < per; k++) {
-            u32 c = h[t * per + k];
-            if (r < acc + c) {
-                found_bin = t * per + k;
-                found_below = acc;
-                break;
-            }
-            acc += c;
+            u32 key = model_key(m, load_elem((const void*)a.base, a.base_dt, j), j);
+            atomicAdd(sh + ((key >> 16) & 0x7fffu), 1u);
         }
     }
     __syncthreads();
-    *below = found_below;
-    return found_bin;
+    u32* h = hist + (u64)i * HBINS;
+    for (int k = threadIdx.x; k < 32768; k += blockDim.x)
+        if (sh[k]) atomicAdd(h + (0x8000u | (u32)k), sh[k]);
 }
 
-// One block (1024 threads) per model: the bracket from the sample histogram.
-extern "C" __global__ void bracket_pick(SelModel* sel, const u32* hist, u64 n, u64 sampled) {
+// One block (1024 threads) per model: the bracket and the guess's high bits from the sample.
+extern "C" __global__ void sample_pick(SelModel* sel, const u32* hist, u64 n, u64 sampled) {
     int i = blockIdx.x;
     if (!sel[i].active) return;
     const u32* h = hist + (u64)i * HBINS;
     double q = (double)sel[i].p / (double)n;
-    double mid = q * (double)sampled;
+    double mid = floor(q * (double)sampled);
     double margin = 6.0 * sqrt((double)sampled * q * (1.0 - q)) + 64.0;
-    double rlo = floor(mid - margin), rhi = ceil(mid + margin);
-    u64 below;
-    u32 lo = 0, hi = 0xffffffffu;
-    if (rlo > 0.0) lo = find_bin(h, (u64)rlo, &below) << 16;
-    __syncthreads();
-    if (rhi < (double)sampled - 1.0) hi = (find_bin(h, (u64)rhi, &below) << 16) | 0xffffu;
+    double rlo = mid - margin, rhi = mid + margin;
+    u64 below, bmid_below;
+    u64 bmid = find_rank(h, HBINS, (u64)mid, &bmid_below);
+    u64 blo = rlo > 0.0 ? find_rank(h, HBINS, (u64)rlo, &below) : 0;
+    u64 bhi = rhi < (double)sampled - 1.0 ? find_rank(h, HBINS, (u64)rhi, &below) : HBINS - 1;
     if (threadIdx.x == 0) {
-        sel[i].lo = lo;
-        sel[i].hi = hi;
+        if (bmid >= HBINS) bmid = HBINS - 1;
+        // At most FINE_SPAN bins, around the middle.
+        if (blo + FINE_SPAN / 2 < bmid) blo = bmid - FINE_SPAN / 2;
+        if (bhi > blo + FINE_SPAN - 1) bhi = blo + FINE_SPAN - 1;
+        if (bhi >= HBINS) bhi = HBINS - 1;
+        sel[i].lo = (u32)(blo << 16);
+        sel[i].hi = (u32)((bhi << 16) | 0xffffu);
+        sel[i].guess = (u32)(bmid << 16);
+        sel[i].srank = (u64)mid - bmid_below;
         sel[i].before = 0;
-        sel[i].count = 0;
+        sel[i].state = ST_PENDING;
     }
 }
 
-// Count keys below lo and gather composite keys inside [lo, hi] (at most cap per model).
-extern "C" __global__ void bracket_compact(const GtaModel* models, SelModel* sel, GtaArgs a,
-                                           u64* cand, u64 cap) {
-    __shared__ unsigned long long below[64];
+// One block (1024 threads) per model: the guess's low bits from the low-bits sample histogram.
+extern "C" __global__ void sample_pick_lo(SelModel* sel, const u32* hist) {
+    int i = blockIdx.x;
+    if (!sel[i].active) return;
+    u64 below;
+    u64 b = find_rank(hist + (u64)i * HBINS, HBINS, sel[i].srank, &below);
+    if (threadIdx.x == 0 && b < HBINS) sel[i].guess |= (u32)b;
+}
+
+// Every element of the models in ST_PENDING: keys below lo counted, keys in [lo, hi]
+// histogrammed (fine: [n_models][FINE_BINS]), keys equal to the guess counted per chunk
+// (tie: [n_models][n_tchunks]). Blocks take whole TIE_CHUNK chunks; blockDim.x == 256.
+// Shared by bracket_pass and tie_pass: per element, every selected model's value loaded first,
+// then its key. `counting`: ST_PENDING models, counts below lo, the fine histogram and the
+// guess's per-chunk counts; else ST_TIES models and their per-chunk counts of the guess alone.
+template <int MAXN>
+__device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels, SelModel* sel,
+                                           const GtaArgs& a, u32* fine, u32* tie, u64 n_tchunks,
+                                           bool counting) {
+    __shared__ GtaModel models[MAXN];
+    __shared__ unsigned long long below[MAXN];
+    __shared__ u32 eq[MAXN], s_lo[MAXN], s_hi[MAXN], s_g[MAXN];
+    __shared__ int s_on[MAXN];
+    __shared__ int any;
     int n_models = a.n_models;
-    if (threadIdx.x < 64) below[threadIdx.x] = 0;
+    int want = counting ? ST_PENDING : ST_TIES;
+    for (int i = threadIdx.x; i < MAXN; i += blockDim.x) {
+        int on = i < n_models && sel[i].active && sel[i].state == want;
+        s_on[i] = on;
+        s_lo[i] = on ? sel[i].lo : 0;
+        s_hi[i] = on ? sel[i].hi : 0;
+        s_g[i] = on ? sel[i].guess : 0;
+        below[i] = 0;
+        eq[i] = 0;
+        if (i < n_models) models[i] = gmodels[i];
+    }
     __syncthreads();
+    if (threadIdx.x == 0) {
+        any = 0;
+        for (int i = 0; i < n_models && i < MAXN; i++) any |= s_on[i];
+    }
+    __syncthreads();
+    if (!any) return;
     int lane = threadIdx.x & 31;
-    u64 stride = (u64)gridDim.x * blockDim.x;
-    u64 start = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    u64 rounds = (a.n + stride - 1) / stride;
-    for (u64 r = 0; r < rounds; r++) {
-        u64 j = start + r * stride;
-        bool in = j < a.n;
-        float b = in ? load_elem((const void*)a.base, a.base_dt, j) : 0.0f;
-        for (int i = 0; i < n_models; i++) {
-            if (!sel[i].active) continue;
-            u32 lo = sel[i].lo, hi = sel[i].hi;
-            u32 key = 0xffffffffu;
-            if (in) key = mag_key(load_elem((const void*)models[i].ptr, models[i].dt, j) - b);
-            unsigned lt = __ballot_sync(0xffffffffu, in && key < lo);
-            unsigned take = __ballot_sync(0xffffffffu, in && key >= lo && key <= hi);
-            if (lane == 0 && lt) atomicAdd(&below[i], (unsigned long long)__popc(lt));
-            if (take) {
-                u64 basepos = 0;
-                if (lane == 0) basepos = atomicAdd((unsigned long long*)&sel[i].count,
-                                                   (unsigned long long)__popc(take));
-                basepos = __shfl_sync(0xffffffffu, basepos, 0);
-                if (take & (1u << lane)) {
-                    u64 pos = basepos + __popc(take & ((1u << lane) - 1));
-                    if (pos < cap) cand[sel[i].cand_off + pos] = (((u64)key) << 32) | j;
+    for (u64 c = blockIdx.x; c < n_tchunks; c += gridDim.x) {
+        for (u64 j = c * TIE_CHUNK + threadIdx.x; j < (c + 1) * TIE_CHUNK; j += blockDim.x) {
+            bool in = j < a.n;
+            float b = in ? load_elem((const void*)a.base, a.base_dt, j) : 0.0f;
+            float x[MAXN];
+#pragma unroll
+            for (int i = 0; i < MAXN; i++)
+                if (i < n_models && s_on[i])
+                    x[i] = in ? load_elem((const void*)models[i].ptr, models[i].dt, j) : 0.0f;
+#pragma unroll
+            for (int i = 0; i < MAXN; i++) {
+                if (i < n_models && s_on[i]) {
+                    u32 key = in ? mag_key(x[i] - b) : 0xffffffffu;
+                    unsigned e = __ballot_sync(0xffffffffu, in && key == s_g[i]);
+                    if (lane == 0 && e) atomicAdd(&eq[i], (u32)__popc(e));
+                    if (counting) {
+                        u32 lo = s_lo[i], hi = s_hi[i];
+                        unsigned lt = __ballot_sync(0xffffffffu, in && key < lo);
+                        if (lane == 0 && lt) atomicAdd(&below[i], (unsigned long long)__popc(lt));
+                        bool inside = in && key >= lo && key <= hi;
+                        agg_add(fine + (u64)i * FINE_BINS, inside ? key - lo : 0, inside);
+                    }
                 }
             }
         }
+        __syncthreads();
+        for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) {
+            if (s_on[i]) tie[(u64)i * n_tchunks + c] = eq[i];
+            eq[i] = 0;
+        }
+        __syncthreads();
+    }
+    if (counting)
+        for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x)
+            if (below[i]) atomicAdd((unsigned long long*)&sel[i].before, below[i]);
+}
+
+// Every element of the models in ST_PENDING: keys below lo counted, keys in [lo, hi]
+// histogrammed (fine: [n_models][FINE_BINS]), keys equal to the guess counted per chunk
+// (tie: [n_models][n_tchunks]). Blocks take whole TIE_CHUNK chunks; blockDim.x == 256.
+// tie_pass_*: per-chunk counts of key == guess for the models in ST_TIES (guess = their K).
+#define COUNT_INSTANCE(N)                                                                    \
+    extern "C" __global__ void bracket_pass_##N(const GtaModel* models, SelModel* sel,      \
+                                                GtaArgs a, u32* fine, u32* tie,              \
+                                                u64 n_tchunks) {                             \
+        count_body<N>(models, sel, a, fine, tie, n_tchunks, true);                           \
+    }                                                                                        \
+    extern "C" __global__ void tie_pass_##N(const GtaModel* models, SelModel* sel,          \
+                                            GtaArgs a, u32* tie, u64 n_tchunks) {           \
+        count_body<N>(models, sel, a, 0, tie, n_tchunks, false);                             \
+    }
+COUNT_INSTANCE(4)
+COUNT_INSTANCE(8)
+COUNT_INSTANCE(16)
+COUNT_INSTANCE(64)
+
+// One block (1024 threads) per model in ST_PENDING or ST_TIES: K, then the cut.
+extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, const u32* fine,
+                                   const u32* tie, u64 n_tchunks) {
+    __shared__ int flags[1024];
+    __shared__ u64 found;
+    int i = blockIdx.x;
+    int t = threadIdx.x;
+    SelModel s = sel[i];
+    if (!s.active || (s.state != ST_PENDING && s.state != ST_TIES)) return;
+    const u32* f = fine + (u64)i * FINE_BINS;
+    u64 width = (u64)(s.hi - s.lo) + 1;
+    if (s.p < s.before) {
+        if (t == 0) sel[i].state = ST_MISSED;
+        return;
+    }
+    u64 below;
+    u64 b = find_rank(f, width, s.p - s.before, &below);
+    if (b >= width) {
+        if (t == 0) sel[i].state = ST_MISSED;
+        return;
+    }
+    u32 K = s.lo + (u32)b;
+    u64 less = s.before + below;
+    u64 r = s.p - less;
+    if (r == 0) {
+        if (t == 0) {
+            sel[i].key = K;
+            sel[i].less = less;
+            sel[i].cut = ((u64)K) << 32;
+            models[i].cut = sel[i].cut;
+            sel[i].state = ST_DONE;
+        }
+        return;
+    }
+    if (K != s.guess) {
+        if (t == 0) {
+            sel[i].key = K;
+            sel[i].less = less;
+            sel[i].guess = K;
+            sel[i].state = ST_TIES;
+        }
+        return;
+    }
+    // The r-th (0-based) element with key K in index order.
+    u64 cb;
+    u64 c = find_rank(tie + (u64)i * n_tchunks, n_tchunks, r, &cb);
+    u64 rr = r - cb;
+    if (t == 0) found = ~0ull;
+    __syncthreads();
+    const GtaModel m = models[i];
+    u64 seen = 0;
+    for (u64 base = c * TIE_CHUNK; base < (c + 1) * TIE_CHUNK && base < a.n; base += 1024) {
+        u64 j = base + t;
+        int fl = 0;
+        if (j < a.n && j < (c + 1) * TIE_CHUNK)
+            fl = model_key(m, load_elem((const void*)a.base, a.base_dt, j), j) == K;
+        flags[t] = fl;
+        __syncthreads();
+        for (int off = 1; off < 1024; off <<= 1) {
+            int v = t >= off ? flags[t - off] : 0;
+            __syncthreads();
+            flags[t] += v;
+            __syncthreads();
+        }
+        // flags[t] is now the inclusive count up to thread t.
+        if (fl && seen + flags[t] - 1 == rr) found = j;
+        u64 total = flags[1023];
+        __syncthreads();
+        seen += total;
     }
     __syncthreads();
-    if (threadIdx.x < n_models && below[threadIdx.x])
-        atomicAdd((unsigned long long*)&sel[threadIdx.x].before, below[threadIdx.x]);
-}
-
-// One thread per model: does the target fall inside the gathered range?
-extern "C" __global__ void bracket_check(SelModel* sel, int n_models, u64 cap) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_models || !sel[i].active) return;
-    SelModel s = sel[i];
-    bool ok = s.count <= cap && s.before <= s.p && s.p < s.before + s.count;
-    sel[i].ok = ok ? 1 : 0;
-    sel[i].target = ok ? s.p - s.before : 0;
-    sel[i].prefix = 0;
-    sel[i].prefix_mask = 0;
-}
-
-// Histogram of 16 bits (at `shift`) of the candidates matching the prefix found so far.
-// Grid: x over candidates, y over models. hist: [n_models][HBINS].
-extern "C" __global__ void cand_hist(const SelModel* sel, const u64* cand, u64 cap, int shift,
-                                     u32* hist) {
-    int i = blockIdx.y;
-    SelModel s = sel[i];
-    if (!s.active || !s.ok) return;
-    u64 m = s.count;
-    const u64* c = cand + s.cand_off;
-    u32* h = hist + (u64)i * HBINS;
-    GRID_STRIDE(k, m) {
-        u64 v = c[k];
-        if ((v & s.prefix_mask) == s.prefix) atomicAdd(h + ((v >> shift) & 0xffffu), 1u);
+    if (t == 0) {
+        sel[i].key = K;
+        sel[i].less = less;
+        if (found == ~0ull) {
+            sel[i].state = ST_MISSED;  // cannot happen with consistent counts
+        } else {
+            sel[i].cut = (((u64)K) << 32) | found;
+            models[i].cut = sel[i].cut;
+            sel[i].state = ST_DONE;
+        }
     }
 }
 
-// One block (1024 threads) per model: extend the prefix by the bin holding the target rank.
-// After the round with shift 0 the prefix is the exact composite key: written as the cut.
-extern "C" __global__ void cand_pick(SelModel* sel, GtaModel* models, const u32* hist, int shift) {
+// Exact path for models in ST_MISSED: the high 16 key bits of every element. hist:
+// [n_models][HBINS].
+extern "C" __global__ void full_hist(const GtaModel* models, const SelModel* sel, GtaArgs a,
+                                     u32* hist) {
+    int n_models = a.n_models;
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 rounds = (a.n + stride - 1) / stride;
+    for (u64 r = 0; r < rounds; r++) {
+        u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x + r * stride;
+        bool in = j < a.n;
+        float b = in ? load_elem((const void*)a.base, a.base_dt, j) : 0.0f;
+        for (int i = 0; i < n_models; i++) {
+            if (!sel[i].active || sel[i].state != ST_MISSED) continue;
+            u32 key = in ? model_key(models[i], b, j) : 0;
+            agg_add(hist + (u64)i * HBINS, key >> 16, in);
+        }
+    }
+}
+
+// One block (1024 threads) per model in ST_MISSED: the exact high bin as the bracket.
+extern "C" __global__ void full_pick(SelModel* sel, const u32* hist) {
     int i = blockIdx.x;
-    if (!sel[i].active || !sel[i].ok) return;
+    if (!sel[i].active || sel[i].state != ST_MISSED) return;
     u64 below;
-    u32 bin = find_bin(hist + (u64)i * HBINS, sel[i].target, &below);
+    u64 b = find_rank(hist + (u64)i * HBINS, HBINS, sel[i].p, &below);
     if (threadIdx.x == 0) {
-        sel[i].target -= below;
-        sel[i].prefix |= ((u64)bin) << shift;
-        sel[i].prefix_mask |= 0xffffull << shift;
-        if (shift == 0) models[i].cut = sel[i].prefix;
+        if (b >= HBINS) b = HBINS - 1;
+        sel[i].lo = (u32)(b << 16);
+        sel[i].hi = (u32)((b << 16) | 0xffffu);
+        sel[i].guess = 0;
+        sel[i].before = 0;
+        sel[i].state = ST_PENDING;
     }
 }

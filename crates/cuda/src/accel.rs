@@ -11,7 +11,7 @@ use crate::tensor::{DType, DeviceTensor};
 use amalgam_core::methods::device::DevicePlan;
 use amalgam_core::tensor::{Input, TensorJob, TensorReader};
 use amalgam_core::MergeError;
-use amalgam_engine::device::Accelerator;
+use amalgam_engine::device::{Accelerator, Preloaded};
 use amalgam_engine::error::EngineError;
 use amalgam_engine::run::TensorOut;
 use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice};
@@ -32,23 +32,34 @@ pub struct TransferStats {
     pub upload_time: Duration,
     /// Bytes copied device to host.
     pub d2h_bytes: u64,
+    /// Wall time from the uploads' end to the merge kernels' end (selection included).
+    pub compute_time: Duration,
+    /// Wall time of the copies back and the writes to the checkpoint.
+    pub download_time: Duration,
     /// Tensors merged on the device.
     pub tensors: u64,
     /// Tensors handed back to the CPU (too large for the device's free memory).
     pub declined: u64,
 }
 
+/// Pinned buffers and their transfers' events, for one direction.
 struct Buffers {
-    up: [PinnedHostSlice<u8>; 2],
-    up_done: [CudaEvent; 2],
-    down: [PinnedHostSlice<u8>; 2],
-    down_done: [CudaEvent; 2],
+    bufs: [PinnedHostSlice<u8>; 2],
+    done: [CudaEvent; 2],
+}
+
+/// A tensor's inputs on the device ([`Accelerator::preload`]): usable on the compute stream
+/// once it waits for `ready`.
+struct Loaded {
+    tensors: Vec<DeviceTensor>,
+    ready: CudaEvent,
 }
 
 /// A GPU merging the tensors whose methods have a device plan.
 pub struct GpuAccelerator {
     gpu: Gpu,
-    buffers: Mutex<Buffers>,
+    up: Mutex<Buffers>,
+    down: Mutex<Buffers>,
     stats: Mutex<TransferStats>,
 }
 
@@ -81,21 +92,24 @@ impl GpuAccelerator {
         };
         let [u0, u1] = up;
         let [d0, d1] = down;
-        let buffers = Buffers {
-            up: [
+        let up = Buffers {
+            bufs: [
                 u0.ctx("allocating pinned memory")?,
                 u1.ctx("allocating pinned memory")?,
             ],
-            up_done: [ev()?, ev()?],
-            down: [
+            done: [ev()?, ev()?],
+        };
+        let down = Buffers {
+            bufs: [
                 d0.ctx("allocating pinned memory")?,
                 d1.ctx("allocating pinned memory")?,
             ],
-            down_done: [ev()?, ev()?],
+            done: [ev()?, ev()?],
         };
         Ok(Self {
             gpu,
-            buffers: Mutex::new(buffers),
+            up: Mutex::new(up),
+            down: Mutex::new(down),
             stats: Mutex::new(TransferStats::default()),
         })
     }
@@ -110,15 +124,15 @@ impl GpuAccelerator {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Upload `inputs` of `job` (whole tensors) through the pinned buffers on the copy stream;
-    /// the compute stream waits for them.
+    /// Upload `inputs` of `job` (whole tensors) through the pinned buffers on the copy stream.
     fn upload(
         &self,
-        b: &mut Buffers,
         job: &TensorJob,
         reader: &dyn TensorReader,
         inputs: &[Input],
-    ) -> crate::Result<Vec<DeviceTensor>> {
+    ) -> crate::Result<Loaded> {
+        let mut guard = self.up.lock().unwrap_or_else(|p| p.into_inner());
+        let b = &mut *guard;
         let n = job.numel();
         let copy = &self.gpu.copy;
         let started = Instant::now();
@@ -138,13 +152,11 @@ impl GpuAccelerator {
                 let len = (hi - lo) * dtype.size();
                 let slot = k % 2;
                 k += 1;
-                b.up_done[slot]
-                    .synchronize()
-                    .ctx("waiting for a transfer")?;
+                b.done[slot].synchronize().ctx("waiting for a transfer")?;
                 // SAFETY: the slot's last copy has completed (its event), so the host may write.
                 let buf = unsafe {
                     std::slice::from_raw_parts_mut(
-                        b.up[slot].as_mut_ptr().ctx("mapping pinned memory")?,
+                        b.bufs[slot].as_mut_ptr().ctx("mapping pinned memory")?,
                         len,
                     )
                 };
@@ -159,11 +171,11 @@ impl GpuAccelerator {
                 }
                 read_time += t0.elapsed();
                 let dst = base_ptr + (lo * dtype.size()) as u64;
-                // SAFETY: `buf` is pinned and stays untouched until `up_done[slot]` fires;
+                // SAFETY: `buf` is pinned and stays untouched until `done[slot]` fires;
                 // `dst` lies inside the tensor's allocation.
                 unsafe { cudarc::driver::result::memcpy_htod_async(dst, buf, copy.cu_stream()) }
                     .ctx("copying to the device")?;
-                b.up_done[slot].record(copy).ctx("recording a transfer")?;
+                b.done[slot].record(copy).ctx("recording a transfer")?;
                 bytes += len as u64;
                 lo = hi;
             }
@@ -171,21 +183,20 @@ impl GpuAccelerator {
         }
         let ready = self.gpu.ctx.new_event(None).ctx("creating an event")?;
         ready.record(copy).ctx("recording the uploads")?;
-        self.gpu.stream.wait(&ready).ctx("ordering the uploads")?;
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.h2d_bytes += bytes;
         s.read_time += read_time;
         s.upload_time += started.elapsed();
-        Ok(out)
+        Ok(Loaded {
+            tensors: out,
+            ready,
+        })
     }
 
     /// Copy `t` back in chunks and hand them to `writer` (bytes in its dtype, or f32).
-    fn download(
-        &self,
-        b: &mut Buffers,
-        t: &DeviceTensor,
-        writer: &mut dyn TensorOut,
-    ) -> Result<(), EngineError> {
+    fn download(&self, t: &DeviceTensor, writer: &mut dyn TensorOut) -> Result<(), EngineError> {
+        let mut guard = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let b = &mut *guard;
         let s = &self.gpu.stream;
         let size = t.dtype.size();
         let total = t.len * size;
@@ -202,14 +213,14 @@ impl GpuAccelerator {
                      (slot, len): (usize, usize),
                      writer: &mut dyn TensorOut|
          -> Result<(), EngineError> {
-            b.down_done[slot]
+            b.done[slot]
                 .synchronize()
                 .ctx("waiting for a transfer")
                 .map_err(engine_err)?;
             // SAFETY: the copy into this slot has completed (its event).
             let bytes = unsafe {
                 std::slice::from_raw_parts(
-                    b.down[slot]
+                    b.bufs[slot]
                         .as_ptr()
                         .ctx("mapping pinned memory")
                         .map_err(engine_err)?,
@@ -228,7 +239,7 @@ impl GpuAccelerator {
             // before the slot comes round again); `src + lo` lies inside the tensor.
             unsafe {
                 let dst = std::slice::from_raw_parts_mut(
-                    b.down[slot]
+                    b.bufs[slot]
                         .as_mut_ptr()
                         .ctx("mapping pinned memory")
                         .map_err(engine_err)?,
@@ -238,7 +249,7 @@ impl GpuAccelerator {
             }
             .ctx("copying to the host")
             .map_err(engine_err)?;
-            b.down_done[slot]
+            b.done[slot]
                 .record(s)
                 .ctx("recording a transfer")
                 .map_err(engine_err)?;
@@ -272,9 +283,38 @@ impl GpuAccelerator {
     }
 }
 
+/// The inputs a plan reads: the models for `linear`, the base then the models for the pipeline.
+fn plan_inputs(plan: &DevicePlan, job: &TensorJob) -> Vec<Input> {
+    match plan {
+        DevicePlan::Linear { .. } => (0..job.n_models).map(Input::Model).collect(),
+        DevicePlan::Gta { .. } => std::iter::once(Input::Base)
+            .chain((0..job.n_models).map(Input::Model))
+            .collect(),
+    }
+}
+
 impl Accelerator for GpuAccelerator {
     fn describe(&self) -> String {
         format!("cuda:{} {}", self.gpu.ctx.ordinal(), self.gpu.name)
+    }
+
+    fn preload(
+        &self,
+        plan: &DevicePlan,
+        job: &TensorJob,
+        reader: &dyn TensorReader,
+    ) -> Result<Option<Preloaded>, EngineError> {
+        let inputs = plan_inputs(plan, job);
+        if job.numel() == 0 || !self.fits(plan, job, inputs.len()) {
+            return Ok(None);
+        }
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .ctx("binding the context")
+            .map_err(engine_err)?;
+        let loaded = self.upload(job, reader, &inputs).map_err(engine_err)?;
+        Ok(Some(Preloaded(Box::new(loaded))))
     }
 
     fn merge(
@@ -283,14 +323,17 @@ impl Accelerator for GpuAccelerator {
         job: &TensorJob,
         reader: &dyn TensorReader,
         writer: &mut dyn TensorOut,
+        preloaded: Option<Preloaded>,
     ) -> Result<bool, EngineError> {
-        let inputs: Vec<Input> = match plan {
-            DevicePlan::Linear { .. } => (0..job.n_models).map(Input::Model).collect(),
-            DevicePlan::Gta { .. } => std::iter::once(Input::Base)
-                .chain((0..job.n_models).map(Input::Model))
-                .collect(),
-        };
-        if job.numel() == 0 || !self.fits(plan, job, inputs.len()) {
+        // Raw driver calls below need the context current on this thread.
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .ctx("binding the context")
+            .map_err(engine_err)?;
+        let inputs = plan_inputs(plan, job);
+        let loaded = preloaded.and_then(|p| p.0.downcast::<Loaded>().ok());
+        if loaded.is_none() && (job.numel() == 0 || !self.fits(plan, job, inputs.len())) {
             self.stats
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -298,11 +341,17 @@ impl Accelerator for GpuAccelerator {
             return Ok(false);
         }
         let out_dtype = writer.raw_dtype().map_or(DType::F32, DType::from);
-        let mut b = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let tensors = self
-            .upload(&mut b, job, reader, &inputs)
-            .map_err(engine_err)?;
+        let loaded = match loaded {
+            Some(l) => *l,
+            None => self.upload(job, reader, &inputs).map_err(engine_err)?,
+        };
         let gpu = &self.gpu;
+        gpu.stream
+            .wait(&loaded.ready)
+            .ctx("ordering the uploads")
+            .map_err(engine_err)?;
+        let tensors = &loaded.tensors;
+        let t_compute = Instant::now();
         let allow = reader.allows_nonfinite();
         let result = match plan {
             DevicePlan::Linear { weights, divisor } => {
@@ -327,9 +376,14 @@ impl Accelerator for GpuAccelerator {
             }
             Err(e) => return Err(engine_err(e)),
         };
-        self.download(&mut b, &out, writer)?;
+        let compute = t_compute.elapsed();
+        let t_down = Instant::now();
+        self.download(&out, writer)?;
         gpu.sync().map_err(engine_err)?;
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).tensors += 1;
+        let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        st.tensors += 1;
+        st.compute_time += compute;
+        st.download_time += t_down.elapsed();
         Ok(true)
     }
 }

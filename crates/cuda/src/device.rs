@@ -51,7 +51,12 @@ pub struct Gpu {
     pub cc: (i32, i32),
     /// Multiprocessors.
     pub sms: u32,
+    /// Whether a block may take 128 KiB of shared memory (the sampled TIES histogram).
+    pub big_smem: bool,
 }
+
+/// Dynamic shared memory of `sample_hist_smem`.
+pub const SAMPLE_SMEM: u32 = 128 << 10;
 
 /// The compiled program loaded in one context.
 struct Loaded {
@@ -88,6 +93,10 @@ impl Gpu {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .ctx("reading the multiprocessor count")? as u32;
+        let optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .unwrap_or(0);
+        let big_smem = optin >= SAMPLE_SMEM as i32;
         let module = {
             let mut c = cache().lock().unwrap_or_else(|p| p.into_inner());
             match c.get(&ordinal) {
@@ -101,6 +110,15 @@ impl Gpu {
                             .load_function(k)
                             .ctx(&format!("loading kernel {k}"))?;
                         functions.insert(k, f);
+                    }
+                    if big_smem {
+                        if let Some(f) = functions.get("sample_hist_smem") {
+                            f.set_attribute(
+                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                SAMPLE_SMEM as i32,
+                            )
+                            .ctx("raising the shared memory of sample_hist_smem")?;
+                        }
                     }
                     let m = Arc::new(Loaded {
                         _module: module,
@@ -121,6 +139,7 @@ impl Gpu {
             name,
             cc,
             sms,
+            big_smem,
         })
     }
 

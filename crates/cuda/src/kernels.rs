@@ -20,7 +20,10 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// Every kernel entry point of the program (checked present after loading).
 /// (The CG kernels are listed in [`crate::cg::KERNELS`].)
 pub const KERNELS: &[&str] = &[
-    "linear_merge",
+    "linear_merge_2",
+    "linear_merge_4",
+    "linear_merge_8",
+    "linear_merge_any",
     "gta_merge_2",
     "gta_merge_4",
     "gta_merge_8",
@@ -30,11 +33,20 @@ pub const KERNELS: &[&str] = &[
     "convert",
     "copy16",
     "sample_hist",
-    "bracket_pick",
-    "bracket_compact",
-    "bracket_check",
-    "cand_hist",
-    "cand_pick",
+    "sample_hist_smem",
+    "sample_pick",
+    "sample_pick_lo",
+    "bracket_pass_4",
+    "bracket_pass_8",
+    "bracket_pass_16",
+    "bracket_pass_64",
+    "tie_pass_4",
+    "tie_pass_8",
+    "tie_pass_16",
+    "tie_pass_64",
+    "resolve",
+    "full_hist",
+    "full_pick",
 ];
 
 /// The whole program's source.

@@ -38,6 +38,18 @@ unsafe impl DeviceRepr for GtaModel {}
 // SAFETY: all-zero bits are a valid value.
 unsafe impl ValidAsZeroBits for GtaModel {}
 
+/// One input of `linear_merge` (`struct LinInput` in `merge.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct LinInput {
+    ptr: u64,
+    w: f32,
+    dt: i32,
+}
+
+// SAFETY: plain `repr(C)` data with the layout of `struct LinInput`.
+unsafe impl DeviceRepr for LinInput {}
+
 /// The pipeline's per-tensor arguments (`struct GtaArgs` in `merge.cu`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -68,15 +80,15 @@ unsafe impl DeviceRepr for GtaArgs {}
 struct SelModel {
     p: u64,
     before: u64,
-    count: u64,
-    target: u64,
-    prefix: u64,
-    prefix_mask: u64,
-    cand_off: u64,
+    srank: u64,
+    less: u64,
+    cut: u64,
     lo: u32,
     hi: u32,
+    guess: u32,
+    key: u32,
     active: i32,
-    ok: i32,
+    state: i32,
 }
 
 // SAFETY: plain `repr(C)` data with the layout of `struct SelModel`.
@@ -84,15 +96,23 @@ unsafe impl DeviceRepr for SelModel {}
 // SAFETY: all-zero bits are a valid value.
 unsafe impl ValidAsZeroBits for SelModel {}
 
+/// `SelModel.state` values (`ST_*` in `select.cu`).
+const ST_DONE: i32 = 1;
+const ST_MISSED: i32 = 3;
+
 const MASK_NONE: i32 = 0;
 const MASK_RANK: i32 = 1;
 const MASK_DARE: i32 = 2;
-/// Histogram bins of one selection round (`HBINS`).
+/// Bins of a 16-bit histogram (`HBINS`).
 const HBINS: usize = 1 << 16;
+/// Bins of the full-resolution bracket histogram (`FINE_BINS`).
+const FINE_BINS: usize = 4 << 16;
+/// Elements per tie-count chunk (`TIE_CHUNK`).
+const TIE_CHUNK: u64 = 4096;
 /// Elements of one sample chunk (`SAMPLE_CHUNK`).
 const SAMPLE_CHUNK: u64 = 256;
-/// Sample chunks aimed at (about 4M sampled elements per model).
-const SAMPLE_CHUNKS: u64 = 1 << 14;
+/// Sample chunks aimed at (about 1M sampled elements per model).
+const SAMPLE_CHUNKS: u64 = 1 << 12;
 /// Elements per L1 partial (`L1_CHUNK`).
 const L1_CHUNK: u64 = 65536;
 
@@ -204,21 +224,132 @@ fn check_aligned(gpu: &Gpu, tensors: &[&DeviceTensor]) -> Result<()> {
     Ok(())
 }
 
-/// The lowest non-finite index per input slot, or an error naming the first bad input.
-fn check_bad(gpu: &Gpu, bad: &CudaSlice<u64>) -> Result<()> {
+/// Zeroed finiteness flags for `slots` inputs (each records `!index` of its lowest
+/// non-finite value).
+fn bad_flags(gpu: &Gpu, slots: usize) -> Result<CudaSlice<u64>> {
+    gpu.stream
+        .alloc_zeros::<u64>(slots)
+        .ctx("allocating finiteness flags")
+}
+
+/// Wait for the stream, then the lowest non-finite index per input slot: an error naming the
+/// first bad input, if any.
+fn check_bad(gpu: &Gpu, bad: &CudaSlice<u64>, allow: bool) -> Result<()> {
     let v = gpu
         .stream
         .clone_dtoh(bad)
         .ctx("reading the finiteness flags")?;
     gpu.sync()?;
+    if allow {
+        return Ok(());
+    }
     let worst = v
         .iter()
         .enumerate()
-        .filter(|(_, &i)| i != u64::MAX)
-        .min_by_key(|(s, &i)| (i, *s));
+        .filter(|(_, &f)| f != 0)
+        .map(|(slot, &f)| (!f, slot))
+        .min();
     match worst {
-        Some((slot, &index)) => Err(CudaError::NonFinite { slot, index }),
+        Some((index, slot)) => Err(CudaError::NonFinite { slot, index }),
         None => Ok(()),
+    }
+}
+
+thread_local! {
+    static KERNEL_TIMES: std::cell::RefCell<Option<Vec<f64>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Collect (on this thread) the device time of each merge from its first kernel to its last,
+/// parameter uploads and result checks excluded: what `gpu-check` reports.
+pub fn collect_kernel_times(on: bool) {
+    KERNEL_TIMES.with(|t| *t.borrow_mut() = on.then(Vec::new));
+}
+
+/// The kernel times collected since the last call, in milliseconds.
+pub fn take_kernel_times() -> Vec<f64> {
+    KERNEL_TIMES.with(|t| {
+        t.borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    })
+}
+
+thread_local! {
+    static PHASES: std::cell::RefCell<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Start per-phase device timing of one merge when `AMALGAM_GPU_PROFILE` is set.
+fn phases_begin(gpu: &Gpu) {
+    if std::env::var_os("AMALGAM_GPU_PROFILE").is_some() {
+        PHASES.with(|p| *p.borrow_mut() = Some(Vec::new()));
+        mark(gpu, "start");
+    }
+}
+
+/// Record the end of a phase (a no-op unless profiling).
+fn mark(gpu: &Gpu, name: &'static str) {
+    PHASES.with(|p| {
+        if let Some(v) = p.borrow_mut().as_mut() {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            if let Ok(e) = gpu.ctx.new_event(flags) {
+                if e.record(&gpu.stream).is_ok() {
+                    v.push((name, e));
+                }
+            }
+        }
+    });
+}
+
+/// Print the phases' device times to stderr (a no-op unless profiling).
+fn phases_end() {
+    PHASES.with(|p| {
+        if let Some(v) = p.borrow_mut().take() {
+            let mut line = String::from("gpu phases (ms):");
+            for w in v.windows(2) {
+                if let Ok(ms) = w[0].1.elapsed_ms(&w[1].1) {
+                    line.push_str(&format!(" {} {:.3}", w[1].0, ms));
+                }
+            }
+            eprintln!("{line}");
+        }
+    });
+}
+
+/// Events around a merge's kernels, when [`collect_kernel_times`] is on.
+struct KernelTimer(Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>);
+
+impl KernelTimer {
+    fn start(gpu: &Gpu) -> Result<Self> {
+        if !KERNEL_TIMES.with(|t| t.borrow().is_some()) {
+            return Ok(Self(None));
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let a = gpu.ctx.new_event(flags).ctx("creating an event")?;
+        let b = gpu.ctx.new_event(flags).ctx("creating an event")?;
+        a.record(&gpu.stream).ctx("recording an event")?;
+        Ok(Self(Some((a, b))))
+    }
+
+    fn stop(&self, gpu: &Gpu) -> Result<()> {
+        if let Some((_, b)) = &self.0 {
+            b.record(&gpu.stream).ctx("recording an event")?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        if let Some((a, b)) = self.0 {
+            let ms = f64::from(a.elapsed_ms(&b).ctx("reading an event")?);
+            KERNEL_TIMES.with(|t| {
+                if let Some(v) = t.borrow_mut().as_mut() {
+                    v.push(ms);
+                }
+            });
+        }
+        Ok(())
     }
 }
 
@@ -243,25 +374,32 @@ pub fn linear(
     let mut out = DeviceTensor::alloc(&gpu.stream, out_dtype, n)?;
     check_aligned(gpu, inputs)?;
     let s = &gpu.stream;
-    let ptrs: Vec<u64> = inputs.iter().map(|t| t.addr(s)).collect();
-    let dts: Vec<i32> = inputs.iter().map(|t| t.dtype.code()).collect();
-    let d_ptrs = s.clone_htod(&ptrs).ctx("uploading pointers")?;
-    let d_dts = s.clone_htod(&dts).ctx("uploading dtypes")?;
-    let d_w = s.clone_htod(weights).ctx("uploading weights")?;
-    let mut bad = s
-        .clone_htod(&vec![u64::MAX; inputs.len()])
-        .ctx("uploading flags")?;
+    let table: Vec<LinInput> = inputs
+        .iter()
+        .zip(weights)
+        .map(|(t, &w)| LinInput {
+            ptr: t.addr(s),
+            w,
+            dt: t.dtype.code(),
+        })
+        .collect();
+    let d_in = s.clone_htod(&table).ctx("uploading the inputs table")?;
+    let mut bad = bad_flags(gpu, inputs.len())?;
     let (n_in, has_div, div) = (
         inputs.len() as i32,
         i32::from(divisor.is_some()),
         divisor.unwrap_or(1.0),
     );
     let (nn, out_dt) = (n as u64, out_dtype.code());
-    let cfg = gpu.grid((nn / 8).max(1));
-    let mut b = s.launch_builder(gpu.function("linear_merge"));
-    b.arg(&d_ptrs)
-        .arg(&d_dts)
-        .arg(&d_w)
+    let kernel = match inputs.len() {
+        0..=2 => "linear_merge_2",
+        3..=4 => "linear_merge_4",
+        5..=8 => "linear_merge_8",
+        _ => "linear_merge_any",
+    };
+    let timer = KernelTimer::start(gpu)?;
+    let mut b = s.launch_builder(gpu.function(kernel));
+    b.arg(&d_in)
         .arg(&n_in)
         .arg(&has_div)
         .arg(&div)
@@ -269,11 +407,12 @@ pub fn linear(
         .arg(&mut out.data)
         .arg(&out_dt)
         .arg(&mut bad);
-    // SAFETY: argument types and order match `linear_merge`; every pointer covers `n` elements.
-    unsafe { b.launch(cfg) }.map_err(launch_err("linear_merge"))?;
-    if !allow_nonfinite {
-        check_bad(gpu, &bad)?;
-    }
+    // SAFETY: argument types and order match `linear_merge_*`; every pointer covers `n`
+    // elements.
+    unsafe { b.launch(gpu.grid((nn / 8).max(1))) }.map_err(launch_err(kernel))?;
+    timer.stop(gpu)?;
+    check_bad(gpu, &bad, allow_nonfinite)?;
+    timer.finish()?;
     Ok(out)
 }
 
@@ -365,9 +504,7 @@ pub fn gta(
         None => (1, 0),
         Some(z) => (i32::from(z > 0), 1),
     };
-    let mut bad = s
-        .clone_htod(&vec![u64::MAX; n_models + 1])
-        .ctx("uploading flags")?;
+    let mut bad = bad_flags(gpu, n_models + 1)?;
     let mut args = GtaArgs {
         base: base.addr(s),
         out: out.addr(s),
@@ -396,6 +533,8 @@ pub fn gta(
     refs.extend(models.iter().copied());
     check_aligned(gpu, &refs)?;
     let mut d_models = s.clone_htod(&host).ctx("uploading the models")?;
+    let timer = KernelTimer::start(gpu)?;
+    phases_begin(gpu);
     if select.iter().any(Option::is_some) {
         if n > u32::MAX as usize {
             return Err(CudaError::Invalid(format!(
@@ -405,6 +544,7 @@ pub fn gta(
         }
         select_cuts(gpu, &mut d_models, &args, &select)?;
     }
+    mark(gpu, "select");
     if spec.rescale && host.iter().any(|m| m.mask != MASK_NONE) {
         let factors = l1_factors(gpu, &d_models, &args, n_models)?;
         let mut cur = s.clone_dtoh(&d_models).ctx("reading the models")?;
@@ -416,26 +556,27 @@ pub fn gta(
         }
         d_models = s.clone_htod(&cur).ctx("uploading the models")?;
     }
-    let kernel = match n_models {
-        0..=2 => "gta_merge_2",
-        3..=4 => "gta_merge_4",
-        5..=8 => "gta_merge_8",
-        9..=16 => "gta_merge_16",
-        _ => "gta_merge_64",
+    // (kernel, elements per thread)
+    let (kernel, vec) = match n_models {
+        0..=2 => ("gta_merge_2", 4),
+        3..=4 => ("gta_merge_4", 4),
+        5..=8 => ("gta_merge_8", 4),
+        9..=16 => ("gta_merge_16", 4),
+        _ => ("gta_merge_64", 4),
     };
     args.out = out.addr(s);
-    let cfg = gpu.grid(n as u64);
+    let cfg = gpu.grid((n as u64 / vec).max(1));
     let mut b = s.launch_builder(gpu.function(kernel));
     b.arg(&d_models).arg(&args);
     // SAFETY: `GtaModel`/`GtaArgs` match the kernel's structs; every pointer covers `n`.
     unsafe { b.launch(cfg) }.map_err(launch_err(kernel))?;
+    mark(gpu, "merge");
+    timer.stop(gpu)?;
     // Keep the output and flags alive and ordered after the kernel.
     let _ = (&mut out.data, &mut bad);
-    if !spec.allow_nonfinite {
-        check_bad(gpu, &bad)?;
-    } else {
-        gpu.sync()?;
-    }
+    check_bad(gpu, &bad, spec.allow_nonfinite)?;
+    phases_end();
+    timer.finish()?;
     Ok(out)
 }
 
@@ -485,8 +626,9 @@ fn l1_factors(
 }
 
 /// Exact TIES cuts for the models with `Some(k)` in `select`, written into `d_models[i].cut`
-/// on the device (see `select.cu`). A model whose sampled bracket misses its target position
-/// is selected again with its whole tensor gathered.
+/// on the device (see `select.cu`): a sampled bracket, one counting pass, the resolution of K
+/// and of its ties; a model whose bracket misses its target goes through the exact path (the
+/// whole key range).
 fn select_cuts(
     gpu: &Gpu,
     d_models: &mut CudaSlice<GtaModel>,
@@ -496,20 +638,13 @@ fn select_cuts(
     let s = &gpu.stream;
     let n_models = select.len();
     let n = args.n;
-    if FORCE_EXACT.load(Ordering::Relaxed) {
-        let all: Vec<usize> = (0..n_models).filter(|&i| select[i].is_some()).collect();
-        let p: Vec<u64> = select.iter().map(|k| k.unwrap_or(0)).collect();
-        return select_exact(gpu, d_models, args, &p, &all);
-    }
-    // Candidates: a sixteenth of the tensor per model, at least 64K.
-    let cap = (n / 16).max(1 << 16);
-    let mut sel: Vec<SelModel> = select
+    let force = FORCE_EXACT.load(Ordering::Relaxed);
+    let sel: Vec<SelModel> = select
         .iter()
-        .enumerate()
-        .map(|(i, k)| SelModel {
+        .map(|k| SelModel {
             p: k.unwrap_or(0),
             active: i32::from(k.is_some()),
-            cand_off: i as u64 * cap,
+            state: if force { ST_MISSED } else { 0 },
             ..Default::default()
         })
         .collect();
@@ -517,20 +652,26 @@ fn select_cuts(
     let mut hist = s
         .alloc_zeros::<u32>(n_models * HBINS)
         .ctx("allocating histograms")?;
-    // SAFETY: the gather writes every candidate slot before it is read.
-    let mut cand =
-        unsafe { s.alloc::<u64>(n_models * cap as usize) }.ctx("allocating candidates")?;
-    // 1-2: sample histogram and bracket.
-    let chunks_total = n.div_ceil(SAMPLE_CHUNK);
-    let stride = (chunks_total / SAMPLE_CHUNKS).max(1);
-    let n_chunks = chunks_total.div_ceil(stride);
-    let sampled: u64 = (0..n_chunks)
-        .map(|c| {
-            let start = c * stride * SAMPLE_CHUNK;
-            (n - start).min(SAMPLE_CHUNK)
-        })
-        .sum();
-    {
+    let mut fine = s
+        .alloc_zeros::<u32>(n_models * FINE_BINS)
+        .ctx("allocating histograms")?;
+    let n_tchunks = n.div_ceil(TIE_CHUNK).max(1);
+    let mut tie = s
+        .alloc_zeros::<u32>(n_models * n_tchunks as usize)
+        .ctx("allocating tie counts")?;
+    mark(gpu, "alloc");
+    let per_model = |grid: u32| LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if !force {
+        let chunks_total = n.div_ceil(SAMPLE_CHUNK);
+        let stride = (chunks_total / SAMPLE_CHUNKS).max(1);
+        let n_chunks = chunks_total.div_ceil(stride);
+        let sampled: u64 = (0..n_chunks)
+            .map(|c| (n - c * stride * SAMPLE_CHUNK).min(SAMPLE_CHUNK))
+            .sum();
         let cfg = LaunchConfig {
             grid_dim: (
                 n_chunks.min(u64::from(gpu.sms) * 16) as u32,
@@ -540,139 +681,152 @@ fn select_cuts(
             block_dim: (SAMPLE_CHUNK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = s.launch_builder(gpu.function("sample_hist"));
-        b.arg(&*d_models)
-            .arg(&d_sel)
-            .arg(args)
-            .arg(&stride)
-            .arg(&n_chunks)
-            .arg(&mut hist);
-        // SAFETY: argument types match `sample_hist`; hist holds n_models * HBINS counters.
-        unsafe { b.launch(cfg) }.map_err(launch_err("sample_hist"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (n_models as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(gpu.function("bracket_pick"));
-        b.arg(&mut d_sel).arg(&hist).arg(&n).arg(&sampled);
-        // SAFETY: argument types match `bracket_pick`.
-        unsafe { b.launch(cfg) }.map_err(launch_err("bracket_pick"))?;
-    }
-    gather_and_pick(gpu, d_models, &mut d_sel, args, &mut cand, cap, &mut hist)?;
-    sel = s.clone_dtoh(&d_sel).ctx("reading selection state")?;
-    gpu.sync()?;
-    // Fallback: models whose bracket missed, one at a time with everything gathered.
-    let missed: Vec<usize> = (0..n_models)
-        .filter(|&i| sel[i].active == 1 && sel[i].ok == 0)
-        .collect();
-    if !missed.is_empty() {
-        let p: Vec<u64> = sel.iter().map(|m| m.p).collect();
-        select_exact(gpu, d_models, args, &p, &missed)?;
-    }
-    Ok(())
-}
-
-/// The exact path: every element of the `missed` models gathered, then the four rounds.
-fn select_exact(
-    gpu: &Gpu,
-    d_models: &mut CudaSlice<GtaModel>,
-    args: &GtaArgs,
-    p: &[u64],
-    missed: &[usize],
-) -> Result<()> {
-    let s = &gpu.stream;
-    let n_models = p.len();
-    let n = args.n;
-    let mut hist = s
-        .alloc_zeros::<u32>(n_models * HBINS)
-        .ctx("allocating histograms")?;
-    {
-        let cap = n.max(1);
-        // SAFETY: the gather writes every candidate slot before it is read.
-        let mut cand = unsafe { s.alloc::<u64>(missed.len() * cap as usize) }
-            .ctx("allocating candidates for the exact fallback")?;
-        let fallback: Vec<SelModel> = (0..n_models)
-            .map(|i| SelModel {
-                p: p[i],
-                lo: 0,
-                hi: u32::MAX,
-                active: i32::from(missed.contains(&i)),
-                cand_off: missed.iter().position(|&m| m == i).unwrap_or(0) as u64 * cap,
-                ..Default::default()
-            })
-            .collect();
-        let mut d_sel = s.clone_htod(&fallback).ctx("uploading selection state")?;
-        gather_and_pick(gpu, d_models, &mut d_sel, args, &mut cand, cap, &mut hist)?;
-        let again = s.clone_dtoh(&d_sel).ctx("reading selection state")?;
-        gpu.sync()?;
-        if let Some(i) = missed.iter().find(|&&i| again[i].ok == 0) {
-            return Err(CudaError::Invalid(format!(
-                "internal error: exact selection failed for model #{i}"
-            )));
+        for lo_pass in [0i32, 1] {
+            if lo_pass == 1 {
+                s.memset_zeros(&mut hist).ctx("clearing histograms")?;
+            }
+            if lo_pass == 0 && gpu.big_smem {
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        n_chunks.div_ceil(4).min(u64::from(gpu.sms)) as u32,
+                        n_models as u32,
+                        1,
+                    ),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: crate::device::SAMPLE_SMEM,
+                };
+                let mut b = s.launch_builder(gpu.function("sample_hist_smem"));
+                b.arg(&*d_models)
+                    .arg(&d_sel)
+                    .arg(args)
+                    .arg(&stride)
+                    .arg(&n_chunks)
+                    .arg(&mut hist);
+                // SAFETY: argument types match `sample_hist_smem`; hist holds n_models * HBINS.
+                unsafe { b.launch(cfg) }.map_err(launch_err("sample_hist_smem"))?;
+            } else {
+                let mut b = s.launch_builder(gpu.function("sample_hist"));
+                b.arg(&*d_models)
+                    .arg(&d_sel)
+                    .arg(args)
+                    .arg(&stride)
+                    .arg(&n_chunks)
+                    .arg(&lo_pass)
+                    .arg(&mut hist);
+                // SAFETY: argument types match `sample_hist`; hist holds n_models * HBINS counts.
+                unsafe { b.launch(cfg) }.map_err(launch_err("sample_hist"))?;
+            }
+            mark(gpu, "sample_hist");
+            if lo_pass == 0 {
+                let mut b = s.launch_builder(gpu.function("sample_pick"));
+                b.arg(&mut d_sel).arg(&hist).arg(&n).arg(&sampled);
+                // SAFETY: argument types match `sample_pick`.
+                unsafe { b.launch(per_model(n_models as u32)) }
+                    .map_err(launch_err("sample_pick"))?;
+            } else {
+                let mut b = s.launch_builder(gpu.function("sample_pick_lo"));
+                b.arg(&mut d_sel).arg(&hist);
+                // SAFETY: argument types match `sample_pick_lo`.
+                unsafe { b.launch(per_model(n_models as u32)) }
+                    .map_err(launch_err("sample_pick_lo"))?;
+            }
+            mark(gpu, "sample_pick");
         }
+        count_and_resolve(
+            gpu, d_models, &mut d_sel, args, &mut fine, &mut tie, n_tchunks,
+        )?;
+    }
+    let mut now = s.clone_dtoh(&d_sel).ctx("reading selection state")?;
+    gpu.sync()?;
+    mark(gpu, "state_read");
+    if now.iter().any(|m| m.active == 1 && m.state == ST_MISSED) {
+        // The exact path: the high 16 bits of every key give the bracket.
+        s.memset_zeros(&mut hist).ctx("clearing histograms")?;
+        let mut b = s.launch_builder(gpu.function("full_hist"));
+        b.arg(&*d_models).arg(&d_sel).arg(args).arg(&mut hist);
+        // SAFETY: argument types match `full_hist`.
+        unsafe { b.launch(gpu.grid(n)) }.map_err(launch_err("full_hist"))?;
+        let mut b = s.launch_builder(gpu.function("full_pick"));
+        b.arg(&mut d_sel).arg(&hist);
+        // SAFETY: argument types match `full_pick`.
+        unsafe { b.launch(per_model(n_models as u32)) }.map_err(launch_err("full_pick"))?;
+        s.memset_zeros(&mut fine).ctx("clearing histograms")?;
+        count_and_resolve(
+            gpu, d_models, &mut d_sel, args, &mut fine, &mut tie, n_tchunks,
+        )?;
+        now = s.clone_dtoh(&d_sel).ctx("reading selection state")?;
+        gpu.sync()?;
+    }
+    if let Some(i) = (0..n_models).find(|&i| now[i].active == 1 && now[i].state != ST_DONE) {
+        return Err(CudaError::Invalid(format!(
+            "internal error: exact selection did not finish for model #{i} (state {})",
+            now[i].state
+        )));
     }
     Ok(())
 }
 
-/// Steps 3-5 of the selection: gather, check, four 16-bit rounds.
-fn gather_and_pick(
+/// The counting pass, the resolution, the tie counts of a K that was not the guess, and the
+/// resolution again.
+fn count_and_resolve(
     gpu: &Gpu,
     d_models: &mut CudaSlice<GtaModel>,
     d_sel: &mut CudaSlice<SelModel>,
     args: &GtaArgs,
-    cand: &mut CudaSlice<u64>,
-    cap: u64,
-    hist: &mut CudaSlice<u32>,
+    fine: &mut CudaSlice<u32>,
+    tie: &mut CudaSlice<u32>,
+    n_tchunks: u64,
 ) -> Result<()> {
     let s = &gpu.stream;
-    let n_models = args.n_models;
-    let cfg = gpu.grid(args.n);
-    let mut b = s.launch_builder(gpu.function("bracket_compact"));
+    let n_models = args.n_models as u32;
+    let chunks = LaunchConfig {
+        grid_dim: (n_tchunks.min(u64::from(gpu.sms) * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let per_model = LaunchConfig {
+        grid_dim: (n_models, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (pass, ties) = match n_models {
+        0..=4 => ("bracket_pass_4", "tie_pass_4"),
+        5..=8 => ("bracket_pass_8", "tie_pass_8"),
+        9..=16 => ("bracket_pass_16", "tie_pass_16"),
+        _ => ("bracket_pass_64", "tie_pass_64"),
+    };
+    let mut b = s.launch_builder(gpu.function(pass));
     b.arg(&*d_models)
         .arg(&mut *d_sel)
         .arg(args)
-        .arg(&mut *cand)
-        .arg(&cap);
-    // SAFETY: argument types match `bracket_compact`; cand holds n_models * cap keys.
-    unsafe { b.launch(cfg) }.map_err(launch_err("bracket_compact"))?;
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (64, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = s.launch_builder(gpu.function("bracket_check"));
-    b.arg(&mut *d_sel).arg(&n_models).arg(&cap);
-    // SAFETY: argument types match `bracket_check`.
-    unsafe { b.launch(cfg) }.map_err(launch_err("bracket_check"))?;
-    let blocks = (cap.div_ceil(256)).min(u64::from(gpu.sms) * 8).max(1) as u32;
-    for shift in [48i32, 32, 16, 0] {
-        s.memset_zeros(hist).ctx("clearing histograms")?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, n_models as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(gpu.function("cand_hist"));
-        b.arg(&*d_sel)
-            .arg(&*cand)
-            .arg(&cap)
-            .arg(&shift)
-            .arg(&mut *hist);
-        // SAFETY: argument types match `cand_hist`.
-        unsafe { b.launch(cfg) }.map_err(launch_err("cand_hist"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (n_models as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(gpu.function("cand_pick"));
-        b.arg(&mut *d_sel)
-            .arg(&mut *d_models)
-            .arg(&*hist)
-            .arg(&shift);
-        // SAFETY: argument types match `cand_pick`.
-        unsafe { b.launch(cfg) }.map_err(launch_err("cand_pick"))?;
+        .arg(&mut *fine)
+        .arg(&mut *tie)
+        .arg(&n_tchunks);
+    // SAFETY: argument types match `bracket_pass`; fine and tie hold n_models rows.
+    unsafe { b.launch(chunks) }.map_err(launch_err(pass))?;
+    mark(gpu, "bracket_pass");
+    for round in 0..2 {
+        if round == 1 {
+            let mut b = s.launch_builder(gpu.function(ties));
+            b.arg(&*d_models)
+                .arg(&*d_sel)
+                .arg(args)
+                .arg(&mut *tie)
+                .arg(&n_tchunks);
+            // SAFETY: argument types match `tie_pass`.
+            unsafe { b.launch(chunks) }.map_err(launch_err(ties))?;
+            mark(gpu, "tie_pass");
+        }
+        let mut b = s.launch_builder(gpu.function("resolve"));
+        b.arg(&mut *d_models)
+            .arg(&mut *d_sel)
+            .arg(args)
+            .arg(&*fine)
+            .arg(&*tie)
+            .arg(&n_tchunks);
+        // SAFETY: argument types match `resolve`.
+        unsafe { b.launch(per_model) }.map_err(launch_err("resolve"))?;
+        mark(gpu, "resolve");
     }
     Ok(())
 }

@@ -8,20 +8,40 @@ use crate::run::TensorOut;
 use amalgam_core::methods::device::DevicePlan;
 use amalgam_core::tensor::{TensorJob, TensorReader};
 
+/// A tensor's inputs already loaded on a device by [`Accelerator::preload`] (opaque to the
+/// engine).
+pub struct Preloaded(pub Box<dyn std::any::Any + Send>);
+
 /// A device that runs [`DevicePlan`]s.
 pub trait Accelerator: Send + Sync {
     /// The device, for messages (e.g. `cuda:0 NVIDIA H200`).
     fn describe(&self) -> String;
 
-    /// Merge `job`'s tensor as `plan` says: read the inputs through `reader`, write the whole
-    /// output to `writer` (whose tensor is begun). `Ok(false)`, having written nothing, when the
-    /// device cannot take this tensor (e.g. too large for its memory): the CPU merges it.
+    /// Load `job`'s inputs onto the device ahead of [`Accelerator::merge`]. The engine calls it
+    /// on a helper thread for the next tensor while the current one merges, so that reading
+    /// inputs overlaps the device's work and the writes. `None`: nothing loaded (the device
+    /// declines the tensor, or loads inputs only in `merge`).
+    fn preload(
+        &self,
+        plan: &DevicePlan,
+        job: &TensorJob,
+        reader: &dyn TensorReader,
+    ) -> Result<Option<Preloaded>, EngineError> {
+        let _ = (plan, job, reader);
+        Ok(None)
+    }
+
+    /// Merge `job`'s tensor as `plan` says: read the inputs through `reader` (unless
+    /// `preloaded` holds them), write the whole output to `writer` (whose tensor is begun).
+    /// `Ok(false)`, having written nothing, when the device cannot take this tensor (e.g. too
+    /// large for its memory): the CPU merges it.
     fn merge(
         &self,
         plan: &DevicePlan,
         job: &TensorJob,
         reader: &dyn TensorReader,
         writer: &mut dyn TensorOut,
+        preloaded: Option<Preloaded>,
     ) -> Result<bool, EngineError>;
 }
 

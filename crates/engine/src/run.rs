@@ -10,6 +10,7 @@
 use crate::adapter::AdapterDelta;
 use crate::budget;
 use crate::card;
+use crate::device::Preloaded;
 use crate::error::EngineError;
 use crate::inputs::Inputs;
 use crate::reader::PlanReader;
@@ -301,6 +302,45 @@ pub fn merge_tensor(
     extras: &ReadExtras<'_>,
     writer: &mut dyn TensorOut,
 ) -> Result<Vec<LogRecord>, EngineError> {
+    merge_tensor_preloaded(t, seed, global, ckpts, opts, extras, writer, None)
+}
+
+/// Load tensor `t`'s inputs onto the accelerator of `opts` ahead of its merge (see
+/// [`crate::device::Accelerator::preload`]); `None` when there is nothing to load.
+pub fn preload_tensor(
+    t: &TensorPlan,
+    seed: u64,
+    ckpts: &[&Checkpoint],
+    opts: &MergeOptions,
+    extras: &ReadExtras<'_>,
+) -> Option<Result<Preloaded, EngineError>> {
+    let crate::device::Device::Accelerator(dev) = &opts.device else {
+        return None;
+    };
+    if t.copy_raw {
+        return None;
+    }
+    let method = build_method(t).ok()?;
+    let plan = method.device_plan()?;
+    let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
+    let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
+    dev.preload(&plan, &job, &reader).transpose()
+}
+
+/// [`merge_tensor`] with the tensor's inputs possibly preloaded by [`preload_tensor`] (an error
+/// of the preload is this tensor's error).
+#[allow(clippy::too_many_arguments)]
+pub fn merge_tensor_preloaded(
+    t: &TensorPlan,
+    seed: u64,
+    global: &[GlobalStats],
+    ckpts: &[&Checkpoint],
+    opts: &MergeOptions,
+    extras: &ReadExtras<'_>,
+    writer: &mut dyn TensorOut,
+    preloaded: Option<Result<Preloaded, EngineError>>,
+) -> Result<Vec<LogRecord>, EngineError> {
+    let preloaded = preloaded.transpose()?;
     writer.begin_tensor(&t.name)?;
     if t.copy_raw {
         let src = t
@@ -319,7 +359,7 @@ pub fn merge_tensor(
     let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
     if let crate::device::Device::Accelerator(dev) = &opts.device {
         if let Some(plan) = method.device_plan() {
-            if dev.merge(&plan, &job, &reader, writer)? {
+            if dev.merge(&plan, &job, &reader, writer, preloaded)? {
                 return Ok(Vec::new());
             }
         }
@@ -402,17 +442,52 @@ pub fn execute(
     let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, &ckpts)).sum();
     progress.begin("merging", total, plan.tensors.len());
     let mut logs = Vec::new();
-    for t in &plan.tensors {
-        logs.extend(merge_tensor(
-            t,
-            plan.seed,
-            &global,
-            &ckpts,
-            opts,
-            &extras,
-            &mut writer,
-        )?);
-        progress.advance(&t.name, input_bytes(t, &ckpts));
+    if matches!(opts.device, crate::device::Device::Cpu) {
+        for t in &plan.tensors {
+            logs.extend(merge_tensor(
+                t,
+                plan.seed,
+                &global,
+                &ckpts,
+                opts,
+                &extras,
+                &mut writer,
+            )?);
+            progress.advance(&t.name, input_bytes(t, &ckpts));
+        }
+    } else {
+        // On an accelerator, the next tensor's inputs load on a helper thread while this one
+        // merges and is written.
+        std::thread::scope(|scope| -> Result<(), EngineError> {
+            let (ckpts, extras) = (&ckpts, &extras);
+            let preload = |t: &'_ TensorPlan| preload_tensor(t, plan.seed, ckpts, opts, extras);
+            let mut next = plan
+                .tensors
+                .first()
+                .map(|t| scope.spawn(move || preload(t)));
+            for (k, t) in plan.tensors.iter().enumerate() {
+                let mine = next.take().map(|h| match h.join() {
+                    Ok(r) => r,
+                    Err(p) => std::panic::resume_unwind(p),
+                });
+                next = plan
+                    .tensors
+                    .get(k + 1)
+                    .map(|n| scope.spawn(move || preload(n)));
+                logs.extend(merge_tensor_preloaded(
+                    t,
+                    plan.seed,
+                    &global,
+                    ckpts,
+                    opts,
+                    extras,
+                    &mut writer,
+                    mine.flatten(),
+                )?);
+                progress.advance(&t.name, input_bytes(t, ckpts));
+            }
+            Ok(())
+        })?;
     }
     progress.end();
     let (files, total_bytes, aux_files) = finish_outputs(

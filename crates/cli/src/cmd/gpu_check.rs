@@ -136,7 +136,7 @@ mod imp {
         });
         for dtype in [DType::F32, DType::Bf16] {
             step(&mut rows, &format!("timings {}", dtype.name()), || {
-                check::timings(&gpu, &opts, dtype)
+                check::timings(&gpu, &opts, dtype, copy_gbs)
             });
         }
         if !a.skip_cg {
@@ -246,13 +246,18 @@ mod imp {
                 let h2d = (after.h2d_bytes - before.h2d_bytes) as f64;
                 let up = (after.upload_time - before.upload_time).as_secs_f64();
                 let rd = (after.read_time - before.read_time).as_secs_f64();
+                let comp = (after.compute_time - before.compute_time).as_secs_f64();
+                let down = (after.download_time - before.download_time).as_secs_f64();
                 let floor = read_gbs.min(pinned_gbs.max(1e-9));
                 note = format!(
-                    "{note}; {} tensors on GPU, {} declined; uploads {:.2} GB/s ({:.2} s reading); host read {:.2} GB/s, pinned H2D {:.1} GB/s: {:.0}% of the lower",
+                    "{note}; {} tensors on GPU, {} declined; uploads {:.2} s ({:.2} GB/s, {:.2} s reading), kernels {:.2} s, copies back and writes {:.2} s; host read {:.2} GB/s, pinned H2D {:.1} GB/s: {:.0}% of the lower",
                     after.tensors - before.tensors,
                     after.declined - before.declined,
+                    up,
                     h2d / up.max(1e-9) / 1e9,
                     rd,
+                    comp,
+                    down,
                     read_gbs,
                     pinned_gbs,
                     100.0 * (in_bytes as f64 / secs / 1e9) / floor
