@@ -102,6 +102,21 @@ __device__ __forceinline__ void note_nonfinite(u64* bad, int slot, float v, u64 
     if (!isfinite(v)) atomicMax((unsigned long long*)(bad + slot), (unsigned long long)~idx);
 }
 
+// Load elements j and j+1 (j even; the allocation is padded to 16 bytes, so j+1 may be one past
+// the end).
+__device__ __forceinline__ void load2(const void* p, int dt, u64 j, float v[2]) {
+    if (dt == DT_F32) {
+        float2 a = *(const float2*)((const float*)p + j);
+        v[0] = a.x;
+        v[1] = a.y;
+    } else {
+        u32 w = *(const u32*)((const u16*)p + j);
+        u16 lo = (u16)(w & 0xffffu), hi = (u16)(w >> 16);
+        v[0] = dt == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        v[1] = dt == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+    }
+}
+
 // Load 4 consecutive elements 4g..4g+3 (the base pointer is 16-byte aligned).
 __device__ __forceinline__ void load4(const void* p, int dt, u64 g, float v[4]) {
     if (dt == DT_F32) {

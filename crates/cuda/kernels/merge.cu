@@ -161,7 +161,7 @@ __device__ __forceinline__ float gta_sparsify(const GtaModel& m, float d, u64 j,
 
 // The pipeline's steps 2-5 for one element from the sparsified task vectors v[0..n_models).
 template <int MAXN>
-__device__ __forceinline__ float gta_mix(const GtaModel* __restrict__ models, const GtaArgs& a,
+__device__ __forceinline__ float gta_mix(const GtaModel (&models)[MAXN], const GtaArgs& a,
                                          const float* v, float b) {
     int n_models = a.n_models;
     float s = 0.0f;
@@ -227,12 +227,14 @@ __device__ __forceinline__ void storev(void* p, int dt, u64 g, const float* v) {
 
 // V (4 or 8) elements per thread (vector loads), every model's loads issued before the
 // arithmetic.
+// Exponent bits of x: 0x7f800000 exactly when x is not finite.
+__device__ __forceinline__ u32 exp_bits(float x) { return __float_as_uint(x) & 0x7f800000u; }
+
+// The merge loop over `m` (the models, in registers or shared memory). Non-finite inputs are
+// found by the largest exponent of a group; only then is each input checked.
 template <int MAXN, int V>
-__device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, const GtaArgs& a) {
-    __shared__ GtaModel models[MAXN];
+__device__ __forceinline__ void gta_loop(const GtaModel (&m)[MAXN], const GtaArgs& a) {
     int n_models = a.n_models;
-    for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) models[i] = gmodels[i];
-    __syncthreads();
     u64* bad = (u64*)a.bad;
     u64 groups = a.n / V;
     GRID_STRIDE(g, groups) {
@@ -241,21 +243,33 @@ __device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, c
         float x[MAXN][V];
 #pragma unroll
         for (int i = 0; i < MAXN; i++)
-            if (i < n_models) loadv<V>((const void*)models[i].ptr, models[i].dt, g, x[i]);
+            if (i < n_models) loadv<V>((const void*)m[i].ptr, m[i].dt, g, x[i]);
+        u32 ex = 0;
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            ex = max(ex, exp_bits(b[k]));
+#pragma unroll
+            for (int i = 0; i < MAXN; i++)
+                if (i < n_models) ex = max(ex, exp_bits(x[i][k]));
+        }
+        if (ex == 0x7f800000u) {
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                note_nonfinite(bad, 0, b[k], V * g + k);
+#pragma unroll
+                for (int i = 0; i < MAXN; i++)
+                    if (i < n_models) note_nonfinite(bad, 1 + i, x[i][k], V * g + k);
+            }
+        }
         float o[V];
 #pragma unroll
         for (int k = 0; k < V; k++) {
             u64 j = V * g + k;
-            note_nonfinite(bad, 0, b[k], j);
             float v[MAXN];
 #pragma unroll
-            for (int i = 0; i < MAXN; i++) {
-                if (i < n_models) {
-                    note_nonfinite(bad, 1 + i, x[i][k], j);
-                    v[i] = gta_weighted(models[i], x[i][k], b[k], j, a.name_hash);
-                }
-            }
-            o[k] = gta_mix<MAXN>(models, a, v, b[k]);
+            for (int i = 0; i < MAXN; i++)
+                if (i < n_models) v[i] = gta_weighted(m[i], x[i][k], b[k], j, a.name_hash);
+            o[k] = gta_mix<MAXN>(m, a, v, b[k]);
         }
         storev<V>((void*)a.out, a.out_dt, g, o);
     }
@@ -268,12 +282,30 @@ __device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, c
 #pragma unroll
         for (int i = 0; i < MAXN; i++) {
             if (i < n_models) {
-                float x = load_elem((const void*)models[i].ptr, models[i].dt, j);
+                float x = load_elem((const void*)m[i].ptr, m[i].dt, j);
                 note_nonfinite(bad, 1 + i, x, j);
-                v[i] = gta_weighted(models[i], x, b, j, a.name_hash);
+                v[i] = gta_weighted(m[i], x, b, j, a.name_hash);
             }
         }
-        store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(models, a, v, b));
+        store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(m, a, v, b));
+    }
+}
+
+// The models go to shared memory, then (up to 8 of them) to registers.
+template <int MAXN, int V>
+__device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, const GtaArgs& a) {
+    __shared__ GtaModel sm[MAXN];
+    int n_models = a.n_models;
+    for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) sm[i] = gmodels[i];
+    __syncthreads();
+    if (MAXN <= 8) {
+        GtaModel rm[MAXN];
+#pragma unroll
+        for (int i = 0; i < MAXN; i++)
+            if (i < n_models) rm[i] = sm[i];
+        gta_loop<MAXN, V>(rm, a);
+    } else {
+        gta_loop<MAXN, V>(sm, a);
     }
 }
 
@@ -283,7 +315,6 @@ extern "C" __global__ void gta_merge_2(const GtaModel* m, GtaArgs a) { gta_body<
 extern "C" __global__ void gta_merge_4(const GtaModel* m, GtaArgs a) { gta_body<4, 4>(m, a); }
 extern "C" __global__ void gta_merge_8(const GtaModel* m, GtaArgs a) { gta_body<8, 4>(m, a); }
 extern "C" __global__ void gta_merge_16(const GtaModel* m, GtaArgs a) { gta_body<16, 4>(m, a); }
-extern "C" __global__ void gta_merge_64(const GtaModel* m, GtaArgs a) { gta_body<64, 4>(m, a); }
 
 // L1 norms of each model's task vector before and after sparsification, for the per-tensor
 // rescale: block c sums elements [c*L1_CHUNK, (c+1)*L1_CHUNK) in f64 with a fixed tree order,

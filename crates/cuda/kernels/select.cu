@@ -205,9 +205,6 @@ extern "C" __global__ void sample_pick_lo(SelModel* sel, const u32* hist) {
     if (threadIdx.x == 0 && b < HBINS) sel[i].guess |= (u32)b;
 }
 
-// Every element of the models in ST_PENDING: keys below lo counted, keys in [lo, hi]
-// histogrammed (fine: [n_models][FINE_BINS]), keys equal to the guess counted per chunk
-// (tie: [n_models][n_tchunks]). Blocks take whole TIE_CHUNK chunks; blockDim.x == 256.
 // Shared by bracket_pass and tie_pass: per element, every selected model's value loaded first,
 // then its key. `counting`: ST_PENDING models, counts below lo, the fine histogram and the
 // guess's per-chunk counts; else ST_TIES models and their per-chunk counts of the guess alone.
@@ -216,7 +213,6 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
                                            const GtaArgs& a, u32* fine, u32* tie, u64 n_tchunks,
                                            bool counting) {
     __shared__ GtaModel models[MAXN];
-    __shared__ unsigned long long below[MAXN];
     __shared__ u32 eq[MAXN], s_lo[MAXN], s_hi[MAXN], s_g[MAXN];
     __shared__ int s_on[MAXN];
     __shared__ int any;
@@ -228,7 +224,6 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
         s_lo[i] = on ? sel[i].lo : 0;
         s_hi[i] = on ? sel[i].hi : 0;
         s_g[i] = on ? sel[i].guess : 0;
-        below[i] = 0;
         eq[i] = 0;
         if (i < n_models) models[i] = gmodels[i];
     }
@@ -240,30 +235,47 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
     __syncthreads();
     if (!any) return;
     int lane = threadIdx.x & 31;
+    // Per-warp counts in registers (the same in every lane), added up once per chunk / block.
+    u64 below_w[MAXN];
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) below_w[i] = 0;
     for (u64 c = blockIdx.x; c < n_tchunks; c += gridDim.x) {
-        for (u64 j = c * TIE_CHUNK + threadIdx.x; j < (c + 1) * TIE_CHUNK; j += blockDim.x) {
-            bool in = j < a.n;
-            float b = in ? load_elem((const void*)a.base, a.base_dt, j) : 0.0f;
-            float x[MAXN];
+        u32 eq_w[MAXN];
+#pragma unroll
+        for (int i = 0; i < MAXN; i++) eq_w[i] = 0;
+        // Two consecutive elements per thread (8- or 4-byte loads); counts ignore order.
+        for (u64 j0 = c * TIE_CHUNK + 2 * threadIdx.x; j0 < (c + 1) * TIE_CHUNK;
+             j0 += 2 * blockDim.x) {
+            bool in0 = j0 < a.n, in1 = j0 + 1 < a.n;
+            float b[2] = {0.0f, 0.0f};
+            if (in0) load2((const void*)a.base, a.base_dt, j0, b);
+            float x[MAXN][2];
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
-                if (i < n_models && s_on[i])
-                    x[i] = in ? load_elem((const void*)models[i].ptr, models[i].dt, j) : 0.0f;
+                if (i < n_models && s_on[i] && in0)
+                    load2((const void*)models[i].ptr, models[i].dt, j0, x[i]);
 #pragma unroll
-            for (int i = 0; i < MAXN; i++) {
-                if (i < n_models && s_on[i]) {
-                    u32 key = in ? mag_key(x[i] - b) : 0xffffffffu;
-                    unsigned e = __ballot_sync(0xffffffffu, in && key == s_g[i]);
-                    if (lane == 0 && e) atomicAdd(&eq[i], (u32)__popc(e));
-                    if (counting) {
-                        u32 lo = s_lo[i], hi = s_hi[i];
-                        unsigned lt = __ballot_sync(0xffffffffu, in && key < lo);
-                        if (lane == 0 && lt) atomicAdd(&below[i], (unsigned long long)__popc(lt));
-                        bool inside = in && key >= lo && key <= hi;
-                        agg_add(fine + (u64)i * FINE_BINS, inside ? key - lo : 0, inside);
+            for (int h = 0; h < 2; h++) {
+                bool in = h == 0 ? in0 : in1;
+#pragma unroll
+                for (int i = 0; i < MAXN; i++) {
+                    if (i < n_models && s_on[i]) {
+                        u32 key = in ? mag_key(x[i][h] - b[h]) : 0xffffffffu;
+                        eq_w[i] += __popc(__ballot_sync(0xffffffffu, in && key == s_g[i]));
+                        if (counting) {
+                            u32 lo = s_lo[i], hi = s_hi[i];
+                            below_w[i] += __popc(__ballot_sync(0xffffffffu, in && key < lo));
+                            bool inside = in && key >= lo && key <= hi;
+                            agg_add(fine + (u64)i * FINE_BINS, inside ? key - lo : 0, inside);
+                        }
                     }
                 }
             }
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < MAXN; i++)
+                if (i < n_models && s_on[i] && eq_w[i]) atomicAdd(&eq[i], eq_w[i]);
         }
         __syncthreads();
         for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) {
@@ -272,9 +284,12 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
         }
         __syncthreads();
     }
-    if (counting)
-        for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x)
-            if (below[i]) atomicAdd((unsigned long long*)&sel[i].before, below[i]);
+    if (counting && lane == 0) {
+#pragma unroll
+        for (int i = 0; i < MAXN; i++)
+            if (i < n_models && s_on[i] && below_w[i])
+                atomicAdd((unsigned long long*)&sel[i].before, (unsigned long long)below_w[i]);
+    }
 }
 
 // Every element of the models in ST_PENDING: keys below lo counted, keys in [lo, hi]
@@ -294,7 +309,6 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
 COUNT_INSTANCE(4)
 COUNT_INSTANCE(8)
 COUNT_INSTANCE(16)
-COUNT_INSTANCE(64)
 
 // One block (1024 threads) per model in ST_PENDING or ST_TIES: K, then the cut.
 extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, const u32* fine,

@@ -270,6 +270,9 @@ impl GpuAccelerator {
 
     /// Whether the tensor's inputs, output and selection buffers fit the free device memory.
     fn fits(&self, plan: &DevicePlan, job: &TensorJob, inputs: usize) -> bool {
+        if matches!(plan, DevicePlan::Gta { .. }) && job.n_models > merge::MAX_MODELS {
+            return false;
+        }
         let n = job.numel() as u64;
         let mut need = (inputs as u64 + 1) * n * 4;
         if matches!(plan, DevicePlan::Gta { .. }) {

@@ -100,6 +100,9 @@ unsafe impl ValidAsZeroBits for SelModel {}
 const ST_DONE: i32 = 1;
 const ST_MISSED: i32 = 3;
 
+/// Most models the pipeline kernels take (more merge on the CPU).
+pub const MAX_MODELS: usize = 16;
+
 const MASK_NONE: i32 = 0;
 const MASK_RANK: i32 = 1;
 const MASK_DARE: i32 = 2;
@@ -438,13 +441,13 @@ pub fn gta(
     let n_models = models.len();
     let n = base.len;
     if n_models == 0
-        || n_models > 64
+        || n_models > MAX_MODELS
         || spec.weights.len() != n_models
         || spec.sparsify.len() != n_models
         || models.iter().any(|t| t.len != n)
     {
         return Err(CudaError::Invalid(format!(
-            "gta: {n_models} models (1 to 64), {} weights, {} sparsifiers, lengths must match",
+            "gta: {n_models} models (1 to {MAX_MODELS}), {} weights, {} sparsifiers, lengths must match",
             spec.weights.len(),
             spec.sparsify.len()
         )));
@@ -561,8 +564,7 @@ pub fn gta(
         0..=2 => ("gta_merge_2", 4),
         3..=4 => ("gta_merge_4", 4),
         5..=8 => ("gta_merge_8", 4),
-        9..=16 => ("gta_merge_16", 4),
-        _ => ("gta_merge_64", 4),
+        _ => ("gta_merge_16", 4),
     };
     args.out = out.addr(s);
     let cfg = gpu.grid((n as u64 / vec).max(1));
@@ -792,8 +794,7 @@ fn count_and_resolve(
     let (pass, ties) = match n_models {
         0..=4 => ("bracket_pass_4", "tie_pass_4"),
         5..=8 => ("bracket_pass_8", "tie_pass_8"),
-        9..=16 => ("bracket_pass_16", "tie_pass_16"),
-        _ => ("bracket_pass_64", "tie_pass_64"),
+        _ => ("bracket_pass_16", "tie_pass_16"),
     };
     let mut b = s.launch_builder(gpu.function(pass));
     b.arg(&*d_models)
