@@ -161,8 +161,8 @@ __device__ __forceinline__ float gta_sparsify(const GtaModel& m, float d, u64 j,
 
 // The pipeline's steps 2-5 for one element from the sparsified task vectors v[0..n_models).
 template <int MAXN>
-__device__ __forceinline__ float gta_mix(const GtaModel (&models)[MAXN], const GtaArgs& a,
-                                         const float* v, float b) {
+__device__ __forceinline__ float gta_mix(const float (&w)[MAXN], const GtaArgs& a, const float* v,
+                                         float b) {
     int n_models = a.n_models;
     float s = 0.0f;
 #pragma unroll
@@ -190,7 +190,7 @@ __device__ __forceinline__ float gta_mix(const GtaModel (&models)[MAXN], const G
             if (i < n_models) {
                 bool take = v[i] * pos > 0.0f;
                 mix += take ? v[i] : 0.0f;
-                div += take ? models[i].weight : 0.0f;
+                div += take ? w[i] : 0.0f;
             }
         }
         div = div == 0.0f ? 1.0f : div;
@@ -236,6 +236,9 @@ template <int MAXN, int V>
 __device__ __forceinline__ void gta_loop(const GtaModel (&m)[MAXN], const GtaArgs& a) {
     int n_models = a.n_models;
     u64* bad = (u64*)a.bad;
+    float w[MAXN];
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) w[i] = i < n_models ? m[i].weight : 0.0f;
     u64 groups = a.n / V;
     GRID_STRIDE(g, groups) {
         float b[V];
@@ -269,7 +272,7 @@ __device__ __forceinline__ void gta_loop(const GtaModel (&m)[MAXN], const GtaArg
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
                 if (i < n_models) v[i] = gta_weighted(m[i], x[i][k], b[k], j, a.name_hash);
-            o[k] = gta_mix<MAXN>(m, a, v, b[k]);
+            o[k] = gta_mix<MAXN>(w, a, v, b[k]);
         }
         storev<V>((void*)a.out, a.out_dt, g, o);
     }
@@ -287,27 +290,140 @@ __device__ __forceinline__ void gta_loop(const GtaModel (&m)[MAXN], const GtaArg
                 v[i] = gta_weighted(m[i], x, b, j, a.name_hash);
             }
         }
-        store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(m, a, v, b));
+        store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(w, a, v, b));
     }
 }
 
-// The models go to shared memory, then (up to 8 of them) to registers.
+// The models in shared memory (any mix of masks).
 template <int MAXN, int V>
 __device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, const GtaArgs& a) {
     __shared__ GtaModel sm[MAXN];
     int n_models = a.n_models;
     for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) sm[i] = gmodels[i];
     __syncthreads();
-    if (MAXN <= 8) {
-        GtaModel rm[MAXN];
+    gta_loop<MAXN, V>(sm, a);
+}
+
+#define MODE_NONE 0
+#define MODE_RANK 1
+#define MODE_DARE 2
+
+// The pipeline with every model's mask of one kind (MODE; a model without a mask gets a cut or
+// threshold that keeps everything, which changes no bit) and the per-model constants in
+// registers: the usual case, up to 8 models, 4 elements per thread.
+template <int MAXN, int MODE>
+__device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const GtaArgs& a) {
+    int n_models = a.n_models;
+    u64 ptr[MAXN], cut[MAXN], thr[MAXN];
+    int dt[MAXN];
+    float w[MAXN], f[MAXN], sc[MAXN];
+    u32 k0[MAXN], k1[MAXN];
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) {
+        if (i < n_models) {
+            ptr[i] = gm[i].ptr;
+            dt[i] = gm[i].dt;
+            w[i] = gm[i].weight;
+            f[i] = gm[i].factor;
+            bool rank = gm[i].mask == MASK_RANK, dare = gm[i].mask == MASK_DARE;
+            cut[i] = rank ? gm[i].cut : ~0ull;
+            thr[i] = dare ? gm[i].threshold : (1ull << 32);
+            sc[i] = dare ? gm[i].scale : 1.0f;
+            k0[i] = gm[i].k0;
+            k1[i] = gm[i].k1;
+        } else {
+            w[i] = 0.0f;
+        }
+    }
+    u64* bad = (u64*)a.bad;
+    u64 groups = a.n / 4;
+    u32 h0 = (u32)a.name_hash, h1 = (u32)(a.name_hash >> 32);
+    GRID_STRIDE(g, groups) {
+        float b[4];
+        load4((const void*)a.base, a.base_dt, g, b);
+        float x[MAXN][4];
 #pragma unroll
         for (int i = 0; i < MAXN; i++)
-            if (i < n_models) rm[i] = sm[i];
-        gta_loop<MAXN, V>(rm, a);
-    } else {
-        gta_loop<MAXN, V>(sm, a);
+            if (i < n_models) load4((const void*)ptr[i], dt[i], g, x[i]);
+        u32 ex = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            ex = max(ex, exp_bits(b[k]));
+#pragma unroll
+            for (int i = 0; i < MAXN; i++)
+                if (i < n_models) ex = max(ex, exp_bits(x[i][k]));
+        }
+        if (ex == 0x7f800000u) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                note_nonfinite(bad, 0, b[k], 4 * g + k);
+#pragma unroll
+                for (int i = 0; i < MAXN; i++)
+                    if (i < n_models) note_nonfinite(bad, 1 + i, x[i][k], 4 * g + k);
+            }
+        }
+        float o[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            u64 j = 4 * g + k;
+            float v[MAXN];
+#pragma unroll
+            for (int i = 0; i < MAXN; i++) {
+                if (i < n_models) {
+                    float d = x[i][k] - b[k];
+                    if (MODE == MODE_RANK) {
+                        u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
+                        d = ((((u64)key) << 32) | j) < cut[i] ? d : 0.0f;
+                    } else if (MODE == MODE_DARE) {
+                        u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0[i], k1[i]);
+                        d = ((u64)r < thr[i]) ? d * sc[i] : 0.0f;
+                    }
+                    v[i] = (d * f[i]) * w[i];
+                }
+            }
+            o[k] = gta_mix<MAXN>(w, a, v, b[k]);
+        }
+        store4((void*)a.out, a.out_dt, g, o);
+    }
+    // Tail: fewer than 4 elements.
+    u64 j = groups * 4 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < a.n) {
+        float b = load_elem((const void*)a.base, a.base_dt, j);
+        note_nonfinite(bad, 0, b, j);
+        float v[MAXN];
+#pragma unroll
+        for (int i = 0; i < MAXN; i++) {
+            if (i < n_models) {
+                float x = load_elem((const void*)ptr[i], dt[i], j);
+                note_nonfinite(bad, 1 + i, x, j);
+                float d = x - b;
+                if (MODE == MODE_RANK) {
+                    u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
+                    d = ((((u64)key) << 32) | j) < cut[i] ? d : 0.0f;
+                } else if (MODE == MODE_DARE) {
+                    u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0[i], k1[i]);
+                    d = ((u64)r < thr[i]) ? d * sc[i] : 0.0f;
+                }
+                v[i] = (d * f[i]) * w[i];
+            }
+        }
+        store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(w, a, v, b));
     }
 }
+
+#define FAST_INSTANCE(N)                                                                     \
+    extern "C" __global__ void gta_plain_##N(const GtaModel* m, GtaArgs a) {                 \
+        gta_fast<N, MODE_NONE>(m, a);                                                        \
+    }                                                                                        \
+    extern "C" __global__ void gta_rank_##N(const GtaModel* m, GtaArgs a) {                  \
+        gta_fast<N, MODE_RANK>(m, a);                                                        \
+    }                                                                                        \
+    extern "C" __global__ void gta_dare_##N(const GtaModel* m, GtaArgs a) {                  \
+        gta_fast<N, MODE_DARE>(m, a);                                                        \
+    }
+FAST_INSTANCE(2)
+FAST_INSTANCE(4)
+FAST_INSTANCE(8)
 
 // Instances by the largest model count they accept (the caller picks the smallest that fits).
 // (4 elements per thread, as merge.rs launches them.)

@@ -265,7 +265,9 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
                         if (counting) {
                             u32 lo = s_lo[i], hi = s_hi[i];
                             below_w[i] += __popc(__ballot_sync(0xffffffffu, in && key < lo));
-                            bool inside = in && key >= lo && key <= hi;
+                            // Keys equal to the guess are counted per chunk (eq_w) and
+                            // added to the histogram by `resolve`: no atomics on a hot bin.
+                            bool inside = in && key >= lo && key <= hi && key != s_g[i];
                             agg_add(fine + (u64)i * FINE_BINS, inside ? key - lo : 0, inside);
                         }
                     }
@@ -311,15 +313,29 @@ COUNT_INSTANCE(8)
 COUNT_INSTANCE(16)
 
 // One block (1024 threads) per model in ST_PENDING or ST_TIES: K, then the cut.
-extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, const u32* fine,
+extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, u32* fine,
                                    const u32* tie, u64 n_tchunks) {
     __shared__ int flags[1024];
     __shared__ u64 found;
+    __shared__ u64 red[1024];
     int i = blockIdx.x;
     int t = threadIdx.x;
     SelModel s = sel[i];
     if (!s.active || (s.state != ST_PENDING && s.state != ST_TIES)) return;
-    const u32* f = fine + (u64)i * FINE_BINS;
+    u32* f = fine + (u64)i * FINE_BINS;
+    if (s.state == ST_PENDING && s.guess >= s.lo && s.guess <= s.hi) {
+        // The guess's elements, counted per chunk by bracket_pass, into its histogram bin.
+        u64 part = 0;
+        for (u64 c = t; c < n_tchunks; c += 1024) part += tie[(u64)i * n_tchunks + c];
+        red[t] = part;
+        __syncthreads();
+        for (int off = 512; off > 0; off >>= 1) {
+            if (t < off) red[t] += red[t + off];
+            __syncthreads();
+        }
+        if (t == 0) f[s.guess - s.lo] += (u32)red[0];
+        __syncthreads();
+    }
     u64 width = (u64)(s.hi - s.lo) + 1;
     if (s.p < s.before) {
         if (t == 0) sel[i].state = ST_MISSED;

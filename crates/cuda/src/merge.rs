@@ -559,13 +559,31 @@ pub fn gta(
         }
         d_models = s.clone_htod(&cur).ctx("uploading the models")?;
     }
-    // (kernel, elements per thread)
-    let (kernel, vec) = match n_models {
-        0..=2 => ("gta_merge_2", 4),
-        3..=4 => ("gta_merge_4", 4),
-        5..=8 => ("gta_merge_8", 4),
-        _ => ("gta_merge_16", 4),
+    // One mask kind for every model (or none) takes the specialised kernels.
+    let kinds: Vec<i32> = host
+        .iter()
+        .map(|m| m.mask)
+        .filter(|&k| k != MASK_NONE)
+        .collect();
+    let mode = match kinds.first() {
+        None => Some("plain"),
+        Some(&k) if kinds.iter().all(|&x| x == k) => {
+            Some(if k == MASK_RANK { "rank" } else { "dare" })
+        }
+        Some(_) => None,
     };
+    let size = match n_models {
+        0..=2 => 2,
+        3..=4 => 4,
+        5..=8 => 8,
+        _ => 16,
+    };
+    let kernel = match mode {
+        Some(m) if size <= 8 => format!("gta_{m}_{size}"),
+        _ => format!("gta_merge_{size}"),
+    };
+    let kernel = kernel.as_str();
+    let vec = 4u64;
     args.out = out.addr(s);
     let cfg = gpu.grid((n as u64 / vec).max(1));
     let mut b = s.launch_builder(gpu.function(kernel));
@@ -822,7 +840,7 @@ fn count_and_resolve(
         b.arg(&mut *d_models)
             .arg(&mut *d_sel)
             .arg(args)
-            .arg(&*fine)
+            .arg(&mut *fine)
             .arg(&*tie)
             .arg(&n_tchunks);
         // SAFETY: argument types match `resolve`.
