@@ -42,6 +42,31 @@ run)
     "$bin" gpu-check --dir "$work" "$@" 2>&1 | tee "$log"
     rc=$?
     echo "gpu-check exit code $rc"
+    # The command line a user types, on the end-to-end check's generated models (when it ran):
+    # `merge --device cuda` and a coordinator with one `worker --device cuda` process, both
+    # compared byte for byte with a CPU merge.
+    cfg="$work/bfloat16/ties.yaml"
+    if [ -f "$cfg" ]; then
+        (
+            set -e
+            o=/tmp/amalgam-cli-check
+            rm -rf "$o"
+            "$bin" merge "$cfg" --out "$o/cpu" --quiet
+            "$bin" merge "$cfg" --out "$o/gpu" --device cuda --quiet
+            echo secret-token >"$o/token"
+            "$bin" coordinator --config "$cfg" --out "$o/cluster" --listen 127.0.0.1:7093 \
+                --token-file "$o/token" --quiet &
+            sleep 1
+            "$bin" worker --coordinator http://127.0.0.1:7093 --token-file "$o/token" \
+                --device cuda --quiet
+            wait
+            for f in "$o"/cpu/*.safetensors; do
+                cmp "$f" "$o/gpu/$(basename "$f")"
+                cmp "$f" "$o/cluster/$(basename "$f")"
+            done
+            echo "cli check: merge --device cuda and worker --device cuda byte-identical to the CPU merge"
+        ) 2>&1 | tee -a "$log" || rc=1
+    fi
     exit $rc
     ;;
 *)

@@ -310,11 +310,13 @@ __device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, c
 
 // The pipeline with every model's mask of one kind (MODE; a model without a mask gets a cut or
 // threshold that keeps everything, which changes no bit) and the per-model constants in
-// registers: the usual case, up to 8 models, 4 elements per thread.
+// registers: the usual case, up to 8 models, 4 elements per thread. MODE_RANK compares flat
+// indices in 32 bits: only for tensors of fewer than 2^32 elements.
 template <int MAXN, int MODE>
 __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const GtaArgs& a) {
     int n_models = a.n_models;
-    u64 ptr[MAXN], cut[MAXN], thr[MAXN];
+    u64 ptr[MAXN], thr[MAXN];
+    u32 ck[MAXN], cj[MAXN];  // the cut's key and index halves (MODE_RANK: n < 2^32)
     int dt[MAXN];
     float w[MAXN], f[MAXN], sc[MAXN];
     u32 k0[MAXN], k1[MAXN];
@@ -326,7 +328,9 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
             w[i] = gm[i].weight;
             f[i] = gm[i].factor;
             bool rank = gm[i].mask == MASK_RANK, dare = gm[i].mask == MASK_DARE;
-            cut[i] = rank ? gm[i].cut : ~0ull;
+            u64 cut = rank ? gm[i].cut : ~0ull;
+            ck[i] = (u32)(cut >> 32);
+            cj[i] = (u32)cut;
             thr[i] = dare ? gm[i].threshold : (1ull << 32);
             sc[i] = dare ? gm[i].scale : 1.0f;
             k0[i] = gm[i].k0;
@@ -373,7 +377,8 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
                     float d = x[i][k] - b[k];
                     if (MODE == MODE_RANK) {
                         u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
-                        d = ((((u64)key) << 32) | j) < cut[i] ? d : 0.0f;
+                        bool keep = key < ck[i] || (key == ck[i] && (u32)j < cj[i]);
+                        d = keep ? d : 0.0f;
                     } else if (MODE == MODE_DARE) {
                         u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0[i], k1[i]);
                         d = ((u64)r < thr[i]) ? d * sc[i] : 0.0f;
@@ -399,7 +404,8 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
                 float d = x - b;
                 if (MODE == MODE_RANK) {
                     u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
-                    d = ((((u64)key) << 32) | j) < cut[i] ? d : 0.0f;
+                    bool keep = key < ck[i] || (key == ck[i] && (u32)j < cj[i]);
+                    d = keep ? d : 0.0f;
                 } else if (MODE == MODE_DARE) {
                     u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0[i], k1[i]);
                     d = ((u64)r < thr[i]) ? d * sc[i] : 0.0f;

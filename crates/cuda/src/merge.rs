@@ -579,7 +579,9 @@ pub fn gta(
         _ => 16,
     };
     let kernel = match mode {
-        Some(m) if size <= 8 => format!("gta_{m}_{size}"),
+        Some(m) if size <= 8 && (m != "rank" || n <= u32::MAX as usize) => {
+            format!("gta_{m}_{size}")
+        }
         _ => format!("gta_merge_{size}"),
     };
     let kernel = kernel.as_str();
