@@ -6,9 +6,10 @@
 
 use crate::device::Gpu;
 use crate::error::{Ctx, CudaError};
+use crate::gram;
 use crate::merge::{self, GtaSpec};
 use crate::tensor::{DType, DeviceTensor};
-use amalgam_core::methods::device::DevicePlan;
+use amalgam_core::methods::device::{DeviceGrouping, DevicePlan};
 use amalgam_core::tensor::{Input, TensorJob, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_engine::device::{Accelerator, Preloaded};
@@ -270,8 +271,14 @@ impl GpuAccelerator {
 
     /// Whether the tensor's inputs, output and selection buffers fit the free device memory.
     fn fits(&self, plan: &DevicePlan, job: &TensorJob, inputs: usize) -> bool {
-        if matches!(plan, DevicePlan::Gta { .. }) && job.n_models > merge::MAX_MODELS {
-            return false;
+        match plan {
+            DevicePlan::Gta { .. } if job.n_models > merge::MAX_MODELS => return false,
+            DevicePlan::Gram {
+                inputs, grouping, ..
+            } if inputs.len() > gram::MAX_INPUTS || *grouping == DeviceGrouping::Axis0 => {
+                return false
+            }
+            _ => {}
         }
         let n = job.numel() as u64;
         let mut need = (inputs as u64 + 1) * n * 4;
@@ -293,6 +300,8 @@ fn plan_inputs(plan: &DevicePlan, job: &TensorJob) -> Vec<Input> {
         DevicePlan::Gta { .. } => std::iter::once(Input::Base)
             .chain((0..job.n_models).map(Input::Model))
             .collect(),
+        // The inputs, then the base.
+        DevicePlan::Gram { inputs, base, .. } => inputs.iter().copied().chain(*base).collect(),
     }
 }
 
@@ -366,6 +375,25 @@ impl Accelerator for GpuAccelerator {
                 let mut spec = GtaSpec::from_options(opts, &job.name, job.seed, sparsify);
                 spec.allow_nonfinite = allow;
                 merge::gta(gpu, &tensors[0], &refs, &spec, out_dtype)
+            }
+            DevicePlan::Gram {
+                inputs: ins,
+                base,
+                grouping,
+                coefficients,
+            } => {
+                let refs: Vec<&DeviceTensor> = tensors[..ins.len()].iter().collect();
+                let base = base.map(|_| &tensors[ins.len()]);
+                gram::gram_merge(
+                    gpu,
+                    &refs,
+                    base,
+                    *grouping,
+                    job.cols(),
+                    coefficients,
+                    out_dtype,
+                    allow,
+                )
             }
         };
         let out = match result {

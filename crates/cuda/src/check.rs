@@ -112,31 +112,55 @@ impl Problem {
         Ok((base, models))
     }
 
-    /// The CPU path's result for method `method` with `params` (one block, as the engine runs
-    /// a tensor that fits its budget).
-    pub fn cpu(&self, method: &str, params: &TensorParams, seed: u64) -> Result<Vec<f32>> {
-        let has_base = method != "linear";
-        let job = TensorJob {
-            name: CHECK_TENSOR.into(),
-            shape: vec![self.len()],
-            n_models: self.models.len() + usize::from(!has_base),
-            has_base,
-            block_elems: self.len(),
-            seed,
-        };
-        let mut models = self.models.clone();
-        if !has_base {
+    /// The CPU path's result for `case` (one block, as the engine runs a tensor that fits its
+    /// budget): the case's first `n_models` models, the base when it takes one (`linear` takes
+    /// the base as its first model).
+    pub fn cpu(&self, case: &Case) -> Result<Vec<f32>> {
+        let linear = case.method == "linear";
+        let mut models: Vec<Vec<f32>> = self.models[..case.n_models].to_vec();
+        if linear {
             models.insert(0, self.base.clone());
         }
+        let job = TensorJob {
+            name: CHECK_TENSOR.into(),
+            shape: shape(self.len()),
+            n_models: models.len(),
+            has_base: case.has_base,
+            block_elems: self.len(),
+            seed: case.seed,
+        };
         let reader = MemReader {
-            base: has_base.then(|| self.base.clone()),
+            base: case.has_base.then(|| self.base.clone()),
             models,
             stats: Default::default(),
         };
-        let m = amalgam_core::methods::build(method, params, job.n_models, has_base)?;
+        let m =
+            amalgam_core::methods::build(case.method, &case.params, job.n_models, case.has_base)?;
         Ok(merge_in_memory(m.as_ref(), &job, &reader)?)
     }
 }
+
+/// Row length of the checks' tensors: [`GRAM_COLS`] when it divides the length, else one row.
+fn cols(len: usize) -> usize {
+    if len.is_multiple_of(GRAM_COLS) {
+        GRAM_COLS
+    } else {
+        len.max(1)
+    }
+}
+
+/// The checks' tensor shape for `len` elements.
+fn shape(len: usize) -> Vec<usize> {
+    let c = cols(len);
+    if c == len {
+        vec![len]
+    } else {
+        vec![len / c, c]
+    }
+}
+
+/// Row length of the checks' 2-D tensors (per-row Gram grouping).
+pub const GRAM_COLS: usize = 256;
 
 /// Compare GPU output (as stored in `dtype`) with the CPU's f32 result stored the same way:
 /// (bit-identical, largest error relative to the largest CPU magnitude).
@@ -215,6 +239,10 @@ pub struct Case {
     pub plan: DevicePlan,
     /// Seed.
     pub seed: u64,
+    /// Models the method takes (the problem's first ones).
+    pub n_models: usize,
+    /// Whether the method takes the base.
+    pub has_base: bool,
 }
 
 /// The checked cases for `n_models` models (besides the base): linear (normalised, the base as
@@ -257,19 +285,76 @@ pub fn cases(n_models: usize) -> Vec<Case> {
     list.into_iter()
         .map(|(method, params)| {
             let has_base = method != "linear";
-            let n = n_models + usize::from(!has_base);
-            let m = amalgam_core::methods::build(method, &params, n, has_base)
-                .expect("valid check parameters");
-            let plan = m
-                .device_plan()
-                .expect("the checked methods have device plans");
-            Case {
-                method,
-                params,
-                plan,
-                seed,
-            }
+            case(method, params, n_models, has_base, seed)
+                .expect("the checked methods have device plans")
         })
+        .collect()
+}
+
+/// A case of `method` on `n_models` models (and the base when `has_base`), or `None` when the
+/// method has no device plan for these parameters.
+fn case(
+    method: &'static str,
+    params: TensorParams,
+    n_models: usize,
+    has_base: bool,
+    seed: u64,
+) -> Option<Case> {
+    let n = n_models + usize::from(method == "linear");
+    let m = amalgam_core::methods::build(method, &params, n, has_base).expect("valid parameters");
+    let plan = m.device_plan()?;
+    Some(Case {
+        method,
+        params,
+        plan,
+        seed,
+        n_models,
+        has_base,
+    })
+}
+
+/// The Gram-based cases with a device plan: SLERP (t = 0.35), NuSLERP whole-tensor and per row
+/// (with a base), multi-SLERP with a base, Karcher mean without one.
+pub fn gram_cases(n_models: usize) -> Vec<Case> {
+    let w: Vec<f64> = (0..n_models).map(|i| 0.6 + 0.3 * i as f64).collect();
+    let seed = 1234;
+    let two = n_models.min(2);
+    let list: Vec<(&'static str, TensorParams, usize, bool)> = vec![
+        (
+            "slerp",
+            TensorParams::default().with_global("t", Scalar::Num(0.35)),
+            1,
+            true,
+        ),
+        (
+            "nuslerp",
+            TensorParams::default().with_model_values("weight", &w[..two]),
+            two,
+            true,
+        ),
+        (
+            "nuslerp",
+            TensorParams::default()
+                .with_model_values("weight", &w[..two])
+                .with_global("nuslerp_flatten", Scalar::Bool(false)),
+            two,
+            true,
+        ),
+        (
+            "multislerp",
+            TensorParams::default().with_model_values("weight", &w),
+            n_models,
+            true,
+        ),
+        (
+            "karcher",
+            TensorParams::default().with_model_values("weight", &w),
+            n_models,
+            false,
+        ),
+    ];
+    list.into_iter()
+        .filter_map(|(m, p, n, b)| case(m, p, n, b, seed))
         .collect()
 }
 
@@ -292,6 +377,30 @@ pub fn run_case(
             let spec = GtaSpec::from_options(opts, CHECK_TENSOR, case.seed, sparsify);
             merge::gta(gpu, base, &refs, &spec, out)
         }
+        DevicePlan::Gram {
+            inputs,
+            base: with_base,
+            grouping,
+            coefficients,
+        } => {
+            // Problem layout: input Model(i) is models[i], the base is `base`.
+            let pick = |i: &amalgam_core::tensor::Input| match i {
+                amalgam_core::tensor::Input::Base => base,
+                amalgam_core::tensor::Input::Model(k) => &models[*k],
+            };
+            let refs: Vec<&DeviceTensor> = inputs.iter().map(pick).collect();
+            let b = with_base.as_ref().map(pick);
+            crate::gram::gram_merge(
+                gpu,
+                &refs,
+                b,
+                *grouping,
+                cols(base.len),
+                coefficients,
+                out,
+                false,
+            )
+        }
     }
 }
 
@@ -299,9 +408,16 @@ pub fn run_case(
 pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
     let (base, models) = p.upload(gpu)?;
     let mut rows = Vec::new();
-    for case in cases(p.models.len()) {
-        let name = format!("parity {} {label}", case.method);
-        let cpu = p.cpu(case.method, &case.params, case.seed)?;
+    let all = cases(p.models.len())
+        .into_iter()
+        .chain(gram_cases(p.models.len()));
+    for case in all {
+        let method = match &case.plan {
+            DevicePlan::Gram { grouping, .. } => format!("{}/{grouping:?}", case.method),
+            _ => case.method.to_string(),
+        };
+        let name = format!("parity {method} {label}");
+        let cpu = p.cpu(&case)?;
         let got = match run_case(gpu, &case, &base, &models, p.dtype).and_then(|t| t.bytes(gpu)) {
             Ok(g) => g,
             Err(e) => {

@@ -14,6 +14,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("merge.cu", include_str!("../kernels/merge.cu")),
     ("select.cu", include_str!("../kernels/select.cu")),
+    ("gram.cu", include_str!("../kernels/gram.cu")),
     ("cg.cu", include_str!("../kernels/cg.cu")),
 ];
 
@@ -51,6 +52,10 @@ pub const KERNELS: &[&str] = &[
     "tie_pass_8",
     "tie_pass_16",
     "resolve",
+    "gram_seq_2",
+    "gram_seq_4",
+    "gram_seq_8",
+    "gram_combine",
     "full_hist",
     "full_pick",
 ];

@@ -8,6 +8,7 @@
 //! - [`merge`]: linear / task arithmetic in one fused pass, and the task-arithmetic family
 //!   (TIES with exact per-tensor magnitude selection, DARE with the CPU's Philox masks);
 //! - [`accel`]: the engine's accelerator: pinned, double-buffered transfers around the kernels;
+//! - [`gram`]: the Gram-based methods (SLERP family, Karcher mean) with the CPU's exact sums;
 //! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS;
 //! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`.
 
@@ -16,6 +17,7 @@ pub mod cg;
 pub mod check;
 pub mod device;
 pub mod error;
+pub mod gram;
 pub mod kernels;
 pub mod merge;
 pub mod tensor;

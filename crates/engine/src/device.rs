@@ -63,3 +63,116 @@ impl std::fmt::Debug for Device {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs::open_and_plan;
+    use crate::run::{execute, MergeOptions, NoProgress};
+    use crate::synth::{write_model, SynthSpec, SynthValues};
+    use amalgam_core::config::parse_config;
+    use std::sync::{Arc, Mutex};
+
+    /// An accelerator that preloads a tag (the tensor's name) and, when asked to merge, records
+    /// which tag it was handed and declines, so the CPU merges: the engine's preload plumbing
+    /// is checked against a plain CPU run.
+    #[derive(Default)]
+    struct Recorder {
+        preloads: Mutex<Vec<String>>,
+        merges: Mutex<Vec<(String, Option<String>)>>,
+    }
+
+    impl Accelerator for Recorder {
+        fn describe(&self) -> String {
+            "recorder".into()
+        }
+
+        fn preload(
+            &self,
+            _plan: &DevicePlan,
+            job: &TensorJob,
+            _reader: &dyn TensorReader,
+        ) -> Result<Option<Preloaded>, EngineError> {
+            self.preloads.lock().expect("lock").push(job.name.clone());
+            Ok(Some(Preloaded(Box::new(job.name.clone()))))
+        }
+
+        fn merge(
+            &self,
+            _plan: &DevicePlan,
+            job: &TensorJob,
+            _reader: &dyn TensorReader,
+            _writer: &mut dyn TensorOut,
+            preloaded: Option<Preloaded>,
+        ) -> Result<bool, EngineError> {
+            let tag = preloaded.and_then(|p| p.0.downcast::<String>().ok().map(|s| *s));
+            self.merges
+                .lock()
+                .expect("lock")
+                .push((job.name.clone(), tag));
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn preloads_reach_their_own_tensor_and_the_output_is_the_cpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = SynthSpec::tiny();
+        for (i, name) in ["base", "a", "b"].iter().enumerate() {
+            let v = SynthValues {
+                base_seed: 3,
+                delta_seed: 50 + i as u64,
+                delta_scale: if i == 0 { 0.0 } else { 0.01 },
+                delta_density: 1.0,
+            };
+            write_model(&dir.path().join(name), &spec, &v, 1 << 30, true).expect("model");
+        }
+        let yaml = "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1.0, density: 0.5}\n  - model: b\n    parameters: {weight: 0.5, density: 0.5}\n";
+        let (config, _) = parse_config(yaml, true).expect("config");
+        let (inputs, plan) = open_and_plan(&config, Some(dir.path())).expect("plan");
+        let run = |out: &str, device: Device| {
+            let opts = MergeOptions {
+                out_dir: dir.path().join(out),
+                memory_budget: 1 << 30,
+                out_shard_size: 5_000_000_000,
+                overwrite: false,
+                allow_nonfinite: false,
+                device,
+            };
+            execute(
+                &config,
+                &plan,
+                &inputs,
+                Some(dir.path()),
+                &opts,
+                &NoProgress,
+            )
+            .expect("run");
+            std::fs::read(dir.path().join(out).join("model.safetensors")).expect("output")
+        };
+        let cpu = run("cpu", Device::Cpu);
+        let rec = Arc::new(Recorder::default());
+        let via = run("acc", Device::Accelerator(rec.clone()));
+        assert_eq!(
+            cpu, via,
+            "declined tensors must be merged by the CPU, unchanged"
+        );
+        let merges = rec.merges.lock().expect("lock").clone();
+        let merged: Vec<&str> = plan
+            .tensors
+            .iter()
+            .filter(|t| !t.copy_raw)
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(merges.len(), merged.len());
+        for ((name, tag), want) in merges.iter().zip(&merged) {
+            assert_eq!(name, want, "tensors are merged in plan order");
+            assert_eq!(
+                tag.as_deref(),
+                Some(name.as_str()),
+                "each merge gets its own preload"
+            );
+        }
+        assert_eq!(rec.preloads.lock().expect("lock").len(), merged.len());
+    }
+}

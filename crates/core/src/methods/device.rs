@@ -3,7 +3,10 @@
 //! a [`DevicePlan`] from [`crate::methods::MergeMethod::device_plan`] promises that running the
 //! plan with the same f32 operations per element gives its result.
 
+use crate::error::Result;
 use crate::methods::gta::GtaOptions;
+use crate::tensor::Input;
+use std::sync::Arc;
 
 /// How one model's task vector is sparsified before the pipeline's mix.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,8 +29,47 @@ pub enum DeviceSparsify {
     },
 }
 
-/// A method's work on one tensor in a form a device can run.
+/// How the Gram-based methods group a tensor's elements into vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceGrouping {
+    /// The whole flattened tensor is one vector.
+    Whole,
+    /// Each row along the last dimension is a vector (1-D tensors and scalars: one vector).
+    Rows,
+    /// Each fibre along dimension 0 is a vector.
+    Axis0,
+}
+
+/// The Gram matrices of one tensor: `G_ij = x_i·x_j` (f64) per vector (group).
 #[derive(Debug, Clone, PartialEq)]
+pub struct GramMatrices {
+    /// Vectors per group (the number of inputs).
+    pub n: usize,
+    /// Number of groups.
+    pub groups: usize,
+    /// `groups × n × n`, row-major per group, symmetric.
+    pub data: Vec<f64>,
+}
+
+impl GramMatrices {
+    /// G_ij of group `g`.
+    #[inline]
+    pub fn get(&self, g: usize, i: usize, j: usize) -> f64 {
+        self.data[(g * self.n + i) * self.n + j]
+    }
+
+    /// The n×n matrix of group `g`, row-major.
+    pub fn matrix(&self, g: usize) -> &[f64] {
+        &self.data[g * self.n * self.n..(g + 1) * self.n * self.n]
+    }
+}
+
+/// A Gram-based method's coefficient step: per group, one f32 coefficient per input
+/// (`groups × n`, group-major).
+pub type CoefficientFn = Arc<dyn Fn(&GramMatrices) -> Result<Vec<f32>> + Send + Sync>;
+
+/// A method's work on one tensor in a form a device can run.
+#[derive(Clone)]
 pub enum DevicePlan {
     /// `Σ_i x_i·w_i` over the inputs in order, divided by `divisor` when given.
     Linear {
@@ -43,4 +85,46 @@ pub enum DevicePlan {
         /// Per-model sparsification.
         sparsify: Vec<DeviceSparsify>,
     },
+    /// The Gram-based methods (`slerp`, `nuslerp`, `multislerp`, `karcher`): with
+    /// `x_i = input_i − base` (f32; the input itself without a base), the Gram matrices of the
+    /// x_i per vector of `grouping`, then `out = Σ_i c_i·x_i (+ base)` per element in f32, input
+    /// order, with the coefficients `coefficients(G)` of the element's group.
+    Gram {
+        /// The vectors' inputs, in order.
+        inputs: Vec<Input>,
+        /// Subtracted from every input, and added back to the output.
+        base: Option<Input>,
+        /// How elements are grouped into vectors.
+        grouping: DeviceGrouping,
+        /// The method's coefficients from the Gram matrices.
+        coefficients: CoefficientFn,
+    },
+}
+
+impl std::fmt::Debug for DevicePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DevicePlan::Linear { weights, divisor } => f
+                .debug_struct("Linear")
+                .field("weights", weights)
+                .field("divisor", divisor)
+                .finish(),
+            DevicePlan::Gta { opts, sparsify } => f
+                .debug_struct("Gta")
+                .field("opts", opts)
+                .field("sparsify", sparsify)
+                .finish(),
+            DevicePlan::Gram {
+                inputs,
+                base,
+                grouping,
+                ..
+            } => f
+                .debug_struct("Gram")
+                .field("inputs", inputs)
+                .field("base", base)
+                .field("grouping", grouping)
+                .finish_non_exhaustive(),
+        }
+    }
 }

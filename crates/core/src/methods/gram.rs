@@ -15,7 +15,8 @@
 //! their elements sequentially in flat element order. Both give results that do not depend on
 //! the block size or the thread count.
 
-use crate::error::Result;
+use crate::error::{MergeError, Result};
+use crate::methods::device::{DeviceGrouping, GramMatrices};
 use crate::raw::{give_f32, take_f32, BlockInputs, STREAM_BLOCK, TILE};
 use crate::reduce::ChunkedSum;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
@@ -31,6 +32,16 @@ pub(crate) enum Grouping {
     Rows,
     /// Each fibre along dimension 0 is a vector (torch `transpose(0, -1)` then per row).
     Axis0,
+}
+
+impl From<Grouping> for DeviceGrouping {
+    fn from(g: Grouping) -> Self {
+        match g {
+            Grouping::Whole => DeviceGrouping::Whole,
+            Grouping::Rows => DeviceGrouping::Rows,
+            Grouping::Axis0 => DeviceGrouping::Axis0,
+        }
+    }
 }
 
 /// Maps a flat element index to its vector (group) index.
@@ -137,25 +148,23 @@ impl<'a> Blocks<'a> {
     }
 }
 
-/// Symmetric Gram matrices, one per vector (group).
-#[derive(Debug, Clone)]
-pub(crate) struct Gram {
-    n: usize,
-    /// `groups × n × n`, row-major per group.
-    data: Vec<f64>,
-}
-
-impl Gram {
-    /// G_ij of vector `g`.
-    #[inline]
-    pub(crate) fn get(&self, g: usize, i: usize, j: usize) -> f64 {
-        self.data[(g * self.n + i) * self.n + j]
+/// Check that `g` holds `n × n` matrices for some number of groups, so that a device's Gram
+/// matrices cannot make a coefficient function index out of bounds.
+pub(crate) fn check_gram(g: &GramMatrices, n: usize, method: &str) -> Result<()> {
+    if g.n != n || g.groups.checked_mul(n * n) != Some(g.data.len()) {
+        return Err(MergeError::BadInputs {
+            method: method.into(),
+            message: format!(
+                "internal error: Gram matrices for {} input(s) in {} group(s) with {} values, \
+                 expected {n} input(s) and {} values per group",
+                g.n,
+                g.groups,
+                g.data.len(),
+                n * n
+            ),
+        });
     }
-
-    /// The n×n matrix of vector `g`, row-major.
-    pub(crate) fn matrix(&self, g: usize) -> &[f64] {
-        &self.data[g * self.n * self.n..(g + 1) * self.n * self.n]
-    }
+    Ok(())
 }
 
 fn pairs(n: usize) -> Vec<(usize, usize)> {
@@ -163,7 +172,8 @@ fn pairs(n: usize) -> Vec<(usize, usize)> {
 }
 
 /// One pass over the blocks: the Gram matrix of `inputs` (each minus `base` when given) per
-/// vector of `map`.
+/// vector of `map`, as the [`GramMatrices`] a device computes for a
+/// [`crate::methods::device::DevicePlan::Gram`].
 // Element loops index several input buffers at once; iterator chains would obscure that.
 #[allow(clippy::needless_range_loop)]
 pub(crate) fn gram(
@@ -172,7 +182,7 @@ pub(crate) fn gram(
     inputs: &[Input],
     base: Option<Input>,
     map: GroupMap,
-) -> Result<Gram> {
+) -> Result<GramMatrices> {
     let n = inputs.len();
     let pairs = pairs(n);
     let np = pairs.len();
@@ -255,7 +265,7 @@ pub(crate) fn gram(
             data[(g * n + j) * n + i] = v;
         }
     }
-    Ok(Gram { n, data })
+    Ok(GramMatrices { n, groups, data })
 }
 
 /// One tile of every input of [`map_blocks`]: `x[i][..len]` is input `i` (minus the base
@@ -420,8 +430,10 @@ pub(crate) fn matvec(m: &[f64], b: &[f64]) -> Vec<f64> {
 /// Helpers shared by the tests of the methods built on this module.
 #[cfg(test)]
 pub(crate) mod testutil {
+    use crate::error::Result;
+    use crate::methods::device::{DeviceGrouping, DevicePlan, GramMatrices};
     use crate::methods::MergeMethod;
-    use crate::tensor::{merge_in_memory, MemReader, TensorJob};
+    use crate::tensor::{merge_in_memory, Input, MemReader, TensorJob};
 
     /// Deterministic pseudo-random values in [-1, 1) (xorshift64*).
     pub(crate) fn rand_vec(seed: u64, n: usize) -> Vec<f32> {
@@ -510,5 +522,133 @@ pub(crate) mod testutil {
     /// f64 dot product.
     pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Run a [`DevicePlan::Gram`] on `r` the way its documentation says a device does, written
+    /// independently of the CPU path: x_i = input_i − base in f32, the Gram matrix of each group
+    /// summed naively in f64 in flat element order, the plan's coefficients, then
+    /// out = Σ_i c_i·x_i (+ base) in f32 in input order, from 0.
+    // Element loops index several input buffers at once, as a device kernel does.
+    #[allow(clippy::needless_range_loop)]
+    pub(crate) fn emulate_gram_plan(
+        plan: &DevicePlan,
+        shape: &[usize],
+        r: &MemReader,
+    ) -> Result<Vec<f32>> {
+        let DevicePlan::Gram {
+            inputs,
+            base,
+            grouping,
+            coefficients,
+        } = plan
+        else {
+            panic!("not a Gram plan: {plan:?}");
+        };
+        let get = |i: Input| -> &Vec<f32> {
+            match i {
+                Input::Base => r.base.as_ref().expect("base"),
+                Input::Model(k) => &r.models[k],
+            }
+        };
+        let numel: usize = shape.iter().product();
+        let b = base.map(get);
+        let xs: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|&i| {
+                let v = get(i);
+                assert_eq!(v.len(), numel);
+                match b {
+                    Some(b) => v.iter().zip(b).map(|(x, y)| x - y).collect(),
+                    None => v.clone(),
+                }
+            })
+            .collect();
+        // Group of each flat element.
+        let (groups, group_of): (usize, Box<dyn Fn(usize) -> usize>) = match grouping {
+            DeviceGrouping::Whole => (1, Box::new(|_| 0)),
+            DeviceGrouping::Rows => {
+                let cols = if shape.len() >= 2 {
+                    shape[shape.len() - 1]
+                } else {
+                    numel
+                };
+                (numel / cols, Box::new(move |e| e / cols))
+            }
+            DeviceGrouping::Axis0 => {
+                let inner = numel / shape.first().copied().unwrap_or(1);
+                (inner, Box::new(move |e| e % inner))
+            }
+        };
+        let n = inputs.len();
+        let mut data = vec![0.0f64; groups * n * n];
+        for e in 0..numel {
+            let g = group_of(e);
+            for i in 0..n {
+                for j in 0..n {
+                    data[(g * n + i) * n + j] += f64::from(xs[i][e]) * f64::from(xs[j][e]);
+                }
+            }
+        }
+        let c = coefficients(&GramMatrices { n, groups, data })?;
+        assert_eq!(c.len(), groups * n);
+        Ok((0..numel)
+            .map(|e| {
+                let g = group_of(e);
+                let mut acc = 0.0f32;
+                for i in 0..n {
+                    acc += c[g * n + i] * xs[i][e];
+                }
+                if let Some(b) = b {
+                    acc += b[e];
+                }
+                acc
+            })
+            .collect())
+    }
+
+    /// Assert that `method`'s device plan, run by [`emulate_gram_plan`], gives the CPU merge's
+    /// result: bit-identical, except for a whole-tensor grouping of more than one reduction
+    /// chunk (the CPU then sums the Gram matrix chunk by chunk, the emulation sequentially, so
+    /// the coefficients may differ in the last bit), where the relative error must be ≤ 1e-6.
+    /// Returns whether the bits agreed.
+    pub(crate) fn assert_device_matches(
+        method: &dyn MergeMethod,
+        job: &TensorJob,
+        r: &MemReader,
+    ) -> bool {
+        let cpu = run_invariant(method, job, r);
+        let plan = method.device_plan().expect("a device plan");
+        let dev = emulate_gram_plan(&plan, &job.shape, r).expect("device emulation");
+        let DevicePlan::Gram { grouping, .. } = plan else {
+            unreachable!("checked by emulate_gram_plan")
+        };
+        let same = bits(&cpu) == bits(&dev);
+        if grouping != DeviceGrouping::Whole || job.numel() <= crate::reduce::REDUCE_CHUNK {
+            assert!(
+                same,
+                "device plan differs from the CPU merge ({grouping:?})"
+            );
+        } else {
+            let err = max_rel_err(&dev, &cpu);
+            assert!(err <= 1e-6, "device plan off by {err} relative");
+        }
+        same
+    }
+
+    /// Bits of a vector.
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Largest |a − b| / max(|b|, 1e-30) over the elements.
+    pub(crate) fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let (x, y) = (f64::from(*x), f64::from(*y));
+                (x - y).abs() / y.abs().max(1e-30)
+            })
+            .fold(0.0, f64::max)
     }
 }

@@ -26,12 +26,14 @@
 //! `base_model` among the inputs is one more point of the mean).
 
 use crate::error::{MergeError, Result};
+use crate::methods::device::{DevicePlan, GramMatrices};
 use crate::methods::gram::{
-    copy_input, gram, matvec, qform, write_combination, GroupMap, Grouping,
+    check_gram, copy_input, gram, matvec, qform, write_combination, GroupMap, Grouping,
 };
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use std::sync::Arc;
 
 /// Static facts about `karcher`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -102,8 +104,26 @@ impl Karcher {
         })
     }
 
-    /// Coefficients c_i such that out = Σ c_i θ_i, from the Gram matrix `g` of the models.
-    fn coefficients(&self, g: &[f64]) -> Vec<f64> {
+    /// The whole tensor is one vector.
+    const GROUPING: Grouping = Grouping::Whole;
+
+    /// The vectors' inputs: every model (no base).
+    fn inputs(&self) -> Vec<Input> {
+        (0..self.alphas.len()).map(Input::Model).collect()
+    }
+
+    /// The f32 coefficients of every group (`groups × N`), from the Gram matrices of
+    /// [`Self::inputs`].
+    fn coefficients(&self, g: &GramMatrices) -> Result<Vec<f32>> {
+        check_gram(g, self.alphas.len(), "karcher")?;
+        Ok((0..g.groups)
+            .flat_map(|k| self.group_coefficients(g.matrix(k)))
+            .map(|v| v as f32)
+            .collect())
+    }
+
+    /// Coefficients c_i such that out = Σ c_i θ_i, from one Gram matrix `g` of the models.
+    fn group_coefficients(&self, g: &[f64]) -> Vec<f64> {
         let n = self.alphas.len();
         let tol = self.tol;
         let norms: Vec<f64> = (0..n).map(|i| g[i * n + i].max(0.0).sqrt()).collect();
@@ -188,15 +208,25 @@ impl MergeMethod for Karcher {
         if n == 1 {
             return copy_input(job, reader, writer, Input::Model(0));
         }
-        let inputs: Vec<Input> = (0..n).map(Input::Model).collect();
-        let map = GroupMap::new(job, Grouping::Whole);
+        let inputs = self.inputs();
+        let map = GroupMap::new(job, Self::GROUPING);
         let g = gram(job, reader, &inputs, None, map)?;
-        let c: Vec<f32> = self
-            .coefficients(g.matrix(0))
-            .iter()
-            .map(|&v| v as f32)
-            .collect();
+        let c = self.coefficients(&g)?;
         write_combination(job, reader, writer, &inputs, None, map, &c)
+    }
+
+    /// None for a single model (copied unchanged, which keeps −0.0 where Σ c_i θ_i would not).
+    fn device_plan(&self) -> Option<DevicePlan> {
+        if self.alphas.len() == 1 {
+            return None;
+        }
+        let method = self.clone();
+        Some(DevicePlan::Gram {
+            inputs: self.inputs(),
+            base: None,
+            grouping: Self::GROUPING.into(),
+            coefficients: Arc::new(move |g| method.coefficients(g)),
+        })
     }
 }
 
@@ -354,6 +384,75 @@ mod tests {
             models: vec![x.clone()],
         };
         assert_eq!(run(&m1, &job(&[n], 1, false, 64), &r), x);
+    }
+
+    #[test]
+    fn device_plan_matches_merge() {
+        // N = 2..4 and the weighted extension, within one reduction chunk and over several.
+        for shape in [vec![43, 47], vec![129, 133]] {
+            let n: usize = shape.iter().product();
+            let common = rand_vec(199, n);
+            let models: Vec<Vec<f32>> = (0..4)
+                .map(|i| {
+                    let r = rand_vec(150 + i, n);
+                    let s = 0.5 + i as f32 * 0.3;
+                    common
+                        .iter()
+                        .zip(&r)
+                        .map(|(c, x)| s * (c + 0.7 * x))
+                        .collect()
+                })
+                .collect();
+            let weighted = TensorParams::default()
+                .with_global("karcher_weighted", Scalar::Bool(true))
+                .with_global("max_iter", Scalar::Num(3.0))
+                .with_model_values("weight", &[1.0, 3.0, 0.5]);
+            for (p, k) in [
+                (TensorParams::default(), 2usize),
+                (TensorParams::default(), 3),
+                (TensorParams::default(), 4),
+                (weighted, 3),
+            ] {
+                let m = Karcher::from_params(&p, k).expect("build");
+                let r = MemReader {
+                    stats: Default::default(),
+                    base: None,
+                    models: models[..k].to_vec(),
+                };
+                assert_device_matches(&m, &job(&shape, k, false, 500), &r);
+                let Some(DevicePlan::Gram {
+                    inputs,
+                    base,
+                    grouping,
+                    ..
+                }) = m.device_plan()
+                else {
+                    panic!("no Gram plan")
+                };
+                assert_eq!(inputs, (0..k).map(Input::Model).collect::<Vec<_>>());
+                assert_eq!(base, None);
+                assert_eq!(grouping, crate::methods::device::DeviceGrouping::Whole);
+            }
+        }
+        // A zero model, all-zero models, identical models.
+        let x = rand_vec(201, 300);
+        let z = vec![0.0f32; 300];
+        let m = Karcher::from_params(&TensorParams::default(), 2).expect("build");
+        for models in [
+            vec![x.clone(), z.clone()],
+            vec![z.clone(), z],
+            vec![x.clone(), x],
+        ] {
+            let r = MemReader {
+                stats: Default::default(),
+                base: None,
+                models,
+            };
+            assert_device_matches(&m, &job(&[300], 2, false, 64), &r);
+        }
+        // A single model is copied on the CPU.
+        let m = Karcher::from_params(&TensorParams::default(), 1).expect("build");
+        assert!(m.device_plan().is_none());
     }
 
     #[test]

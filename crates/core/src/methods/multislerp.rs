@@ -28,12 +28,14 @@
 //! is zero" error for N ≥ 3 (for N = 2 mergekit's fallback gives the same result).
 
 use crate::error::{MergeError, Result};
+use crate::methods::device::{DevicePlan, GramMatrices};
 use crate::methods::gram::{
-    copy_input, gram, matvec, qform, write_combination, GroupMap, Grouping,
+    check_gram, copy_input, gram, matvec, qform, write_combination, GroupMap, Grouping,
 };
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use std::sync::Arc;
 
 /// Static facts about `multislerp`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -102,8 +104,31 @@ impl Multislerp {
         })
     }
 
-    /// Coefficients c_i such that out = Σ c_i x_i (+ base), from the Gram matrix `g`.
-    fn coefficients(&self, g: &[f64]) -> Result<Vec<f64>> {
+    /// The whole tensor is one vector.
+    const GROUPING: Grouping = Grouping::Whole;
+
+    /// The vectors' inputs: every model (minus the base when one is set).
+    fn inputs(&self) -> Vec<Input> {
+        (0..self.weights.len()).map(Input::Model).collect()
+    }
+
+    /// The f32 coefficients of every group (`groups × N`), from the Gram matrices of
+    /// [`Self::inputs`].
+    fn coefficients(&self, g: &GramMatrices) -> Result<Vec<f32>> {
+        check_gram(g, self.weights.len(), "multislerp")?;
+        let mut c = Vec::with_capacity(g.groups * g.n);
+        for k in 0..g.groups {
+            c.extend(
+                self.group_coefficients(g.matrix(k))?
+                    .iter()
+                    .map(|&v| v as f32),
+            );
+        }
+        Ok(c)
+    }
+
+    /// Coefficients c_i such that out = Σ c_i x_i (+ base), from one Gram matrix `g`.
+    fn group_coefficients(&self, g: &[f64]) -> Result<Vec<f64>> {
         let n = self.weights.len();
         let w = &self.weights;
         let eps = self.eps;
@@ -167,16 +192,27 @@ impl MergeMethod for Multislerp {
         if n == 1 {
             return copy_input(job, reader, writer, Input::Model(0));
         }
-        let inputs: Vec<Input> = (0..n).map(Input::Model).collect();
+        let inputs = self.inputs();
         let base = (self.has_base && job.has_base).then_some(Input::Base);
-        let map = GroupMap::new(job, Grouping::Whole);
+        let map = GroupMap::new(job, Self::GROUPING);
         let g = gram(job, reader, &inputs, base, map)?;
-        let c: Vec<f32> = self
-            .coefficients(g.matrix(0))?
-            .iter()
-            .map(|&v| v as f32)
-            .collect();
+        let c = self.coefficients(&g)?;
         write_combination(job, reader, writer, &inputs, base, map, &c)
+    }
+
+    /// None for a single model (copied unchanged, which keeps −0.0 where Σ c_i x_i would not);
+    /// otherwise the base is the one the method was built with (the executor's jobs agree).
+    fn device_plan(&self) -> Option<DevicePlan> {
+        if self.weights.len() == 1 {
+            return None;
+        }
+        let method = self.clone();
+        Some(DevicePlan::Gram {
+            inputs: self.inputs(),
+            base: self.has_base.then_some(Input::Base),
+            grouping: Self::GROUPING.into(),
+            coefficients: Arc::new(move |g| method.coefficients(g)),
+        })
     }
 }
 
@@ -333,6 +369,68 @@ mod tests {
 
     fn merge_err(m: &dyn MergeMethod, j: &TensorJob, r: &MemReader) -> bool {
         crate::tensor::merge_in_memory(m, j, r).is_err()
+    }
+
+    #[test]
+    fn device_plan_matches_merge() {
+        // N = 2..4, with and without a base, within one reduction chunk and over several.
+        let w = [0.4, 1.0, 0.7, 0.2];
+        for shape in [vec![37, 41], vec![150, 131]] {
+            let n: usize = shape.iter().product();
+            let models: Vec<Vec<f32>> = (0..4).map(|i| rand_vec(80 + i, n)).collect();
+            let base = rand_vec(90, n);
+            for with_base in [false, true] {
+                for k in [2usize, 3, 4] {
+                    let m = Multislerp::from_params(&params(&w[..k]), k, with_base).expect("build");
+                    let r = MemReader {
+                        stats: Default::default(),
+                        base: with_base.then(|| base.clone()),
+                        models: models[..k].to_vec(),
+                    };
+                    assert_device_matches(&m, &job(&shape, k, with_base, 300), &r);
+                    let Some(DevicePlan::Gram {
+                        inputs,
+                        base,
+                        grouping,
+                        ..
+                    }) = m.device_plan()
+                    else {
+                        panic!("no Gram plan")
+                    };
+                    assert_eq!(inputs, (0..k).map(Input::Model).collect::<Vec<_>>());
+                    assert_eq!(base, with_base.then_some(Input::Base));
+                    assert_eq!(grouping, crate::methods::device::DeviceGrouping::Whole);
+                }
+            }
+        }
+        // The two-model fallback, all-zero task vectors, and mergekit's error.
+        let a = rand_vec(91, 200);
+        let neg: Vec<f32> = a.iter().map(|x| -x).collect();
+        let m = Multislerp::from_params(&params(&[1.0, 1.0]), 2, false).expect("build");
+        let r = MemReader {
+            stats: Default::default(),
+            base: None,
+            models: vec![a.clone(), neg.clone()],
+        };
+        assert_device_matches(&m, &job(&[200], 2, false, 64), &r);
+        let m = Multislerp::from_params(&params(&[1.0, 1.0, 1.0]), 3, true).expect("build");
+        let r = MemReader {
+            stats: Default::default(),
+            base: Some(a.clone()),
+            models: vec![a.clone(), a.clone(), a.clone()],
+        };
+        assert_device_matches(&m, &job(&[200], 3, true, 64), &r);
+        let m = Multislerp::from_params(&params(&[1.0, 1.0, 2.0]), 3, false).expect("build");
+        let r = MemReader {
+            stats: Default::default(),
+            base: None,
+            models: vec![a.clone(), a, neg],
+        };
+        let plan = m.device_plan().expect("plan");
+        assert!(emulate_gram_plan(&plan, &[200], &r).is_err());
+        // A single model is copied on the CPU.
+        let m = Multislerp::from_params(&params(&[0.3]), 1, true).expect("build");
+        assert!(m.device_plan().is_none());
     }
 
     #[test]

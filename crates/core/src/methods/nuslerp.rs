@@ -25,10 +25,12 @@
 //! branches agree to O(θ²).
 
 use crate::error::{MergeError, Result};
-use crate::methods::gram::{gram, write_combination, GroupMap, Grouping};
+use crate::methods::device::{DevicePlan, GramMatrices};
+use crate::methods::gram::{check_gram, gram, write_combination, GroupMap, Grouping};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use std::sync::Arc;
 
 /// Static facts about `nuslerp`. `exact_models` excludes the (optional) base.
 pub const INFO: MethodInfo = MethodInfo {
@@ -108,6 +110,20 @@ impl Nuslerp {
             has_base,
         })
     }
+
+    /// The vectors' inputs: the two models (minus the base when one is set).
+    const INPUTS: [Input; 2] = [Input::Model(0), Input::Model(1)];
+
+    /// The coefficients on (v₀, v₁) of every group, from the Gram matrices of [`Self::INPUTS`].
+    fn coefficients(&self, g: &GramMatrices) -> Result<Vec<f32>> {
+        check_gram(g, 2, "nuslerp")?;
+        Ok((0..g.groups)
+            .flat_map(|k| {
+                let (c0, c1) = coefs(self.t, g.get(k, 0, 0), g.get(k, 1, 1), g.get(k, 0, 1));
+                [c0 as f32, c1 as f32]
+            })
+            .collect())
+    }
 }
 
 impl MergeMethod for Nuslerp {
@@ -126,22 +142,30 @@ impl MergeMethod for Nuslerp {
         reader: &dyn TensorReader,
         writer: &mut dyn TensorWriter,
     ) -> Result<()> {
-        let inputs = [Input::Model(0), Input::Model(1)];
+        let inputs = Self::INPUTS;
         let base = (self.has_base && job.has_base).then_some(Input::Base);
         let map = GroupMap::new(job, self.grouping);
         let g = gram(job, reader, &inputs, base, map)?;
-        let mut c = Vec::with_capacity(2 * map.groups());
-        for k in 0..map.groups() {
-            let (c0, c1) = coefs(self.t, g.get(k, 0, 0), g.get(k, 1, 1), g.get(k, 0, 1));
-            c.extend([c0 as f32, c1 as f32]);
-        }
+        let c = self.coefficients(&g)?;
         write_combination(job, reader, writer, &inputs, base, map, &c)
+    }
+
+    /// The base is the one the method was built with (the executor's jobs agree).
+    fn device_plan(&self) -> Option<DevicePlan> {
+        let method = self.clone();
+        Some(DevicePlan::Gram {
+            inputs: Self::INPUTS.to_vec(),
+            base: self.has_base.then_some(Input::Base),
+            grouping: self.grouping.into(),
+            coefficients: Arc::new(move |g| method.coefficients(g)),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::methods::device::DeviceGrouping;
     use crate::methods::gram::testutil::*;
     use crate::params::Scalar;
     use crate::tensor::MemReader;
@@ -307,6 +331,66 @@ mod tests {
         };
         let got = run_invariant(&m, &job(&[n], 2, true, 64), &r);
         assert_eq!(got, m0);
+    }
+
+    #[test]
+    fn device_plan_matches_merge() {
+        // Every grouping, with and without a base, on 2-D and 3-D tensors; the whole-tensor
+        // grouping once within one reduction chunk and once over several.
+        let (m0, m1, b) = (
+            rand_vec(71, 20_000),
+            rand_vec(72, 20_000),
+            rand_vec(73, 20_000),
+        );
+        for shape in [vec![31, 29], vec![9, 7, 11], vec![160, 125]] {
+            let n: usize = shape.iter().product();
+            for (flatten, row_wise) in [(true, false), (false, false), (false, true)] {
+                for with_base in [false, true] {
+                    let p = TensorParams::default()
+                        .with_model_values("weight", &[0.3, 0.9])
+                        .with_global("nuslerp_flatten", Scalar::Bool(flatten))
+                        .with_global("nuslerp_row_wise", Scalar::Bool(row_wise));
+                    let m = Nuslerp::from_params(&p, 2, with_base).expect("build");
+                    let r = MemReader {
+                        stats: Default::default(),
+                        base: with_base.then(|| b[..n].to_vec()),
+                        models: vec![m0[..n].to_vec(), m1[..n].to_vec()],
+                    };
+                    assert_device_matches(&m, &job(&shape, 2, with_base, 50), &r);
+                    let Some(DevicePlan::Gram {
+                        inputs,
+                        base,
+                        grouping,
+                        ..
+                    }) = m.device_plan()
+                    else {
+                        panic!("no Gram plan")
+                    };
+                    assert_eq!(inputs, [Input::Model(0), Input::Model(1)]);
+                    assert_eq!(base, with_base.then_some(Input::Base));
+                    let want = match (flatten, row_wise) {
+                        (true, _) => DeviceGrouping::Whole,
+                        (false, false) => DeviceGrouping::Rows,
+                        (false, true) => DeviceGrouping::Axis0,
+                    };
+                    assert_eq!(grouping, want);
+                }
+            }
+        }
+        // Colinear rows (the lerp branch) next to ordinary ones.
+        let x = rand_vec(74, 60);
+        let mut y: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
+        y[30..].copy_from_slice(&rand_vec(75, 30));
+        let p = TensorParams::default()
+            .with_model_values("weight", &[1.0, 1.0])
+            .with_global("nuslerp_flatten", Scalar::Bool(false));
+        let m = Nuslerp::from_params(&p, 2, false).expect("build");
+        let r = MemReader {
+            stats: Default::default(),
+            base: None,
+            models: vec![x, y],
+        };
+        assert_device_matches(&m, &job(&[6, 10], 2, false, 7), &r);
     }
 
     #[test]

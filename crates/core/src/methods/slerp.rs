@@ -20,10 +20,12 @@
 //! inputs).
 
 use crate::error::{MergeError, Result};
-use crate::methods::gram::{gram, write_combination, GroupMap, Grouping};
+use crate::methods::device::{DevicePlan, GramMatrices};
+use crate::methods::gram::{check_gram, gram, write_combination, GroupMap, Grouping};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use std::sync::Arc;
 
 /// Static facts about `slerp`. `exact_models` counts the base.
 pub const INFO: MethodInfo = MethodInfo {
@@ -98,6 +100,23 @@ impl Slerp {
         }
         Ok(Self { t })
     }
+
+    /// The vectors: v0 = the base, v1 = the model (no base subtracted).
+    const INPUTS: [Input; 2] = [Input::Base, Input::Model(0)];
+    /// The whole tensor is one vector.
+    const GROUPING: Grouping = Grouping::Whole;
+
+    /// The coefficients (c0, c1) on (v0, v1) from the Gram matrix of [`Self::INPUTS`] (one
+    /// group).
+    fn coefficients(&self, g: &GramMatrices) -> Result<Vec<f32>> {
+        check_gram(g, 2, "slerp")?;
+        Ok((0..g.groups)
+            .flat_map(|k| {
+                let (c0, c1) = slerp_coefs(self.t, g.get(k, 0, 0), g.get(k, 1, 1), g.get(k, 0, 1));
+                [c0 as f32, c1 as f32]
+            })
+            .collect())
+    }
 }
 
 impl MergeMethod for Slerp {
@@ -116,19 +135,21 @@ impl MergeMethod for Slerp {
         reader: &dyn TensorReader,
         writer: &mut dyn TensorWriter,
     ) -> Result<()> {
-        let inputs = [Input::Base, Input::Model(0)];
-        let map = GroupMap::new(job, Grouping::Whole);
+        let inputs = Self::INPUTS;
+        let map = GroupMap::new(job, Self::GROUPING);
         let g = gram(job, reader, &inputs, None, map)?;
-        let (c0, c1) = slerp_coefs(self.t, g.get(0, 0, 0), g.get(0, 1, 1), g.get(0, 0, 1));
-        write_combination(
-            job,
-            reader,
-            writer,
-            &inputs,
-            None,
-            map,
-            &[c0 as f32, c1 as f32],
-        )
+        let c = self.coefficients(&g)?;
+        write_combination(job, reader, writer, &inputs, None, map, &c)
+    }
+
+    fn device_plan(&self) -> Option<DevicePlan> {
+        let method = self.clone();
+        Some(DevicePlan::Gram {
+            inputs: Self::INPUTS.to_vec(),
+            base: None,
+            grouping: Self::GROUPING.into(),
+            coefficients: Arc::new(move |g| method.coefficients(g)),
+        })
     }
 }
 
@@ -229,6 +250,70 @@ mod tests {
         assert!(got2.iter().all(|v| v.is_finite()));
         let got3 = check(0.5, z.clone(), z, &[10, 20]);
         assert!(got3.iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn device_plan_matches_merge() {
+        // One reduction chunk (bit-identical) and several (whole-tensor sums may differ in
+        // the last bit), a lerped pair, and a zero tensor.
+        for (shape, t, seed) in [
+            (vec![40, 50], 0.3, 61),
+            (vec![7], -0.4, 63),
+            (vec![150, 130], 0.7, 65),
+        ] {
+            let n: usize = shape.iter().product();
+            let r = MemReader {
+                stats: Default::default(),
+                base: Some(rand_vec(seed, n)),
+                models: vec![rand_vec(seed + 1, n)],
+            };
+            assert_device_matches(&build(t), &job(&shape, 1, true, 64), &r);
+        }
+        let b = rand_vec(67, 300);
+        let r = MemReader {
+            stats: Default::default(),
+            base: Some(b.clone()),
+            models: vec![b.iter().map(|x| 1.5 * x).collect()],
+        };
+        assert_device_matches(&build(0.25), &job(&[300], 1, true, 64), &r);
+        let r = MemReader {
+            stats: Default::default(),
+            base: Some(vec![0.0; 300]),
+            models: vec![b],
+        };
+        assert_device_matches(&build(0.5), &job(&[3, 100], 1, true, 64), &r);
+        let Some(DevicePlan::Gram {
+            inputs,
+            base,
+            grouping,
+            ..
+        }) = build(0.5).device_plan()
+        else {
+            panic!("no Gram plan")
+        };
+        assert_eq!(inputs, [Input::Base, Input::Model(0)]);
+        assert_eq!(base, None);
+        assert_eq!(grouping, crate::methods::device::DeviceGrouping::Whole);
+        // Gram matrices of the wrong size are an error, not a panic.
+        let plan = build(0.5).device_plan().expect("plan");
+        let DevicePlan::Gram { coefficients, .. } = plan else {
+            panic!("no Gram plan")
+        };
+        for (n, groups, len) in [(3, 1, 9), (2, 2, 4), (2, usize::MAX, 4)] {
+            let g = GramMatrices {
+                n,
+                groups,
+                data: vec![1.0; len],
+            };
+            assert!(coefficients(&g).is_err(), "{n} {groups} {len}");
+        }
+        let c = coefficients(&GramMatrices {
+            n: 2,
+            groups: 1,
+            data: vec![1.0, 0.0, 0.0, 1.0],
+        })
+        .expect("coefficients");
+        assert_eq!(c.len(), 2);
     }
 
     #[test]
