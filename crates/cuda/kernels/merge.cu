@@ -10,6 +10,22 @@ struct LinInput {
     int dt;
 };
 
+// The last n % 8 elements of `linear_merge_*`, one per thread of the grid's first threads.
+__device__ __forceinline__ void linear_tail(const LinInput* __restrict__ in, int n_in, int has_div,
+                                            float div, u64 n, void* out, int out_dt, u64* bad) {
+    u64 j = n / 8 * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < n) {
+        float acc = 0.0f;
+        for (int i = 0; i < n_in; i++) {
+            float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
+            note_nonfinite(bad, i, v, j);
+            acc += v * in[i].w;
+        }
+        if (has_div) acc /= div;
+        store_elem(out, out_dt, j, acc);
+    }
+}
+
 // out = sum_i x_i * w_i (input order), divided by `div` when has_div; 8 elements per thread,
 // every input's loads issued before the sums. A non-finite input always makes its output
 // non-finite (inf * 0 and inf - inf are NaN), so only non-finite outputs are traced back to
@@ -50,18 +66,7 @@ __device__ __forceinline__ void linear_body(const LinInput* __restrict__ in, int
         }
         store8(out, out_dt, g, acc);
     }
-    // Tail: fewer than 8 elements.
-    u64 j = groups * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j < n) {
-        float acc = 0.0f;
-        for (int i = 0; i < n_in; i++) {
-            float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
-            note_nonfinite(bad, i, v, j);
-            acc += v * in[i].w;
-        }
-        if (has_div) acc /= div;
-        store_elem(out, out_dt, j, acc);
-    }
+    linear_tail(in, n_in, has_div, div, n, out, out_dt, bad);
 }
 
 #define LINEAR_INSTANCE(N)                                                                   \
@@ -98,17 +103,7 @@ extern "C" __global__ void linear_merge_any(const LinInput* in, int n_in, int ha
         }
         store8(out, out_dt, g, acc);
     }
-    u64 j = groups * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j < n) {
-        float acc = 0.0f;
-        for (int i = 0; i < n_in; i++) {
-            float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
-            note_nonfinite(bad, i, v, j);
-            acc += v * in[i].w;
-        }
-        if (has_div) acc /= div;
-        store_elem(out, out_dt, j, acc);
-    }
+    linear_tail(in, n_in, has_div, div, n, out, out_dt, bad);
 }
 
 // One model of the pipeline (layout shared with `amalgam_cuda::merge::GtaModel`).

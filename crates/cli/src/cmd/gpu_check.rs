@@ -55,12 +55,12 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::GpuCheckArgs;
-    use crate::cmd::bench::{files_under, read_all, BENCH_MODELS};
+    use crate::cmd::bench::{ensure_models, files_under, read_all, BENCH_MODELS};
     use amalgam_cuda::check::{self, CheckOptions, Row};
     use amalgam_cuda::tensor::DType;
     use amalgam_engine::device::Device;
     use amalgam_engine::run::{self, NoProgress};
-    use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
+    use amalgam_engine::synth::SynthSpec;
     use anyhow::{anyhow, bail, Context, Result};
     use std::io::Write;
     use std::sync::Arc;
@@ -183,19 +183,7 @@ mod imp {
         };
         let root = a.dir.join("bfloat16");
         let t = Instant::now();
-        for (i, n) in BENCH_MODELS.iter().enumerate() {
-            let d = root.join(n);
-            if d.join("config.json").exists() {
-                continue;
-            }
-            let v = SynthValues {
-                base_seed: 3,
-                delta_seed: 100 + i as u64,
-                delta_scale: if i == 0 { 0.0 } else { 0.01 },
-                delta_density: 1.0,
-            };
-            write_model(&d, &spec, &v, 2_000_000_000, true)?;
-        }
+        ensure_models(&root, &spec)?;
         eprintln!(
             "  (end-to-end inputs: {} parameters per model, ready in {:.1} s)",
             spec.params(),

@@ -606,6 +606,25 @@ pub(crate) mod testutil {
             .collect())
     }
 
+    /// The inputs, base and grouping of `method`'s Gram device plan (panics without one).
+    pub(crate) fn gram_plan_parts(
+        method: &dyn MergeMethod,
+    ) -> (
+        Vec<Input>,
+        Option<Input>,
+        crate::methods::device::DeviceGrouping,
+    ) {
+        match method.device_plan() {
+            Some(crate::methods::device::DevicePlan::Gram {
+                inputs,
+                base,
+                grouping,
+                ..
+            }) => (inputs, base, grouping),
+            _ => panic!("no Gram plan"),
+        }
+    }
+
     /// Assert that `method`'s device plan, run by [`emulate_gram_plan`], gives the CPU merge's
     /// result: bit-identical, except for a whole-tensor grouping of more than one reduction
     /// chunk (the CPU then sums the Gram matrix chunk by chunk, the emulation sequentially, so

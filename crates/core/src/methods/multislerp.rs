@@ -388,15 +388,7 @@ mod tests {
                         models: models[..k].to_vec(),
                     };
                     assert_device_matches(&m, &job(&shape, k, with_base, 300), &r);
-                    let Some(DevicePlan::Gram {
-                        inputs,
-                        base,
-                        grouping,
-                        ..
-                    }) = m.device_plan()
-                    else {
-                        panic!("no Gram plan")
-                    };
+                    let (inputs, base, grouping) = gram_plan_parts(&m);
                     assert_eq!(inputs, (0..k).map(Input::Model).collect::<Vec<_>>());
                     assert_eq!(base, with_base.then_some(Input::Base));
                     assert_eq!(grouping, crate::methods::device::DeviceGrouping::Whole);

@@ -357,15 +357,7 @@ mod tests {
                         models: vec![m0[..n].to_vec(), m1[..n].to_vec()],
                     };
                     assert_device_matches(&m, &job(&shape, 2, with_base, 50), &r);
-                    let Some(DevicePlan::Gram {
-                        inputs,
-                        base,
-                        grouping,
-                        ..
-                    }) = m.device_plan()
-                    else {
-                        panic!("no Gram plan")
-                    };
+                    let (inputs, base, grouping) = gram_plan_parts(&m);
                     assert_eq!(inputs, [Input::Model(0), Input::Model(1)]);
                     assert_eq!(base, with_base.then_some(Input::Base));
                     let want = match (flatten, row_wise) {

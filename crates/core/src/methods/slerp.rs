@@ -282,15 +282,7 @@ mod tests {
             models: vec![b],
         };
         assert_device_matches(&build(0.5), &job(&[3, 100], 1, true, 64), &r);
-        let Some(DevicePlan::Gram {
-            inputs,
-            base,
-            grouping,
-            ..
-        }) = build(0.5).device_plan()
-        else {
-            panic!("no Gram plan")
-        };
+        let (inputs, base, grouping) = gram_plan_parts(&build(0.5));
         assert_eq!(inputs, [Input::Base, Input::Model(0)]);
         assert_eq!(base, None);
         assert_eq!(grouping, crate::methods::device::DeviceGrouping::Whole);
