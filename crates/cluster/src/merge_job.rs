@@ -547,6 +547,14 @@ impl MergeExecutor {
         }
         let (config, _warnings) = parse_config(&job.config_yaml, false)
             .map_err(|e| ClusterError::Executor(format!("the job's config: {e}")))?;
+        // Refuse before any header outside the roots is opened; then check the files the
+        // checkpoints turned out to hold (an index's shards, which could point elsewhere).
+        if let Some(roots) = &self.roots {
+            let paths =
+                amalgam_engine::inputs::referenced_paths(&config, job.config_dir.as_deref())
+                    .map_err(|e| ClusterError::Executor(e.to_string()))?;
+            roots.check_all(paths)?;
+        }
         let (inputs, plan) = open_and_plan(&config, job.config_dir.as_deref())
             .map_err(|e| ClusterError::Executor(e.to_string()))?;
         self.check_paths(&inputs)?;
@@ -743,6 +751,39 @@ pub async fn run_embedded(job: PreparedJob, workers: usize) -> Result<JobSummary
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job naming a model outside the roots is refused before its header is read: the model
+    /// here is not even a valid checkpoint, and the error is the refusal, not a parse error.
+    #[test]
+    fn roots_are_checked_before_any_header_is_opened() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (inside, outside) = (tmp.path().join("data"), tmp.path().join("data2"));
+        std::fs::create_dir_all(&inside).expect("dir");
+        std::fs::create_dir_all(&outside).expect("dir");
+        std::fs::write(outside.join("bad.safetensors"), b"not a checkpoint").expect("write");
+        let roots = AllowedRoots::new([&inside]).expect("roots");
+        let exec = MergeExecutor::with_roots(Some(roots));
+        let job = JobSpec {
+            config_yaml: format!(
+                "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n",
+                outside.join("bad.safetensors").display()
+            ),
+            config_dir: None,
+            memory_budget: 1 << 30,
+            allow_nonfinite: false,
+            out_shard_size: 1 << 30,
+            global: Vec::new(),
+        };
+        let err = exec
+            .open(&job)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("outside the allowed roots") && err.contains("data2"),
+            "refused before opening: {err}"
+        );
+    }
 
     #[test]
     fn results_round_trip_and_reject_bad_lengths() {

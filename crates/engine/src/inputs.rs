@@ -70,6 +70,26 @@ pub fn input_model(display: String, ckpt: &Checkpoint) -> InputModel {
     }
 }
 
+/// Every path the config makes [`open_inputs`] read, resolved as it resolves them but opened by
+/// nothing: model checkpoints (files or directories), adapters, statistics files. A worker
+/// restricted to some directories checks these before opening any header.
+pub fn referenced_paths(
+    config: &MergeConfig,
+    config_dir: Option<&Path>,
+) -> Result<Vec<PathBuf>, EngineError> {
+    let mut out = Vec::new();
+    for m in referenced_models(config) {
+        out.push(resolve_model_path(&m.path, config_dir)?);
+        if let Some(adapter) = &m.adapter {
+            out.push(resolve_model_path(adapter, config_dir)?);
+        }
+    }
+    for path in config.statistics.values() {
+        out.push(resolve_model_path(path, config_dir)?);
+    }
+    Ok(out)
+}
+
 /// Open every model the config references.
 pub fn open_inputs(config: &MergeConfig, config_dir: Option<&Path>) -> Result<Inputs, EngineError> {
     let mut inputs = Inputs::default();
