@@ -567,3 +567,33 @@ fn worker_refuses_a_plan_outside_its_allowed_roots() {
     run_ok(d, &["merge", cfg_s, "--out", "single", "-q"]);
     assert_same_dirs(&d.join("single"), &d.join("out"));
 }
+
+/// A worker's log carries one span per shard (shard, lease and attempt on every event of its
+/// merge), and an event when each shard is merged, under `RUST_LOG=info`.
+#[test]
+fn worker_logs_carry_a_span_per_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let cfg = write(d, "ties.yaml", TIES);
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    let mut coord = Proc::start(d, &coordinator_args(&cfg, "out", &[]), &[]);
+    let url = url_of(&coord.line_with("listening on"));
+    let out = amalgam()
+        .current_dir(d)
+        .env("RUST_LOG", "info")
+        .args(["worker", "--coordinator", &url, "--token-file", "token"])
+        .output()
+        .unwrap();
+    coord.wait_ok();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    let merged = log.lines().filter(|l| l.contains("shard merged")).count();
+    assert!(merged >= 2, "one event per shard: {log}");
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("shard merged"))
+            .all(|l| l.contains("shard{shard_id=") && l.contains("lease_id=")),
+        "each event inside its shard's span: {log}"
+    );
+}

@@ -542,9 +542,23 @@ async fn lease_loop<E: ShardExecutor>(
                 invalid: Arc::clone(&state.invalid),
             };
             let shard_id = sh.shard_id;
+            // One span per shard: its merge's events (and a subscriber's timings) carry the
+            // shard, lease and attempt.
+            let span = tracing::info_span!("shard", shard_id, lease_id, attempt = lease.attempt);
             tasks.push((
                 shard_id,
-                tokio::task::spawn_blocking(move || exec.execute(&sh.spec, &inputs)),
+                tokio::task::spawn_blocking(move || {
+                    let _enter = span.enter();
+                    let started = std::time::Instant::now();
+                    let r = exec.execute(&sh.spec, &inputs);
+                    tracing::info!(
+                        ok = r.is_ok(),
+                        bytes = r.as_ref().map_or(0, |b| b.len()),
+                        secs = started.elapsed().as_secs_f64(),
+                        "shard merged"
+                    );
+                    r
+                }),
             ));
         }
         let mut results = Vec::with_capacity(tasks.len());
