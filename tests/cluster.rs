@@ -148,7 +148,7 @@ impl Drop for Proc {
 
 fn url_of(line: &str) -> String {
     line.split_whitespace()
-        .find(|w| w.starts_with("http://"))
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
         .expect("a url on the line")
         .to_string()
 }
@@ -596,4 +596,131 @@ fn worker_logs_carry_a_span_per_shard() {
             .all(|l| l.contains("shard{shard_id=") && l.contains("lease_id=")),
         "each event inside its shard's span: {log}"
     );
+}
+
+/// Writes a test PKI into `d`: `ca.pem`; `server.pem`/`server.key` (localhost, 127.0.0.1);
+/// `worker.pem`/`worker.key` signed by the CA; `stranger.pem`/`stranger.key` signed by another
+/// CA.
+fn write_pki(d: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    }
+    let leaf = |d: &Path,
+                ca: &CertifiedIssuer<'static, KeyPair>,
+                name: &str,
+                sans: &[&str],
+                eku: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![eku];
+        let cert = p.signed_by(&key, ca).unwrap();
+        std::fs::write(d.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(d.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    let main = ca("amalgam test CA");
+    let other = ca("unrelated CA");
+    std::fs::write(d.join("ca.pem"), main.pem()).unwrap();
+    leaf(
+        d,
+        &main,
+        "server",
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    leaf(
+        d,
+        &main,
+        "worker",
+        &["worker"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    leaf(
+        d,
+        &other,
+        "stranger",
+        &["stranger"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+}
+
+/// The coordinator serves over TLS and requires client certificates from its CA: a worker
+/// process with one merges the job (the same bytes as one process), a worker whose certificate
+/// another CA signed is refused, and so is one that does not trust the coordinator's CA.
+#[test]
+fn tls_coordinator_and_worker_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let cfg = write(d, "ties.yaml", TIES);
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    write_pki(d);
+    let mut coord = Proc::start(
+        d,
+        &coordinator_args(
+            &cfg,
+            "out",
+            &[
+                "--tls-cert",
+                "server.pem",
+                "--tls-key",
+                "server.key",
+                "--tls-client-ca",
+                "ca.pem",
+            ],
+        ),
+        &[],
+    );
+    let url = url_of(&coord.line_with("listening on"));
+    assert!(url.starts_with("https://"), "{url}");
+    let worker = |cert: &str, ca: &str| -> Vec<String> {
+        [
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "token",
+            "--tls-ca",
+            ca,
+            "--tls-cert",
+            &format!("{cert}.pem"),
+            "--tls-key",
+            &format!("{cert}.key"),
+            "--reconnect-timeout",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let stranger = worker("stranger", "ca.pem");
+    let err = run_err(d, &args(&stranger));
+    assert!(
+        err.contains("UnknownCA") || err.to_lowercase().contains("certificate"),
+        "a certificate from another CA is refused: {err}"
+    );
+    // Not trusting the coordinator's CA (the worker's own CA file is the stranger's chain).
+    let untrusting = worker("worker", "stranger.pem");
+    run_err(d, &args(&untrusting));
+    let good = worker("worker", "ca.pem");
+    run_ok(d, &args(&good));
+    coord.wait_ok();
+    run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
+    assert_same_dirs(&d.join("single"), &d.join("out"));
 }
