@@ -307,6 +307,22 @@ __device__ __forceinline__ void gta_body(const GtaModel* __restrict__ gmodels, c
 // threshold that keeps everything, which changes no bit) and the per-model constants in
 // registers: the usual case, up to 8 models, 4 elements per thread. MODE_RANK compares flat
 // indices in 32 bits: only for tensors of fewer than 2^32 elements.
+// One model's weighted, sparsified task-vector value d at element j in `gta_fast` (the mask of
+// MODE from its register constants, then rescale factor f and weight w).
+template <int MODE>
+__device__ __forceinline__ float fast_value(float d, u64 j, u32 ck, u32 cj, u64 thr, float sc,
+                                            u32 k0, u32 k1, u32 h0, u32 h1, float f, float w) {
+    if (MODE == MODE_RANK) {
+        u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
+        bool keep = key < ck || (key == ck && (u32)j < cj);
+        d = keep ? d : 0.0f;
+    } else if (MODE == MODE_DARE) {
+        u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0, k1);
+        d = ((u64)r < thr) ? d * sc : 0.0f;
+    }
+    return (d * f) * w;
+}
+
 template <int MAXN, int MODE>
 __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const GtaArgs& a) {
     int n_models = a.n_models;
@@ -369,16 +385,8 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
                 if (i < n_models) {
-                    float d = x[i][k] - b[k];
-                    if (MODE == MODE_RANK) {
-                        u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
-                        bool keep = key < ck[i] || (key == ck[i] && (u32)j < cj[i]);
-                        d = keep ? d : 0.0f;
-                    } else if (MODE == MODE_DARE) {
-                        u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0[i], k1[i]);
-                        d = ((u64)r < thr[i]) ? d * sc[i] : 0.0f;
-                    }
-                    v[i] = (d * f[i]) * w[i];
+                    v[i] = fast_value<MODE>(x[i][k] - b[k], j, ck[i], cj[i], thr[i], sc[i],
+                                            k0[i], k1[i], h0, h1, f[i], w[i]);
                 }
             }
             o[k] = gta_mix<MAXN>(w, a, v, b[k]);
@@ -396,16 +404,8 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
             if (i < n_models) {
                 float x = load_elem((const void*)ptr[i], dt[i], j);
                 note_nonfinite(bad, 1 + i, x, j);
-                float d = x - b;
-                if (MODE == MODE_RANK) {
-                    u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
-                    bool keep = key < ck[i] || (key == ck[i] && (u32)j < cj[i]);
-                    d = keep ? d : 0.0f;
-                } else if (MODE == MODE_DARE) {
-                    u32 r = philox_word0(h0, h1, (u32)j, (u32)(j >> 32), k0[i], k1[i]);
-                    d = ((u64)r < thr[i]) ? d * sc[i] : 0.0f;
-                }
-                v[i] = (d * f[i]) * w[i];
+                v[i] = fast_value<MODE>(x - b, j, ck[i], cj[i], thr[i], sc[i], k0[i], k1[i], h0,
+                                        h1, f[i], w[i]);
             }
         }
         store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(w, a, v, b));
@@ -472,9 +472,4 @@ extern "C" __global__ void gta_l1(const GtaModel* models, GtaArgs a, double* par
 // Dtype conversion: out[j] = in[j] re-encoded.
 extern "C" __global__ void convert(const void* in, int in_dt, void* out, int out_dt, u64 n) {
     GRID_STRIDE(j, n) { store_elem(out, out_dt, j, load_elem(in, in_dt, j)); }
-}
-
-// Device copy for the bandwidth reference (16-byte words).
-extern "C" __global__ void copy16(const uint4* in, uint4* out, u64 n16) {
-    GRID_STRIDE(j, n16) { out[j] = in[j]; }
 }

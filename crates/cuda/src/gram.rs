@@ -10,6 +10,7 @@
 
 use crate::device::Gpu;
 use crate::error::{Ctx, CudaError, Result};
+use crate::merge;
 use crate::tensor::{DType, DeviceTensor};
 use amalgam_core::methods::device::{CoefficientFn, DeviceGrouping, GramMatrices};
 use amalgam_core::reduce::REDUCE_CHUNK;
@@ -90,9 +91,7 @@ pub fn gram_merge(
         })
         .collect();
     let d_in = s.clone_htod(&table).ctx("uploading the inputs table")?;
-    let bad = s
-        .alloc_zeros::<u64>(n_in + 1)
-        .ctx("allocating finiteness flags")?;
+    let bad = merge::bad_flags(gpu, n_in + 1)?;
     let args = GramArgs {
         base: base.map_or(0, |b| b.addr(s)),
         n: n as u64,
@@ -121,19 +120,7 @@ pub fn gram_merge(
     // SAFETY: argument types match `gram_seq_*`; sums holds segs * pairs values.
     unsafe { b.launch(gpu.grid(segs as u64)) }.ctx("launching gram_seq")?;
     let host = s.clone_dtoh(&sums).ctx("reading pair sums")?;
-    let flags = s.clone_dtoh(&bad).ctx("reading the finiteness flags")?;
-    gpu.sync()?;
-    if !allow_nonfinite {
-        if let Some((index, slot)) = flags
-            .iter()
-            .enumerate()
-            .filter(|(_, &f)| f != 0)
-            .map(|(slot, &f)| (!f, slot))
-            .min()
-        {
-            return Err(CudaError::NonFinite { slot, index });
-        }
-    }
+    merge::check_bad(gpu, &bad, allow_nonfinite)?;
     let slot = |i: usize, k: usize| i * width - i * (i.saturating_sub(1)) / 2 + (k - i);
     let groups = match grouping {
         DeviceGrouping::Whole => 1,

@@ -40,7 +40,6 @@ pub const KERNELS: &[&str] = &[
     "gta_merge_16",
     "gta_l1",
     "convert",
-    "copy16",
     "sample_hist",
     "sample_hist_smem",
     "sample_pick",

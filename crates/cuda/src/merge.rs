@@ -138,9 +138,6 @@ pub enum Sparsify {
         /// Fraction kept.
         density: f64,
     },
-    /// A magnitude cut computed elsewhere (e.g. a model-global pass): keep the elements whose
-    /// composite key `(!bits(|δ|) << 32) | index` is below it.
-    Cut(u64),
     /// DARE: keep each element with probability `density` (Philox, as the CPU), scaling kept
     /// ones by `1/density` when `inverse`.
     Dare {
@@ -229,7 +226,7 @@ fn check_aligned(gpu: &Gpu, tensors: &[&DeviceTensor]) -> Result<()> {
 
 /// Zeroed finiteness flags for `slots` inputs (each records `!index` of its lowest
 /// non-finite value).
-fn bad_flags(gpu: &Gpu, slots: usize) -> Result<CudaSlice<u64>> {
+pub(crate) fn bad_flags(gpu: &Gpu, slots: usize) -> Result<CudaSlice<u64>> {
     gpu.stream
         .alloc_zeros::<u64>(slots)
         .ctx("allocating finiteness flags")
@@ -237,7 +234,7 @@ fn bad_flags(gpu: &Gpu, slots: usize) -> Result<CudaSlice<u64>> {
 
 /// Wait for the stream, then the lowest non-finite index per input slot: an error naming the
 /// first bad input, if any.
-fn check_bad(gpu: &Gpu, bad: &CudaSlice<u64>, allow: bool) -> Result<()> {
+pub(crate) fn check_bad(gpu: &Gpu, bad: &CudaSlice<u64>, allow: bool) -> Result<()> {
     let v = gpu
         .stream
         .clone_dtoh(bad)
@@ -453,7 +450,7 @@ pub fn gta(
         )));
     }
     let s = &gpu.stream;
-    let mut out = DeviceTensor::alloc(s, out_dtype, n)?;
+    let out = DeviceTensor::alloc(s, out_dtype, n)?;
     let mut host: Vec<GtaModel> = Vec::with_capacity(n_models);
     let mut select = vec![None; n_models];
     for (i, (t, sp)) in models.iter().zip(&spec.sparsify).enumerate() {
@@ -479,10 +476,6 @@ pub fn gta(
                     select[i] = Some(k);
                 }
             }
-            Sparsify::Cut(c) => {
-                m.mask = MASK_RANK;
-                m.cut = c;
-            }
             Sparsify::Dare { density, inverse } => {
                 if density < 1.0 {
                     m.mask = MASK_DARE;
@@ -507,8 +500,8 @@ pub fn gta(
         None => (1, 0),
         Some(z) => (i32::from(z > 0), 1),
     };
-    let mut bad = bad_flags(gpu, n_models + 1)?;
-    let mut args = GtaArgs {
+    let bad = bad_flags(gpu, n_models + 1)?;
+    let args = GtaArgs {
         base: base.addr(s),
         out: out.addr(s),
         n: n as u64,
@@ -579,14 +572,13 @@ pub fn gta(
         _ => 16,
     };
     let kernel = match mode {
-        Some(m) if size <= 8 && (m != "rank" || n <= u32::MAX as usize) => {
-            format!("gta_{m}_{size}")
-        }
+        // (Rank masks come from the selection, which takes fewer than 2^32 elements, as the
+        // specialised kernels' 32-bit index compare needs.)
+        Some(m) if size <= 8 => format!("gta_{m}_{size}"),
         _ => format!("gta_merge_{size}"),
     };
     let kernel = kernel.as_str();
     let vec = 4u64;
-    args.out = out.addr(s);
     let cfg = gpu.grid((n as u64 / vec).max(1));
     let mut b = s.launch_builder(gpu.function(kernel));
     b.arg(&d_models).arg(&args);
@@ -594,8 +586,6 @@ pub fn gta(
     unsafe { b.launch(cfg) }.map_err(launch_err(kernel))?;
     mark(gpu, "merge");
     timer.stop(gpu)?;
-    // Keep the output and flags alive and ordered after the kernel.
-    let _ = (&mut out.data, &mut bad);
     check_bad(gpu, &bad, spec.allow_nonfinite)?;
     phases_end();
     timer.finish()?;

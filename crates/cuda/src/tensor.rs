@@ -133,11 +133,6 @@ impl DeviceTensor {
         Ok(out)
     }
 
-    /// The values as f32 on the host.
-    pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        Ok(self.dtype.decode(&self.bytes(gpu)?))
-    }
-
     /// The raw device address (for pointer tables passed to kernels). The caller orders the
     /// accesses: everything here runs on one stream unless a caller joins streams.
     pub fn addr(&self, stream: &std::sync::Arc<CudaStream>) -> u64 {

@@ -100,13 +100,17 @@ impl<'a> PlanReader<'a> {
         Ok((src, self.stats.get(src.model).copied().flatten(), kind))
     }
 
-    /// Whether model `model`'s adapter changes tensor `tensor`.
-    fn has_update(&self, model: usize, tensor: &str) -> bool {
-        self.adapters
-            .get(model)
+    /// The source of `input` when its stored bytes are its values: `None` when a vocabulary
+    /// re-indexing or an adapter transforms them on the way.
+    fn raw_source(&self, input: Input) -> Result<Option<&TensorSource>, MergeError> {
+        let src = self.source(input)?;
+        let has_update = self
+            .adapters
+            .get(src.model)
             .copied()
             .flatten()
-            .is_some_and(|d| d.updates.contains_key(tensor))
+            .is_some_and(|d| d.updates.contains_key(&src.tensor));
+        Ok((self.vocab.is_none() && !has_update).then_some(src))
     }
 
     /// Re-index vocabulary-axis tensors through `vocab` (`tokenizer_source`).
@@ -230,20 +234,18 @@ impl TensorReader for PlanReader<'_> {
         range: Range<usize>,
         out: &mut RawBlock,
     ) -> Result<bool, MergeError> {
-        let src = self.source(input)?;
-        if self.vocab.is_some() || self.has_update(src.model, &src.tensor) {
+        let Some(src) = self.raw_source(input)? else {
             return Ok(false);
-        }
+        };
         self.checkpoints[src.model]
             .read_raw(&src.tensor, range, out)
             .map_err(|e| MergeError::Read(e.to_string()))
     }
 
     fn raw_dtype(&self, input: Input) -> Result<Option<RawDtype>, MergeError> {
-        let src = self.source(input)?;
-        if self.vocab.is_some() || self.has_update(src.model, &src.tensor) {
+        let Some(src) = self.raw_source(input)? else {
             return Ok(None);
-        }
+        };
         self.checkpoints[src.model]
             .raw_dtype(&src.tensor)
             .map_err(|e| MergeError::Read(e.to_string()))
@@ -255,10 +257,9 @@ impl TensorReader for PlanReader<'_> {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<bool, MergeError> {
-        let src = self.source(input)?;
-        if self.vocab.is_some() || self.has_update(src.model, &src.tensor) {
+        let Some(src) = self.raw_source(input)? else {
             return Ok(false);
-        }
+        };
         self.checkpoints[src.model]
             .read_raw_bytes(&src.tensor, range, out)
             .map_err(|e| MergeError::Read(e.to_string()))

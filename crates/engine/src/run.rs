@@ -199,13 +199,7 @@ impl TensorOut for CheckpointWriter {
         Ok(CheckpointWriter::write_raw(self, bytes)?)
     }
     fn raw_dtype(&self) -> Option<amalgam_core::raw::RawDtype> {
-        use amalgam_core::raw::RawDtype;
-        match self.current_dtype()? {
-            amalgam_io::DType::F32 => Some(RawDtype::F32),
-            amalgam_io::DType::F16 => Some(RawDtype::F16),
-            amalgam_io::DType::BF16 => Some(RawDtype::Bf16),
-            _ => None,
-        }
+        self.current_dtype()?.raw()
     }
 }
 
@@ -442,53 +436,39 @@ pub fn execute(
     let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, &ckpts)).sum();
     progress.begin("merging", total, plan.tensors.len());
     let mut logs = Vec::new();
-    if matches!(opts.device, crate::device::Device::Cpu) {
-        for t in &plan.tensors {
-            logs.extend(merge_tensor(
+    // On an accelerator, the next tensor's inputs load on a helper thread while this one
+    // merges and is written (`preload_tensor` loads nothing on the CPU: no thread then).
+    let ahead = !matches!(opts.device, crate::device::Device::Cpu);
+    std::thread::scope(|scope| -> Result<(), EngineError> {
+        let (ckpts, extras) = (&ckpts, &extras);
+        let preload = |t: &'_ TensorPlan| preload_tensor(t, plan.seed, ckpts, opts, extras);
+        let spawn = |k: usize| {
+            plan.tensors
+                .get(k)
+                .filter(|_| ahead)
+                .map(|t| scope.spawn(move || preload(t)))
+        };
+        let mut next = spawn(0);
+        for (k, t) in plan.tensors.iter().enumerate() {
+            let mine = next.take().map(|h| match h.join() {
+                Ok(r) => r,
+                Err(p) => std::panic::resume_unwind(p),
+            });
+            next = spawn(k + 1);
+            logs.extend(merge_tensor_preloaded(
                 t,
                 plan.seed,
                 &global,
-                &ckpts,
+                ckpts,
                 opts,
-                &extras,
+                extras,
                 &mut writer,
+                mine.flatten(),
             )?);
-            progress.advance(&t.name, input_bytes(t, &ckpts));
+            progress.advance(&t.name, input_bytes(t, ckpts));
         }
-    } else {
-        // On an accelerator, the next tensor's inputs load on a helper thread while this one
-        // merges and is written.
-        std::thread::scope(|scope| -> Result<(), EngineError> {
-            let (ckpts, extras) = (&ckpts, &extras);
-            let preload = |t: &'_ TensorPlan| preload_tensor(t, plan.seed, ckpts, opts, extras);
-            let mut next = plan
-                .tensors
-                .first()
-                .map(|t| scope.spawn(move || preload(t)));
-            for (k, t) in plan.tensors.iter().enumerate() {
-                let mine = next.take().map(|h| match h.join() {
-                    Ok(r) => r,
-                    Err(p) => std::panic::resume_unwind(p),
-                });
-                next = plan
-                    .tensors
-                    .get(k + 1)
-                    .map(|n| scope.spawn(move || preload(n)));
-                logs.extend(merge_tensor_preloaded(
-                    t,
-                    plan.seed,
-                    &global,
-                    ckpts,
-                    opts,
-                    extras,
-                    &mut writer,
-                    mine.flatten(),
-                )?);
-                progress.advance(&t.name, input_bytes(t, ckpts));
-            }
-            Ok(())
-        })?;
-    }
+        Ok(())
+    })?;
     progress.end();
     let (files, total_bytes, aux_files) = finish_outputs(
         config,

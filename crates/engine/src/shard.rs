@@ -111,13 +111,7 @@ impl TensorOut for ShardBytes {
     }
 
     fn raw_dtype(&self) -> Option<amalgam_core::raw::RawDtype> {
-        use amalgam_core::raw::RawDtype;
-        match self.current.as_ref()?.0 {
-            amalgam_io::DType::F32 => Some(RawDtype::F32),
-            amalgam_io::DType::F16 => Some(RawDtype::F16),
-            amalgam_io::DType::BF16 => Some(RawDtype::Bf16),
-            _ => None,
-        }
+        self.current.as_ref()?.0.raw()
     }
 
     fn write_f32(&mut self, data: &[f32]) -> Result<(), EngineError> {

@@ -129,6 +129,16 @@ impl DType {
         let bits = numel.checked_mul(self.bits()?)?;
         (bits % 8 == 0).then_some(bits / 8)
     }
+    /// The encoding merge loops and devices read as stored (F32, F16, BF16), else `None`.
+    pub fn raw(&self) -> Option<amalgam_core::raw::RawDtype> {
+        use amalgam_core::raw::RawDtype;
+        match self {
+            DType::F32 => Some(RawDtype::F32),
+            DType::F16 => Some(RawDtype::F16),
+            DType::BF16 => Some(RawDtype::Bf16),
+            _ => None,
+        }
+    }
 
     /// Whether merged (f32) values can be read from and written to this dtype: F32, F16, BF16.
     pub fn is_mergeable(&self) -> bool {

@@ -300,14 +300,7 @@ impl Checkpoint {
     /// The stored encoding of tensor `name` when it is F32, F16 or BF16 (what
     /// [`Checkpoint::read_raw_bytes`] reads), else `None`.
     pub fn raw_dtype(&self, name: &str) -> Result<Option<amalgam_core::raw::RawDtype>, IoError> {
-        use amalgam_core::raw::RawDtype;
-        let (t, _) = self.lookup(name)?;
-        Ok(match t.dtype {
-            DType::F32 => Some(RawDtype::F32),
-            DType::F16 => Some(RawDtype::F16),
-            DType::BF16 => Some(RawDtype::Bf16),
-            _ => None,
-        })
+        Ok(self.lookup(name)?.0.dtype.raw())
     }
 
     /// Reads elements `range` of tensor `name` in their stored encoding into `out`
@@ -319,10 +312,10 @@ impl Checkpoint {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<bool, IoError> {
-        let Some(dtype) = self.raw_dtype(name)? else {
+        let (t, f) = self.lookup(name)?;
+        let Some(dtype) = t.dtype.raw() else {
             return Ok(false);
         };
-        let (t, f) = self.lookup(name)?;
         let numel = t.numel();
         if range.start > range.end || range.end > numel || out.len() != range.len() * dtype.size() {
             return Err(IoError::RangeOutOfBounds {
