@@ -80,12 +80,21 @@ GRAM_INSTANCE(2)
 GRAM_INSTANCE(4)
 GRAM_INSTANCE(8)
 
-// out = sum_i coefs[g * n_in + i] * x_i (+ base), g = 0 (whole) or j / cols (rows).
+// out = sum_i coefs[g * n_in + i] * x_i (+ base), g = 0 (whole) or j / cols (rows); with
+// `stock` (model stock, base required): t * (sum_i input_i / n_in) + (1 - t) * base, t = coefs[g *
+// n_in].
 extern "C" __global__ void gram_combine(const GramInput* in, GramArgs a, const float* coefs,
-                                        int rows, void* out, int out_dt) {
+                                        int rows, int stock, void* out, int out_dt) {
     GRID_STRIDE(j, a.n) {
         float b = a.base ? load_elem((const void*)a.base, a.base_dt, j) : 0.0f;
         const float* c = coefs + (rows ? (j / a.cols) * a.n_in : 0);
+        if (stock) {
+            float s = 0.0f;
+            for (int i = 0; i < a.n_in; i++) s += load_elem((const void*)in[i].ptr, in[i].dt, j);
+            float t = c[0];
+            store_elem(out, out_dt, j, t * (s / (float)a.n_in) + (1.0f - t) * b);
+            continue;
+        }
         float acc = 0.0f;
         for (int i = 0; i < a.n_in; i++) {
             float v = load_elem((const void*)in[i].ptr, in[i].dt, j);

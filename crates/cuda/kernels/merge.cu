@@ -10,10 +10,12 @@ struct LinInput {
     int dt;
 };
 
-// The last n % 8 elements of `linear_merge_*`, one per thread of the grid's first threads.
+// The elements from `from` to n (fewer than 8) of `linear_merge_*`, one per thread of the
+// grid's first threads.
 __device__ __forceinline__ void linear_tail(const LinInput* __restrict__ in, int n_in, int has_div,
-                                            float div, u64 n, void* out, int out_dt, u64* bad) {
-    u64 j = n / 8 * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+                                            float div, u64 n, u64 from, void* out, int out_dt,
+                                            u64* bad) {
+    u64 j = from + (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j < n) {
         float acc = 0.0f;
         for (int i = 0; i < n_in; i++) {
@@ -29,7 +31,7 @@ __device__ __forceinline__ void linear_tail(const LinInput* __restrict__ in, int
 // out = sum_i x_i * w_i (input order), divided by `div` when has_div; 8 elements per thread,
 // every input's loads issued before the sums. A non-finite input always makes its output
 // non-finite (inf * 0 and inf - inf are NaN), so only non-finite outputs are traced back to
-// their inputs.
+// their inputs. (16 elements per thread for 2-byte inputs measured slower on an H200.)
 template <int MAXN>
 __device__ __forceinline__ void linear_body(const LinInput* __restrict__ in, int n_in, int has_div,
                                             float div, u64 n, void* out, int out_dt, u64* bad) {
@@ -66,7 +68,7 @@ __device__ __forceinline__ void linear_body(const LinInput* __restrict__ in, int
         }
         store8(out, out_dt, g, acc);
     }
-    linear_tail(in, n_in, has_div, div, n, out, out_dt, bad);
+    linear_tail(in, n_in, has_div, div, n, groups * 8, out, out_dt, bad);
 }
 
 #define LINEAR_INSTANCE(N)                                                                   \
@@ -103,7 +105,7 @@ extern "C" __global__ void linear_merge_any(const LinInput* in, int n_in, int ha
         }
         store8(out, out_dt, g, acc);
     }
-    linear_tail(in, n_in, has_div, div, n, out, out_dt, bad);
+    linear_tail(in, n_in, has_div, div, n, groups * 8, out, out_dt, bad);
 }
 
 // One model of the pipeline (layout shared with `amalgam_cuda::merge::GtaModel`).
@@ -117,12 +119,24 @@ struct GtaModel {
     float scale;    // DARE: factor of kept entries (1/density or 1)
     int dt;         // encoding
     int mask;       // MASK_*
-    int pad;
+    int order;      // selection order: ORDER_DESC (largest |d| first) or ORDER_ASC
 };
 
 #define MASK_NONE 0
 #define MASK_RANK 1
 #define MASK_DARE 2
+#define MASK_OUTLIER 3
+
+#define ORDER_DESC 0
+#define ORDER_ASC 1
+
+// The selection key of task-vector value d: ascending keys are descending magnitudes
+// (ORDER_DESC: ~bits(|d|)) or ascending ones (ORDER_ASC: bits(|d|) with the top bit set, so
+// that every key has it). Equal magnitudes are ordered by flat index either way.
+__device__ __forceinline__ u32 order_key(float d, int order) {
+    u32 m = __float_as_uint(d) & 0x7fffffffu;
+    return order == ORDER_ASC ? (m | 0x80000000u) : ~m;
+}
 
 #define CONS_NONE 0
 #define CONS_SUM 1
@@ -146,6 +160,10 @@ __device__ __forceinline__ float gta_sparsify(const GtaModel& m, float d, u64 j,
         u32 key = ~(__float_as_uint(d) & 0x7fffffffu);
         bool keep = ((((u64)key) << 32) | j) < m.cut;
         d = keep ? d : 0.0f;
+    } else if (m.mask == MASK_OUTLIER) {
+        // Breadcrumbs: keep the positions [threshold, cut) of the ascending order.
+        u64 c = (((u64)order_key(d, ORDER_ASC)) << 32) | j;
+        d = (c >= m.threshold && c < m.cut) ? d : 0.0f;
     } else if (m.mask == MASK_DARE) {
         u32 w = philox_word0((u32)name_hash, (u32)(name_hash >> 32), (u32)j, (u32)(j >> 32), m.k0,
                              m.k1);
@@ -323,7 +341,7 @@ __device__ __forceinline__ float fast_value(float d, u64 j, u32 ck, u32 cj, u64 
     return (d * f) * w;
 }
 
-template <int MAXN, int MODE>
+template <int MAXN, int MODE, int V>
 __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const GtaArgs& a) {
     int n_models = a.n_models;
     u64 ptr[MAXN], thr[MAXN];
@@ -351,18 +369,18 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
         }
     }
     u64* bad = (u64*)a.bad;
-    u64 groups = a.n / 4;
+    u64 groups = a.n / V;
     u32 h0 = (u32)a.name_hash, h1 = (u32)(a.name_hash >> 32);
     GRID_STRIDE(g, groups) {
-        float b[4];
-        load4((const void*)a.base, a.base_dt, g, b);
-        float x[MAXN][4];
+        float b[V];
+        loadv<V>((const void*)a.base, a.base_dt, g, b);
+        float x[MAXN][V];
 #pragma unroll
         for (int i = 0; i < MAXN; i++)
-            if (i < n_models) load4((const void*)ptr[i], dt[i], g, x[i]);
+            if (i < n_models) loadv<V>((const void*)ptr[i], dt[i], g, x[i]);
         u32 ex = 0;
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < V; k++) {
             ex = max(ex, exp_bits(b[k]));
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
@@ -370,17 +388,17 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
         }
         if (ex == 0x7f800000u) {
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                note_nonfinite(bad, 0, b[k], 4 * g + k);
+            for (int k = 0; k < V; k++) {
+                note_nonfinite(bad, 0, b[k], V * g + k);
 #pragma unroll
                 for (int i = 0; i < MAXN; i++)
-                    if (i < n_models) note_nonfinite(bad, 1 + i, x[i][k], 4 * g + k);
+                    if (i < n_models) note_nonfinite(bad, 1 + i, x[i][k], V * g + k);
             }
         }
-        float o[4];
+        float o[V];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            u64 j = 4 * g + k;
+        for (int k = 0; k < V; k++) {
+            u64 j = V * g + k;
             float v[MAXN];
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
@@ -391,10 +409,10 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
             }
             o[k] = gta_mix<MAXN>(w, a, v, b[k]);
         }
-        store4((void*)a.out, a.out_dt, g, o);
+        storev<V>((void*)a.out, a.out_dt, g, o);
     }
-    // Tail: fewer than 4 elements.
-    u64 j = groups * 4 + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    // Tail: fewer than V elements.
+    u64 j = groups * V + (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j < a.n) {
         float b = load_elem((const void*)a.base, a.base_dt, j);
         note_nonfinite(bad, 0, b, j);
@@ -412,19 +430,22 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
     }
 }
 
-#define FAST_INSTANCE(N)                                                                     \
-    extern "C" __global__ void gta_plain_##N(const GtaModel* m, GtaArgs a) {                 \
-        gta_fast<N, MODE_NONE>(m, a);                                                        \
+// `_v8` instances: 8 elements per thread (16-byte loads of 2-byte inputs), up to 4 models.
+#define FAST_INSTANCE(N, V, SUFFIX)                                                          \
+    extern "C" __global__ void gta_plain_##N##SUFFIX(const GtaModel* m, GtaArgs a) {         \
+        gta_fast<N, MODE_NONE, V>(m, a);                                                     \
     }                                                                                        \
-    extern "C" __global__ void gta_rank_##N(const GtaModel* m, GtaArgs a) {                  \
-        gta_fast<N, MODE_RANK>(m, a);                                                        \
+    extern "C" __global__ void gta_rank_##N##SUFFIX(const GtaModel* m, GtaArgs a) {          \
+        gta_fast<N, MODE_RANK, V>(m, a);                                                     \
     }                                                                                        \
-    extern "C" __global__ void gta_dare_##N(const GtaModel* m, GtaArgs a) {                  \
-        gta_fast<N, MODE_DARE>(m, a);                                                        \
+    extern "C" __global__ void gta_dare_##N##SUFFIX(const GtaModel* m, GtaArgs a) {          \
+        gta_fast<N, MODE_DARE, V>(m, a);                                                     \
     }
-FAST_INSTANCE(2)
-FAST_INSTANCE(4)
-FAST_INSTANCE(8)
+FAST_INSTANCE(2, 4, )
+FAST_INSTANCE(4, 4, )
+FAST_INSTANCE(8, 4, )
+FAST_INSTANCE(2, 8, _v8)
+FAST_INSTANCE(4, 8, _v8)
 
 // Instances by the largest model count they accept (the caller picks the smallest that fits).
 // (4 elements per thread, as merge.rs launches them.)

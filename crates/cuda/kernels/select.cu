@@ -1,6 +1,7 @@
 // Exact magnitude selection for TIES (per tensor, per model): the cut that keeps exactly `p`
 // elements in the order (key, index), key = ~bits(|d|) (ascending keys are descending
-// magnitudes, ties to the lowest index), as the CPU's `select` does. No sort, no gather:
+// magnitudes, ties to the lowest index), as the CPU's `select` does; breadcrumbs select in the
+// ascending order of |d| (`GtaModel.order`, `order_key`). No sort, no gather:
 //
 // 1. `sample_hist` / `sample_pick`: the high 16 key bits of a sample (chunks of SAMPLE_CHUNK
 //    elements, one every `stride` chunks) locate a bracket [lo, hi] of at most FINE_SPAN high
@@ -42,10 +43,10 @@ struct SelModel {
     int state;   // ST_*
 };
 
-__device__ __forceinline__ u32 mag_key(float d) { return ~(__float_as_uint(d) & 0x7fffffffu); }
+__device__ __forceinline__ u32 mag_key(float d) { return order_key(d, ORDER_DESC); }
 
 __device__ __forceinline__ u32 model_key(const GtaModel& m, float b, u64 j) {
-    return mag_key(load_elem((const void*)m.ptr, m.dt, j) - b);
+    return order_key(load_elem((const void*)m.ptr, m.dt, j) - b, m.order);
 }
 
 // Add 1 to h[bin] for every lane with `valid`, one atomic per distinct bin in the warp. Every
@@ -205,6 +206,17 @@ extern "C" __global__ void sample_pick_lo(SelModel* sel, const u32* hist) {
     if (threadIdx.x == 0 && b < HBINS) sel[i].guess |= (u32)b;
 }
 
+// Elements j..j+E-1 (j a multiple of E; allocations are padded to 16 bytes, so the group may
+// run past the end).
+template <int E>
+__device__ __forceinline__ void loade(const void* p, int dt, u64 j, float* v) {
+    if (E == 4) {
+        load4(p, dt, j / 4, v);
+    } else {
+        load2(p, dt, j, v);
+    }
+}
+
 // Shared by bracket_pass and tie_pass: per element, every selected model's value loaded first,
 // then its key. `counting`: ST_PENDING models, counts below lo, the fine histogram and the
 // guess's per-chunk counts; else ST_TIES models and their per-chunk counts of the guess alone.
@@ -243,24 +255,28 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
         u32 eq_w[MAXN];
 #pragma unroll
         for (int i = 0; i < MAXN; i++) eq_w[i] = 0;
-        // Two consecutive elements per thread (8- or 4-byte loads); counts ignore order.
-        for (u64 j0 = c * TIE_CHUNK + 2 * threadIdx.x; j0 < (c + 1) * TIE_CHUNK;
-             j0 += 2 * blockDim.x) {
-            bool in0 = j0 < a.n, in1 = j0 + 1 < a.n;
-            float b[2] = {0.0f, 0.0f};
-            if (in0) load2((const void*)a.base, a.base_dt, j0, b);
-            float x[MAXN][2];
+        // E consecutive elements per thread (4 up to 4 models: 16- or 8-byte loads; else 2);
+        // counts ignore order.
+        const int E = MAXN <= 4 ? 4 : 2;
+        for (u64 j0 = c * TIE_CHUNK + E * threadIdx.x; j0 < (c + 1) * TIE_CHUNK;
+             j0 += E * blockDim.x) {
+            bool in0 = j0 < a.n;
+            float b[E];
+#pragma unroll
+            for (int h = 0; h < E; h++) b[h] = 0.0f;
+            if (in0) loade<E>((const void*)a.base, a.base_dt, j0, b);
+            float x[MAXN][E];
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
                 if (i < n_models && s_on[i] && in0)
-                    load2((const void*)models[i].ptr, models[i].dt, j0, x[i]);
+                    loade<E>((const void*)models[i].ptr, models[i].dt, j0, x[i]);
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                bool in = h == 0 ? in0 : in1;
+            for (int h = 0; h < E; h++) {
+                bool in = j0 + h < a.n;
 #pragma unroll
                 for (int i = 0; i < MAXN; i++) {
                     if (i < n_models && s_on[i]) {
-                        u32 key = in ? mag_key(x[i][h] - b[h]) : 0xffffffffu;
+                        u32 key = in ? order_key(x[i][h] - b[h], models[i].order) : 0xffffffffu;
                         eq_w[i] += __popc(__ballot_sync(0xffffffffu, in && key == s_g[i]));
                         if (counting) {
                             u32 lo = s_lo[i], hi = s_hi[i];

@@ -283,8 +283,8 @@ impl GpuAccelerator {
         let n = job.numel() as u64;
         let mut need = (inputs as u64 + 1) * n * 4;
         if matches!(plan, DevicePlan::Gta { .. }) {
-            // Candidates (a sixteenth per model, 8 bytes each) and histograms.
-            need += inputs as u64 * (n / 16).max(1 << 16) * 8 + inputs as u64 * (1 << 18);
+            // The selection's histograms (1.25 MiB per model) and per-chunk tie counts.
+            need += inputs as u64 * ((2 << 20) + n / 1024);
         }
         match self.gpu.ctx.mem_get_info() {
             Ok((free, _)) => need + (256 << 20) < free as u64,
@@ -381,6 +381,7 @@ impl Accelerator for GpuAccelerator {
                 base,
                 grouping,
                 coefficients,
+                combine,
             } => {
                 let refs: Vec<&DeviceTensor> = tensors[..ins.len()].iter().collect();
                 let base = base.map(|_| &tensors[ins.len()]);
@@ -391,6 +392,7 @@ impl Accelerator for GpuAccelerator {
                     *grouping,
                     job.cols(),
                     coefficients,
+                    *combine,
                     out_dtype,
                     allow,
                 )

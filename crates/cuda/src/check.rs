@@ -281,6 +281,18 @@ pub fn cases(n_models: usize) -> Vec<Case> {
                 .with_model_values("density", &dens)
                 .with_global("rescale_mode", Scalar::Str("inverse_density".into())),
         ),
+        (
+            "breadcrumbs",
+            with(TensorParams::default())
+                .with_model_values("density", &dens)
+                .with_model_values("gamma", &vec![0.05; n_models]),
+        ),
+        (
+            "breadcrumbs_ties",
+            with(TensorParams::default())
+                .with_model_values("density", &dens)
+                .with_model_values("gamma", &vec![0.05; n_models]),
+        ),
     ];
     list.into_iter()
         .map(|(method, params)| {
@@ -352,6 +364,13 @@ pub fn gram_cases(n_models: usize) -> Vec<Case> {
             n_models,
             false,
         ),
+        ("model_stock", TensorParams::default(), n_models, true),
+        (
+            "model_stock",
+            TensorParams::default().with_global("filter_wise", Scalar::Bool(true)),
+            n_models,
+            true,
+        ),
     ];
     list.into_iter()
         .filter_map(|(m, p, n, b)| case(m, p, n, b, seed))
@@ -382,6 +401,7 @@ pub fn run_case(
             base: with_base,
             grouping,
             coefficients,
+            combine,
         } => {
             // Problem layout: input Model(i) is models[i], the base is `base`.
             let pick = |i: &amalgam_core::tensor::Input| match i {
@@ -397,6 +417,7 @@ pub fn run_case(
                 *grouping,
                 cols(base.len),
                 coefficients,
+                *combine,
                 out,
                 false,
             )
@@ -602,6 +623,34 @@ pub fn timings(gpu: &Gpu, opts: &CheckOptions, dtype: DType, copy_gbs: f64) -> R
                 });
             }
             Err(e) => rows.push(failed(&name, &e)),
+        }
+    }
+    if dtype.size() == 2 {
+        // Task arithmetic and TIES with 4 elements per thread (8-byte loads), for comparison.
+        merge::narrow_loads(true);
+        let mut list = Vec::new();
+        for case in cases(opts.models).into_iter().skip(1).take(2) {
+            let ms = kernel_ms(gpu, opts.reps, || {
+                run_case(gpu, &case, &base, &models, dtype).map(drop)
+            });
+            list.push((case.method, ms));
+        }
+        merge::narrow_loads(false);
+        for (method, ms) in list {
+            let name = format!("{method} {label} narrow loads");
+            let wide = rows
+                .iter()
+                .find(|r| r.name == format!("{method} {label}"))
+                .map_or(f64::NAN, |r| r.ms);
+            match ms {
+                Ok((ms, _)) => rows.push(Row {
+                    name,
+                    ms,
+                    note: format!("wide loads take {:.2}x this time", wide / ms),
+                    ..Default::default()
+                }),
+                Err(e) => rows.push(failed(&name, &e)),
+            }
         }
     }
     let out = if dtype == DType::F32 {

@@ -12,7 +12,7 @@ use crate::device::Gpu;
 use crate::error::{Ctx, CudaError, Result};
 use crate::merge;
 use crate::tensor::{DType, DeviceTensor};
-use amalgam_core::methods::device::{CoefficientFn, DeviceGrouping, GramMatrices};
+use amalgam_core::methods::device::{CoefficientFn, DeviceGrouping, GramCombine, GramMatrices};
 use amalgam_core::reduce::REDUCE_CHUNK;
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 
@@ -57,10 +57,14 @@ pub fn gram_merge(
     grouping: DeviceGrouping,
     cols: usize,
     coefficients: &CoefficientFn,
+    combine: GramCombine,
     out_dtype: DType,
     allow_nonfinite: bool,
 ) -> Result<DeviceTensor> {
     let n_in = inputs.len();
+    if combine == GramCombine::Stock && base.is_none() {
+        return Err(CudaError::Invalid("gram: model stock needs a base".into()));
+    }
     let n = inputs.first().map_or(0, |t| t.len);
     if n_in == 0
         || n_in > MAX_INPUTS
@@ -156,11 +160,13 @@ pub fn gram_merge(
     let d_coefs = s.clone_htod(&coefs).ctx("uploading coefficients")?;
     let mut out = DeviceTensor::alloc(s, out_dtype, n)?;
     let (rows, out_dt) = (i32::from(groups > 1), out_dtype.code());
+    let stock = i32::from(combine == GramCombine::Stock);
     let mut b = s.launch_builder(gpu.function("gram_combine"));
     b.arg(&d_in)
         .arg(&args)
         .arg(&d_coefs)
         .arg(&rows)
+        .arg(&stock)
         .arg(&mut out.data)
         .arg(&out_dt);
     // SAFETY: argument types match `gram_combine`; coefs hold groups * n_in values.

@@ -12,6 +12,7 @@ use crate::error::{Ctx, CudaError, Result};
 use crate::tensor::{DType, DeviceTensor};
 use amalgam_core::methods::device::DeviceSparsify;
 use amalgam_core::methods::gta::Consensus;
+use amalgam_core::methods::sparsify::frac_count;
 use amalgam_core::philox;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +31,8 @@ pub struct GtaModel {
     scale: f32,
     dt: i32,
     mask: i32,
-    pad: i32,
+    /// Selection order: `ORDER_DESC` (largest |δ| first) or `ORDER_ASC`.
+    order: i32,
 }
 
 // SAFETY: plain `repr(C)` data with the layout of `struct GtaModel`.
@@ -106,6 +108,9 @@ pub const MAX_MODELS: usize = 16;
 const MASK_NONE: i32 = 0;
 const MASK_RANK: i32 = 1;
 const MASK_DARE: i32 = 2;
+const MASK_OUTLIER: i32 = 3;
+/// `GtaModel.order` (`ORDER_*` in `merge.cu`).
+const ORDER_ASC: i32 = 1;
 /// Bins of a 16-bit histogram (`HBINS`).
 const HBINS: usize = 1 << 16;
 /// Bins of the full-resolution bracket histogram (`FINE_BINS`).
@@ -120,6 +125,18 @@ const SAMPLE_CHUNKS: u64 = 1 << 12;
 const L1_CHUNK: u64 = 65536;
 
 static FORCE_EXACT: AtomicBool = AtomicBool::new(false);
+static NARROW_LOADS: AtomicBool = AtomicBool::new(false);
+
+/// Keep 2-byte inputs on the pipeline's 4 elements per thread (8-byte loads) instead of the
+/// `_v8` instances' 8 (16-byte loads): for `gpu-check`, which times both.
+pub fn narrow_loads(on: bool) {
+    NARROW_LOADS.store(on, Ordering::Relaxed);
+}
+
+/// Whether every tensor is 2 bytes per element and wide loads are not turned off.
+fn wide(tensors: &[&DeviceTensor]) -> bool {
+    !NARROW_LOADS.load(Ordering::Relaxed) && tensors.iter().all(|t| t.dtype.size() == 2)
+}
 
 /// Skip the sampled bracket of the TIES selection and gather every element (the exact path
 /// taken when a bracket misses): for tests and `gpu-check`, which compare both paths.
@@ -137,6 +154,16 @@ pub enum Sparsify {
     Magnitude {
         /// Fraction kept.
         density: f64,
+    },
+    /// Breadcrumbs: keep the positions `[n_bot, n_bot + ⌊density·n⌋)` of the ascending
+    /// `(|δ|, index)` order (see `DeviceSparsify::Outliers`).
+    Outliers {
+        /// Fraction kept.
+        density: f64,
+        /// Fraction of the largest entries dropped.
+        gamma: f64,
+        /// Drop everything when `⌊γ·n⌋ = 0` (old mergekit).
+        legacy: bool,
     },
     /// DARE: keep each element with probability `density` (Philox, as the CPU), scaling kept
     /// ones by `1/density` when `inverse`.
@@ -179,6 +206,15 @@ impl From<DeviceSparsify> for Sparsify {
             DeviceSparsify::None => Sparsify::None,
             DeviceSparsify::Magnitude { density } => Sparsify::Magnitude { density },
             DeviceSparsify::Dare { density, inverse } => Sparsify::Dare { density, inverse },
+            DeviceSparsify::Outliers {
+                density,
+                gamma,
+                legacy,
+            } => Sparsify::Outliers {
+                density,
+                gamma,
+                legacy,
+            },
         }
     }
 }
@@ -453,6 +489,8 @@ pub fn gta(
     let out = DeviceTensor::alloc(s, out_dtype, n)?;
     let mut host: Vec<GtaModel> = Vec::with_capacity(n_models);
     let mut select = vec![None; n_models];
+    // Breadcrumbs: the positions [lo, hi) kept, per model.
+    let mut outliers: Vec<Option<(u64, u64)>> = vec![None; n_models];
     for (i, (t, sp)) in models.iter().zip(&spec.sparsify).enumerate() {
         let key = philox::key(spec.seed, i);
         let mut m = GtaModel {
@@ -466,7 +504,7 @@ pub fn gta(
             scale: 1.0,
             dt: t.dtype.code(),
             mask: MASK_NONE,
-            pad: 0,
+            order: 0,
         };
         match *sp {
             Sparsify::None => {}
@@ -474,6 +512,25 @@ pub fn gta(
                 if let Some(k) = magnitude_keep(density, n) {
                     m.mask = MASK_RANK;
                     select[i] = Some(k);
+                }
+            }
+            Sparsify::Outliers {
+                density,
+                gamma,
+                legacy,
+            } => {
+                if density < 1.0 && n > 0 {
+                    m.mask = MASK_OUTLIER;
+                    m.order = ORDER_ASC;
+                    let target = frac_count(density, n);
+                    let n_top = frac_count(gamma, n);
+                    if target == 0 || (legacy && n_top == 0) {
+                        // Nothing kept: [0, 0).
+                        outliers[i] = Some((0, 0));
+                    } else {
+                        let n_bot = n.saturating_sub(target + n_top);
+                        outliers[i] = Some((n_bot as u64, (n_bot + target) as u64));
+                    }
                 }
             }
             Sparsify::Dare { density, inverse } => {
@@ -540,6 +597,15 @@ pub fn gta(
         }
         select_cuts(gpu, &mut d_models, &args, &select)?;
     }
+    if outliers.iter().any(Option::is_some) {
+        if n > u32::MAX as usize {
+            return Err(CudaError::Invalid(format!(
+                "tensor \"{}\" has {n} elements; GPU magnitude selection takes at most 2^32",
+                spec.name
+            )));
+        }
+        outlier_cuts(gpu, &mut d_models, &args, &outliers)?;
+    }
     mark(gpu, "select");
     if spec.rescale && host.iter().any(|m| m.mask != MASK_NONE) {
         let factors = l1_factors(gpu, &d_models, &args, n_models)?;
@@ -560,9 +626,11 @@ pub fn gta(
         .collect();
     let mode = match kinds.first() {
         None => Some("plain"),
-        Some(&k) if kinds.iter().all(|&x| x == k) => {
-            Some(if k == MASK_RANK { "rank" } else { "dare" })
-        }
+        Some(&k) if kinds.iter().all(|&x| x == k) => match k {
+            MASK_RANK => Some("rank"),
+            MASK_DARE => Some("dare"),
+            _ => None,
+        },
         Some(_) => None,
     };
     let size = match n_models {
@@ -571,14 +639,17 @@ pub fn gta(
         5..=8 => 8,
         _ => 16,
     };
+    // 2-byte base and models, up to 4 models: 8 elements per thread (16-byte loads).
+    let v8 = mode.is_some() && size <= 4 && wide(&refs);
     let kernel = match mode {
         // (Rank masks come from the selection, which takes fewer than 2^32 elements, as the
         // specialised kernels' 32-bit index compare needs.)
+        Some(m) if v8 => format!("gta_{m}_{size}_v8"),
         Some(m) if size <= 8 => format!("gta_{m}_{size}"),
         _ => format!("gta_merge_{size}"),
     };
     let kernel = kernel.as_str();
-    let vec = 4u64;
+    let vec = if v8 { 8u64 } else { 4 };
     let cfg = gpu.grid((n as u64 / vec).max(1));
     let mut b = s.launch_builder(gpu.function(kernel));
     b.arg(&d_models).arg(&args);
@@ -778,6 +849,49 @@ fn select_cuts(
     Ok(())
 }
 
+/// Breadcrumbs' two cuts per model (`outliers[i]`: the positions `[lo, hi)` kept of the
+/// ascending order): the lower cut, kept in `threshold`, then the upper one in `cut`, each by
+/// [`select_cuts`] (position 0 is the first position, position n the end).
+fn outlier_cuts(
+    gpu: &Gpu,
+    d_models: &mut CudaSlice<GtaModel>,
+    args: &GtaArgs,
+    outliers: &[Option<(u64, u64)>],
+) -> Result<()> {
+    let s = &gpu.stream;
+    let n = args.n;
+    let inner = |p: u64| (p > 0 && p < n).then_some(p);
+    let at = |p: u64, cut: u64| match p {
+        0 => 0,
+        p if p >= n => u64::MAX,
+        _ => cut,
+    };
+    let lo: Vec<Option<u64>> = outliers
+        .iter()
+        .map(|o| o.and_then(|o| inner(o.0)))
+        .collect();
+    if lo.iter().any(Option::is_some) {
+        select_cuts(gpu, d_models, args, &lo)?;
+    }
+    let mut cur = s.clone_dtoh(d_models).ctx("reading the models")?;
+    gpu.sync()?;
+    for (m, o) in cur.iter_mut().zip(outliers) {
+        if let Some((l, h)) = *o {
+            m.threshold = if l == h { 0 } else { at(l, m.cut) };
+            m.cut = if l == h { 0 } else { at(h, 0) };
+        }
+    }
+    *d_models = s.clone_htod(&cur).ctx("uploading the models")?;
+    let hi: Vec<Option<u64>> = outliers
+        .iter()
+        .map(|o| o.and_then(|o| (o.0 < o.1).then_some(o.1)).and_then(inner))
+        .collect();
+    if hi.iter().any(Option::is_some) {
+        select_cuts(gpu, d_models, args, &hi)?;
+    }
+    Ok(())
+}
+
 /// The counting pass, the resolution, the tie counts of a K that was not the guess, and the
 /// resolution again.
 fn count_and_resolve(
@@ -790,21 +904,10 @@ fn count_and_resolve(
     n_tchunks: u64,
 ) -> Result<()> {
     let s = &gpu.stream;
-    let n_models = args.n_models as u32;
-    let chunks = LaunchConfig {
-        grid_dim: (n_tchunks.min(u64::from(gpu.sms) * 8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let per_model = LaunchConfig {
-        grid_dim: (n_models, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (pass, ties) = match n_models {
-        0..=4 => ("bracket_pass_4", "tie_pass_4"),
-        5..=8 => ("bracket_pass_8", "tie_pass_8"),
-        _ => ("bracket_pass_16", "tie_pass_16"),
+    let pass = match args.n_models {
+        0..=4 => "bracket_pass_4",
+        5..=8 => "bracket_pass_8",
+        _ => "bracket_pass_16",
     };
     let mut b = s.launch_builder(gpu.function(pass));
     b.arg(&*d_models)
@@ -814,30 +917,74 @@ fn count_and_resolve(
         .arg(&mut *tie)
         .arg(&n_tchunks);
     // SAFETY: argument types match `bracket_pass`; fine and tie hold n_models rows.
-    unsafe { b.launch(chunks) }.map_err(launch_err(pass))?;
+    unsafe { b.launch(chunk_grid(gpu, n_tchunks)) }.map_err(launch_err(pass))?;
     mark(gpu, "bracket_pass");
-    for round in 0..2 {
-        if round == 1 {
-            let mut b = s.launch_builder(gpu.function(ties));
-            b.arg(&*d_models)
-                .arg(&*d_sel)
-                .arg(args)
-                .arg(&mut *tie)
-                .arg(&n_tchunks);
-            // SAFETY: argument types match `tie_pass`.
-            unsafe { b.launch(chunks) }.map_err(launch_err(ties))?;
-            mark(gpu, "tie_pass");
-        }
-        let mut b = s.launch_builder(gpu.function("resolve"));
-        b.arg(&mut *d_models)
-            .arg(&mut *d_sel)
-            .arg(args)
-            .arg(&mut *fine)
-            .arg(&*tie)
-            .arg(&n_tchunks);
-        // SAFETY: argument types match `resolve`.
-        unsafe { b.launch(per_model) }.map_err(launch_err("resolve"))?;
-        mark(gpu, "resolve");
+    resolve(gpu, d_models, d_sel, args, fine, tie, n_tchunks)?;
+    tie_round(gpu, d_models, d_sel, args, fine, tie, n_tchunks)
+}
+
+/// Blocks of 256 threads over the TIE_CHUNK chunks.
+fn chunk_grid(gpu: &Gpu, n_tchunks: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n_tchunks.min(u64::from(gpu.sms) * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
+}
+
+/// `resolve`: K and the cut of every model in ST_PENDING or ST_TIES.
+fn resolve(
+    gpu: &Gpu,
+    d_models: &mut CudaSlice<GtaModel>,
+    d_sel: &mut CudaSlice<SelModel>,
+    args: &GtaArgs,
+    fine: &mut CudaSlice<u32>,
+    tie: &CudaSlice<u32>,
+    n_tchunks: u64,
+) -> Result<()> {
+    let mut b = gpu.stream.launch_builder(gpu.function("resolve"));
+    b.arg(&mut *d_models)
+        .arg(&mut *d_sel)
+        .arg(args)
+        .arg(&mut *fine)
+        .arg(tie)
+        .arg(&n_tchunks);
+    // SAFETY: argument types match `resolve`.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (args.n_models as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(launch_err("resolve"))?;
+    mark(gpu, "resolve");
     Ok(())
+}
+
+/// The per-chunk counts of K for the models in ST_TIES (`tie_pass_*`), then `resolve`.
+fn tie_round(
+    gpu: &Gpu,
+    d_models: &mut CudaSlice<GtaModel>,
+    d_sel: &mut CudaSlice<SelModel>,
+    args: &GtaArgs,
+    fine: &mut CudaSlice<u32>,
+    tie: &mut CudaSlice<u32>,
+    n_tchunks: u64,
+) -> Result<()> {
+    let ties = match args.n_models {
+        0..=4 => "tie_pass_4",
+        5..=8 => "tie_pass_8",
+        _ => "tie_pass_16",
+    };
+    let mut b = gpu.stream.launch_builder(gpu.function(ties));
+    b.arg(&*d_models)
+        .arg(&*d_sel)
+        .arg(args)
+        .arg(&mut *tie)
+        .arg(&n_tchunks);
+    // SAFETY: argument types match `tie_pass`.
+    unsafe { b.launch(chunk_grid(gpu, n_tchunks)) }.map_err(launch_err(ties))?;
+    mark(gpu, "tie_pass");
+    resolve(gpu, d_models, d_sel, args, fine, tie, n_tchunks)
 }

@@ -145,6 +145,23 @@ impl MergeMethod for Breadcrumbs {
         )?;
         gta::merge(&self.opts, Some(&sp), job, reader, writer)
     }
+
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        use crate::methods::device::{DevicePlan, DeviceSparsify};
+        Some(DevicePlan::Gta {
+            opts: self.opts.clone(),
+            sparsify: self
+                .densities
+                .iter()
+                .zip(&self.gammas)
+                .map(|(&density, &gamma)| DeviceSparsify::Outliers {
+                    density,
+                    gamma,
+                    legacy: self.legacy_slice,
+                })
+                .collect(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,19 @@ pub enum DeviceSparsify {
         /// Fraction kept.
         density: f64,
     },
+    /// Breadcrumbs `magnitude_outliers`: keep the positions `[n_bot, n_bot + ⌊density·n⌋)` of
+    /// the ascending `(|δ|, index)` order, with `n_top = ⌊γ·n⌋` and
+    /// `n_bot = max(0, n − ⌊density·n⌋ − n_top)` ([`crate::methods::sparsify::magnitude_outliers`]);
+    /// `density ≥ 1` keeps everything; nothing is kept when `⌊density·n⌋ = 0`, or with
+    /// `legacy` when `n_top = 0`.
+    Outliers {
+        /// Fraction kept.
+        density: f64,
+        /// Fraction of the largest entries dropped.
+        gamma: f64,
+        /// `breadcrumbs_legacy_slice`.
+        legacy: bool,
+    },
     /// DARE: keep with probability `density` (the Philox contract of [`crate::philox`]),
     /// kept entries times `1/density` when `inverse`.
     Dare {
@@ -38,6 +51,16 @@ pub enum DeviceGrouping {
     Rows,
     /// Each fibre along dimension 0 is a vector.
     Axis0,
+}
+
+/// How a Gram-based plan forms its output from the per-group coefficients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GramCombine {
+    /// `out = Σ_i c_i·x_i (+ base)` in f32, input order from 0, with `x_i = input_i − base`.
+    Deltas,
+    /// Model stock: with `t = c_0` of the group and `s = Σ_i input_i` (raw inputs, f32, input
+    /// order from 0), `out = t·(s / n) + (1 − t)·base`.
+    Stock,
 }
 
 /// The Gram matrices of one tensor: `G_ij = x_i·x_j` (f64) per vector (group).
@@ -87,8 +110,9 @@ pub enum DevicePlan {
     },
     /// The Gram-based methods (`slerp`, `nuslerp`, `multislerp`, `karcher`): with
     /// `x_i = input_i − base` (f32; the input itself without a base), the Gram matrices of the
-    /// x_i per vector of `grouping`, then `out = Σ_i c_i·x_i (+ base)` per element in f32, input
-    /// order, with the coefficients `coefficients(G)` of the element's group.
+    /// x_i per vector of `grouping`, then per element the output `combine` gives from the
+    /// coefficients `coefficients(G)` of the element's group. (`model_stock` uses the same
+    /// Gram matrices with [`GramCombine::Stock`].)
     Gram {
         /// The vectors' inputs, in order.
         inputs: Vec<Input>,
@@ -98,6 +122,8 @@ pub enum DevicePlan {
         grouping: DeviceGrouping,
         /// The method's coefficients from the Gram matrices.
         coefficients: CoefficientFn,
+        /// How the output is formed from the coefficients.
+        combine: GramCombine,
     },
 }
 
@@ -118,12 +144,14 @@ impl std::fmt::Debug for DevicePlan {
                 inputs,
                 base,
                 grouping,
+                combine,
                 ..
             } => f
                 .debug_struct("Gram")
                 .field("inputs", inputs)
                 .field("base", base)
                 .field("grouping", grouping)
+                .field("combine", combine)
                 .finish_non_exhaustive(),
         }
     }

@@ -527,7 +527,8 @@ pub(crate) mod testutil {
     /// Run a [`DevicePlan::Gram`] on `r` the way its documentation says a device does, written
     /// independently of the CPU path: x_i = input_i − base in f32, the Gram matrix of each group
     /// summed naively in f64 in flat element order, the plan's coefficients, then
-    /// out = Σ_i c_i·x_i (+ base) in f32 in input order, from 0.
+    /// out = Σ_i c_i·x_i (+ base) in f32 in input order, from 0 (or model stock's
+    /// t·(Σ_i input_i / n) + (1 − t)·base).
     // Element loops index several input buffers at once, as a device kernel does.
     #[allow(clippy::needless_range_loop)]
     pub(crate) fn emulate_gram_plan(
@@ -540,6 +541,7 @@ pub(crate) mod testutil {
             base,
             grouping,
             coefficients,
+            combine,
         } = plan
         else {
             panic!("not a Gram plan: {plan:?}");
@@ -591,6 +593,19 @@ pub(crate) mod testutil {
         }
         let c = coefficients(&GramMatrices { n, groups, data })?;
         assert_eq!(c.len(), groups * n);
+        if *combine == crate::methods::device::GramCombine::Stock {
+            let b = b.expect("model stock has a base");
+            return Ok((0..numel)
+                .map(|e| {
+                    let t = c[group_of(e) * n];
+                    let mut s = 0.0f32;
+                    for &i in inputs {
+                        s += get(i)[e];
+                    }
+                    t * (s / n as f32) + (1.0 - t) * b[e]
+                })
+                .collect());
+        }
         Ok((0..numel)
             .map(|e| {
                 let g = group_of(e);

@@ -26,7 +26,7 @@
 //! `base_model` among the inputs is one more point of the mean).
 
 use crate::error::{MergeError, Result};
-use crate::methods::device::{DevicePlan, GramMatrices};
+use crate::methods::device::{DevicePlan, GramCombine, GramMatrices};
 use crate::methods::gram::{
     check_gram, copy_input, gram, matvec, qform, write_combination, GroupMap, Grouping,
 };
@@ -226,6 +226,7 @@ impl MergeMethod for Karcher {
             base: None,
             grouping: Self::GROUPING.into(),
             coefficients: Arc::new(move |g| method.coefficients(g)),
+            combine: GramCombine::Deltas,
         })
     }
 }

@@ -22,10 +22,12 @@
 //! a denominator within rounding of the ±1e-6 band edge may be classified differently.
 
 use crate::error::{MergeError, Result};
+use crate::methods::device::{DevicePlan, GramCombine, GramMatrices};
 use crate::methods::gram::{gram, map_blocks, GroupMap, Grouping};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
+use std::sync::Arc;
 
 /// Static facts about `model_stock`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -93,6 +95,25 @@ impl ModelStock {
     }
 }
 
+impl ModelStock {
+    fn grouping(&self) -> Grouping {
+        if self.filter_wise {
+            Grouping::Rows
+        } else {
+            Grouping::Whole
+        }
+    }
+
+    /// Per group the coefficients of [`GramCombine::Stock`]: `[t, 0, …]`.
+    fn coefficients(&self, g: &GramMatrices) -> Result<Vec<f32>> {
+        let mut c = vec![0.0f32; g.groups * g.n];
+        for k in 0..g.groups {
+            c[k * g.n] = self.ratio(g.matrix(k)) as f32;
+        }
+        Ok(c)
+    }
+}
+
 impl MergeMethod for ModelStock {
     fn class(&self) -> ShardClass {
         ShardClass::T
@@ -116,14 +137,7 @@ impl MergeMethod for ModelStock {
             });
         }
         let models: Vec<Input> = (0..self.n).map(Input::Model).collect();
-        let map = GroupMap::new(
-            job,
-            if self.filter_wise {
-                Grouping::Rows
-            } else {
-                Grouping::Whole
-            },
-        );
+        let map = GroupMap::new(job, self.grouping());
         let g = gram(job, reader, &models, Some(Input::Base), map)?;
         let t: Vec<f32> = (0..map.groups())
             .map(|k| self.ratio(g.matrix(k)) as f32)
@@ -144,6 +158,17 @@ impl MergeMethod for ModelStock {
                 }
                 *o = tk * (s / count) + (1.0 - tk) * base[k];
             });
+        })
+    }
+
+    fn device_plan(&self) -> Option<DevicePlan> {
+        let method = self.clone();
+        Some(DevicePlan::Gram {
+            inputs: (0..self.n).map(Input::Model).collect(),
+            base: Some(Input::Base),
+            grouping: self.grouping().into(),
+            coefficients: Arc::new(move |g| method.coefficients(g)),
+            combine: GramCombine::Stock,
         })
     }
 }
@@ -281,6 +306,33 @@ mod tests {
         let got = run_invariant(&build(3, false), &job(&[n], 3, true, 64), &r);
         assert!(got.iter().all(|v| v.is_finite()));
         assert!(got.iter().all(|v| v.abs() < 1e-3), "{:?}", &got[..4]);
+    }
+
+    #[test]
+    fn device_plan_matches_merge() {
+        for (shape, seed) in [(vec![40usize, 50], 3u64), (vec![150, 130], 5), (vec![7], 9)] {
+            let n: usize = shape.iter().product();
+            let base = rand_vec(seed, n);
+            let shared = rand_vec(seed + 1, n);
+            let models: Vec<Vec<f32>> = (0..3)
+                .map(|i| {
+                    let r = rand_vec(seed + 10 + i, n);
+                    base.iter()
+                        .zip(&shared)
+                        .zip(&r)
+                        .map(|((b, s), x)| b + 0.1 * (s + x))
+                        .collect()
+                })
+                .collect();
+            for (k, fw) in [(2usize, false), (3, false), (3, true)] {
+                let r = MemReader {
+                    stats: Default::default(),
+                    base: Some(base.clone()),
+                    models: models[..k].to_vec(),
+                };
+                assert_device_matches(&build(k, fw), &job(&shape, k, true, 64), &r);
+            }
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //! is zero" error for N ≥ 3 (for N = 2 mergekit's fallback gives the same result).
 
 use crate::error::{MergeError, Result};
-use crate::methods::device::{DevicePlan, GramMatrices};
+use crate::methods::device::{DevicePlan, GramCombine, GramMatrices};
 use crate::methods::gram::{
     check_gram, copy_input, gram, matvec, qform, write_combination, GroupMap, Grouping,
 };
@@ -212,6 +212,7 @@ impl MergeMethod for Multislerp {
             base: self.has_base.then_some(Input::Base),
             grouping: Self::GROUPING.into(),
             coefficients: Arc::new(move |g| method.coefficients(g)),
+            combine: GramCombine::Deltas,
         })
     }
 }

@@ -25,7 +25,7 @@
 //! branches agree to O(θ²).
 
 use crate::error::{MergeError, Result};
-use crate::methods::device::{DevicePlan, GramMatrices};
+use crate::methods::device::{DevicePlan, GramCombine, GramMatrices};
 use crate::methods::gram::{check_gram, gram, write_combination, GroupMap, Grouping};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
@@ -158,6 +158,7 @@ impl MergeMethod for Nuslerp {
             base: self.has_base.then_some(Input::Base),
             grouping: self.grouping.into(),
             coefficients: Arc::new(move |g| method.coefficients(g)),
+            combine: GramCombine::Deltas,
         })
     }
 }

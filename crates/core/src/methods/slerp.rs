@@ -20,7 +20,7 @@
 //! inputs).
 
 use crate::error::{MergeError, Result};
-use crate::methods::device::{DevicePlan, GramMatrices};
+use crate::methods::device::{DevicePlan, GramCombine, GramMatrices};
 use crate::methods::gram::{check_gram, gram, write_combination, GroupMap, Grouping};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
@@ -149,6 +149,7 @@ impl MergeMethod for Slerp {
             base: None,
             grouping: Self::GROUPING.into(),
             coefficients: Arc::new(move |g| method.coefficients(g)),
+            combine: GramCombine::Deltas,
         })
     }
 }
