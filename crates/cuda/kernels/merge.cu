@@ -120,15 +120,30 @@ struct GtaModel {
     int dt;         // encoding
     int mask;       // MASK_*
     int order;      // selection order: ORDER_DESC (largest |d| first) or ORDER_ASC
+    u64 aux;        // DELLA: u32 rank per element (1-based within its group)
+    u32 group;      // DELLA: rank group length
+    float dm, de;   // DELLA: f32(density - epsilon), f32(epsilon)
+    int inv;        // DELLA: divide kept entries by their keep probability
 };
 
 #define MASK_NONE 0
 #define MASK_RANK 1
 #define MASK_DARE 2
 #define MASK_OUTLIER 3
+#define MASK_DELLA 4
+
+// `amalgam_core::philox::keep_threshold` of an f32 probability (computed in f64).
+__device__ __forceinline__ u64 keep_threshold_of(float p) {
+    double q = (double)p;
+    if (isnan(q) || q <= 0.0) return 0;
+    if (q >= 1.0) return 1ull << 32;
+    u64 t = (u64)floor(q * 4294967296.0);
+    return t < (1ull << 32) ? t : (1ull << 32);
+}
 
 #define ORDER_DESC 0
 #define ORDER_ASC 1
+#define ORDER_VAR 2
 
 // The selection key of task-vector value d: ascending keys are descending magnitudes
 // (ORDER_DESC: ~bits(|d|)) or ascending ones (ORDER_ASC: bits(|d|) with the top bit set, so
@@ -164,6 +179,16 @@ __device__ __forceinline__ float gta_sparsify(const GtaModel& m, float d, u64 j,
         // Breadcrumbs: keep the positions [threshold, cut) of the ascending order.
         u64 c = (((u64)order_key(d, ORDER_ASC)) << 32) | j;
         d = (c >= m.threshold && c < m.cut) ? d : 0.0f;
+    } else if (m.mask == MASK_DELLA) {
+        // `della::keep_prob` in f32, then DARE's Philox test with that probability.
+        u32 rank = ((const u32*)m.aux)[j];
+        float rn = 1.0f;
+        if (m.group > 1)
+            rn = fminf(fmaxf((float)(rank - 1u) / (float)(m.group - 1u), 0.0f), 1.0f);
+        float p = m.dm + (rn * 2.0f) * m.de;
+        u32 w = philox_word0((u32)name_hash, (u32)(name_hash >> 32), (u32)j, (u32)(j >> 32), m.k0,
+                             m.k1);
+        d = ((u64)w < keep_threshold_of(p)) ? (m.inv ? d / p : d) : 0.0f;
     } else if (m.mask == MASK_DARE) {
         u32 w = philox_word0((u32)name_hash, (u32)(name_hash >> 32), (u32)j, (u32)(j >> 32), m.k0,
                              m.k1);
@@ -493,4 +518,46 @@ extern "C" __global__ void gta_l1(const GtaModel* models, GtaArgs a, double* par
 // Dtype conversion: out[j] = in[j] re-encoded.
 extern "C" __global__ void convert(const void* in, int in_dt, void* out, int out_dt, u64 n) {
     GRID_STRIDE(j, n) { store_elem(out, out_dt, j, load_elem(in, in_dt, j)); }
+}
+
+// DELLA ranks of model `model`: per group (row) of `c` elements, the task-vector values sorted
+// by (|d| bits, position) with a bitonic sort of `pow2` 8-byte keys in dynamic shared memory;
+// ranks[j] = 1-based position of element j in its group's order. Groups are consecutive.
+extern "C" __global__ void della_ranks(const GtaModel* models, GtaArgs a, int model, u32 c,
+                                       u32 pow2, u32* ranks) {
+    extern __shared__ u64 sk[];
+    const GtaModel m = models[model];
+    u64 rows = a.n / c;
+    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        u64 start = row * c;
+        for (u32 r = threadIdx.x; r < pow2; r += blockDim.x) {
+            u64 v = ~0ull;
+            if (r < c) {
+                float d = load_elem((const void*)m.ptr, m.dt, start + r) -
+                          load_elem((const void*)a.base, a.base_dt, start + r);
+                v = (((u64)(__float_as_uint(d) & 0x7fffffffu)) << 32) | r;
+            }
+            sk[r] = v;
+        }
+        __syncthreads();
+        for (u32 k = 2; k <= pow2; k <<= 1) {
+            for (u32 h = k >> 1; h > 0; h >>= 1) {
+                for (u32 i = threadIdx.x; i < pow2; i += blockDim.x) {
+                    u32 o = i ^ h;
+                    if (o > i) {
+                        u64 x = sk[i], y = sk[o];
+                        bool up = (i & k) == 0;
+                        if ((x > y) == up) {
+                            sk[i] = y;
+                            sk[o] = x;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        for (u32 pos = threadIdx.x; pos < c; pos += blockDim.x)
+            ranks[start + (sk[pos] & 0xffffffffull)] = pos + 1;
+        __syncthreads();
+    }
 }

@@ -45,8 +45,33 @@ struct SelModel {
 
 __device__ __forceinline__ u32 mag_key(float d) { return order_key(d, ORDER_DESC); }
 
-__device__ __forceinline__ u32 model_key(const GtaModel& m, float b, u64 j) {
-    return order_key(load_elem((const void*)m.ptr, m.dt, j) - b, m.order);
+// SCE's key (ORDER_VAR): ~bits(f32(population variance in f64 of d[0..n))), as
+// `amalgam_core::methods::sce` computes it (largest variance first).
+__device__ __forceinline__ u32 var_key_of(const float* d, int n) {
+    double mean = 0.0;
+    for (int i = 0; i < n; i++) mean += (double)d[i];
+    mean /= (double)n;
+    double var = 0.0;
+    for (int i = 0; i < n; i++) {
+        double x = (double)d[i] - mean;
+        var += x * x;
+    }
+    var /= (double)n;
+    return ~__float_as_uint((float)var);
+}
+
+// The selection key of slot i at element j (base value b): its model's task-vector value in
+// the slot's order, or (ORDER_VAR) the variance across every model.
+__device__ __forceinline__ u32 model_key(const GtaModel* models, int i, const GtaArgs& a, float b,
+                                         u64 j) {
+    if (models[i].order == ORDER_VAR) {
+        float d[16];
+        int n = a.n_models < 16 ? a.n_models : 16;
+        for (int k = 0; k < n; k++)
+            d[k] = load_elem((const void*)models[k].ptr, models[k].dt, j) - b;
+        return var_key_of(d, n);
+    }
+    return order_key(load_elem((const void*)models[i].ptr, models[i].dt, j) - b, models[i].order);
 }
 
 // Add 1 to h[bin] for every lane with `valid`, one atomic per distinct bin in the warp. Every
@@ -128,14 +153,13 @@ extern "C" __global__ void sample_hist(const GtaModel* models, const SelModel* s
                                        u64 stride, u64 n_chunks, int lo_pass, u32* hist) {
     int i = blockIdx.y;
     if (!sel[i].active) return;
-    const GtaModel m = models[i];
     u32 want = sel[i].guess >> 16;
     u32* h = hist + (u64)i * HBINS;
     for (u64 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
         u64 j = c * stride * SAMPLE_CHUNK + threadIdx.x;
         bool in = j < a.n;
         u32 key = 0;
-        if (in) key = model_key(m, load_elem((const void*)a.base, a.base_dt, j), j);
+        if (in) key = model_key(models, i, a, load_elem((const void*)a.base, a.base_dt, j), j);
         if (lo_pass) {
             agg_add(h, key & 0xffffu, in && (key >> 16) == want);
         } else {
@@ -154,12 +178,11 @@ extern "C" __global__ void sample_hist_smem(const GtaModel* models, const SelMod
     if (!sel[i].active) return;
     for (int k = threadIdx.x; k < 32768; k += blockDim.x) sh[k] = 0;
     __syncthreads();
-    const GtaModel m = models[i];
     int sub = threadIdx.x >> 8;
     for (u64 c = (u64)blockIdx.x * 4 + sub; c < n_chunks; c += (u64)gridDim.x * 4) {
         u64 j = c * stride * SAMPLE_CHUNK + (threadIdx.x & 255);
         if (j < a.n) {
-            u32 key = model_key(m, load_elem((const void*)a.base, a.base_dt, j), j);
+            u32 key = model_key(models, i, a, load_elem((const void*)a.base, a.base_dt, j), j);
             atomicAdd(sh + ((key >> 16) & 0x7fffu), 1u);
         }
     }
@@ -227,7 +250,7 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
     __shared__ GtaModel models[MAXN];
     __shared__ u32 eq[MAXN], s_lo[MAXN], s_hi[MAXN], s_g[MAXN];
     __shared__ int s_on[MAXN];
-    __shared__ int any;
+    __shared__ int any, s_var;
     int n_models = a.n_models;
     int want = counting ? ST_PENDING : ST_TIES;
     for (int i = threadIdx.x; i < MAXN; i += blockDim.x) {
@@ -242,7 +265,11 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
     __syncthreads();
     if (threadIdx.x == 0) {
         any = 0;
-        for (int i = 0; i < n_models && i < MAXN; i++) any |= s_on[i];
+        s_var = 0;
+        for (int i = 0; i < n_models && i < MAXN; i++) {
+            any |= s_on[i];
+            s_var |= s_on[i] && models[i].order == ORDER_VAR;
+        }
     }
     __syncthreads();
     if (!any) return;
@@ -268,15 +295,24 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
             float x[MAXN][E];
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
-                if (i < n_models && s_on[i] && in0)
+                if (i < n_models && (s_on[i] || s_var) && in0)
                     loade<E>((const void*)models[i].ptr, models[i].dt, j0, x[i]);
 #pragma unroll
             for (int h = 0; h < E; h++) {
                 bool in = j0 + h < a.n;
+                u32 vkey = 0xffffffffu;
+                if (s_var && in) {
+                    float d[MAXN];
+#pragma unroll
+                    for (int i = 0; i < MAXN; i++) d[i] = i < n_models ? x[i][h] - b[h] : 0.0f;
+                    vkey = var_key_of(d, n_models < MAXN ? n_models : MAXN);
+                }
 #pragma unroll
                 for (int i = 0; i < MAXN; i++) {
                     if (i < n_models && s_on[i]) {
-                        u32 key = in ? order_key(x[i][h] - b[h], models[i].order) : 0xffffffffu;
+                        u32 key = !in                              ? 0xffffffffu
+                                  : models[i].order == ORDER_VAR ? vkey
+                                                                 : order_key(x[i][h] - b[h], models[i].order);
                         eq_w[i] += __popc(__ballot_sync(0xffffffffu, in && key == s_g[i]));
                         if (counting) {
                             u32 lo = s_lo[i], hi = s_hi[i];
@@ -391,13 +427,12 @@ extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, u
     u64 rr = r - cb;
     if (t == 0) found = ~0ull;
     __syncthreads();
-    const GtaModel m = models[i];
     u64 seen = 0;
     for (u64 base = c * TIE_CHUNK; base < (c + 1) * TIE_CHUNK && base < a.n; base += 1024) {
         u64 j = base + t;
         int fl = 0;
         if (j < a.n && j < (c + 1) * TIE_CHUNK)
-            fl = model_key(m, load_elem((const void*)a.base, a.base_dt, j), j) == K;
+            fl = model_key(models, i, a, load_elem((const void*)a.base, a.base_dt, j), j) == K;
         flags[t] = fl;
         __syncthreads();
         for (int off = 1; off < 1024; off <<= 1) {
@@ -439,7 +474,7 @@ extern "C" __global__ void full_hist(const GtaModel* models, const SelModel* sel
         float b = in ? load_elem((const void*)a.base, a.base_dt, j) : 0.0f;
         for (int i = 0; i < n_models; i++) {
             if (!sel[i].active || sel[i].state != ST_MISSED) continue;
-            u32 key = in ? model_key(models[i], b, j) : 0;
+            u32 key = in ? model_key(models, i, a, b, j) : 0;
             agg_add(hist + (u64)i * HBINS, key >> 16, in);
         }
     }

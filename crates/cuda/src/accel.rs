@@ -272,7 +272,14 @@ impl GpuAccelerator {
     /// Whether the tensor's inputs, output and selection buffers fit the free device memory.
     fn fits(&self, plan: &DevicePlan, job: &TensorJob, inputs: usize) -> bool {
         match plan {
-            DevicePlan::Gta { .. } if job.n_models > merge::MAX_MODELS => return false,
+            DevicePlan::Gta { .. } | DevicePlan::Sce { .. } if job.n_models > merge::MAX_MODELS => {
+                return false
+            }
+            DevicePlan::Gta { sparsify, .. }
+                if !merge::gta_supports(&self.gpu, sparsify, &job.shape) =>
+            {
+                return false
+            }
             DevicePlan::Gram {
                 inputs, grouping, ..
             } if inputs.len() > gram::MAX_INPUTS || *grouping == DeviceGrouping::Axis0 => {
@@ -282,9 +289,10 @@ impl GpuAccelerator {
         }
         let n = job.numel() as u64;
         let mut need = (inputs as u64 + 1) * n * 4;
-        if matches!(plan, DevicePlan::Gta { .. }) {
-            // The selection's histograms (1.25 MiB per model) and per-chunk tie counts.
-            need += inputs as u64 * ((2 << 20) + n / 1024);
+        if matches!(plan, DevicePlan::Gta { .. } | DevicePlan::Sce { .. }) {
+            // The selection's histograms (1.25 MiB per model), per-chunk tie counts and
+            // DELLA's ranks.
+            need += inputs as u64 * ((2 << 20) + n / 1024 + n * 4);
         }
         match self.gpu.ctx.mem_get_info() {
             Ok((free, _)) => need + (256 << 20) < free as u64,
@@ -297,7 +305,7 @@ impl GpuAccelerator {
 fn plan_inputs(plan: &DevicePlan, job: &TensorJob) -> Vec<Input> {
     match plan {
         DevicePlan::Linear { .. } => (0..job.n_models).map(Input::Model).collect(),
-        DevicePlan::Gta { .. } => std::iter::once(Input::Base)
+        DevicePlan::Gta { .. } | DevicePlan::Sce { .. } => std::iter::once(Input::Base)
             .chain((0..job.n_models).map(Input::Model))
             .collect(),
         // The inputs, then the base.
@@ -372,9 +380,14 @@ impl Accelerator for GpuAccelerator {
             }
             DevicePlan::Gta { opts, sparsify } => {
                 let refs: Vec<&DeviceTensor> = tensors[1..].iter().collect();
-                let mut spec = GtaSpec::from_options(opts, &job.name, job.seed, sparsify);
+                let mut spec =
+                    GtaSpec::from_options(opts, &job.name, &job.shape, job.seed, sparsify);
                 spec.allow_nonfinite = allow;
                 merge::gta(gpu, &tensors[0], &refs, &spec, out_dtype)
+            }
+            DevicePlan::Sce { select_topk } => {
+                let refs: Vec<&DeviceTensor> = tensors[1..].iter().collect();
+                crate::sce::sce(gpu, &tensors[0], &refs, *select_topk, out_dtype, allow)
             }
             DevicePlan::Gram {
                 inputs: ins,

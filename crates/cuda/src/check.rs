@@ -282,6 +282,23 @@ pub fn cases(n_models: usize) -> Vec<Case> {
                 .with_global("rescale_mode", Scalar::Str("inverse_density".into())),
         ),
         (
+            "sce",
+            TensorParams::default().with_global("select_topk", Scalar::Num(0.3)),
+        ),
+        (
+            "della",
+            with(TensorParams::default())
+                .with_model_values("density", &dens)
+                .with_model_values("epsilon", &vec![0.1; n_models]),
+        ),
+        (
+            "della_linear",
+            with(TensorParams::default())
+                .with_model_values("density", &dens)
+                .with_model_values("epsilon", &vec![0.1; n_models])
+                .with_global("rescale_mode", Scalar::Str("inverse_prob".into())),
+        ),
+        (
             "breadcrumbs",
             with(TensorParams::default())
                 .with_model_values("density", &dens)
@@ -393,8 +410,13 @@ pub fn run_case(
         }
         DevicePlan::Gta { opts, sparsify } => {
             let refs: Vec<&DeviceTensor> = models.iter().collect();
-            let spec = GtaSpec::from_options(opts, CHECK_TENSOR, case.seed, sparsify);
+            let spec =
+                GtaSpec::from_options(opts, CHECK_TENSOR, &shape(base.len), case.seed, sparsify);
             merge::gta(gpu, base, &refs, &spec, out)
+        }
+        DevicePlan::Sce { select_topk } => {
+            let refs: Vec<&DeviceTensor> = models.iter().collect();
+            crate::sce::sce(gpu, base, &refs, *select_topk, out, false)
         }
         DevicePlan::Gram {
             inputs,
@@ -433,6 +455,12 @@ pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
         .into_iter()
         .chain(gram_cases(p.models.len()));
     for case in all {
+        if let DevicePlan::Gta { sparsify, .. } = &case.plan {
+            if !merge::gta_supports(gpu, sparsify, &shape(p.len())) {
+                // (DELLA's rank groups too long for the GPU: the CPU merges such tensors.)
+                continue;
+            }
+        }
         let method = match &case.plan {
             DevicePlan::Gram { grouping, .. } => format!("{}/{grouping:?}", case.method),
             _ => case.method.to_string(),

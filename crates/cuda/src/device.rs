@@ -55,7 +55,7 @@ pub struct Gpu {
     pub big_smem: bool,
 }
 
-/// Dynamic shared memory of `sample_hist_smem`.
+/// Dynamic shared memory of `sample_hist_smem` (and the most `della_ranks` takes).
 pub const SAMPLE_SMEM: u32 = 128 << 10;
 
 /// The compiled program loaded in one context.
@@ -112,12 +112,14 @@ impl Gpu {
                         functions.insert(k, f);
                     }
                     if big_smem {
-                        if let Some(f) = functions.get("sample_hist_smem") {
-                            f.set_attribute(
-                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                SAMPLE_SMEM as i32,
-                            )
-                            .ctx("raising the shared memory of sample_hist_smem")?;
+                        for k in ["sample_hist_smem", "della_ranks"] {
+                            if let Some(f) = functions.get(k) {
+                                f.set_attribute(
+                                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    SAMPLE_SMEM as i32,
+                                )
+                                .ctx("raising the shared memory of a kernel")?;
+                            }
                         }
                     }
                     let m = Arc::new(Loaded {

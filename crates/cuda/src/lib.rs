@@ -20,6 +20,7 @@ pub mod error;
 pub mod gram;
 pub mod kernels;
 pub mod merge;
+pub mod sce;
 pub mod tensor;
 
 pub use device::Gpu;

@@ -21,18 +21,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GtaModel {
-    ptr: u64,
-    threshold: u64,
-    cut: u64,
-    k0: u32,
-    k1: u32,
-    weight: f32,
-    factor: f32,
-    scale: f32,
-    dt: i32,
-    mask: i32,
+    pub(crate) ptr: u64,
+    pub(crate) threshold: u64,
+    pub(crate) cut: u64,
+    pub(crate) k0: u32,
+    pub(crate) k1: u32,
+    pub(crate) weight: f32,
+    pub(crate) factor: f32,
+    pub(crate) scale: f32,
+    pub(crate) dt: i32,
+    pub(crate) mask: i32,
     /// Selection order: `ORDER_DESC` (largest |δ| first) or `ORDER_ASC`.
-    order: i32,
+    pub(crate) order: i32,
+    /// DELLA: the ranks (u32 per element, 1-based within its group).
+    pub(crate) aux: u64,
+    /// DELLA: rank group length.
+    pub(crate) group: u32,
+    /// DELLA: `f32(density − ε)`.
+    pub(crate) dm: f32,
+    /// DELLA: `f32(ε)`.
+    pub(crate) de: f32,
+    /// DELLA: divide kept entries by their keep probability.
+    pub(crate) inv: i32,
 }
 
 // SAFETY: plain `repr(C)` data with the layout of `struct GtaModel`.
@@ -55,22 +65,22 @@ unsafe impl DeviceRepr for LinInput {}
 /// The pipeline's per-tensor arguments (`struct GtaArgs` in `merge.cu`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-struct GtaArgs {
-    base: u64,
-    out: u64,
-    n: u64,
-    name_hash: u64,
-    bad: u64,
-    base_dt: i32,
-    out_dt: i32,
-    n_models: i32,
-    consensus: i32,
-    strict: i32,
-    zero_pos: i32,
-    normalize: i32,
-    pad: i32,
-    plain_div: f32,
-    lambda: f32,
+pub(crate) struct GtaArgs {
+    pub(crate) base: u64,
+    pub(crate) out: u64,
+    pub(crate) n: u64,
+    pub(crate) name_hash: u64,
+    pub(crate) bad: u64,
+    pub(crate) base_dt: i32,
+    pub(crate) out_dt: i32,
+    pub(crate) n_models: i32,
+    pub(crate) consensus: i32,
+    pub(crate) strict: i32,
+    pub(crate) zero_pos: i32,
+    pub(crate) normalize: i32,
+    pub(crate) pad: i32,
+    pub(crate) plain_div: f32,
+    pub(crate) lambda: f32,
 }
 
 // SAFETY: plain `repr(C)` data with the layout of `struct GtaArgs`.
@@ -109,6 +119,12 @@ const MASK_NONE: i32 = 0;
 const MASK_RANK: i32 = 1;
 const MASK_DARE: i32 = 2;
 const MASK_OUTLIER: i32 = 3;
+const MASK_DELLA: i32 = 4;
+/// `GtaModel.order` of SCE's variance selection (`ORDER_VAR`).
+pub(crate) const ORDER_VAR: i32 = 2;
+/// Longest DELLA rank group sorted in shared memory (128 KiB of 8-byte keys; 4096 without the
+/// large shared memory opt-in).
+pub const DELLA_MAX_GROUP: usize = 16384;
 /// `GtaModel.order` (`ORDER_*` in `merge.cu`).
 const ORDER_ASC: i32 = 1;
 /// Bins of a 16-bit histogram (`HBINS`).
@@ -165,6 +181,16 @@ pub enum Sparsify {
         /// Drop everything when `⌊γ·n⌋ = 0` (old mergekit).
         legacy: bool,
     },
+    /// DELLA MagPrune: keep with a probability from the rank of `|δ|` in its group (see
+    /// `DeviceSparsify::Della`).
+    Della {
+        /// Mean keep probability.
+        density: f64,
+        /// Half the spread.
+        epsilon: f64,
+        /// Divide kept entries by their keep probability.
+        inverse: bool,
+    },
     /// DARE: keep each element with probability `density` (Philox, as the CPU), scaling kept
     /// ones by `1/density` when `inverse`.
     Dare {
@@ -198,6 +224,8 @@ pub struct GtaSpec {
     pub zero_sign: Option<i8>,
     /// Skip the non-finite input check.
     pub allow_nonfinite: bool,
+    /// The tensor's shape (DELLA's rank groups).
+    pub shape: Vec<usize>,
 }
 
 impl From<DeviceSparsify> for Sparsify {
@@ -206,6 +234,15 @@ impl From<DeviceSparsify> for Sparsify {
             DeviceSparsify::None => Sparsify::None,
             DeviceSparsify::Magnitude { density } => Sparsify::Magnitude { density },
             DeviceSparsify::Dare { density, inverse } => Sparsify::Dare { density, inverse },
+            DeviceSparsify::Della {
+                density,
+                epsilon,
+                inverse,
+            } => Sparsify::Della {
+                density,
+                epsilon,
+                inverse,
+            },
             DeviceSparsify::Outliers {
                 density,
                 gamma,
@@ -224,10 +261,12 @@ impl GtaSpec {
     pub fn from_options(
         opts: &amalgam_core::methods::gta::GtaOptions,
         name: &str,
+        shape: &[usize],
         seed: u64,
         sparsify: &[DeviceSparsify],
     ) -> Self {
         Self {
+            shape: shape.to_vec(),
             name: name.to_string(),
             seed,
             weights: opts.weights.clone(),
@@ -242,14 +281,14 @@ impl GtaSpec {
     }
 }
 
-fn launch_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
+pub(crate) fn launch_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
     move |source| CudaError::Driver {
         what: format!("launching {what}"),
         source,
     }
 }
 
-fn check_aligned(gpu: &Gpu, tensors: &[&DeviceTensor]) -> Result<()> {
+pub(crate) fn check_aligned(gpu: &Gpu, tensors: &[&DeviceTensor]) -> Result<()> {
     for t in tensors {
         if t.addr(&gpu.stream) % 16 != 0 {
             return Err(CudaError::Invalid(
@@ -318,7 +357,7 @@ thread_local! {
 }
 
 /// Start per-phase device timing of one merge when `AMALGAM_GPU_PROFILE` is set.
-fn phases_begin(gpu: &Gpu) {
+pub(crate) fn phases_begin(gpu: &Gpu) {
     if std::env::var_os("AMALGAM_GPU_PROFILE").is_some() {
         PHASES.with(|p| *p.borrow_mut() = Some(Vec::new()));
         mark(gpu, "start");
@@ -326,7 +365,7 @@ fn phases_begin(gpu: &Gpu) {
 }
 
 /// Record the end of a phase (a no-op unless profiling).
-fn mark(gpu: &Gpu, name: &'static str) {
+pub(crate) fn mark(gpu: &Gpu, name: &'static str) {
     PHASES.with(|p| {
         if let Some(v) = p.borrow_mut().as_mut() {
             let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -340,7 +379,7 @@ fn mark(gpu: &Gpu, name: &'static str) {
 }
 
 /// Print the phases' device times to stderr (a no-op unless profiling).
-fn phases_end() {
+pub(crate) fn phases_end() {
     PHASES.with(|p| {
         if let Some(v) = p.borrow_mut().take() {
             let mut line = String::from("gpu phases (ms):");
@@ -355,10 +394,10 @@ fn phases_end() {
 }
 
 /// Events around a merge's kernels, when [`collect_kernel_times`] is on.
-struct KernelTimer(Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>);
+pub(crate) struct KernelTimer(Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>);
 
 impl KernelTimer {
-    fn start(gpu: &Gpu) -> Result<Self> {
+    pub(crate) fn start(gpu: &Gpu) -> Result<Self> {
         if !KERNEL_TIMES.with(|t| t.borrow().is_some()) {
             return Ok(Self(None));
         }
@@ -369,14 +408,14 @@ impl KernelTimer {
         Ok(Self(Some((a, b))))
     }
 
-    fn stop(&self, gpu: &Gpu) -> Result<()> {
+    pub(crate) fn stop(&self, gpu: &Gpu) -> Result<()> {
         if let Some((_, b)) = &self.0 {
             b.record(&gpu.stream).ctx("recording an event")?;
         }
         Ok(())
     }
 
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if let Some((a, b)) = self.0 {
             let ms = f64::from(a.elapsed_ms(&b).ctx("reading an event")?);
             KERNEL_TIMES.with(|t| {
@@ -491,6 +530,8 @@ pub fn gta(
     let mut select = vec![None; n_models];
     // Breadcrumbs: the positions [lo, hi) kept, per model.
     let mut outliers: Vec<Option<(u64, u64)>> = vec![None; n_models];
+    // DELLA: the models ranked per group.
+    let mut della = vec![false; n_models];
     for (i, (t, sp)) in models.iter().zip(&spec.sparsify).enumerate() {
         let key = philox::key(spec.seed, i);
         let mut m = GtaModel {
@@ -505,6 +546,11 @@ pub fn gta(
             dt: t.dtype.code(),
             mask: MASK_NONE,
             order: 0,
+            aux: 0,
+            group: 0,
+            dm: 0.0,
+            de: 0.0,
+            inv: 0,
         };
         match *sp {
             Sparsify::None => {}
@@ -532,6 +578,17 @@ pub fn gta(
                         outliers[i] = Some((n_bot as u64, (n_bot + target) as u64));
                     }
                 }
+            }
+            Sparsify::Della {
+                density,
+                epsilon,
+                inverse,
+            } => {
+                m.mask = MASK_DELLA;
+                m.dm = (density - epsilon) as f32;
+                m.de = epsilon as f32;
+                m.inv = i32::from(inverse);
+                della[i] = true;
             }
             Sparsify::Dare { density, inverse } => {
                 if density < 1.0 {
@@ -585,6 +642,25 @@ pub fn gta(
     let mut refs: Vec<&DeviceTensor> = vec![base];
     refs.extend(models.iter().copied());
     check_aligned(gpu, &refs)?;
+    // DELLA's ranks, one u32 per element of each ranked model (kept alive until the merge).
+    let mut ranks: Vec<CudaSlice<u32>> = Vec::new();
+    if della.iter().any(|&d| d) {
+        let group = della_group(&spec.shape, n, gpu.big_smem).ok_or_else(|| {
+            CudaError::Invalid(format!(
+                "tensor \"{}\" of shape {:?}: DELLA on the GPU ranks rows of at most {} elements",
+                spec.name, spec.shape, DELLA_MAX_GROUP
+            ))
+        })?;
+        for (i, m) in host.iter_mut().enumerate() {
+            if della[i] {
+                // SAFETY: `della_ranks` writes every element before the merge reads it.
+                let r = unsafe { s.alloc::<u32>(n.max(1)) }.ctx("allocating DELLA ranks")?;
+                m.aux = cudarc::driver::DevicePtr::device_ptr(&r, s).0;
+                m.group = group as u32;
+                ranks.push(r);
+            }
+        }
+    }
     let mut d_models = s.clone_htod(&host).ctx("uploading the models")?;
     let timer = KernelTimer::start(gpu)?;
     phases_begin(gpu);
@@ -596,6 +672,13 @@ pub fn gta(
             )));
         }
         select_cuts(gpu, &mut d_models, &args, &select)?;
+    }
+    let mut slot = 0;
+    for (i, &d) in della.iter().enumerate() {
+        if d {
+            della_ranks(gpu, &d_models, &args, i, host[i].group, &mut ranks[slot])?;
+            slot += 1;
+        }
     }
     if outliers.iter().any(Option::is_some) {
         if n > u32::MAX as usize {
@@ -712,7 +795,7 @@ fn l1_factors(
 /// on the device (see `select.cu`): a sampled bracket, one counting pass, the resolution of K
 /// and of its ties; a model whose bracket misses its target goes through the exact path (the
 /// whole key range).
-fn select_cuts(
+pub(crate) fn select_cuts(
     gpu: &Gpu,
     d_models: &mut CudaSlice<GtaModel>,
     args: &GtaArgs,
@@ -846,6 +929,55 @@ fn select_cuts(
             now[i].state
         )));
     }
+    Ok(())
+}
+
+/// The DELLA rank group length of a tensor of `shape` (`n` elements) that the GPU can rank:
+/// rows of a matrix or a whole 1-D tensor, at most [`DELLA_MAX_GROUP`] long (4096 without the
+/// large shared memory); `None` otherwise (the CPU ranks it).
+pub fn della_group(shape: &[usize], n: usize, big_smem: bool) -> Option<usize> {
+    let g = amalgam_core::methods::della::RankGroups::of(shape);
+    let most = if big_smem { DELLA_MAX_GROUP } else { 4096 };
+    (g.inner == 1 && g.c <= most && n.is_multiple_of(g.c)).then_some(g.c)
+}
+
+/// Whether [`gta`] takes `plan` on a tensor of `shape` (DELLA ranks only short enough rows).
+pub fn gta_supports(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) -> bool {
+    let n = shape.iter().product::<usize>();
+    !sparsify
+        .iter()
+        .any(|s| matches!(s, DeviceSparsify::Della { .. }))
+        || della_group(shape, n, gpu.big_smem).is_some()
+}
+
+/// Model `model`'s DELLA ranks: each group of `group` elements sorted by (|δ|, index) in
+/// shared memory (`della_ranks`), 1-based rank per element into `ranks`.
+fn della_ranks(
+    gpu: &Gpu,
+    d_models: &CudaSlice<GtaModel>,
+    args: &GtaArgs,
+    model: usize,
+    group: u32,
+    ranks: &mut CudaSlice<u32>,
+) -> Result<()> {
+    let pow2 = group.next_power_of_two();
+    let rows = args.n / u64::from(group.max(1));
+    let cfg = LaunchConfig {
+        grid_dim: (rows.clamp(1, u64::from(gpu.sms) * 8) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: pow2 * 8,
+    };
+    let model = model as i32;
+    let mut b = gpu.stream.launch_builder(gpu.function("della_ranks"));
+    b.arg(d_models)
+        .arg(args)
+        .arg(&model)
+        .arg(&group)
+        .arg(&pow2)
+        .arg(ranks);
+    // SAFETY: argument types match `della_ranks`; ranks holds n elements.
+    unsafe { b.launch(cfg) }.map_err(launch_err("della_ranks"))?;
+    mark(gpu, "della_ranks");
     Ok(())
 }
 

@@ -319,6 +319,30 @@ impl MergeMethod for Della {
         job.block_elems = (job.block_elems / slab).max(1) * slab;
         gta::merge(&self.opts, Some(&sp), &job, reader, writer)
     }
+
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        use crate::methods::device::{DevicePlan, DeviceSparsify};
+        Some(DevicePlan::Gta {
+            opts: self.opts.clone(),
+            sparsify: self
+                .models
+                .iter()
+                .map(|m| match *m {
+                    Prune::Identity => DeviceSparsify::None,
+                    // A keep probability of 0: DARE's mask drops everything.
+                    Prune::DropAll => DeviceSparsify::Dare {
+                        density: 0.0,
+                        inverse: false,
+                    },
+                    Prune::Rank(density, epsilon) => DeviceSparsify::Della {
+                        density,
+                        epsilon,
+                        inverse: self.inverse,
+                    },
+                })
+                .collect(),
+        })
+    }
 }
 
 #[cfg(test)]

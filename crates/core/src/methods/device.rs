@@ -32,6 +32,17 @@ pub enum DeviceSparsify {
         /// `breadcrumbs_legacy_slice`.
         legacy: bool,
     },
+    /// DELLA MagPrune ([`crate::methods::della`]): per rank group (a row of a matrix, the whole
+    /// of a 1-D tensor) keep with probability `keep_prob(rank)` from `density ± epsilon`,
+    /// Philox as DARE; kept entries divided by their probability when `inverse`.
+    Della {
+        /// Mean keep probability.
+        density: f64,
+        /// Half the spread of the keep probabilities.
+        epsilon: f64,
+        /// Divide kept entries by their keep probability (`rescale_mode: inverse_prob`).
+        inverse: bool,
+    },
     /// DARE: keep with probability `density` (the Philox contract of [`crate::philox`]),
     /// kept entries times `1/density` when `inverse`.
     Dare {
@@ -108,6 +119,12 @@ pub enum DevicePlan {
         /// Per-model sparsification.
         sparsify: Vec<DeviceSparsify>,
     },
+    /// `sce` ([`crate::methods::sce`]) on the base and every model: the variance selection
+    /// (`select_topk`), the weights from the masked squared task vectors, the sign election.
+    Sce {
+        /// Fraction of the highest-variance entries kept (≥ 1: all, ≤ 0: none).
+        select_topk: f64,
+    },
     /// The Gram-based methods (`slerp`, `nuslerp`, `multislerp`, `karcher`): with
     /// `x_i = input_i − base` (f32; the input itself without a base), the Gram matrices of the
     /// x_i per vector of `grouping`, then per element the output `combine` gives from the
@@ -134,6 +151,10 @@ impl std::fmt::Debug for DevicePlan {
                 .debug_struct("Linear")
                 .field("weights", weights)
                 .field("divisor", divisor)
+                .finish(),
+            DevicePlan::Sce { select_topk } => f
+                .debug_struct("Sce")
+                .field("select_topk", select_topk)
                 .finish(),
             DevicePlan::Gta { opts, sparsify } => f
                 .debug_struct("Gta")

@@ -241,6 +241,12 @@ impl MergeMethod for Sce {
         ShardClass::T
     }
 
+    fn device_plan(&self) -> Option<crate::methods::device::DevicePlan> {
+        (self.n_models > 0).then_some(crate::methods::device::DevicePlan::Sce {
+            select_topk: self.select_topk,
+        })
+    }
+
     fn buffers(&self, n_models: usize) -> usize {
         // base, models, selection keys/flags, output
         n_models + 3
