@@ -164,7 +164,7 @@ struct GtaArgs {
     u64 name_hash;   // FNV-1a 64 of the tensor name (DARE counters)
     u64 bad;         // u64[1 + n_models]: lowest non-finite index per input
     int base_dt, out_dt, n_models, consensus;
-    int strict, zero_pos, normalize, pad;
+    int strict, zero_pos, normalize, any_order;
     float plain_div, lambda;
 };
 
@@ -522,42 +522,52 @@ extern "C" __global__ void convert(const void* in, int in_dt, void* out, int out
 
 // DELLA ranks of model `model`: per group (row) of `c` elements, the task-vector values sorted
 // by (|d| bits, position) with a bitonic sort of `pow2` 8-byte keys in dynamic shared memory;
-// ranks[j] = 1-based position of element j in its group's order. Groups are consecutive.
+// ranks[j] = 1-based position of element j in its group's order. Groups are consecutive; a
+// block sorts blockDim.x / pow2 rows at once when rows are shorter than the block.
 extern "C" __global__ void della_ranks(const GtaModel* models, GtaArgs a, int model, u32 c,
                                        u32 pow2, u32* ranks) {
     extern __shared__ u64 sk[];
     const GtaModel m = models[model];
     u64 rows = a.n / c;
-    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        u64 start = row * c;
-        for (u32 r = threadIdx.x; r < pow2; r += blockDim.x) {
+    u32 per = pow2 < blockDim.x ? blockDim.x / pow2 : 1;  // rows per step
+    u32 total = per * pow2;                                 // keys in shared memory
+    for (u64 row0 = (u64)blockIdx.x * per; row0 < rows; row0 += (u64)gridDim.x * per) {
+        for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
+            u32 r = e % pow2;
+            u64 row = row0 + e / pow2;
             u64 v = ~0ull;
-            if (r < c) {
-                float d = load_elem((const void*)m.ptr, m.dt, start + r) -
-                          load_elem((const void*)a.base, a.base_dt, start + r);
+            if (r < c && row < rows) {
+                u64 j = row * c + r;
+                float d = load_elem((const void*)m.ptr, m.dt, j) -
+                          load_elem((const void*)a.base, a.base_dt, j);
                 v = (((u64)(__float_as_uint(d) & 0x7fffffffu)) << 32) | r;
             }
-            sk[r] = v;
+            sk[e] = v;
         }
         __syncthreads();
         for (u32 k = 2; k <= pow2; k <<= 1) {
             for (u32 h = k >> 1; h > 0; h >>= 1) {
-                for (u32 i = threadIdx.x; i < pow2; i += blockDim.x) {
+                for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
+                    u32 i = e % pow2;
                     u32 o = i ^ h;
                     if (o > i) {
-                        u64 x = sk[i], y = sk[o];
+                        u32 f = e - i + o;
+                        u64 x = sk[e], y = sk[f];
                         bool up = (i & k) == 0;
                         if ((x > y) == up) {
-                            sk[i] = y;
-                            sk[o] = x;
+                            sk[e] = y;
+                            sk[f] = x;
                         }
                     }
                 }
                 __syncthreads();
             }
         }
-        for (u32 pos = threadIdx.x; pos < c; pos += blockDim.x)
-            ranks[start + (sk[pos] & 0xffffffffull)] = pos + 1;
+        for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
+            u32 pos = e % pow2;
+            u64 row = row0 + e / pow2;
+            if (pos < c && row < rows) ranks[row * c + (sk[e] & 0xffffffffull)] = pos + 1;
+        }
         __syncthreads();
     }
 }

@@ -243,7 +243,9 @@ __device__ __forceinline__ void loade(const void* p, int dt, u64 j, float* v) {
 // Shared by bracket_pass and tie_pass: per element, every selected model's value loaded first,
 // then its key. `counting`: ST_PENDING models, counts below lo, the fine histogram and the
 // guess's per-chunk counts; else ST_TIES models and their per-chunk counts of the guess alone.
-template <int MAXN>
+// ANY: the slots may use any order (ascending magnitudes, SCE's variance); else every slot is
+// ORDER_DESC (TIES), without the per-slot order test.
+template <int MAXN, bool ANY>
 __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels, SelModel* sel,
                                            const GtaArgs& a, u32* fine, u32* tie, u64 n_tchunks,
                                            bool counting) {
@@ -268,11 +270,15 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
         s_var = 0;
         for (int i = 0; i < n_models && i < MAXN; i++) {
             any |= s_on[i];
-            s_var |= s_on[i] && models[i].order == ORDER_VAR;
+            s_var |= ANY && s_on[i] && models[i].order == ORDER_VAR;
         }
     }
     __syncthreads();
     if (!any) return;
+    const bool var = ANY && s_var;
+    int ord[MAXN];
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) ord[i] = ANY && i < n_models ? models[i].order : ORDER_DESC;
     int lane = threadIdx.x & 31;
     // Per-warp counts in registers (the same in every lane), added up once per chunk / block.
     u64 below_w[MAXN];
@@ -295,13 +301,13 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
             float x[MAXN][E];
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
-                if (i < n_models && (s_on[i] || s_var) && in0)
+                if (i < n_models && (s_on[i] || var) && in0)
                     loade<E>((const void*)models[i].ptr, models[i].dt, j0, x[i]);
 #pragma unroll
             for (int h = 0; h < E; h++) {
                 bool in = j0 + h < a.n;
                 u32 vkey = 0xffffffffu;
-                if (s_var && in) {
+                if (var && in) {
                     float d[MAXN];
 #pragma unroll
                     for (int i = 0; i < MAXN; i++) d[i] = i < n_models ? x[i][h] - b[h] : 0.0f;
@@ -310,9 +316,10 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
 #pragma unroll
                 for (int i = 0; i < MAXN; i++) {
                     if (i < n_models && s_on[i]) {
-                        u32 key = !in                              ? 0xffffffffu
-                                  : models[i].order == ORDER_VAR ? vkey
-                                                                 : order_key(x[i][h] - b[h], models[i].order);
+                        u32 key = !in                 ? 0xffffffffu
+                                  : !ANY                ? mag_key(x[i][h] - b[h])
+                                  : ord[i] == ORDER_VAR ? vkey
+                                                        : order_key(x[i][h] - b[h], ord[i]);
                         eq_w[i] += __popc(__ballot_sync(0xffffffffu, in && key == s_g[i]));
                         if (counting) {
                             u32 lo = s_lo[i], hi = s_hi[i];
@@ -350,19 +357,24 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
 // histogrammed (fine: [n_models][FINE_BINS]), keys equal to the guess counted per chunk
 // (tie: [n_models][n_tchunks]). Blocks take whole TIE_CHUNK chunks; blockDim.x == 256.
 // tie_pass_*: per-chunk counts of key == guess for the models in ST_TIES (guess = their K).
-#define COUNT_INSTANCE(N)                                                                    \
-    extern "C" __global__ void bracket_pass_##N(const GtaModel* models, SelModel* sel,      \
-                                                GtaArgs a, u32* fine, u32* tie,              \
-                                                u64 n_tchunks) {                             \
-        count_body<N>(models, sel, a, fine, tie, n_tchunks, true);                           \
+// `_any` instances: slots in any order (see count_body).
+#define COUNT_INSTANCE(N, ANY, SUFFIX)                                                       \
+    extern "C" __global__ void bracket_pass##SUFFIX##_##N(const GtaModel* models,            \
+                                                          SelModel* sel, GtaArgs a,          \
+                                                          u32* fine, u32* tie,               \
+                                                          u64 n_tchunks) {                   \
+        count_body<N, ANY>(models, sel, a, fine, tie, n_tchunks, true);                      \
     }                                                                                        \
-    extern "C" __global__ void tie_pass_##N(const GtaModel* models, SelModel* sel,          \
-                                            GtaArgs a, u32* tie, u64 n_tchunks) {           \
-        count_body<N>(models, sel, a, 0, tie, n_tchunks, false);                             \
+    extern "C" __global__ void tie_pass##SUFFIX##_##N(const GtaModel* models, SelModel* sel, \
+                                                      GtaArgs a, u32* tie, u64 n_tchunks) {  \
+        count_body<N, ANY>(models, sel, a, 0, tie, n_tchunks, false);                        \
     }
-COUNT_INSTANCE(4)
-COUNT_INSTANCE(8)
-COUNT_INSTANCE(16)
+COUNT_INSTANCE(4, false, )
+COUNT_INSTANCE(8, false, )
+COUNT_INSTANCE(16, false, )
+COUNT_INSTANCE(4, true, _any)
+COUNT_INSTANCE(8, true, _any)
+COUNT_INSTANCE(16, true, _any)
 
 // One block (1024 threads) per model in ST_PENDING or ST_TIES: K, then the cut.
 extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, u32* fine,

@@ -78,7 +78,8 @@ pub(crate) struct GtaArgs {
     pub(crate) strict: i32,
     pub(crate) zero_pos: i32,
     pub(crate) normalize: i32,
-    pub(crate) pad: i32,
+    /// Selection slots in an order other than `ORDER_DESC` (the `_any` counting kernels).
+    pub(crate) any_order: i32,
     pub(crate) plain_div: f32,
     pub(crate) lambda: f32,
 }
@@ -635,7 +636,7 @@ pub fn gta(
         strict,
         zero_pos,
         normalize: i32::from(spec.normalize),
-        pad: 0,
+        any_order: i32::from(outliers.iter().any(Option::is_some)),
         plain_div,
         lambda: spec.lambda,
     };
@@ -962,10 +963,17 @@ fn della_ranks(
 ) -> Result<()> {
     let pow2 = group.next_power_of_two();
     let rows = args.n / u64::from(group.max(1));
+    // Short rows are sorted several to a block (1024 keys at least).
+    let per = (1024 / pow2).max(1);
     let cfg = LaunchConfig {
-        grid_dim: (rows.clamp(1, u64::from(gpu.sms) * 8) as u32, 1, 1),
+        grid_dim: (
+            rows.div_ceil(u64::from(per))
+                .clamp(1, u64::from(gpu.sms) * 8) as u32,
+            1,
+            1,
+        ),
         block_dim: (1024, 1, 1),
-        shared_mem_bytes: pow2 * 8,
+        shared_mem_bytes: per * pow2 * 8,
     };
     let model = model as i32;
     let mut b = gpu.stream.launch_builder(gpu.function("della_ranks"));
@@ -1036,11 +1044,8 @@ fn count_and_resolve(
     n_tchunks: u64,
 ) -> Result<()> {
     let s = &gpu.stream;
-    let pass = match args.n_models {
-        0..=4 => "bracket_pass_4",
-        5..=8 => "bracket_pass_8",
-        _ => "bracket_pass_16",
-    };
+    let pass = counting_kernel("bracket_pass", args);
+    let pass = pass.as_str();
     let mut b = s.launch_builder(gpu.function(pass));
     b.arg(&*d_models)
         .arg(&mut *d_sel)
@@ -1053,6 +1058,17 @@ fn count_and_resolve(
     mark(gpu, "bracket_pass");
     resolve(gpu, d_models, d_sel, args, fine, tie, n_tchunks)?;
     tie_round(gpu, d_models, d_sel, args, fine, tie, n_tchunks)
+}
+
+/// The `bracket_pass` / `tie_pass` instance for the args' model count and slot orders.
+fn counting_kernel(pass: &str, args: &GtaArgs) -> String {
+    let size = match args.n_models {
+        0..=4 => 4,
+        5..=8 => 8,
+        _ => 16,
+    };
+    let any = if args.any_order != 0 { "_any" } else { "" };
+    format!("{pass}{any}_{size}")
 }
 
 /// Blocks of 256 threads over the TIE_CHUNK chunks.
@@ -1104,11 +1120,8 @@ fn tie_round(
     tie: &mut CudaSlice<u32>,
     n_tchunks: u64,
 ) -> Result<()> {
-    let ties = match args.n_models {
-        0..=4 => "tie_pass_4",
-        5..=8 => "tie_pass_8",
-        _ => "tie_pass_16",
-    };
+    let ties = counting_kernel("tie_pass", args);
+    let ties = ties.as_str();
     let mut b = gpu.stream.launch_builder(gpu.function(ties));
     b.arg(&*d_models)
         .arg(&*d_sel)

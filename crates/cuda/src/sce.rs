@@ -57,6 +57,7 @@ pub fn sce(
         base_dt: base.dtype.code(),
         out_dt: out_dtype.code(),
         n_models: n_models as i32,
+        any_order: 1,
         ..Default::default()
     };
     let size = match n_models {
