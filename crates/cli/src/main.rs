@@ -36,6 +36,10 @@ struct Cli {
 enum Command {
     /// Merge the models a mergekit-style YAML config names into a Hugging Face checkpoint.
     Merge(cmd::merge::MergeArgs),
+    /// Merge PEFT adapters (LoRA or (IA)^3) into one adapter (PEFT's combination types, KnOTS).
+    MergeAdapters(cmd::adapters::MergeAdaptersArgs),
+    /// Extract a LoRA adapter of a chosen rank from a full fine-tune (truncated SVD).
+    ExtractLora(cmd::adapters::ExtractLoraArgs),
     /// List tensors, dtypes, shapes and bytes of a checkpoint, and any validation problems.
     Inspect(cmd::inspect::InspectArgs),
     /// List the merge methods and their parameters.
@@ -79,6 +83,8 @@ fn main() {
     let quiet = cli.quiet;
     let result = match cli.command {
         Command::Merge(a) => cmd::merge::run(a, quiet),
+        Command::MergeAdapters(a) => cmd::adapters::run_merge(a, quiet),
+        Command::ExtractLora(a) => cmd::adapters::run_extract(a, quiet),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Methods => cmd::methods::run(),
         Command::Demo(a) => cmd::demo::run(a, quiet),

@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod adapter_merge;
 pub mod budget;
 pub mod card;
 pub mod device;

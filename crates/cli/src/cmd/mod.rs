@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod adapters;
 pub mod bench;
 pub mod bench_cluster;
 pub mod bench_mats;

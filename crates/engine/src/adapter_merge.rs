@@ -1,0 +1,1380 @@
+//! Adapter-to-adapter work (issue 8): merging PEFT adapter directories into one adapter
+//! (`amalgam merge-adapters`) and extracting a LoRA from a full fine-tune (`amalgam
+//! extract-lora`). Pure orchestration: the math is `amalgam_core::adapters`, the files go
+//! through `amalgam_io::peft`.
+//!
+//! methods.md §14 (KnOTS), §15 ((IA)³), §3-§4 (TIES / DARE as PEFT runs them).
+//!
+//! **Merging** ([`merge_adapters`]): every adapter is opened and validated
+//! ([`amalgam_io::Adapter::open`]); they must be of one kind (LoRA or (IA)³), name the same
+//! base model (`base_model_name_or_path`, when both record it) and adapt the same modules with
+//! the same shapes (errors name the adapter directory and the module). Then, per module:
+//!
+//! - LoRA with one of PEFT's `combination_type`s: [`amalgam_core::adapters::combine`], exactly
+//!   `LoraModel.add_weighted_adapter` (the linear family merges A and B separately; `cat` is
+//!   exact; the SVD family truncates `Σ w_i ΔW_i`). The new adapter has `r = lora_alpha` = the
+//!   new rank and no rank or alpha pattern, as PEFT's.
+//! - LoRA with `knots_ties` / `knots_dare`: [`amalgam_core::adapters::knots`] over all modules
+//!   at once (the TIES top-k and the zero-sign rule are global over all layers): every module
+//!   is aligned, then the global statistics are taken, then each module is merged. Each
+//!   module's result is a LoRA of its own rank `k`, zero-padded to the largest `k`.
+//! - (IA)³: `linear` is PEFT's `IA3Model.add_weighted_adapter` (`Σ w_i l_i`, raw vectors); the
+//!   others (`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`) run
+//!   PEFT's merge operations on the task vectors `τ_i = l_i − 1` and write `1 + merged`.
+//!
+//! The result is written with [`amalgam_io::peft::write_adapter`] (staged, then renamed into
+//! place); an existing adapter in the output directory is refused before any work unless
+//! `overwrite`.
+//!
+//! **Extraction** ([`extract_lora`]): for each 2-D `*.weight` of the fine-tune that the base
+//! has with the same shape (embeddings and the LM head excluded), the rank-`r` truncated SVD of
+//! `W_ft − W_base` ([`amalgam_core::adapters::extract`], mergekit's `extract_lora.py`
+//! convention: `√S` on both factors, `lora_alpha = r`, `rank_pattern = alpha_pattern` for
+//! modules of a smaller rank). One tensor pair is read at a time; only the (small) factors are
+//! kept until the adapter is written.
+
+use crate::error::EngineError;
+use crate::inputs::resolve_model_path;
+use crate::run::Progress;
+use amalgam_core::adapters::combine::{
+    self, new_rank, resolve_combination, Combination, CombineOptions,
+};
+use amalgam_core::adapters::extract::{self, ExtractOptions};
+use amalgam_core::adapters::ia3;
+use amalgam_core::adapters::knots::{self, KnotsDare, KnotsOptions, KnotsSignMode, LoraFactors};
+use amalgam_core::adapters::merge_ops::{self, check_density, MajoritySignMethod, MergeOp};
+use amalgam_core::philox::MaskStream;
+use amalgam_io::peft::{
+    ia3_key, lora_a_key, lora_b_key, write_adapter, ADAPTER_BIN_FILE, ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE, KEY_PREFIX,
+};
+use amalgam_io::{
+    Adapter, AdapterConfig, AdapterKind, Checkpoint, IoError, LoraConfig, TargetModules,
+};
+use serde_yaml_ng::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// KnOTS followed by TIES (methods.md §14; `configs/vitB_r16_knots_ties.py`).
+pub const KNOTS_TIES: &str = "knots_ties";
+/// KnOTS followed by DARE (and TIES with `top_k`, 100 by default: no trimming).
+pub const KNOTS_DARE: &str = "knots_dare";
+/// The (IA)³ combination types.
+pub const IA3_COMBINATIONS: [&str; 6] = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+];
+
+/// One adapter of a merge: its directory and weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterEntry {
+    /// The adapter directory as written in the config.
+    pub path: String,
+    /// The adapter's weight (PEFT's `weights[i]`; default 1).
+    pub weight: f64,
+}
+
+/// A `merge-adapters` config (YAML). Keys and defaults follow PEFT's
+/// `add_weighted_adapter(adapters, weights, adapter_name, combination_type="svd",
+/// svd_rank=None, svd_clamp=None, svd_full_matrices=True, svd_driver=None, density=None,
+/// majority_sign_method="total")`, plus KnOTS's and amalgam's own keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterMergeConfig {
+    /// `combination_type`; `None` when not given (`svd` for LoRA, `linear` for (IA)³, as PEFT).
+    pub combination_type: Option<String>,
+    /// `adapters`: a list of paths or of `{path, weight}`.
+    pub adapters: Vec<AdapterEntry>,
+    /// `density`: fraction kept by the pruning types (required by them).
+    pub density: Option<f64>,
+    /// `majority_sign_method`: `total` (default) or `frequency`.
+    pub majority_sign_method: MajoritySignMethod,
+    /// `svd_rank`: rank of the SVD family's result (default, or 0: the largest adapter rank).
+    pub svd_rank: Option<usize>,
+    /// `svd_clamp`: quantile for clamping the SVD factors (default none).
+    pub svd_clamp: Option<f64>,
+    /// `seed`: seed of the DARE masks (default 0).
+    pub seed: u64,
+    /// `top_k` (KnOTS): percentage of each model's representation kept by TIES (default 20
+    /// for `knots_ties`, 100 for `knots_dare`).
+    pub top_k: Option<f64>,
+    /// `alpha` (KnOTS): scale of the merged update (default 0.6 for `knots_ties`, 0.7 for
+    /// `knots_dare`).
+    pub alpha: Option<f64>,
+    /// `sign_mode` (KnOTS): `sum_of_values` (default) or `sum_of_signs`.
+    pub sign_mode: KnotsSignMode,
+    /// `drop_rate` (`knots_dare`): DARE drop probability (default 0.1).
+    pub drop_rate: Option<f64>,
+    /// `union_modules`: accept adapters that adapt different modules and merge each module over
+    /// the adapters that have it (PEFT's behaviour); default false (an error naming the module).
+    pub union_modules: bool,
+    /// `allow_base_mismatch`: accept different `base_model_name_or_path` values (default false).
+    pub allow_base_mismatch: bool,
+}
+
+const KEYS: [&str; 15] = [
+    "combination_type",
+    "adapters",
+    "density",
+    "majority_sign_method",
+    "svd_rank",
+    "svd_clamp",
+    "svd_full_matrices",
+    "svd_driver",
+    "seed",
+    "top_k",
+    "alpha",
+    "sign_mode",
+    "drop_rate",
+    "union_modules",
+    "allow_base_mismatch",
+];
+
+fn cfg_err(key: &str, message: impl Into<String>) -> EngineError {
+    EngineError::Config {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+fn get_f64(key: &str, v: &Value) -> Result<f64, EngineError> {
+    v.as_f64()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| cfg_err(key, format!("expected a finite number, found {v:?}")))
+}
+
+fn get_u64(key: &str, v: &Value) -> Result<u64, EngineError> {
+    v.as_u64()
+        .ok_or_else(|| cfg_err(key, format!("expected an integer >= 0, found {v:?}")))
+}
+
+fn get_bool(key: &str, v: &Value) -> Result<bool, EngineError> {
+    v.as_bool()
+        .ok_or_else(|| cfg_err(key, format!("expected true or false, found {v:?}")))
+}
+
+fn get_str<'v>(key: &str, v: &'v Value) -> Result<&'v str, EngineError> {
+    v.as_str()
+        .ok_or_else(|| cfg_err(key, format!("expected a string, found {v:?}")))
+}
+
+impl AdapterMergeConfig {
+    /// Parse the YAML text of a config. Unknown keys are errors (a typo would otherwise
+    /// silently fall back to a default).
+    pub fn parse(text: &str) -> Result<AdapterMergeConfig, EngineError> {
+        let root: Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| cfg_err("", format!("not valid YAML: {e}")))?;
+        let Value::Mapping(map) = root else {
+            return Err(cfg_err("", "the config must be a YAML mapping"));
+        };
+        let mut cfg = AdapterMergeConfig {
+            combination_type: None,
+            adapters: Vec::new(),
+            density: None,
+            majority_sign_method: MajoritySignMethod::Total,
+            svd_rank: None,
+            svd_clamp: None,
+            seed: 0,
+            top_k: None,
+            alpha: None,
+            sign_mode: KnotsSignMode::SumOfValues,
+            drop_rate: None,
+            union_modules: false,
+            allow_base_mismatch: false,
+        };
+        for (k, v) in &map {
+            let key = get_str("", k)?;
+            if !KEYS.contains(&key) {
+                return Err(cfg_err(
+                    key,
+                    format!("unknown key; the keys are {}", KEYS.join(", ")),
+                ));
+            }
+            if v.is_null() {
+                continue;
+            }
+            match key {
+                "combination_type" => cfg.combination_type = Some(get_str(key, v)?.to_string()),
+                "adapters" => cfg.adapters = parse_entries(v)?,
+                "density" => cfg.density = Some(get_f64(key, v)?),
+                "majority_sign_method" => {
+                    cfg.majority_sign_method = MajoritySignMethod::parse(get_str(key, v)?)?
+                }
+                "svd_rank" => {
+                    let r = get_u64(key, v)? as usize;
+                    cfg.svd_rank = (r > 0).then_some(r);
+                }
+                "svd_clamp" => cfg.svd_clamp = Some(get_f64(key, v)?),
+                // Accepted for PEFT compatibility: the CPU thin SVD has no driver choice and
+                // the result does not depend on full matrices.
+                "svd_full_matrices" => {
+                    get_bool(key, v)?;
+                }
+                "svd_driver" => {
+                    get_str(key, v)?;
+                }
+                "seed" => cfg.seed = get_u64(key, v)?,
+                "top_k" => cfg.top_k = Some(get_f64(key, v)?),
+                "alpha" => cfg.alpha = Some(get_f64(key, v)?),
+                "sign_mode" => {
+                    cfg.sign_mode = match get_str(key, v)? {
+                        "sum_of_values" => KnotsSignMode::SumOfValues,
+                        "sum_of_signs" => KnotsSignMode::SumOfSigns,
+                        other => {
+                            return Err(cfg_err(
+                                key,
+                                format!("`{other}` is not one of sum_of_values, sum_of_signs"),
+                            ))
+                        }
+                    }
+                }
+                "drop_rate" => cfg.drop_rate = Some(get_f64(key, v)?),
+                "union_modules" => cfg.union_modules = get_bool(key, v)?,
+                "allow_base_mismatch" => cfg.allow_base_mismatch = get_bool(key, v)?,
+                _ => unreachable!("every key of KEYS is handled"),
+            }
+        }
+        if cfg.adapters.is_empty() {
+            return Err(cfg_err("adapters", "give at least one adapter directory"));
+        }
+        Ok(cfg)
+    }
+}
+
+fn parse_entries(v: &Value) -> Result<Vec<AdapterEntry>, EngineError> {
+    let Value::Sequence(items) = v else {
+        return Err(cfg_err(
+            "adapters",
+            "expected a list of adapter directories or of {path, weight}",
+        ));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(s) => Ok(AdapterEntry {
+                path: s.clone(),
+                weight: 1.0,
+            }),
+            Value::Mapping(m) => {
+                let mut path = None;
+                let mut weight = 1.0;
+                for (k, v) in m {
+                    match k.as_str() {
+                        Some("path") => path = Some(get_str("adapters.path", v)?.to_string()),
+                        Some("weight") => weight = get_f64("adapters.weight", v)?,
+                        _ => {
+                            return Err(cfg_err(
+                                "adapters",
+                                format!("entry {i}: unknown key {k:?}; use `path` and `weight`"),
+                            ))
+                        }
+                    }
+                }
+                let path =
+                    path.ok_or_else(|| cfg_err("adapters", format!("entry {i} has no `path`")))?;
+                Ok(AdapterEntry { path, weight })
+            }
+            other => Err(cfg_err(
+                "adapters",
+                format!("entry {i}: expected a path or {{path, weight}}, found {other:?}"),
+            )),
+        })
+        .collect()
+}
+
+/// What a merge or an extraction wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSummary {
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// LoRA or (IA)³.
+    pub kind: AdapterKind,
+    /// The combination type that ran (after PEFT's one-adapter rule), or `extract`.
+    pub method: String,
+    /// Modules written.
+    pub modules: usize,
+    /// The adapter's `r` (0 for (IA)³).
+    pub rank: usize,
+}
+
+/// Refuse an output directory that already holds an adapter (before any work).
+fn check_out(out: &Path, overwrite: bool) -> Result<(), EngineError> {
+    if overwrite {
+        return Ok(());
+    }
+    for f in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ADAPTER_BIN_FILE] {
+        if out.join(f).exists() {
+            return Err(IoError::AdapterExists {
+                dir: out.to_path_buf(),
+                found: f.to_string(),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn mismatch(adapter: &Adapter, message: String) -> EngineError {
+    EngineError::Model {
+        model: adapter.dir().display().to_string(),
+        message,
+    }
+}
+
+/// Module names in merge order: the first adapter's order, then modules only later adapters
+/// have. Without `union`, every adapter must adapt exactly the first adapter's modules.
+fn module_order(adapters: &[Adapter], union: bool) -> Result<Vec<String>, EngineError> {
+    let first = &adapters[0];
+    let first_names: BTreeSet<&str> = first.modules().names().into_iter().collect();
+    let mut order: Vec<String> = first
+        .modules()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let mut seen: BTreeSet<String> = order.iter().cloned().collect();
+    for ad in &adapters[1..] {
+        let names: BTreeSet<&str> = ad.modules().names().into_iter().collect();
+        if !union {
+            if let Some(m) = names.difference(&first_names).next() {
+                return Err(mismatch(
+                    ad,
+                    format!(
+                        "adapts module `{m}`, which {} does not; all adapters must target the \
+                         same modules (set `union_modules: true` to merge each module over the \
+                         adapters that have it, as PEFT does)",
+                        first.dir().display()
+                    ),
+                ));
+            }
+            if let Some(m) = first_names.difference(&names).next() {
+                return Err(mismatch(
+                    ad,
+                    format!(
+                        "does not adapt module `{m}`, which {} does; all adapters must target \
+                         the same modules (set `union_modules: true` to merge each module over \
+                         the adapters that have it, as PEFT does)",
+                        first.dir().display()
+                    ),
+                ));
+            }
+        }
+        for n in ad.modules().names() {
+            if seen.insert(n.to_string()) {
+                order.push(n.to_string());
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// The union of the adapters' `target_modules` (PEFT: set union of lists, `(a)|(b)` of
+/// regular expressions); mixed kinds give the written modules' paths.
+fn union_targets<'a>(
+    targets: impl Iterator<Item = &'a TargetModules>,
+    written: &[String],
+) -> TargetModules {
+    let targets: Vec<&TargetModules> = targets.collect();
+    if targets.iter().all(|t| matches!(t, TargetModules::List(_))) {
+        let set: BTreeSet<String> = targets
+            .iter()
+            .flat_map(|t| match t {
+                TargetModules::List(v) => v.clone(),
+                TargetModules::Regex(_) => Vec::new(),
+            })
+            .collect();
+        TargetModules::List(set.into_iter().collect())
+    } else if targets.iter().all(|t| matches!(t, TargetModules::Regex(_))) {
+        let mut uniq: Vec<&str> = Vec::new();
+        for t in &targets {
+            if let TargetModules::Regex(r) = t {
+                if !uniq.contains(&r.as_str()) {
+                    uniq.push(r);
+                }
+            }
+        }
+        if uniq.len() == 1 {
+            TargetModules::Regex(uniq[0].to_string())
+        } else {
+            TargetModules::Regex(
+                uniq.iter()
+                    .map(|r| format!("({r})"))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            )
+        }
+    } else {
+        TargetModules::List(written.to_vec())
+    }
+}
+
+fn to_f64(v: Vec<f32>) -> Vec<f64> {
+    v.into_iter().map(f64::from).collect()
+}
+
+fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+fn bytes_of(adapter: &Adapter, keys: &[&str]) -> u64 {
+    keys.iter()
+        .filter_map(|k| adapter.checkpoint().get(k))
+        .map(|t| t.byte_len() as u64)
+        .sum()
+}
+
+/// One output tensor: key, shape, values.
+type OutTensor = (String, Vec<usize>, Vec<f32>);
+
+/// Merge the adapters `cfg` names into one adapter in `out` (see the module docs). Relative
+/// adapter paths are resolved against the working directory, then `config_dir`.
+pub fn merge_adapters(
+    cfg: &AdapterMergeConfig,
+    config_dir: Option<&Path>,
+    out: &Path,
+    overwrite: bool,
+    progress: &dyn Progress,
+) -> Result<AdapterSummary, EngineError> {
+    if cfg.adapters.is_empty() {
+        return Err(cfg_err("adapters", "give at least one adapter directory"));
+    }
+    check_out(out, overwrite)?;
+    let mut adapters = Vec::with_capacity(cfg.adapters.len());
+    for e in &cfg.adapters {
+        let p = resolve_model_path(&e.path, config_dir)?;
+        adapters.push(Adapter::open(&p)?);
+    }
+    let first = &adapters[0];
+    for ad in &adapters[1..] {
+        if ad.kind() != first.kind() {
+            return Err(mismatch(
+                ad,
+                format!(
+                    "is a {} adapter but {} is a {} adapter; merge adapters of one kind",
+                    ad.kind(),
+                    first.dir().display(),
+                    first.kind()
+                ),
+            ));
+        }
+        if let (Some(a), Some(b)) = (
+            first.config().base_model_name_or_path(),
+            ad.config().base_model_name_or_path(),
+        ) {
+            if a != b && !cfg.allow_base_mismatch {
+                return Err(mismatch(
+                    ad,
+                    format!(
+                        "was trained on base model `{b}` but {} on `{a}` (base_model_name_or_path); \
+                         adapters of different bases cannot be merged (set \
+                         `allow_base_mismatch: true` if they name the same model differently)",
+                        first.dir().display()
+                    ),
+                ));
+            }
+        }
+        if ad.config().fan_in_fan_out() != first.config().fan_in_fan_out() {
+            return Err(mismatch(
+                ad,
+                format!(
+                    "has fan_in_fan_out = {} but {} has {}",
+                    ad.config().fan_in_fan_out(),
+                    first.dir().display(),
+                    first.config().fan_in_fan_out()
+                ),
+            ));
+        }
+    }
+    check_combination(first.kind(), cfg.combination_type.as_deref())?;
+    let order = module_order(&adapters, cfg.union_modules)?;
+    let weights: Vec<f64> = cfg.adapters.iter().map(|e| e.weight).collect();
+    match first.kind() {
+        AdapterKind::Lora => merge_lora(cfg, &adapters, &weights, &order, out, overwrite, progress),
+        AdapterKind::Ia3 => merge_ia3(cfg, &adapters, &weights, &order, out, overwrite, progress),
+    }
+}
+
+/// Refuse a `combination_type` that does not apply to `kind` before reading any tensor.
+fn check_combination(kind: AdapterKind, name: Option<&str>) -> Result<(), EngineError> {
+    let Some(name) = name else { return Ok(()) };
+    let ok = match kind {
+        AdapterKind::Lora => {
+            name == KNOTS_TIES || name == KNOTS_DARE || Combination::parse(name).is_ok()
+        }
+        AdapterKind::Ia3 => IA3_COMBINATIONS.contains(&name),
+    };
+    if ok {
+        return Ok(());
+    }
+    let valid: Vec<&str> = match kind {
+        AdapterKind::Lora => Combination::ALL
+            .iter()
+            .map(|(_, n)| *n)
+            .chain([KNOTS_TIES, KNOTS_DARE])
+            .collect(),
+        AdapterKind::Ia3 => IA3_COMBINATIONS.to_vec(),
+    };
+    Err(cfg_err(
+        "combination_type",
+        format!(
+            "`{name}` does not apply to {kind} adapters; use one of {}",
+            valid.join(", ")
+        ),
+    ))
+}
+
+/// Per module, per adapter (`None` where the adapter lacks it), the module's metadata; checks
+/// that the adapters agree on shapes and layout.
+fn lora_table<'a>(
+    adapters: &'a [Adapter],
+    order: &[String],
+) -> Result<Vec<Vec<Option<&'a amalgam_io::peft::LoraModule>>>, EngineError> {
+    let maps: Vec<HashMap<&str, &amalgam_io::peft::LoraModule>> = adapters
+        .iter()
+        .map(|a| {
+            a.lora_modules()
+                .iter()
+                .map(|m| (m.name.as_str(), m))
+                .collect()
+        })
+        .collect();
+    let mut table = Vec::with_capacity(order.len());
+    for name in order {
+        let row: Vec<Option<&amalgam_io::peft::LoraModule>> =
+            maps.iter().map(|m| m.get(name.as_str()).copied()).collect();
+        let (i0, m0) = row
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| m.map(|m| (i, m)))
+            .expect("a module in the order belongs to some adapter");
+        for (i, m) in row.iter().enumerate() {
+            let Some(m) = m else { continue };
+            if (m.out_features, m.in_features, m.embedding)
+                != (m0.out_features, m0.in_features, m0.embedding)
+            {
+                return Err(mismatch(
+                    &adapters[i],
+                    format!(
+                        "module `{name}`: {} LoRA of {} x {} (out x in) but {} has {} {} x {}; \
+                         all adapters must target the same base model",
+                        if m.embedding { "an embedding" } else { "a" },
+                        m.out_features,
+                        m.in_features,
+                        adapters[i0].dir().display(),
+                        if m0.embedding { "an embedding" } else { "a" },
+                        m0.out_features,
+                        m0.in_features
+                    ),
+                ));
+            }
+        }
+        table.push(row);
+    }
+    Ok(table)
+}
+
+fn lora_keys(m: &amalgam_io::peft::LoraModule) -> (String, String) {
+    if m.embedding {
+        (
+            format!("{KEY_PREFIX}{}.lora_embedding_A", m.name),
+            format!("{KEY_PREFIX}{}.lora_embedding_B", m.name),
+        )
+    } else {
+        (lora_a_key(&m.name), lora_b_key(&m.name))
+    }
+}
+
+/// The new adapter's config: the first adapter's, with `r = lora_alpha = rank`, no patterns,
+/// no rsLoRA, the union of the targets, and no `modules_to_save` (those tensors are not merged).
+fn lora_out_config(adapters: &[Adapter], rank: usize, order: &[String]) -> AdapterConfig {
+    let lcs: Vec<&LoraConfig> = adapters
+        .iter()
+        .filter_map(|a| match a.config() {
+            AdapterConfig::Lora(c) => Some(c),
+            AdapterConfig::Ia3(_) => None,
+        })
+        .collect();
+    let mut c = lcs[0].clone();
+    c.r = rank;
+    c.lora_alpha = rank as f64;
+    c.rank_pattern.clear();
+    c.alpha_pattern.clear();
+    c.use_rslora = false;
+    c.target_modules = union_targets(lcs.iter().map(|c| &c.target_modules), order);
+    if c.extra.contains_key("modules_to_save") {
+        c.extra
+            .insert("modules_to_save".to_string(), serde_json::Value::Null);
+    }
+    AdapterConfig::Lora(c)
+}
+
+fn warn_extra(adapters: &[Adapter]) {
+    for a in adapters {
+        if let Some(k) = a.extra_keys().first() {
+            tracing::warn!(
+                "{}: {} non-adapter tensor(s) (e.g. `{k}`, modules_to_save) are not merged and not written",
+                a.dir().display(),
+                a.extra_keys().len()
+            );
+        }
+    }
+}
+
+fn merge_lora(
+    cfg: &AdapterMergeConfig,
+    adapters: &[Adapter],
+    weights: &[f64],
+    order: &[String],
+    out: &Path,
+    overwrite: bool,
+    progress: &dyn Progress,
+) -> Result<AdapterSummary, EngineError> {
+    let table = lora_table(adapters, order)?;
+    let name = cfg.combination_type.as_deref().unwrap_or("svd");
+    let is_knots = name == KNOTS_TIES || name == KNOTS_DARE;
+    warn_extra(adapters);
+    let total: u64 = table
+        .iter()
+        .map(|row| {
+            row.iter()
+                .zip(adapters)
+                .filter_map(|(m, a)| m.map(|m| bytes_of(a, &[&m.a_key, &m.b_key])))
+                .sum::<u64>()
+        })
+        .sum();
+    let mut tensors: Vec<OutTensor> = Vec::with_capacity(2 * order.len());
+    let (method, rank) = if is_knots {
+        let rank = merge_knots(
+            cfg,
+            name,
+            adapters,
+            weights,
+            &table,
+            total,
+            progress,
+            &mut tensors,
+        )?;
+        (name.to_string(), rank)
+    } else {
+        let combination = Combination::parse(name).map_err(|e| EngineError::Config {
+            key: "combination_type".to_string(),
+            message: format!("{e}; or {KNOTS_TIES}, {KNOTS_DARE}"),
+        })?;
+        let combination = resolve_combination(combination, adapters.len());
+        let ranks: Vec<usize> = adapters
+            .iter()
+            .map(|a| match a.config() {
+                AdapterConfig::Lora(c) => c.rank_pattern.values().copied().fold(c.r, usize::max),
+                AdapterConfig::Ia3(_) => 0,
+            })
+            .collect();
+        let rank = new_rank(combination, &ranks, cfg.svd_rank)?;
+        let opts = CombineOptions {
+            combination,
+            density: cfg.density,
+            majority_sign_method: cfg.majority_sign_method,
+            svd_clamp: cfg.svd_clamp,
+            seed: cfg.seed,
+        };
+        progress.begin("merging", total, order.len());
+        for (row, mname) in table.iter().zip(order) {
+            let mut factors: Vec<(usize, Vec<f64>, Vec<f64>, &amalgam_io::peft::LoraModule)> =
+                Vec::new();
+            let mut bytes = 0;
+            for (i, (m, a)) in row.iter().zip(adapters).enumerate() {
+                let Some(m) = m else { continue };
+                factors.push((i, to_f64(a.read(&m.a_key)?), to_f64(a.read(&m.b_key)?), m));
+                bytes += bytes_of(a, &[&m.a_key, &m.b_key]);
+            }
+            let mods: Vec<combine::LoraModule<'_>> = factors
+                .iter()
+                .map(|(i, a, b, m)| combine::LoraModule {
+                    model: *i,
+                    a,
+                    b,
+                    rank: m.rank,
+                    scaling: m.scaling,
+                    weight: weights[*i],
+                })
+                .collect();
+            let m0 = factors[0].3;
+            let merged =
+                combine::combine(mname, m0.out_features, m0.in_features, &mods, rank, &opts)?;
+            let (ka, kb) = lora_keys(m0);
+            tensors.push((ka, vec![rank, m0.in_features], to_f32(&merged.a)));
+            tensors.push((kb, vec![m0.out_features, rank], to_f32(&merged.b)));
+            progress.advance(mname, bytes);
+        }
+        progress.end();
+        (combination.name().to_string(), rank)
+    };
+    let config = lora_out_config(adapters, rank, order);
+    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice()))
+        .collect();
+    write_adapter(out, &config, &refs, overwrite)?;
+    Ok(AdapterSummary {
+        out_dir: out.to_path_buf(),
+        kind: AdapterKind::Lora,
+        method,
+        modules: order.len(),
+        rank,
+    })
+}
+
+/// KnOTS over all modules; pushes the output tensors and returns the adapter's rank.
+#[allow(clippy::too_many_arguments)]
+fn merge_knots(
+    cfg: &AdapterMergeConfig,
+    name: &str,
+    adapters: &[Adapter],
+    weights: &[f64],
+    table: &[Vec<Option<&amalgam_io::peft::LoraModule>>],
+    total: u64,
+    progress: &dyn Progress,
+    tensors: &mut Vec<OutTensor>,
+) -> Result<usize, EngineError> {
+    if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| **w != 1.0) {
+        return Err(cfg_err(
+            "adapters.weight",
+            format!(
+                "adapter {i} has weight {w}: KnOTS scales the merged update by the single \
+                 coefficient `alpha` (per-adapter weights are not part of the method)"
+            ),
+        ));
+    }
+    if let Some(row) = table.iter().find(|r| r.iter().any(Option::is_none)) {
+        let i = row
+            .iter()
+            .position(Option::is_none)
+            .expect("the row has a missing adapter");
+        let m = row.iter().flatten().next().expect("some adapter has it");
+        return Err(mismatch(
+            &adapters[i],
+            format!(
+                "does not adapt module `{}`; KnOTS needs every adapter on every module",
+                m.name
+            ),
+        ));
+    }
+    let dare = name == KNOTS_DARE;
+    let opts = KnotsOptions {
+        top_k: cfg.top_k.unwrap_or(if dare { 100.0 } else { 20.0 }),
+        alpha: cfg.alpha.unwrap_or(if dare { 0.7 } else { 0.6 }),
+        sign_mode: cfg.sign_mode,
+        dare: dare.then(|| KnotsDare {
+            drop_rate: cfg.drop_rate.unwrap_or(0.1),
+            seed: cfg.seed,
+        }),
+    };
+    opts.validate()?;
+    progress.begin("aligning", total, table.len());
+    let mut layers = Vec::with_capacity(table.len());
+    for row in table {
+        let mut read = Vec::with_capacity(row.len());
+        let mut bytes = 0;
+        for (m, a) in row.iter().zip(adapters) {
+            let m = m.expect("checked: every adapter has every module");
+            read.push((to_f64(a.read(&m.a_key)?), to_f64(a.read(&m.b_key)?), m));
+            bytes += bytes_of(a, &[&m.a_key, &m.b_key]);
+        }
+        let factors: Vec<LoraFactors<'_>> = read
+            .iter()
+            .map(|(a, b, m)| LoraFactors {
+                a,
+                b,
+                rank: m.rank,
+                scaling: m.scaling,
+            })
+            .collect();
+        let m0 = read[0].2;
+        layers.push(knots::align_lora(
+            &m0.name,
+            &factors,
+            m0.out_features,
+            m0.in_features,
+        )?);
+        progress.advance(&m0.name, bytes);
+    }
+    progress.end();
+    let merged = knots::knots(layers, &opts)?;
+    let rank = merged.iter().map(|m| m.rank).max().unwrap_or(0).max(1);
+    for (row, m) in table.iter().zip(&merged) {
+        let lm = row[0].expect("checked: every adapter has every module");
+        let (a, b) = m
+            .padded(rank)
+            .expect("rank is the largest layer rank, so padding always fits");
+        let (ka, kb) = lora_keys(lm);
+        tensors.push((ka, vec![rank, lm.in_features], to_f32(&a)));
+        tensors.push((kb, vec![lm.out_features, rank], to_f32(&b)));
+    }
+    Ok(rank)
+}
+
+fn merge_ia3(
+    cfg: &AdapterMergeConfig,
+    adapters: &[Adapter],
+    weights: &[f64],
+    order: &[String],
+    out: &Path,
+    overwrite: bool,
+    progress: &dyn Progress,
+) -> Result<AdapterSummary, EngineError> {
+    let name = cfg.combination_type.as_deref().unwrap_or("linear");
+    let sign = cfg.majority_sign_method;
+    let density = || -> Result<f64, EngineError> {
+        let d = cfg.density.ok_or_else(|| {
+            cfg_err(
+                "density",
+                format!("combination_type `{name}` needs `density` (fraction kept)"),
+            )
+        })?;
+        check_density(d)?;
+        Ok(d)
+    };
+    // None: PEFT's raw weighted sum of the vectors.
+    let op: Option<MergeOp> = match name {
+        "linear" => None,
+        "task_arithmetic" => Some(MergeOp::TaskArithmetic),
+        "ties" => Some(MergeOp::Ties {
+            density: density()?,
+            sign,
+        }),
+        "dare_linear" => Some(MergeOp::DareLinear {
+            density: density()?,
+        }),
+        "dare_ties" => Some(MergeOp::DareTies {
+            density: density()?,
+            sign,
+        }),
+        "magnitude_prune" => Some(MergeOp::MagnitudePrune {
+            density: density()?,
+        }),
+        other => {
+            return Err(cfg_err(
+                "combination_type",
+                format!(
+                    "`{other}` does not apply to (IA)^3 adapters; use one of {}",
+                    IA3_COMBINATIONS.join(", ")
+                ),
+            ))
+        }
+    };
+    warn_extra(adapters);
+    let maps: Vec<HashMap<&str, &amalgam_io::peft::Ia3Module>> = adapters
+        .iter()
+        .map(|a| {
+            a.ia3_modules()
+                .iter()
+                .map(|m| (m.name.as_str(), m))
+                .collect()
+        })
+        .collect();
+    let mut total = 0;
+    for mname in order {
+        for (map, a) in maps.iter().zip(adapters) {
+            if let Some(m) = map.get(mname.as_str()) {
+                total += bytes_of(a, &[&m.key]);
+            }
+        }
+    }
+    progress.begin("merging", total, order.len());
+    let mut tensors: Vec<OutTensor> = Vec::with_capacity(order.len());
+    for mname in order {
+        let present: Vec<(usize, &amalgam_io::peft::Ia3Module)> = maps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.get(mname.as_str()).map(|m| (i, *m)))
+            .collect();
+        let (i0, m0) = present[0];
+        let mut vecs = Vec::with_capacity(present.len());
+        let mut bytes = 0;
+        for &(i, m) in &present {
+            if (m.len, m.is_feedforward) != (m0.len, m0.is_feedforward) {
+                return Err(mismatch(
+                    &adapters[i],
+                    format!(
+                        "module `{mname}`: an (IA)^3 vector of {} values ({}) but {} has {} ({}); \
+                         all adapters must target the same base model",
+                        m.len,
+                        if m.is_feedforward {
+                            "feedforward"
+                        } else {
+                            "output"
+                        },
+                        adapters[i0].dir().display(),
+                        m0.len,
+                        if m0.is_feedforward {
+                            "feedforward"
+                        } else {
+                            "output"
+                        },
+                    ),
+                ));
+            }
+            vecs.push(adapters[i].read(&m.key)?);
+            bytes += bytes_of(&adapters[i], &[&m.key]);
+        }
+        let w: Vec<f64> = present.iter().map(|&(i, _)| weights[i]).collect();
+        let l = match op {
+            None => {
+                let refs: Vec<&[f32]> = vecs.iter().map(Vec::as_slice).collect();
+                ia3::weighted_sum(mname, &refs, &w)?
+            }
+            Some(op) => {
+                let taus: Vec<Vec<f64>> = vecs
+                    .iter()
+                    .map(|v| v.iter().map(|&x| f64::from(x) - 1.0).collect())
+                    .collect();
+                let mask_name = format!("{mname}.ia3_l");
+                let streams: Vec<MaskStream> = present
+                    .iter()
+                    .map(|&(i, _)| MaskStream::new(cfg.seed, i, &mask_name))
+                    .collect();
+                merge_ops::apply(op, taus, &w, &streams)
+                    .iter()
+                    .map(|&t| (1.0 + t) as f32)
+                    .collect()
+            }
+        };
+        tensors.push((ia3_key(mname), m0.shape.clone(), l));
+        progress.advance(mname, bytes);
+    }
+    progress.end();
+    let ics: Vec<&amalgam_io::Ia3Config> = adapters
+        .iter()
+        .filter_map(|a| match a.config() {
+            AdapterConfig::Ia3(c) => Some(c),
+            AdapterConfig::Lora(_) => None,
+        })
+        .collect();
+    let mut c = ics[0].clone();
+    c.target_modules = union_targets(ics.iter().map(|c| &c.target_modules), order);
+    if ics.iter().all(|c| c.feedforward_modules.is_some()) {
+        let ff: Vec<String> = tensors
+            .iter()
+            .zip(order)
+            .filter(|((_, s, _), _)| s.len() == 2 && s[0] == 1 && s[1] > 1)
+            .map(|(_, n)| n.clone())
+            .collect();
+        c.feedforward_modules = Some(union_targets(
+            ics.iter().filter_map(|c| c.feedforward_modules.as_ref()),
+            &ff,
+        ));
+    }
+    if c.extra.contains_key("modules_to_save") {
+        c.extra
+            .insert("modules_to_save".to_string(), serde_json::Value::Null);
+    }
+    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice()))
+        .collect();
+    write_adapter(out, &AdapterConfig::Ia3(c), &refs, overwrite)?;
+    Ok(AdapterSummary {
+        out_dir: out.to_path_buf(),
+        kind: AdapterKind::Ia3,
+        method: name.to_string(),
+        modules: order.len(),
+        rank: 0,
+    })
+}
+
+/// Options of [`extract_lora`] (mergekit-extract-lora's flags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtractLoraOptions {
+    /// The base checkpoint.
+    pub base: PathBuf,
+    /// The fine-tuned checkpoint.
+    pub model: PathBuf,
+    /// Maximum rank (`--rank`, mergekit's `--max-rank`).
+    pub rank: usize,
+    /// The adapter directory to write.
+    pub out: PathBuf,
+    /// Only modules whose path matches this regular expression somewhere (`re.search`, as
+    /// mergekit's `--include-regex`).
+    pub modules: Option<String>,
+    /// `√S` on both factors (mergekit's default `--distribute-scale`); false puts `S` on A.
+    pub distribute_scale: bool,
+    /// Singular values at or below this are dropped when `> 0` (`--sv-epsilon`, default 0).
+    pub sv_epsilon: f64,
+    /// Replace an adapter already in `out`.
+    pub overwrite: bool,
+}
+
+/// Whether a module is an embedding or the LM head, which extraction leaves out (mergekit's
+/// default `--no-embed-lora` saves them at full rank instead).
+fn is_embedding(module: &str) -> bool {
+    let last = module.rsplit('.').next().unwrap_or(module);
+    last.contains("embed") || matches!(last, "lm_head" | "wte" | "wpe" | "shared")
+}
+
+/// A regular-expression key matching exactly `module` (dots escaped) for `rank_pattern`.
+fn exact_key(module: &str) -> String {
+    module.replace('.', "\\.")
+}
+
+/// Extract a LoRA of rank `opts.rank` from `opts.model − opts.base` (see the module docs).
+pub fn extract_lora(
+    opts: &ExtractLoraOptions,
+    progress: &dyn Progress,
+) -> Result<AdapterSummary, EngineError> {
+    if opts.rank == 0 {
+        return Err(cfg_err("rank", "must be at least 1"));
+    }
+    check_out(&opts.out, opts.overwrite)?;
+    let base = Checkpoint::open(&opts.base)?;
+    let model = Checkpoint::open(&opts.model)?;
+    let filter = opts
+        .modules
+        .as_ref()
+        .map(|r| TargetModules::Regex(format!(".*(?:{r}).*")));
+    let mut selected = Vec::new();
+    let mut skipped_diff = 0usize;
+    for t in model.tensors() {
+        let Some(module) = t.name.strip_suffix(".weight") else {
+            continue;
+        };
+        let Some(b) = base.get(&t.name) else {
+            tracing::warn!("{}: not in the base; not extracted", t.name);
+            continue;
+        };
+        if b.shape != t.shape {
+            return Err(EngineError::Model {
+                model: opts.model.display().to_string(),
+                message: format!(
+                    "tensor `{}` has shape {:?} but the base's has {:?}; the fine-tune must \
+                     come from this base",
+                    t.name, t.shape, b.shape
+                ),
+            });
+        }
+        if t.shape.len() != 2 || is_embedding(module) || !t.dtype.is_float_convertible() {
+            skipped_diff += 1;
+            continue;
+        }
+        if let Some(f) = &filter {
+            let m = f
+                .matches(module)
+                .map_err(|e| cfg_err("modules", format!("unsupported regular expression: {e}")))?;
+            if !m {
+                continue;
+            }
+        }
+        selected.push((module.to_string(), t.name.clone(), t.shape.clone()));
+    }
+    if selected.is_empty() {
+        return Err(cfg_err(
+            "modules",
+            "no 2-D linear weight (`*.weight`, not an embedding or the LM head) to extract",
+        ));
+    }
+    if skipped_diff > 0 {
+        tracing::info!(
+            "{skipped_diff} tensor(s) (embeddings, LM head, norms, biases) are not decomposed \
+             and not in the adapter"
+        );
+    }
+    let total: u64 = selected
+        .iter()
+        .map(|(_, n, _)| 2 * model.get(n).map_or(0, |t| t.byte_len() as u64))
+        .sum();
+    progress.begin("extracting", total, selected.len());
+    let eopts = ExtractOptions {
+        max_rank: opts.rank,
+        distribute_scale: opts.distribute_scale,
+        sv_epsilon: opts.sv_epsilon,
+    };
+    // (module, rank, rows, cols, A, B).
+    type Factors = (String, usize, usize, usize, Vec<f32>, Vec<f32>);
+    let mut factors: Vec<Factors> = Vec::new();
+    for (module, tname, shape) in &selected {
+        let (rows, cols) = (shape[0], shape[1]);
+        let n = rows * cols;
+        let mut wf = vec![0f32; n];
+        model.read_f32(tname, 0..n, &mut wf)?;
+        let mut wb = vec![0f32; n];
+        base.read_f32(tname, 0..n, &mut wb)?;
+        let e = extract::extract_lora(tname, &wf, &wb, rows, cols, &eopts)?;
+        drop((wf, wb));
+        if e.rank == 0 {
+            tracing::warn!("{tname}: no singular value above --sv-epsilon; not in the adapter");
+        } else {
+            factors.push((
+                module.clone(),
+                e.rank,
+                rows,
+                cols,
+                to_f32(&e.a),
+                to_f32(&e.b),
+            ));
+        }
+        progress.advance(tname, 2 * (n as u64) * 4);
+    }
+    progress.end();
+    if factors.is_empty() {
+        return Err(cfg_err(
+            "sv_epsilon",
+            "every module's update is below --sv-epsilon; nothing to write",
+        ));
+    }
+    let r = factors
+        .iter()
+        .map(|f| f.1)
+        .max()
+        .expect("factors is non-empty");
+    let targets: BTreeSet<String> = factors
+        .iter()
+        .map(|f| f.0.rsplit('.').next().unwrap_or(&f.0).to_string())
+        .collect();
+    let mut cfg = LoraConfig::new(
+        r,
+        r as f64,
+        TargetModules::List(targets.into_iter().collect()),
+    );
+    let pattern: BTreeMap<String, usize> = factors
+        .iter()
+        .filter(|f| f.1 != r)
+        .map(|f| (exact_key(&f.0), f.1))
+        .collect();
+    cfg.alpha_pattern = pattern
+        .iter()
+        .map(|(k, v)| (k.clone(), *v as f64))
+        .collect();
+    cfg.rank_pattern = pattern;
+    cfg.base_model_name_or_path = Some(opts.base.display().to_string());
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = factors
+        .iter()
+        .flat_map(|(m, rank, rows, cols, a, b)| {
+            [
+                (lora_a_key(m), vec![*rank, *cols], a.as_slice()),
+                (lora_b_key(m), vec![*rows, *rank], b.as_slice()),
+            ]
+        })
+        .collect();
+    write_adapter(
+        &opts.out,
+        &AdapterConfig::Lora(cfg),
+        &tensors,
+        opts.overwrite,
+    )?;
+    Ok(AdapterSummary {
+        out_dir: opts.out.clone(),
+        kind: AdapterKind::Lora,
+        method: "extract".to_string(),
+        modules: factors.len(),
+        rank: r,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::NoProgress;
+    use amalgam_io::Ia3Config;
+
+    #[test]
+    fn adapter_merge_config_defaults_and_errors() {
+        let c = AdapterMergeConfig::parse("adapters: [a, {path: b, weight: -0.5}]\n").unwrap();
+        assert_eq!(c.combination_type, None);
+        assert_eq!(
+            c.adapters,
+            vec![
+                AdapterEntry {
+                    path: "a".into(),
+                    weight: 1.0
+                },
+                AdapterEntry {
+                    path: "b".into(),
+                    weight: -0.5
+                }
+            ]
+        );
+        assert_eq!(c.majority_sign_method, MajoritySignMethod::Total);
+        assert_eq!(
+            (c.svd_rank, c.svd_clamp, c.density, c.seed),
+            (None, None, None, 0)
+        );
+        assert!(!c.union_modules && !c.allow_base_mismatch);
+        let c = AdapterMergeConfig::parse(
+            "combination_type: ties\ndensity: 0.3\nsvd_rank: 0\nmajority_sign_method: frequency\n\
+             svd_full_matrices: false\nsign_mode: sum_of_signs\nadapters: [a]\n",
+        )
+        .unwrap();
+        assert_eq!(c.svd_rank, None);
+        assert_eq!(c.density, Some(0.3));
+        assert_eq!(c.majority_sign_method, MajoritySignMethod::Frequency);
+        assert_eq!(c.sign_mode, KnotsSignMode::SumOfSigns);
+        for (text, key) in [
+            ("adapters: [a]\ndensty: 0.5\n", "densty"),
+            ("adapters: []\n", "adapters"),
+            ("density: 0.5\n", "adapters"),
+            ("adapters: [{path: a, wieght: 1}]\n", "adapters"),
+            (
+                "adapters: [a]\nmajority_sign_method: most\n",
+                "majority_sign_method",
+            ),
+            ("adapters: [a]\nseed: -1\n", "seed"),
+        ] {
+            let e = AdapterMergeConfig::parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn adapter_merge_union_targets_and_rank_keys() {
+        let l = |v: &[&str]| TargetModules::List(v.iter().map(|s| s.to_string()).collect());
+        let (a, b) = (l(&["q_proj", "v_proj"]), l(&["k_proj", "q_proj"]));
+        assert_eq!(
+            union_targets([&a, &b].into_iter(), &[]),
+            l(&["k_proj", "q_proj", "v_proj"])
+        );
+        let (x, y) = (
+            TargetModules::Regex(".*q".into()),
+            TargetModules::Regex(".*v".into()),
+        );
+        assert_eq!(
+            union_targets([&x, &y].into_iter(), &[]),
+            TargetModules::Regex("(.*q)|(.*v)".into())
+        );
+        assert_eq!(
+            union_targets([&x, &a].into_iter(), &["m.q".to_string()]),
+            l(&["m.q"])
+        );
+        // An escaped key matches its module only (as PEFT's `(.*\.)?(key)$`).
+        let mut c = LoraConfig::new(4, 4.0, l(&["q_proj"]));
+        c.rank_pattern
+            .insert(exact_key("model.layers.1.self_attn.q_proj"), 2);
+        assert_eq!(c.rank_for("model.layers.1.self_attn.q_proj").unwrap(), 2);
+        assert_eq!(c.rank_for("model.layers.11.self_attn.q_proj").unwrap(), 4);
+        assert_eq!(c.rank_for("model.layers.1xself_attn.q_proj").unwrap(), 4);
+        assert!(is_embedding("model.embed_tokens") && is_embedding("lm_head"));
+        assert!(!is_embedding("model.layers.0.mlp.up_proj"));
+    }
+
+    fn write_ia3(dir: &Path, vecs: &[(&str, Vec<usize>, Vec<f32>)]) {
+        let cfg = AdapterConfig::Ia3(Ia3Config::new(
+            TargetModules::List(vec!["k_proj".into(), "down_proj".into()]),
+            TargetModules::List(vec!["down_proj".into()]),
+        ));
+        let t: Vec<(String, Vec<usize>, &[f32])> = vecs
+            .iter()
+            .map(|(m, s, v)| (ia3_key(m), s.clone(), v.as_slice()))
+            .collect();
+        write_adapter(dir, &cfg, &t, false).unwrap();
+    }
+
+    fn read_vec(dir: &Path, m: &str) -> Vec<f64> {
+        let a = Adapter::open(dir).unwrap();
+        a.read(&ia3_key(m))
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    /// (IA)³: `linear` is PEFT's raw weighted sum; `ties` runs on τ = l − 1 (naive f64 TIES
+    /// here: top floor(density·n) |τ|, elected sign of the sum (>= 0 → +), mean of the agreeing
+    /// weighted values) and writes 1 + merged, keeping each vector's stored shape.
+    #[test]
+    fn adapter_merge_ia3_linear_and_ties_match_naive() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (k, down) = (
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.mlp.down_proj",
+        );
+        let l1k = vec![1.2f32, 0.9, 1.05, 0.7];
+        let l2k = vec![0.8f32, 1.3, 1.1, 0.95];
+        let l1d = vec![1.5f32, 0.6, 1.0, 1.25, 0.85];
+        let l2d = vec![0.7f32, 0.65, 1.4, 1.2, 1.1];
+        write_ia3(
+            &d.join("a"),
+            &[
+                (k, vec![4, 1], l1k.clone()),
+                (down, vec![1, 5], l1d.clone()),
+            ],
+        );
+        write_ia3(
+            &d.join("b"),
+            &[
+                (k, vec![4, 1], l2k.clone()),
+                (down, vec![1, 5], l2d.clone()),
+            ],
+        );
+        let a = d.join("a").display().to_string();
+        let b = d.join("b").display().to_string();
+        let w = [0.6, 0.4];
+        let yaml = |extra: &str| {
+            format!("{extra}adapters:\n  - {{path: {a}, weight: 0.6}}\n  - {{path: {b}, weight: 0.4}}\n")
+        };
+        let cfg = AdapterMergeConfig::parse(&yaml("")).unwrap();
+        let s = merge_adapters(&cfg, None, &d.join("lin"), false, &NoProgress).unwrap();
+        assert_eq!(
+            (s.kind, s.method.as_str(), s.modules),
+            (AdapterKind::Ia3, "linear", 2)
+        );
+        for (m, v1, v2) in [(k, &l1k, &l2k), (down, &l1d, &l2d)] {
+            let got = read_vec(&d.join("lin"), m);
+            for j in 0..v1.len() {
+                let want = w[0] * v1[j] as f64 + w[1] * v2[j] as f64;
+                assert!((got[j] - want).abs() < 1e-6, "{m}[{j}]");
+            }
+        }
+        let out = Adapter::open(&d.join("lin")).unwrap();
+        let ff: Vec<bool> = out.ia3_modules().iter().map(|m| m.is_feedforward).collect();
+        assert_eq!(ff, vec![false, true]);
+
+        let cfg =
+            AdapterMergeConfig::parse(&yaml("combination_type: ties\ndensity: 0.5\n")).unwrap();
+        merge_adapters(&cfg, None, &d.join("ties"), false, &NoProgress).unwrap();
+        for (m, v1, v2) in [(k, &l1k, &l2k), (down, &l1d, &l2d)] {
+            let n = v1.len();
+            let keep = (0.5 * n as f64) as usize;
+            let prune = |v: &Vec<f32>| -> Vec<f64> {
+                let t: Vec<f64> = v.iter().map(|&x| x as f64 - 1.0).collect();
+                let mut idx: Vec<usize> = (0..n).collect();
+                idx.sort_by(|&x, &y| t[y].abs().total_cmp(&t[x].abs()));
+                let mut p = vec![0.0; n];
+                for &j in &idx[..keep] {
+                    p[j] = t[j];
+                }
+                p
+            };
+            let (p1, p2) = (prune(v1), prune(v2));
+            let got = read_vec(&d.join("ties"), m);
+            for j in 0..n {
+                let g = if p1[j] + p2[j] >= 0.0 { 1.0 } else { -1.0 };
+                let (mut s, mut c) = (0.0, 0);
+                for (p, wi) in [(&p1, w[0]), (&p2, w[1])] {
+                    if p[j] != 0.0 && p[j].signum() == g {
+                        s += wi * p[j];
+                        c += 1;
+                    }
+                }
+                let want = 1.0 + s / c.max(1) as f64;
+                assert!(
+                    (got[j] - want).abs() < 1e-6,
+                    "{m}[{j}]: {} vs {want}",
+                    got[j]
+                );
+            }
+        }
+        // LoRA-only types and a missing density are refused by key.
+        for (extra, key) in [
+            ("combination_type: svd\n", "combination_type"),
+            ("combination_type: dare_ties\n", "density"),
+        ] {
+            let cfg = AdapterMergeConfig::parse(&yaml(extra)).unwrap();
+            let e = merge_adapters(&cfg, None, &d.join("x"), false, &NoProgress)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+}
