@@ -65,6 +65,34 @@ run)
                 cmp "$f" "$o/cluster/$(basename "$f")"
             done
             echo "cli check: merge --device cuda and worker --device cuda byte-identical to the CPU merge"
+            # The other methods with GPU kernels, through `merge --device cuda` (the engine's
+            # accelerator path), against the CPU.
+            for m in dare_ties breadcrumbs_ties della sce model_stock; do
+                case $m in
+                dare_ties) top=""; per="{weight: 1.0, density: 0.3}" ;;
+                breadcrumbs_ties) top=""; per="{weight: 1.0, density: 0.3, gamma: 0.02}" ;;
+                della) top=""; per="{weight: 1.0, density: 0.3, epsilon: 0.1}" ;;
+                sce) top="parameters: {select_topk: 0.5}"; per="" ;;
+                model_stock) top=""; per="" ;;
+                esac
+                c="$work/bfloat16/$m.yaml"
+                {
+                    echo "merge_method: $m"
+                    echo "base_model: base"
+                    if [ -n "$top" ]; then echo "$top"; fi
+                    echo "models:"
+                    for k in 1 2 3 4; do
+                        echo "  - model: ft$k"
+                        if [ -n "$per" ]; then echo "    parameters: $per"; fi
+                    done
+                } >"$c"
+                "$bin" merge "$c" --out "$o/$m-cpu" --quiet
+                "$bin" merge "$c" --out "$o/$m-gpu" --device cuda | tail -1
+                for f in "$o/$m-cpu"/*.safetensors; do
+                    cmp "$f" "$o/$m-gpu/$(basename "$f")"
+                done
+                echo "cli check: $m --device cuda byte-identical to the CPU merge"
+            done
         ) 2>&1 | tee -a "$log" || rc=1
     fi
     exit $rc

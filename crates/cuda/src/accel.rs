@@ -318,6 +318,17 @@ impl Accelerator for GpuAccelerator {
         format!("cuda:{} {}", self.gpu.ctx.ordinal(), self.gpu.name)
     }
 
+    fn report(&self) -> Option<String> {
+        let st = self.stats();
+        Some(format!(
+            "{}: {} tensor(s) merged on the GPU, {} handed back to the CPU (too large); the \
+             methods without GPU kernels merge on the CPU",
+            self.describe(),
+            st.tensors,
+            st.declined
+        ))
+    }
+
     fn preload(
         &self,
         plan: &DevicePlan,

@@ -17,6 +17,12 @@ pub trait Accelerator: Send + Sync {
     /// The device, for messages (e.g. `cuda:0 NVIDIA H200`).
     fn describe(&self) -> String;
 
+    /// A line on what the device has merged so far, for the merge's summary (`None`: nothing
+    /// to say).
+    fn report(&self) -> Option<String> {
+        None
+    }
+
     /// Load `job`'s inputs onto the device ahead of [`Accelerator::merge`]. The engine calls it
     /// on a helper thread for the next tensor while the current one merges, so that reading
     /// inputs overlaps the device's work and the writes. `None`: nothing loaded (the device
