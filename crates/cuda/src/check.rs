@@ -116,6 +116,52 @@ impl Problem {
     /// budget): the case's first `n_models` models, the base when it takes one (`linear` takes
     /// the base as its first model).
     pub fn cpu(&self, case: &Case) -> Result<Vec<f32>> {
+        let (m, job, reader) = self.method_job_reader(case)?;
+        Ok(merge_in_memory(m.as_ref(), &job, &reader)?)
+    }
+
+    /// TIES with the whole-model trim (`trim_scope: model`): its device plan from the global
+    /// passes over this problem (one tensor: the whole model).
+    pub fn model_scope_case(&self) -> Result<Case> {
+        let n_models = self.models.len();
+        let dens: Vec<f64> = (0..n_models).map(|i| 0.2 + 0.1 * i as f64).collect();
+        let params = TensorParams::default()
+            .with_model_values("weight", &weights(n_models))
+            .with_model_values("density", &dens)
+            .with_global("trim_scope", Scalar::Str("model".into()));
+        let mut case = Case {
+            method: "ties",
+            params,
+            plan: DevicePlan::Linear {
+                weights: Vec::new(),
+                divisor: None,
+            },
+            seed: 1234,
+            n_models,
+            has_base: true,
+            variant: "model-scope",
+        };
+        let (m, job, reader) = self.method_job_reader(&case)?;
+        let mut passes = Vec::new();
+        for pass in 0..m.global_passes() {
+            let stats = m.global_pass(pass, &passes, &job, &reader)?;
+            passes.push(stats);
+        }
+        case.plan = m.device_plan_global(&passes).ok_or_else(|| {
+            crate::CudaError::Invalid("ties (trim_scope: model) has no device plan".into())
+        })?;
+        Ok(case)
+    }
+
+    /// The method of `case`, its job and reader on this problem.
+    fn method_job_reader(
+        &self,
+        case: &Case,
+    ) -> Result<(
+        Box<dyn amalgam_core::methods::MergeMethod>,
+        TensorJob,
+        MemReader,
+    )> {
         let linear = case.method == "linear";
         let mut models: Vec<Vec<f32>> = self.models[..case.n_models].to_vec();
         if linear {
@@ -136,7 +182,7 @@ impl Problem {
         };
         let m =
             amalgam_core::methods::build(case.method, &case.params, job.n_models, case.has_base)?;
-        Ok(merge_in_memory(m.as_ref(), &job, &reader)?)
+        Ok((m, job, reader))
     }
 }
 
@@ -243,6 +289,8 @@ pub struct Case {
     pub n_models: usize,
     /// Whether the method takes the base.
     pub has_base: bool,
+    /// Names a variant of the method in the rows (e.g. `model-scope`), or empty.
+    pub variant: &'static str,
 }
 
 /// The checked cases for `n_models` models (besides the base): linear (normalised, the base as
@@ -339,6 +387,7 @@ fn case(
         seed,
         n_models,
         has_base,
+        variant: "",
     })
 }
 
@@ -453,7 +502,8 @@ pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let all = cases(p.models.len())
         .into_iter()
-        .chain(gram_cases(p.models.len()));
+        .chain(gram_cases(p.models.len()))
+        .chain(std::iter::once(p.model_scope_case()?));
     for case in all {
         if let DevicePlan::Gta { sparsify, .. } = &case.plan {
             if !merge::gta_supports(gpu, sparsify, &shape(p.len())) {
@@ -463,6 +513,7 @@ pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
         }
         let method = match &case.plan {
             DevicePlan::Gram { grouping, .. } => format!("{}/{grouping:?}", case.method),
+            _ if !case.variant.is_empty() => format!("{}/{}", case.method, case.variant),
             _ => case.method.to_string(),
         };
         let name = format!("parity {method} {label}");

@@ -172,6 +172,11 @@ pub enum Sparsify {
         /// Fraction kept.
         density: f64,
     },
+    /// The whole-model TIES trim: keep `|δ|` of f32 bits at least `bits`.
+    MinMagnitude {
+        /// Smallest kept `|δ|`, as f32 bits.
+        bits: u32,
+    },
     /// Breadcrumbs: keep the positions `[n_bot, n_bot + ⌊density·n⌋)` of the ascending
     /// `(|δ|, index)` order (see `DeviceSparsify::Outliers`).
     Outliers {
@@ -235,6 +240,7 @@ impl From<DeviceSparsify> for Sparsify {
             DeviceSparsify::None => Sparsify::None,
             DeviceSparsify::Magnitude { density } => Sparsify::Magnitude { density },
             DeviceSparsify::Dare { density, inverse } => Sparsify::Dare { density, inverse },
+            DeviceSparsify::MinMagnitude { bits } => Sparsify::MinMagnitude { bits },
             DeviceSparsify::Della {
                 density,
                 epsilon,
@@ -579,6 +585,13 @@ pub fn gta(
                         outliers[i] = Some((n_bot as u64, (n_bot + target) as u64));
                     }
                 }
+            }
+            Sparsify::MinMagnitude { bits } => {
+                // The ascending-order mask with [threshold, cut) = [(bits, 0), end).
+                m.mask = MASK_OUTLIER;
+                m.order = ORDER_ASC;
+                m.threshold = u64::from(bits | 0x8000_0000) << 32;
+                m.cut = u64::MAX;
             }
             Sparsify::Della {
                 density,

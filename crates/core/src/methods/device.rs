@@ -19,6 +19,12 @@ pub enum DeviceSparsify {
         /// Fraction kept.
         density: f64,
     },
+    /// The whole-model TIES trim (`trim_scope: model`): keep the entries whose `|δ|` bit pattern
+    /// is at least `bits` (the model-wide threshold from the global passes).
+    MinMagnitude {
+        /// Smallest kept `|δ|`, as f32 bits.
+        bits: u32,
+    },
     /// Breadcrumbs `magnitude_outliers`: keep the positions `[n_bot, n_bot + ⌊density·n⌋)` of
     /// the ascending `(|δ|, index)` order, with `n_top = ⌊γ·n⌋` and
     /// `n_bot = max(0, n − ⌊density·n⌋ − n_top)` ([`crate::methods::sparsify::magnitude_outliers`]);

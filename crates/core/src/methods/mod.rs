@@ -101,6 +101,14 @@ pub trait MergeMethod: Send + Sync {
         None
     }
 
+    /// [`MergeMethod::device_plan`] for a method whose plan depends on its global passes
+    /// (`global`: the summed results of every pass, as [`MergeMethod::merge`] gets them); the
+    /// default is the plan without them.
+    fn device_plan_global(&self, global: &[GlobalStats]) -> Option<device::DevicePlan> {
+        let _ = global;
+        self.device_plan()
+    }
+
     /// Number of model-global passes before [`MergeMethod::merge`] (class G only).
     fn global_passes(&self) -> usize {
         0

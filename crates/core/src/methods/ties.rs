@@ -141,6 +141,25 @@ impl Ties {
         }
     }
 
+    /// Model-scope: the options with the zero-sign rule from the global sign counts (pass 2).
+    fn model_options(&self, global: &[GlobalStats]) -> Result<GtaOptions> {
+        let signs = global
+            .get(2)
+            .filter(|s| s.counts.len() == 2)
+            .ok_or_else(|| MergeError::BadInputs {
+                method: INFO.name.into(),
+                message: "trim_scope: model needs the results of its global passes".into(),
+            })?;
+        let (pos, neg) = (signs.counts[0], signs.counts[1]);
+        let mut opts = self.opts.clone();
+        opts.zero_sign = Some(match pos.cmp(&neg) {
+            std::cmp::Ordering::Greater => 1,
+            std::cmp::Ordering::Less => -1,
+            std::cmp::Ordering::Equal => 0,
+        });
+        Ok(opts)
+    }
+
     /// Model-scope: the sparsifier from the summed histograms of passes 0 and 1.
     fn model_sparsifier(&self, prior: &[GlobalStats]) -> Result<RankSparsifier> {
         self.check_stats(prior, 2)?;
@@ -193,6 +212,36 @@ impl MergeMethod for Ties {
                 .map(|&density| DeviceSparsify::Magnitude { density })
                 .collect(),
         })
+    }
+
+    /// The whole-model trim: each model's threshold from the global passes as a minimum
+    /// magnitude (the mask keeps `key ≥ K` in the ascending order, with no index tie-break).
+    fn device_plan_global(
+        &self,
+        global: &[GlobalStats],
+    ) -> Option<crate::methods::device::DevicePlan> {
+        use crate::methods::device::{DevicePlan, DeviceSparsify};
+        if self.scope == TrimScope::Tensor {
+            return self.device_plan();
+        }
+        let sp = self.model_sparsifier(global).ok()?;
+        let opts = self.model_options(global).ok()?;
+        let sparsify = sp
+            .masks
+            .iter()
+            .map(|m| match m {
+                ModelMask::Rank(RankMask {
+                    order: KeyOrder::Ascending,
+                    lo,
+                    hi,
+                }) if lo.index == 0 && *hi == Cut::END => {
+                    Some(DeviceSparsify::MinMagnitude { bits: lo.key })
+                }
+                ModelMask::All => Some(DeviceSparsify::None),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(DevicePlan::Gta { opts, sparsify })
     }
 
     fn global_passes(&self) -> usize {
@@ -279,20 +328,7 @@ impl MergeMethod for Ties {
             }
             TrimScope::Model => {
                 let sp = self.model_sparsifier(global)?;
-                let signs = global
-                    .get(2)
-                    .filter(|s| s.counts.len() == 2)
-                    .ok_or_else(|| MergeError::BadInputs {
-                        method: INFO.name.into(),
-                        message: "trim_scope: model needs the results of its global passes".into(),
-                    })?;
-                let (pos, neg) = (signs.counts[0], signs.counts[1]);
-                let mut opts = self.opts.clone();
-                opts.zero_sign = Some(match pos.cmp(&neg) {
-                    std::cmp::Ordering::Greater => 1,
-                    std::cmp::Ordering::Less => -1,
-                    std::cmp::Ordering::Equal => 0,
-                });
+                let opts = self.model_options(global)?;
                 gta::merge(&opts, Some(&sp), job, reader, writer)
             }
         }
