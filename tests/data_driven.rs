@@ -325,3 +325,243 @@ fn mats_gram_converges_to_regmean_and_logs_every_block() {
         );
     }
 }
+
+/// Write a one-file f32 checkpoint holding `tensors` (name, shape, values).
+fn write_f32_checkpoint(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+}
+
+fn solver_log(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("solver_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const MATS_SOLUTION: &str =
+    "merge_method: mats\nbase_model: base\nout_dtype: float32\nparameters:\n  iterations: 300\n  rtol: 1.0e-10\n";
+
+#[test]
+fn mats_init_checkpoint_at_the_solution_takes_no_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    std::fs::write(d.join("sol.yaml"), format!("{MATS_SOLUTION}{STATS_MODELS}")).unwrap();
+    run_ok(d, &["merge", "sol.yaml", "--out", "sol", "--quiet"]);
+    // Start from the converged solution (a checkpoint directory): no block takes a step.
+    std::fs::write(
+        d.join("again.yaml"),
+        format!(
+            "merge_method: mats\nbase_model: base\nout_dtype: float32\n{STATS_MODELS}parameters:\n  \
+             init: sol\n  iterations: 50\n  rtol: 1.0e-4\n"
+        ),
+    )
+    .unwrap();
+    run_ok(d, &["merge", "again.yaml", "--out", "again", "--quiet"]);
+    let (sol, again) = (load_dir(&d.join("sol")), load_dir(&d.join("again")));
+    let log = solver_log(&d.join("again"));
+    assert_eq!(log.len(), 14);
+    for l in &log {
+        assert_eq!(l["iterations"], 0, "{l}");
+        assert_eq!(l["exit_code"], 0, "{l}");
+        assert_eq!(l["init"], "sol", "{l}");
+        let name = l["tensor"].as_str().unwrap();
+        assert_eq!(again[name].values, sol[name].values, "{name}");
+    }
+    // The same through a single safetensors file.
+    let all: Vec<(String, Vec<usize>, Vec<f32>)> = sol
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.shape.clone(),
+                t.values.iter().map(|v| *v as f32).collect(),
+            )
+        })
+        .collect();
+    write_f32_checkpoint(&d.join("init.safetensors"), &all);
+    let cfg = std::fs::read_to_string(d.join("again.yaml"))
+        .unwrap()
+        .replace("init: sol", "init: init.safetensors");
+    std::fs::write(d.join("file.yaml"), cfg).unwrap();
+    run_ok(d, &["merge", "file.yaml", "--out", "file", "--quiet"]);
+    for l in solver_log(&d.join("file")) {
+        assert_eq!(l["iterations"], 0, "{l}");
+    }
+}
+
+#[test]
+fn mats_init_checkpoint_errors_name_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    setup(d);
+    let cfg = |init: &str| {
+        format!(
+            "merge_method: mats\nbase_model: base\n{STATS_MODELS}parameters:\n  init: {init}\n  \
+             iterations: 5\n"
+        )
+    };
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    // Every tensor of ft1, as f32; one variant reshaped, one holding a NaN.
+    let ft1 = load_dir(&d.join("ft1"));
+    type Edit<'a> = &'a dyn Fn(&str, &mut Vec<usize>, &mut Vec<f32>);
+    let tensors = |edit: Edit<'_>| {
+        let all: Vec<(String, Vec<usize>, Vec<f32>)> = ft1
+            .iter()
+            .map(|(n, t)| {
+                let mut shape = t.shape.clone();
+                let mut v: Vec<f32> = t.values.iter().map(|x| *x as f32).collect();
+                edit(n, &mut shape, &mut v);
+                (n.clone(), shape, v)
+            })
+            .collect();
+        all
+    };
+    write_f32_checkpoint(
+        &d.join("reshaped.safetensors"),
+        &tensors(&|n, s, _| {
+            if n == q {
+                *s = vec![1, s.iter().product()];
+            }
+        }),
+    );
+    write_f32_checkpoint(
+        &d.join("nan.safetensors"),
+        &tensors(&|n, _, v| {
+            if n == q {
+                v[3] = f32::NAN;
+            }
+        }),
+    );
+    for (init, want) in [
+        (
+            "ft1.stats.safetensors",
+            vec![
+                "`init`",
+                "ft1.stats.safetensors",
+                "has no tensor",
+                "_proj.weight",
+            ],
+        ),
+        (
+            "reshaped.safetensors",
+            vec!["`init`", "reshaped.safetensors", q, "shape [1, "],
+        ),
+        (
+            "nan.safetensors",
+            vec![
+                "`init`",
+                "nan.safetensors",
+                q,
+                "non-finite value (NaN) at element 3",
+            ],
+        ),
+        (
+            "task_arithmatic",
+            vec![
+                "`init`",
+                "task_arithmatic",
+                "neither a named initialisation",
+            ],
+        ),
+    ] {
+        std::fs::write(d.join("bad.yaml"), cfg(init)).unwrap();
+        // Refused before any work: the dry run fails too, and no output directory appears.
+        for args in [
+            &["merge", "bad.yaml", "--out", "bad", "--quiet"][..],
+            &["merge", "bad.yaml", "--out", "bad", "--dry-run"][..],
+        ] {
+            let err = run_err(d, args);
+            for w in &want {
+                assert!(err.contains(w), "{init}: `{w}` not in {err}");
+            }
+        }
+        assert!(!d.join("bad").exists());
+    }
+}
+
+#[test]
+fn mats_max_block_bytes_splits_blocks_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Weights of 128 x 256 = 2 reduction chunks: the MLP projections split in two parts.
+    tiny_family(
+        d,
+        2,
+        &[
+            "--hidden",
+            "128",
+            "--intermediate",
+            "256",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--vocab",
+            "32",
+            "--layers",
+            "1",
+        ],
+    );
+    write_model_stats(d, "ft1", 1);
+    write_model_stats(d, "ft2", 2);
+    let cfg = |extra: &str| {
+        format!(
+            "merge_method: mats\nbase_model: base\n{STATS_MODELS}parameters:\n  iterations: 6\n{extra}"
+        )
+    };
+    std::fs::write(d.join("whole.yaml"), cfg("")).unwrap();
+    std::fs::write(d.join("split.yaml"), cfg("  max_block_bytes: 1000\n")).unwrap();
+    run_ok(d, &["merge", "whole.yaml", "--out", "whole", "--quiet"]);
+    run_ok(d, &["merge", "split.yaml", "--out", "split", "--quiet"]);
+    let (w, s) = (load_dir(&d.join("whole")), load_dir(&d.join("split")));
+    assert_eq!(w.len(), s.len());
+    for (name, t) in &w {
+        assert_eq!(t.values, s[name].values, "{name}");
+    }
+    let parts = |dir: &str| -> std::collections::BTreeMap<String, u64> {
+        solver_log(&d.join(dir))
+            .iter()
+            .map(|l| {
+                (
+                    l["tensor"].as_str().unwrap().to_string(),
+                    l["parts"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (pw, ps) = (parts("whole"), parts("split"));
+    let up = "model.layers.0.mlp.up_proj.weight";
+    let down = "model.layers.0.mlp.down_proj.weight";
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert!(pw.values().all(|p| *p == 1), "{pw:?}");
+    // [256, 128]: 128-row parts; [128, 256]: 64-row parts; [128, 128] is one chunk: one part.
+    assert_eq!((ps[up], ps[down], ps[q]), (2, 2, 1), "{ps:?}");
+    let dry = run_ok(d, &["merge", "split.yaml", "--out", "never", "--dry-run"]);
+    let line = dry.lines().find(|l| l.starts_with(up)).unwrap();
+    assert!(line.contains("parts=2"), "{dry}");
+    // An explicit cg_parts wins.
+    std::fs::write(
+        d.join("forced.yaml"),
+        cfg("  cg_parts: 3\n  max_block_bytes: 1000\n"),
+    )
+    .unwrap();
+    run_ok(d, &["merge", "forced.yaml", "--out", "forced", "--quiet"]);
+    assert!(parts("forced").values().all(|p| *p == 3));
+}

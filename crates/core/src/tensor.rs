@@ -146,6 +146,23 @@ pub trait TensorReader: Sync {
             "model #{model} has no statistics (`{kind}`): give its `statistics:` file in the config"
         )))
     }
+
+    /// Shape of this tensor's namesake in the extra checkpoint `key` (a checkpoint path a
+    /// method parameter names, as written in the config: e.g. MaTS's `init`), or `None` when the
+    /// reader has no such checkpoint or it lacks the tensor.
+    fn extra_shape(&self, key: &str) -> Result<Option<Vec<usize>>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Fill `out` with elements `range` of this tensor's namesake in the extra checkpoint
+    /// `key`, as f32.
+    fn read_extra(&self, key: &str, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+        let _ = (range, out);
+        Err(crate::MergeError::Read(format!(
+            "checkpoint `{key}` was not opened for this merge"
+        )))
+    }
 }
 
 /// One diagnostic record a method emits for a tensor (e.g. a conjugate-gradient block's exit

@@ -22,6 +22,10 @@ pub struct Inputs {
     pub stats: BTreeMap<ModelRef, Arc<StatsFile>>,
     /// Adapters applied on the fly (`model+adapter` references).
     pub adapters: BTreeMap<ModelRef, Arc<crate::adapter::AdapterDelta>>,
+    /// Extra checkpoints a method parameter names (MaTS's `init: PATH`), by the path as
+    /// written in the config; served to methods through
+    /// [`amalgam_core::tensor::TensorReader::read_extra`].
+    pub extra: BTreeMap<String, Arc<Checkpoint>>,
 }
 
 /// Find a model on disk: as written (relative to the working directory, as mergekit does), else
@@ -87,7 +91,83 @@ pub fn referenced_paths(
     for path in config.statistics.values() {
         out.push(resolve_model_path(path, config_dir)?);
     }
+    for path in amalgam_core::methods::mats::init_checkpoint_paths(config) {
+        out.push(resolve_extra_path(&path, config_dir)?);
+    }
     Ok(out)
+}
+
+/// Resolve an extra checkpoint path (MaTS's `init`), with an error naming the key.
+fn resolve_extra_path(path: &str, config_dir: Option<&Path>) -> Result<PathBuf, EngineError> {
+    resolve_model_path(path, config_dir).map_err(|_| EngineError::Config {
+        key: "init".into(),
+        message: format!(
+            "`{path}` is neither a named initialisation ({}) nor an existing checkpoint (a \
+             .safetensors file or a checkpoint directory, relative to the working directory, \
+             then to the config file's directory)",
+            amalgam_core::methods::mats::NAMED_INITS.join(", ")
+        ),
+    })
+}
+
+/// Check, before any work, every extra checkpoint a planned tensor reads (MaTS's `init:
+/// PATH`): the tensor exists there with the planned shape and holds finite values. Errors
+/// name the key, the file and the tensor.
+pub fn check_extra_inputs(
+    plan: &amalgam_core::plan::Plan,
+    inputs: &Inputs,
+) -> Result<(), EngineError> {
+    for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
+        if t.method != amalgam_core::methods::mats::INFO.name {
+            continue;
+        }
+        let Some(init) = t.params.opt_str("init")? else {
+            continue;
+        };
+        let Some(path) = amalgam_core::methods::mats::init_checkpoint(&init) else {
+            continue;
+        };
+        let err = |message: String| EngineError::Config {
+            key: "init".into(),
+            message: format!("init checkpoint `{path}`: {message}"),
+        };
+        let ckpt = inputs
+            .extra
+            .get(path)
+            .ok_or_else(|| err("was not opened".into()))?;
+        let meta = ckpt.get(&t.name).ok_or_else(|| {
+            err(format!(
+                "has no tensor \"{}\" (every tensor MaTS solves needs its starting value)",
+                t.name
+            ))
+        })?;
+        if meta.shape != t.shape {
+            return Err(err(format!(
+                "tensor \"{}\" has shape {:?}, the merge needs {:?}",
+                t.name, meta.shape, t.shape
+            )));
+        }
+        let file = meta.file.display().to_string();
+        let numel: usize = t.shape.iter().product();
+        let step = 1usize << 20;
+        let mut buf = Vec::new();
+        let mut start = 0;
+        while start < numel {
+            let end = (start + step).min(numel);
+            buf.resize(end - start, 0.0f32);
+            ckpt.read_f32(&t.name, start..end, &mut buf)?;
+            if let Some(k) = buf.iter().position(|v| !v.is_finite()) {
+                return Err(err(format!(
+                    "{file}: tensor \"{}\" holds a non-finite value ({}) at element {}",
+                    t.name,
+                    buf[k],
+                    start + k
+                )));
+            }
+            start = end;
+        }
+    }
+    Ok(())
 }
 
 /// Open every model the config references.
@@ -117,6 +197,11 @@ pub fn open_inputs(config: &MergeConfig, config_dir: Option<&Path>) -> Result<In
         }
         inputs.stats.insert(m.clone(), Arc::new(stats));
     }
+    for path in amalgam_core::methods::mats::init_checkpoint_paths(config) {
+        let p = resolve_extra_path(&path, config_dir)?;
+        let ckpt = Checkpoint::open(&p)?;
+        inputs.extra.insert(path, Arc::new(ckpt));
+    }
     Ok(inputs)
 }
 
@@ -128,6 +213,7 @@ pub fn open_and_plan(
     let mut inputs = open_inputs(config, config_dir)?;
     let vocabs = crate::vocab::prepare_vocabularies(config, &mut inputs)?;
     let plan = amalgam_core::plan::plan(config, &inputs.models)?;
+    check_extra_inputs(&plan, &inputs)?;
     if let Some(v) = vocabs {
         let ckpts = &inputs.checkpoints;
         let rows_of = |m: &ModelRef| -> usize {

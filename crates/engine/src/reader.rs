@@ -55,6 +55,7 @@ pub struct PlanReader<'a> {
     vocab: Option<&'a VocabMap>,
     stats: &'a [Option<&'a StatsFile>],
     adapters: &'a [Option<&'a AdapterDelta>],
+    extra: Option<&'a std::collections::BTreeMap<String, &'a Checkpoint>>,
 }
 
 impl<'a> PlanReader<'a> {
@@ -71,7 +72,18 @@ impl<'a> PlanReader<'a> {
             vocab: None,
             stats: &[],
             adapters: &[],
+            extra: None,
         }
+    }
+
+    /// Serve the extra checkpoints `extra` (by the path written in the config) through
+    /// [`TensorReader::read_extra`]: this tensor's namesake in each.
+    pub fn with_extra(
+        mut self,
+        extra: &'a std::collections::BTreeMap<String, &'a Checkpoint>,
+    ) -> Self {
+        self.extra = Some(extra);
+        self
     }
 
     /// Apply `adapters[i]` (a `model+adapter` reference's adapter) to the plan's model `i`.
@@ -267,6 +279,27 @@ impl TensorReader for PlanReader<'_> {
 
     fn allows_nonfinite(&self) -> bool {
         self.allow_nonfinite
+    }
+
+    fn extra_shape(&self, key: &str) -> Result<Option<Vec<usize>>, MergeError> {
+        Ok(self
+            .extra
+            .and_then(|m| m.get(key))
+            .and_then(|c| c.get(&self.plan.name))
+            .map(|t| t.shape.clone()))
+    }
+
+    fn read_extra(
+        &self,
+        key: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), MergeError> {
+        let ckpt = self.extra.and_then(|m| m.get(key)).ok_or_else(|| {
+            MergeError::Read(format!("checkpoint `{key}` was not opened for this merge"))
+        })?;
+        ckpt.read_f32(&self.plan.name, range, out)
+            .map_err(|e| MergeError::Read(e.to_string()))
     }
 
     fn non_finite_error(&self, tensor: &str, input: Input, index: usize, value: f32) -> MergeError {

@@ -35,6 +35,8 @@ pub struct ReadExtras<'a> {
     pub stats: Vec<Option<&'a StatsFile>>,
     /// Adapter of each plan model (plan order), for `model+adapter` references.
     pub adapters: Vec<Option<&'a AdapterDelta>>,
+    /// Extra checkpoints by the path written in the config (MaTS's `init: PATH`).
+    pub extra: std::collections::BTreeMap<String, &'a Checkpoint>,
 }
 
 impl<'a> ReadExtras<'a> {
@@ -49,6 +51,7 @@ impl<'a> ReadExtras<'a> {
             .with_vocab(self.vocab)
             .with_stats(&self.stats)
             .with_adapters(&self.adapters)
+            .with_extra(&self.extra)
     }
 }
 
@@ -352,7 +355,7 @@ pub fn merge_tensor_preloaded(
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
     let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
     if let crate::device::Device::Accelerator(dev) = &opts.device {
-        if let Some(plan) = method.device_plan() {
+        if let Some(plan) = method.device_plan_global(global) {
             if dev.merge(&plan, &job, &reader, writer, preloaded)? {
                 return Ok(Vec::new());
             }
@@ -502,6 +505,11 @@ pub fn read_extras<'a>(plan: &Plan, inputs: &'a Inputs) -> ReadExtras<'a> {
             .models
             .iter()
             .map(|m| inputs.adapters.get(m).map(|a| a.as_ref()))
+            .collect(),
+        extra: inputs
+            .extra
+            .iter()
+            .map(|(k, c)| (k.clone(), c.as_ref()))
             .collect(),
     }
 }

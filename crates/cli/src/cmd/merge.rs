@@ -154,10 +154,12 @@ fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<
         } else {
             t.method.clone()
         };
+        let mut parts = None;
         if !t.copy_raw {
             let m = run::build_method(t)?;
             let job = run::job_for(t, m.as_ref(), plan.seed, args.run.memory_budget);
             peak = peak.max(budget::tensor_peak(m.as_ref(), &job));
+            parts = amalgam_core::methods::mats::block_parts(&t.method, &t.params, &job)?;
         }
         let mut params: Vec<String> = t
             .params
@@ -165,6 +167,9 @@ fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<
             .iter()
             .map(|(k, v)| format!("{k}={}", fmt_scalar(v)))
             .collect();
+        if let Some(p) = parts {
+            params.push(format!("parts={p}"));
+        }
         for (i, m) in t.params.models.iter().enumerate() {
             if !m.is_empty() {
                 let inner: Vec<String> = m
@@ -282,6 +287,11 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
             secs,
             summary.input_bytes as f64 / secs.max(1e-9) / 1e9
         );
+        if let amalgam_engine::device::Device::Accelerator(a) = &opts.device {
+            if let Some(line) = a.report() {
+                println!("{line}");
+            }
+        }
     }
     Ok(())
 }

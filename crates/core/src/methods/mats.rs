@@ -32,10 +32,18 @@
 //!
 //! CG ([`crate::solve::cg`], SciPy's algorithm, no preconditioner): `iterations` (maxiter,
 //! default 100; the README uses 10 for (IA)^3), `rtol` (1e-5), `atol` (0); stop when
-//! ‖r‖ < max(rtol·‖b‖, atol), checked before each step (SciPy's strict test). `cg_parts` (default 1) splits the block
-//! into that many parts by output rows (the reference's output columns of X; elements for 1-D
-//! tensors), each part computing its slice of the matvec and its partial inner products, summed
-//! in part order: the split exercised in one process is the one the cluster runs.
+//! ‖r‖ < max(rtol·‖b‖, atol), checked before each step (SciPy's strict test).
+//!
+//! `cg_parts` (default 1) splits the block into that many parts by output rows (the
+//! reference's output columns of X; elements for 1-D tensors), each part computing its slice
+//! of the matvec and its partial inner products, summed in part order: the split exercised in
+//! one process is the one the cluster runs. `max_block_bytes` (default none: no automatic
+//! split; architecture.md "Split blocks") splits a block whose solve needs more than that many
+//! bytes ([`MergeMethod::whole_tensor_bytes`]) into `ceil(bytes / max_block_bytes)` parts,
+//! rounded so every part starts at a multiple of the reduction chunk ([`REDUCE_CHUNK`]
+//! elements) and of the matvec tile ([`MATVEC_TILE_ROWS`] rows): the split solve is then
+//! bit-identical to the unsplit one ([`auto_part_rows`]; fewer parts when the rows do not allow
+//! as many). An explicit `cg_parts` wins over it.
 //!
 //! When ‖b‖ = 0 (all-zero statistics) x0 is returned unchanged (methods.md's recommendation;
 //! SciPy returns zeros); features no model's statistic sees (zero rows of a singular Gram)
@@ -62,6 +70,7 @@ use crate::methods::fisher::{read_checked, read_stat_checked, stat_shape};
 use crate::methods::regmean::{alpha_param, linear_dims, read_square_stat, PANEL_ROWS};
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::{Scalar, TensorParams};
+use crate::reduce::REDUCE_CHUNK;
 use crate::solve::cg::{cg, CgOptions, CgResult, FnProblem};
 use crate::tensor::{Input, MemWriter, TensorJob, TensorReader, TensorWriter};
 use std::ops::Range;
@@ -82,6 +91,7 @@ pub const INFO: MethodInfo = MethodInfo {
         "rtol",
         "atol",
         "cg_parts",
+        "max_block_bytes",
     ],
     model_params: &[],
     random: false,
@@ -116,7 +126,7 @@ impl Objective {
 }
 
 /// The starting point of CG.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Init {
     /// θ_0 + λ Σ_i τ_i.
     TaskArithmetic {
@@ -136,18 +146,76 @@ pub enum Init {
     Base,
     /// x0 = 0.
     Zeros,
+    /// x0 = this tensor's namesake in a checkpoint (the path as written in the config), read
+    /// through [`TensorReader::read_extra`].
+    Checkpoint(String),
 }
 
 impl Init {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &str {
         match self {
             Self::TaskArithmetic { .. } => "task_arithmetic",
             Self::Ties { .. } => "ties",
             Self::Average => "average",
             Self::Base => "base",
             Self::Zeros => "zeros",
+            Self::Checkpoint(path) => path,
         }
     }
+}
+
+/// The named values of `init` (with their aliases); any other value is a checkpoint path.
+pub const NAMED_INITS: &[&str] = &[
+    "task_arithmetic",
+    "ties",
+    "average",
+    "base",
+    "pretrained",
+    "zeros",
+    "none",
+];
+
+/// The checkpoint path an `init` value names, or `None` for a named initialisation.
+pub fn init_checkpoint(value: &str) -> Option<&str> {
+    (!NAMED_INITS.contains(&value)).then_some(value)
+}
+
+/// Every checkpoint path a `mats` config's `init` parameter names (top-level and slice
+/// parameters, every filtered or stepped value), as written, in first-seen order; empty for
+/// other methods. The engine opens these as extra inputs and serves them through
+/// [`TensorReader::read_extra`].
+pub fn init_checkpoint_paths(config: &crate::config::MergeConfig) -> Vec<String> {
+    use crate::config::ParamValue;
+    let mut out: Vec<String> = Vec::new();
+    if config.merge_method != INFO.name {
+        return out;
+    }
+    let mut add = |v: &Scalar| {
+        if let Scalar::Str(s) = v {
+            if let Some(p) = init_checkpoint(s) {
+                if !out.iter().any(|o| o == p) {
+                    out.push(p.to_string());
+                }
+            }
+        }
+    };
+    let maps =
+        std::iter::once(&config.parameters).chain(config.slices.iter().map(|s| &s.parameters));
+    for map in maps {
+        match map.get("init") {
+            Some(ParamValue::Scalar(v)) => add(v),
+            Some(ParamValue::Filtered(list)) => {
+                for f in list {
+                    if let ParamValue::Scalar(v) = &f.value {
+                        add(v);
+                    }
+                }
+            }
+            Some(ParamValue::Steps(list)) => list.iter().for_each(&mut add),
+            Some(ParamValue::Gradient(_)) | None => {}
+        }
+    }
+    out
 }
 
 /// `mats` configured for one tensor.
@@ -160,7 +228,10 @@ pub struct Mats {
     iterations: usize,
     rtol: f64,
     atol: f64,
-    parts: usize,
+    /// Explicit `cg_parts`.
+    parts: Option<usize>,
+    /// `max_block_bytes`: split a block whose solve needs more into parts.
+    max_block_bytes: Option<u64>,
 }
 
 fn bad(key: &str, message: String) -> MergeError {
@@ -212,35 +283,35 @@ impl Mats {
                 Err(bad("init_lambda", format!("must be finite, got {l}")))
             }
         };
-        let init = match name.as_str() {
-            "task_arithmetic" => Init::TaskArithmetic {
-                lambda: lambda(0.3)?,
-            },
-            "ties" => {
-                let density = params.num("init_density", 0.2)?;
-                if !(density > 0.0 && density <= 1.0) {
-                    return Err(bad(
-                        "init_density",
-                        format!("must be in (0, 1], got {density}"),
-                    ));
+        let init =
+            match name.as_str() {
+                "task_arithmetic" => Init::TaskArithmetic {
+                    lambda: lambda(0.3)?,
+                },
+                "ties" => {
+                    let density = params.num("init_density", 0.2)?;
+                    if !(density > 0.0 && density <= 1.0) {
+                        return Err(bad(
+                            "init_density",
+                            format!("must be in (0, 1], got {density}"),
+                        ));
+                    }
+                    Init::Ties {
+                        density,
+                        lambda: lambda(1.0)?,
+                    }
                 }
-                Init::Ties {
-                    density,
-                    lambda: lambda(1.0)?,
-                }
-            }
-            "average" => Init::Average,
-            "base" | "pretrained" => Init::Base,
-            "zeros" | "none" => Init::Zeros,
-            other => {
-                return Err(bad(
+                "average" => Init::Average,
+                "base" | "pretrained" => Init::Base,
+                "zeros" | "none" => Init::Zeros,
+                "" => return Err(bad(
                     "init",
-                    format!(
-                        "expected task_arithmetic, ties, average, base or zeros, got `{other}`"
-                    ),
-                ))
-            }
-        };
+                    "expected task_arithmetic, ties, average, base, zeros or a checkpoint path, \
+                     got an empty string"
+                        .into(),
+                )),
+                path => Init::Checkpoint(path.to_string()),
+            };
         if matches!(
             init,
             Init::TaskArithmetic { .. } | Init::Ties { .. } | Init::Base
@@ -268,12 +339,23 @@ impl Mats {
                 return Err(bad(k, format!("must be a finite number ≥ 0, got {v}")));
             }
         }
-        let parts = params.num("cg_parts", 1.0)?;
-        if !(parts >= 1.0 && parts.fract() == 0.0 && parts <= 1e6) {
-            return Err(bad(
-                "cg_parts",
-                format!("must be a whole number ≥ 1, got {parts}"),
-            ));
+        let parts = params.opt_num("cg_parts")?;
+        if let Some(parts) = parts {
+            if !(parts >= 1.0 && parts.fract() == 0.0 && parts <= 1e6) {
+                return Err(bad(
+                    "cg_parts",
+                    format!("must be a whole number ≥ 1, got {parts}"),
+                ));
+            }
+        }
+        let max_block_bytes = params.opt_num("max_block_bytes")?;
+        if let Some(m) = max_block_bytes {
+            if !(m >= 1.0 && m.fract() == 0.0 && m < 1.8e19) {
+                return Err(bad(
+                    "max_block_bytes",
+                    format!("must be a whole number of bytes ≥ 1, got {m}"),
+                ));
+            }
         }
         Ok(Self {
             n_models,
@@ -283,7 +365,8 @@ impl Mats {
             iterations: iterations as usize,
             rtol,
             atol,
-            parts: parts as usize,
+            parts: parts.map(|p| p as usize),
+            max_block_bytes: max_block_bytes.map(|m| m as u64),
         })
     }
 
@@ -405,8 +488,9 @@ impl Mats {
         let n = self.n_models;
         let numel = job.numel();
         let mut x = vec![0.0f64; numel];
-        match self.init {
+        match &self.init {
             Init::Zeros => {}
+            Init::Checkpoint(path) => read_init_checkpoint(job, reader, path, &mut x)?,
             Init::Average => {
                 for i in 0..n {
                     add_model(job, reader, i, &mut x)?;
@@ -418,7 +502,7 @@ impl Mats {
             Init::Base => {
                 read_input(job, reader, Input::Base, |e, v| x[e] = v)?;
             }
-            Init::TaskArithmetic { lambda } => {
+            &Init::TaskArithmetic { lambda } => {
                 let mut base = vec![0.0f64; numel];
                 read_input(job, reader, Input::Base, |e, v| base[e] = v)?;
                 for i in 0..n {
@@ -428,7 +512,7 @@ impl Mats {
                     *xe = be + lambda * *xe;
                 }
             }
-            Init::Ties { density, lambda } => {
+            &Init::Ties { density, lambda } => {
                 let mut p = TensorParams::default()
                     .with_model_values("weight", &vec![1.0; n])
                     .with_model_values("density", &vec![density; n])
@@ -445,6 +529,115 @@ impl Mats {
         Ok(x)
     }
 
+    /// The block's log record (the solver's fields plus `tensor`, `objective`, `init`,
+    /// `parts`); an error when the solution holds a non-finite value.
+    pub fn log_record(&self, job: &TensorJob, res: &CgResult) -> Result<crate::tensor::LogRecord> {
+        let mut rec = res.to_log_record();
+        rec.insert("tensor".into(), job.name.clone().into());
+        rec.insert("objective".into(), self.objective.name().into());
+        rec.insert("init".into(), self.init.name().into());
+        rec.insert("parts".into(), self.part_rows(job)?.len().into());
+        if let Some(e) = res.x.iter().position(|v| !v.is_finite()) {
+            return Err(MergeError::Numeric {
+                tensor: job.name.clone(),
+                message: format!("conjugate gradient produced a non-finite value at element {e}"),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Solve part `part` of this tensor's block ([`Mats::part_rows`]) as one member of a gang
+    /// whose other parts run elsewhere (other threads or processes), meeting in `reduce`.
+    ///
+    /// `reduce(values)` must return the element-wise sum of every part's `values` (all parts
+    /// pass vectors of the same length), added in part order: the cluster's Reduce RPC. Each
+    /// inner product sends a vector with one slot per chunk of every part, this part's partials
+    /// in its own slots and zeros elsewhere, so the sum is the concatenation of all parts'
+    /// partials and the scalar is summed from it in chunk order exactly as in one process: the
+    /// result is bit-identical to [`Mats::solve_block`]'s rows. Operators whose rows need the
+    /// whole direction (`kfac`, `ia3_block`) gather it with one more `reduce` per product (each
+    /// part contributes its rows). Every part makes the same sequence of calls.
+    ///
+    /// Returns the part's row range and the CG result; its `x` holds the part's rows only, its
+    /// residuals are global.
+    pub fn solve_part(
+        &self,
+        job: &TensorJob,
+        reader: &dyn TensorReader,
+        part: usize,
+        reduce: &mut dyn FnMut(&[f64]) -> Result<Vec<f64>>,
+    ) -> Result<(Range<usize>, CgResult)> {
+        let (_, cols) = self.dims(job)?;
+        let parts = self.part_rows(job)?;
+        let rows = parts.get(part).cloned().ok_or_else(|| {
+            bad(
+                "cg_parts",
+                format!(
+                    "tensor \"{}\" has {} parts, no part #{part}",
+                    job.name,
+                    parts.len()
+                ),
+            )
+        })?;
+        let (op, b) = self.assemble(job, reader)?;
+        let x0 = self.initial(job, reader)?;
+        let (lo, hi) = (rows.start * cols, rows.end * cols);
+        let chunk = REDUCE_CHUNK;
+        let slots: Vec<usize> = parts
+            .iter()
+            .map(|r| (r.len() * cols).div_ceil(chunk))
+            .collect();
+        let total: usize = slots.iter().sum();
+        let offset: usize = slots[..part].iter().sum();
+        let numel = job.numel();
+        let gather = matches!(op, Operator::Kfac { .. } | Operator::Dense { .. });
+        let reduce = std::cell::RefCell::new(reduce);
+        let mut full = vec![0.0f64; numel];
+        let matvec = |x: &[f64], y: &mut [f64]| -> Result<()> {
+            full[lo..hi].copy_from_slice(x);
+            if gather {
+                let mut mine = vec![0.0f64; numel];
+                mine[lo..hi].copy_from_slice(x);
+                let all = (reduce.borrow_mut())(&mine)?;
+                if all.len() != numel {
+                    return Err(MergeError::Read(format!(
+                        "reduction returned {} values, expected {numel}",
+                        all.len()
+                    )));
+                }
+                full.copy_from_slice(&all);
+            }
+            y.copy_from_slice(&op.apply_rows(&full, rows.clone(), cols));
+            Ok(())
+        };
+        let sum = |partials: &[f64]| -> Result<f64> {
+            let mut v = vec![0.0f64; total];
+            v[offset..offset + partials.len()].copy_from_slice(partials);
+            let all = (reduce.borrow_mut())(&v)?;
+            if all.len() != total {
+                return Err(MergeError::Read(format!(
+                    "reduction returned {} values, expected {total}",
+                    all.len()
+                )));
+            }
+            Ok(crate::solve::cg::sum_in_order(&all))
+        };
+        let mut problem = FnProblem {
+            parts: vec![hi - lo],
+            matvec,
+            reduce: sum,
+        };
+        let opts = CgOptions {
+            rtol: self.rtol,
+            atol: self.atol,
+            maxiter: self.iterations,
+            ..CgOptions::default()
+        };
+        let res = cg(&mut problem, Some(&x0[lo..hi]), &b[lo..hi], &opts)
+            .map_err(|e| linalg::name_tensor(e, &job.name))?;
+        Ok((rows, res))
+    }
+
     /// Assemble and solve this tensor's block: the f64 solution (tensor layout) and the CG
     /// result. The block is split into [`Mats::part_rows`] parts; the matvec computes each
     /// part's rows separately and the inner products are summed per part in part order.
@@ -453,10 +646,10 @@ impl Mats {
         job: &TensorJob,
         reader: &dyn TensorReader,
     ) -> Result<CgResult> {
-        let (rows, cols) = self.dims(job)?;
+        let (_, cols) = self.dims(job)?;
         let (op, b) = self.assemble(job, reader)?;
         let x0 = self.initial(job, reader)?;
-        let parts = self.part_rows(rows);
+        let parts = self.part_rows(job)?;
         let lens: Vec<usize> = parts.iter().map(|r| r.len() * cols).collect();
         let mut problem = FnProblem::local(lens, |x: &[f64], y: &mut [f64]| {
             for r in &parts {
@@ -474,20 +667,155 @@ impl Mats {
         cg(&mut problem, Some(&x0), &b, &opts).map_err(|e| linalg::name_tensor(e, &job.name))
     }
 
-    /// Row ranges of the parts (at least one row each; fewer parts when there are fewer rows).
-    fn part_rows(&self, rows: usize) -> Vec<Range<usize>> {
-        let parts = self.parts.min(rows).max(1);
-        let base = rows / parts;
-        let extra = rows % parts;
-        let mut out = Vec::with_capacity(parts);
-        let mut r = 0;
-        for k in 0..parts {
-            let len = base + usize::from(k < extra);
-            out.push(r..r + len);
-            r += len;
-        }
-        out
+    /// Row ranges of this block's parts: `cg_parts` when given (an even split), else the
+    /// split `max_block_bytes` asks for ([`Mats::auto_part_rows`]), else one part.
+    pub fn part_rows(&self, job: &TensorJob) -> Result<Vec<Range<usize>>> {
+        let (rows, cols) = self.dims(job)?;
+        Ok(match (self.parts, self.max_block_bytes) {
+            (Some(p), _) => even_rows(rows, p),
+            (None, Some(max)) => {
+                let bytes = self.whole_tensor_bytes(job).unwrap_or(0);
+                auto_part_rows(rows, cols, bytes.div_ceil(max.max(1)) as usize)
+            }
+            (None, None) => even_rows(rows, 1),
+        })
     }
+}
+
+/// How many parts a `mats` tensor's block is solved in (`cg_parts`, else `max_block_bytes`),
+/// for the dry run and the cluster's shard construction; `None` for other methods.
+pub fn block_parts(method: &str, params: &TensorParams, job: &TensorJob) -> Result<Option<usize>> {
+    if method != INFO.name {
+        return Ok(None);
+    }
+    let m = Mats::from_params(params, job.n_models, job.has_base)?;
+    Ok(Some(m.part_rows(job)?.len()))
+}
+
+/// The row ranges a `mats` tensor's block is solved in ([`Mats::part_rows`]; rows of the
+/// unknown, whose elements are contiguous in the tensor's layout) and the elements per row;
+/// `None` for other methods.
+pub fn block_part_rows(
+    method: &str,
+    params: &TensorParams,
+    job: &TensorJob,
+) -> Result<Option<(Vec<Range<usize>>, usize)>> {
+    if method != INFO.name {
+        return Ok(None);
+    }
+    let m = Mats::from_params(params, job.n_models, job.has_base)?;
+    let (_, cols) = m.dims(job)?;
+    Ok(Some((m.part_rows(job)?, cols)))
+}
+
+/// Rows of one matvec tile: the operator is applied in tiles of this many rows at fixed
+/// (global) row offsets, so a part starting at a multiple of it computes exactly the bits the
+/// unsplit block does.
+pub const MATVEC_TILE_ROWS: usize = 64;
+
+/// Row ranges splitting `rows` rows of `cols` elements into about `want` parts, each part
+/// starting at a multiple of both [`MATVEC_TILE_ROWS`] rows and [`REDUCE_CHUNK`] elements (the
+/// last part takes the remainder), so the split solve is bit-identical to the unsplit one.
+/// Fewer parts when the rows do not allow `want`.
+pub fn auto_part_rows(rows: usize, cols: usize, want: usize) -> Vec<Range<usize>> {
+    let cols = cols.max(1);
+    let chunk_rows = REDUCE_CHUNK / gcd(cols, REDUCE_CHUNK);
+    let unit = lcm(chunk_rows, MATVEC_TILE_ROWS);
+    let want = want.max(1);
+    let per = rows.div_ceil(want).div_ceil(unit).max(1) * unit;
+    let mut out = Vec::new();
+    let mut r = 0;
+    while r < rows {
+        out.push(r..(r + per).min(rows));
+        r += per;
+    }
+    if out.is_empty() {
+        out.push(0..rows);
+    }
+    out
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    a / gcd(a, b) * b
+}
+
+/// `rows` split evenly into `parts` ranges (at least one row each; fewer parts when there are
+/// fewer rows).
+fn even_rows(rows: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.min(rows).max(1);
+    let base = rows / parts;
+    let extra = rows % parts;
+    let mut out = Vec::with_capacity(parts);
+    let mut r = 0;
+    for k in 0..parts {
+        let len = base + usize::from(k < extra);
+        out.push(r..r + len);
+        r += len;
+    }
+    out
+}
+
+/// Read x0 from the init checkpoint `path` (served by the reader as an extra input): the
+/// tensor must exist there with the job's shape and hold finite values.
+fn read_init_checkpoint(
+    job: &TensorJob,
+    reader: &dyn TensorReader,
+    path: &str,
+    x: &mut [f64],
+) -> Result<()> {
+    match reader.extra_shape(path)? {
+        None => {
+            return Err(bad(
+                "init",
+                format!(
+                    "init checkpoint `{path}` has no tensor \"{}\" (or was not opened); `init` \
+                     is a checkpoint path unless it is one of {}",
+                    job.name,
+                    NAMED_INITS.join(", ")
+                ),
+            ))
+        }
+        Some(shape) if shape != job.shape => {
+            return Err(bad(
+                "init",
+                format!(
+                    "init checkpoint `{path}`: tensor \"{}\" has shape {shape:?}, the merge \
+                     needs {:?}",
+                    job.name, job.shape
+                ),
+            ))
+        }
+        Some(_) => {}
+    }
+    let mut buf = Vec::new();
+    for range in job.blocks() {
+        buf.resize(range.len(), 0.0f32);
+        reader.read_extra(path, range.clone(), &mut buf)?;
+        if let Some(k) = buf.iter().position(|v| !v.is_finite()) {
+            return Err(bad(
+                "init",
+                format!(
+                    "init checkpoint `{path}`: tensor \"{}\" holds a non-finite value ({}) at \
+                     element {}",
+                    job.name,
+                    buf[k],
+                    range.start + k
+                ),
+            ));
+        }
+        for (xe, v) in x[range].iter_mut().zip(&buf) {
+            *xe = f64::from(*v);
+        }
+    }
+    Ok(())
 }
 
 /// Add model `i`'s values into `acc`.
@@ -578,8 +906,27 @@ enum Operator {
 }
 
 impl Operator {
-    /// Rows `rows` (of `cols` elements) of A·p, given the whole of `p`.
+    /// Rows `rows` (of `cols` elements) of A·p, given the whole of `p`, computed in tiles of
+    /// [`MATVEC_TILE_ROWS`] rows at global offsets (cut at `rows`' ends), in parallel.
     fn apply_rows(&self, p: &[f64], rows: Range<usize>, cols: usize) -> Vec<f64> {
+        use rayon::prelude::*;
+        let t = MATVEC_TILE_ROWS;
+        let mut tiles = Vec::new();
+        let mut r = rows.start;
+        while r < rows.end {
+            let end = ((r / t + 1) * t).min(rows.end);
+            tiles.push(r..end);
+            r = end;
+        }
+        let parts: Vec<Vec<f64>> = tiles
+            .into_par_iter()
+            .map(|tile| self.apply_tile(p, tile, cols))
+            .collect();
+        parts.concat()
+    }
+
+    /// Rows `rows` of A·p in one piece.
+    fn apply_tile(&self, p: &[f64], rows: Range<usize>, cols: usize) -> Vec<f64> {
         let lo = rows.start * cols;
         let hi = rows.end * cols;
         match self {
@@ -651,20 +998,7 @@ impl MergeMethod for Mats {
         writer: &mut dyn TensorWriter,
     ) -> Result<()> {
         let res = self.solve_block(job, reader)?;
-        let mut rec = res.to_log_record();
-        rec.insert("tensor".into(), job.name.clone().into());
-        rec.insert("objective".into(), self.objective.name().into());
-        rec.insert("init".into(), self.init.name().into());
-        rec.insert(
-            "parts".into(),
-            self.part_rows(self.dims(job)?.0).len().into(),
-        );
-        if let Some(e) = res.x.iter().position(|v| !v.is_finite()) {
-            return Err(MergeError::Numeric {
-                tensor: job.name.clone(),
-                message: format!("conjugate gradient produced a non-finite value at element {e}"),
-            });
-        }
+        let rec = self.log_record(job, &res)?;
         writer.log(rec);
         let mut buf = Vec::new();
         for range in job.blocks() {
@@ -1169,7 +1503,7 @@ mod tests {
         assert!(e.contains("model #0") && e.contains("::gram_in"), "{e}");
         for (key, v) in [
             ("objective", Scalar::Str("hessian".into())),
-            ("init", Scalar::Str("nope".into())),
+            ("init", Scalar::Str(String::new())),
             ("cg_parts", Scalar::Num(0.0)),
             ("iterations", Scalar::Num(-1.0)),
             ("rtol", Scalar::Num(-1.0)),
@@ -1183,5 +1517,373 @@ mod tests {
         }
         let m = Mats::from_params(&params("kfac", "average"), 2, true).unwrap();
         assert!(m.whole_tensor_bytes(&job(&[3, 2], 2, true, 6)).is_some());
+    }
+
+    /// A reader serving extra checkpoints (by key) besides a [`MemReader`]'s inputs.
+    struct ExtraReader {
+        inner: MemReader,
+        extras: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    }
+
+    impl TensorReader for ExtraReader {
+        fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+            self.inner.read(input, range, out)
+        }
+        fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>> {
+            self.inner.stat_shape(model, kind)
+        }
+        fn read_stat(
+            &self,
+            model: usize,
+            kind: &str,
+            range: Range<usize>,
+            out: &mut [f32],
+        ) -> Result<()> {
+            self.inner.read_stat(model, kind, range, out)
+        }
+        fn extra_shape(&self, key: &str) -> Result<Option<Vec<usize>>> {
+            Ok(self.extras.get(key).map(|e| e.0.clone()))
+        }
+        fn read_extra(&self, key: &str, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+            out.copy_from_slice(&self.extras[key].1[range]);
+            Ok(())
+        }
+    }
+
+    fn with_init_ckpt(c: &Case, shape: &[usize], values: Vec<f32>) -> ExtraReader {
+        let mut extras = std::collections::BTreeMap::new();
+        extras.insert(
+            "ckpt/init.safetensors".to_string(),
+            (shape.to_vec(), values),
+        );
+        ExtraReader {
+            inner: c.reader.clone(),
+            extras,
+        }
+    }
+
+    fn ckpt_params(objective: &str) -> TensorParams {
+        params(objective, "ckpt/init.safetensors")
+    }
+
+    /// The assembled Gram system M vec(W) = b (row-major vec, M = Σ_i I ⊗ G_i), written
+    /// independently of the code under test.
+    fn dense_gram_system(c: &Case) -> (Vec<f64>, Vec<f64>) {
+        let (out, d) = (c.shape[0], c.shape[1]);
+        let nn = out * d;
+        let mut m = vec![0.0; nn * nn];
+        let mut b = vec![0.0; nn];
+        for i in 0..c.n {
+            let g = stat(c, i, "gram_in");
+            let w = &c.reader.models[i];
+            for o in 0..out {
+                for r in 0..d {
+                    for q in 0..d {
+                        let gv = f64::from(g[r * d + q]);
+                        m[(o * d + r) * nn + o * d + q] += gv;
+                        b[o * d + r] += gv * f64::from(w[o * d + q]);
+                    }
+                }
+            }
+        }
+        (m, b)
+    }
+
+    #[test]
+    fn init_checkpoint_at_the_solution_takes_no_step() {
+        let c = linear_case(4, 3, 2, false);
+        let (m, b) = dense_gram_system(&c);
+        let sol: Vec<f32> = gauss_solve(&m, &b, 12, 1)
+            .iter()
+            .map(|v| *v as f32)
+            .collect();
+        // Precondition, computed here: the f32-rounded solution is within rtol.
+        let ax = mv(&m, &f64s(&sol));
+        let res: f64 = ax.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+        let bn: f64 = b.iter().map(|v| v * v).sum::<f64>();
+        assert!(res.sqrt() < 1e-4 * bn.sqrt());
+        let reader = with_init_ckpt(&c, &[4, 3], sol.clone());
+        let p = with(ckpt_params("gram"), "rtol", 1e-4);
+        let mm = Mats::from_params(&p, 2, true).unwrap();
+        assert_eq!(
+            mm.init,
+            Init::Checkpoint("ckpt/init.safetensors".to_string())
+        );
+        let mut w = MemWriter::default();
+        mm.merge(&job(&[4, 3], 2, true, 5), &[], &reader, &mut w)
+            .unwrap();
+        assert_eq!(w.data, sol);
+        assert_eq!(w.logs[0]["iterations"], 0);
+        assert_eq!(w.logs[0]["exit_code"], 0);
+        assert_eq!(w.logs[0]["init"], "ckpt/init.safetensors");
+    }
+
+    #[test]
+    fn init_checkpoint_matches_textbook_cg_from_that_x0() {
+        let c = linear_case(5, 4, 3, false);
+        let x0 = rand_vec(77, 20);
+        let reader = with_init_ckpt(&c, &[5, 4], x0.clone());
+        let (m, b) = dense_gram_system(&c);
+        // Textbook CG (methods.md §11 recurrence) from x0, 3 steps, in f64.
+        let mut x = f64s(&x0);
+        let ax = mv(&m, &x);
+        let mut r: Vec<f64> = b.iter().zip(&ax).map(|(bi, ai)| bi - ai).collect();
+        let mut p = r.clone();
+        let mut rho: f64 = r.iter().map(|v| v * v).sum();
+        for _ in 0..3 {
+            let q = mv(&m, &p);
+            let alpha = rho / p.iter().zip(&q).map(|(a, b)| a * b).sum::<f64>();
+            for k in 0..20 {
+                x[k] += alpha * p[k];
+                r[k] -= alpha * q[k];
+            }
+            let rho2: f64 = r.iter().map(|v| v * v).sum();
+            for k in 0..20 {
+                p[k] = r[k] + rho2 / rho * p[k];
+            }
+            rho = rho2;
+        }
+        let p = with(ckpt_params("gram"), "iterations", 3.0);
+        let mm = Mats::from_params(&p, 3, true).unwrap();
+        let got = mm.solve_block(&job(&[5, 4], 3, true, 7), &reader).unwrap();
+        assert_eq!(got.iterations, 3);
+        assert_eq!(got.exit_code, 3);
+        assert!(rel_diff(&got.x, &x) < 1e-9, "{}", rel_diff(&got.x, &x));
+        // Not the same as starting anywhere else.
+        let other = solve(&c, &with(params("gram", "average"), "iterations", 3.0));
+        assert!(rel_diff(&other.x, &x) > 1e-6);
+        // No base is needed for a checkpoint init.
+        assert!(Mats::from_params(&p, 3, false).is_ok());
+    }
+
+    #[test]
+    fn init_checkpoint_errors_name_file_and_tensor() {
+        let c = linear_case(3, 2, 2, false);
+        let j = job(&[3, 2], 2, true, 6);
+        let m = Mats::from_params(&ckpt_params("gram"), 2, true).unwrap();
+        type Extra = Option<(Vec<usize>, Vec<f32>)>;
+        let cases: [(Extra, &str); 3] = [
+            (None, "has no tensor"),
+            (Some((vec![2, 3], vec![0.0; 6])), "shape [2, 3]"),
+            (
+                Some((vec![3, 2], vec![0.0, 1.0, f32::NAN, 0.0, 0.0, 0.0])),
+                "non-finite value (NaN) at element 2",
+            ),
+        ];
+        for (extra, want) in cases {
+            let mut reader = with_init_ckpt(&c, &[3, 2], vec![0.0; 6]);
+            reader.extras.clear();
+            if let Some(e) = extra {
+                reader.extras.insert("ckpt/init.safetensors".into(), e);
+            }
+            let mut w = MemWriter::default();
+            match m.merge(&j, &[], &reader, &mut w) {
+                Err(MergeError::BadParameter { key, message }) => {
+                    assert_eq!(key, "init");
+                    assert!(
+                        message.contains("ckpt/init.safetensors")
+                            && message.contains("up_proj.weight")
+                            && message.contains(want),
+                        "{message}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn init_checkpoint_paths_of_a_config() {
+        let cfg = crate::config::parse_config(
+            "merge_method: mats\nbase_model: b\nmodels: [{model: a}, {model: c}]\n\
+             parameters:\n  init:\n    - filter: mlp\n      value: ckpt/x\n    - value: average\n",
+            false,
+        )
+        .unwrap()
+        .0;
+        assert_eq!(init_checkpoint_paths(&cfg), vec!["ckpt/x".to_string()]);
+        assert_eq!(init_checkpoint("ties"), None);
+        assert_eq!(init_checkpoint("dir/m"), Some("dir/m"));
+    }
+
+    #[test]
+    fn auto_part_rows_align_to_chunks_and_tiles() {
+        for (rows, cols, want) in [(1000, 4096, 3), (300, 128, 3), (5, 7, 4), (64, 100, 2)] {
+            let parts = auto_part_rows(rows, cols, want);
+            assert!(parts.len() <= want.max(1));
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts.last().unwrap().end, rows);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for p in &parts {
+                assert!(!p.is_empty());
+                assert_eq!(p.start % 64, 0, "{rows}x{cols}: {parts:?}");
+                assert_eq!((p.start * cols) % 16384, 0, "{rows}x{cols}: {parts:?}");
+            }
+        }
+        assert_eq!(
+            auto_part_rows(1000, 4096, 3),
+            vec![0..384, 384..768, 768..1000]
+        );
+        // 7 columns need 16384 rows per chunk boundary: one part.
+        assert_eq!(auto_part_rows(5, 7, 4), vec![0..5]);
+    }
+
+    #[test]
+    fn max_block_bytes_split_is_bit_identical_to_unsplit() {
+        let (out, d) = (300, 128);
+        let lin = linear_case(out, d, 2, true);
+        let fishers: Vec<Vec<f32>> = (5..7)
+            .map(|s| rand_vec(s, out * d).into_iter().map(|v| v.abs()).collect())
+            .collect();
+        let mut diag = reader_with(&lin.reader.models, "fisher", &fishers, &[out, d]);
+        diag.base = lin.reader.base.clone();
+        let j = job(&[out, d], 2, true, 4097);
+        for (objective, reader) in [
+            ("gram", &lin.reader),
+            ("kfac", &lin.reader),
+            ("diagonal_fisher", &diag),
+        ] {
+            let p = with(params(objective, "task_arithmetic"), "iterations", 4.0);
+            let whole = Mats::from_params(&p, 2, true).unwrap();
+            let bytes = whole.whole_tensor_bytes(&j).unwrap();
+            let split = Mats::from_params(
+                &with(p.clone(), "max_block_bytes", (bytes / 3 + 1) as f64),
+                2,
+                true,
+            )
+            .unwrap();
+            assert_eq!(
+                split.part_rows(&j).unwrap(),
+                vec![0..128, 128..256, 256..300]
+            );
+            let (mut w1, mut w2) = (MemWriter::default(), MemWriter::default());
+            whole.merge(&j, &[], reader, &mut w1).unwrap();
+            split.merge(&j, &[], reader, &mut w2).unwrap();
+            assert_eq!(w1.logs[0]["parts"], 1);
+            assert_eq!(w2.logs[0]["parts"], 3);
+            assert_eq!(w1.logs[0]["iterations"], 4);
+            let r1 = whole.solve_block(&j, reader).unwrap();
+            let r2 = split.solve_block(&j, reader).unwrap();
+            assert!(
+                r1.x.iter()
+                    .zip(&r2.x)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{objective}: split differs"
+            );
+            assert_eq!(w1.data, w2.data);
+            // Under the limit: one part. An explicit cg_parts wins over max_block_bytes.
+            let big = Mats::from_params(&with(p.clone(), "max_block_bytes", bytes as f64), 2, true)
+                .unwrap();
+            assert_eq!(big.part_rows(&j).unwrap().len(), 1);
+            let both = Mats::from_params(
+                &with(with(p.clone(), "max_block_bytes", 1.0), "cg_parts", 2.0),
+                2,
+                true,
+            )
+            .unwrap();
+            assert_eq!(both.part_rows(&j).unwrap(), vec![0..150, 150..300]);
+        }
+        match Mats::from_params(
+            &with(TensorParams::default(), "max_block_bytes", 0.5),
+            2,
+            true,
+        ) {
+            Err(MergeError::BadParameter { key, .. }) => assert_eq!(key, "max_block_bytes"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Run every part of a block on its own thread, meeting in an element-wise reduction
+    /// summed in part order (what the cluster's Reduce RPC does); returns the reassembled x and
+    /// the number of reductions each part made.
+    fn gang_solve(m: &Mats, j: &TensorJob, reader: &MemReader) -> (Vec<f64>, Vec<usize>) {
+        use std::sync::{Condvar, Mutex};
+        let parts = m.part_rows(j).unwrap().len();
+        // Rounds: per round, the parts' vectors; the sum once all arrived.
+        type Round = (Vec<Option<Vec<f64>>>, Option<Vec<f64>>);
+        let state: Mutex<Vec<Round>> = Mutex::new(Vec::new());
+        let cv = Condvar::new();
+        let results: Vec<(Range<usize>, CgResult, usize)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..parts)
+                .map(|k| {
+                    let (state, cv) = (&state, &cv);
+                    sc.spawn(move || {
+                        let mut round = 0usize;
+                        let mut reduce = |v: &[f64]| -> Result<Vec<f64>> {
+                            let mut st = state.lock().unwrap();
+                            while st.len() <= round {
+                                st.push((vec![None; parts], None));
+                            }
+                            st[round].0[k] = Some(v.to_vec());
+                            if st[round].0.iter().all(Option::is_some) {
+                                let mut sum = vec![0.0; v.len()];
+                                for p in st[round].0.iter().flatten() {
+                                    for (s, x) in sum.iter_mut().zip(p) {
+                                        *s += x;
+                                    }
+                                }
+                                st[round].1 = Some(sum);
+                                cv.notify_all();
+                            }
+                            while st[round].1.is_none() {
+                                st = cv.wait(st).unwrap();
+                            }
+                            let out = st[round].1.clone().unwrap();
+                            round += 1;
+                            Ok(out)
+                        };
+                        let (r, res) = m.solve_part(j, reader, k, &mut reduce).unwrap();
+                        (r, res, round)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let cols = j.numel() / j.shape[0];
+        let mut x = vec![f64::NAN; j.numel()];
+        let mut rounds = Vec::new();
+        for (r, res, n) in results {
+            x[r.start * cols..r.end * cols].copy_from_slice(&res.x);
+            rounds.push(n);
+        }
+        (x, rounds)
+    }
+
+    #[test]
+    fn gang_parts_meeting_in_a_reduction_equal_the_one_process_solve() {
+        let (out, d) = (300, 128);
+        let lin = linear_case(out, d, 2, true);
+        let j = job(&[out, d], 2, true, 4097);
+        for objective in ["gram", "kfac"] {
+            let p = with(
+                with(params(objective, "task_arithmetic"), "iterations", 5.0),
+                "max_block_bytes",
+                1.0,
+            );
+            let m = Mats::from_params(&p, 2, true).unwrap();
+            assert_eq!(m.part_rows(&j).unwrap().len(), 3);
+            let whole = Mats::from_params(&with(p.clone(), "cg_parts", 1.0), 2, true)
+                .unwrap()
+                .solve_block(&j, &lin.reader)
+                .unwrap();
+            let (x, rounds) = gang_solve(&m, &j, &lin.reader);
+            assert!(
+                x.iter()
+                    .zip(&whole.x)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{objective}"
+            );
+            // b.b, nnz(x0), r0 product (gathered for kfac), then 2 scalars (+1 gather) per
+            // step, then the final residual's product and scalar: the same count in each part.
+            assert!(rounds.iter().all(|n| *n == rounds[0]), "{rounds:?}");
+            let per_matvec = usize::from(objective == "kfac");
+            assert_eq!(
+                rounds[0],
+                whole.reductions + whole.matvecs * per_matvec,
+                "{objective}"
+            );
+        }
     }
 }

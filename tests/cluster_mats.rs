@@ -1,0 +1,234 @@
+//! Split-block MaTS across processes (architecture.md, "Split blocks"): a block larger than
+//! `max_block_bytes` is solved as a gang of parts meeting in the coordinator's Reduce RPC, and
+//! the checkpoint equals the single-process merge byte for byte.
+
+use crate::common::*;
+use amalgam_io::{write_stats, Checkpoint, StatKey, StatKind, StatsMeta};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            ((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// `gram_in` (XᵀX/rows + 1e-3·I) for every linear weight of `model`.
+fn write_grams(dir: &Path, model: &str, seed: u64) {
+    let ck = Checkpoint::open(&dir.join(model)).unwrap();
+    let mut owned: Vec<(StatKey, Vec<f32>)> = Vec::new();
+    for (k, t) in ck.tensors().iter().enumerate() {
+        if t.shape.len() != 2 || !t.name.contains("_proj.") {
+            continue;
+        }
+        let d = t.shape[1];
+        let rows = d + 3;
+        let x = values(seed * 7919 + k as u64, rows * d);
+        let mut g = vec![0f64; d * d];
+        for r in 0..rows {
+            for i in 0..d {
+                for j in 0..d {
+                    g[i * d + j] += x[r * d + i] * x[r * d + j] / rows as f64;
+                }
+            }
+        }
+        for i in 0..d {
+            g[i * d + i] += 1e-3;
+        }
+        owned.push((
+            StatKey::new(t.name.clone(), StatKind::GramIn, vec![d, d]),
+            g.into_iter().map(|v| v as f32).collect(),
+        ));
+    }
+    let entries: Vec<(StatKey, &[f32])> = owned
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_slice()))
+        .collect();
+    let meta = StatsMeta::new("synthetic", 10, 100).for_model(&ck);
+    write_stats(
+        &dir.join(format!("{model}.stats.safetensors")),
+        &meta,
+        &entries,
+        true,
+    )
+    .unwrap();
+}
+
+const UP: &str = "model.layers.0.mlp.up_proj.weight";
+
+#[test]
+fn split_mats_block_over_worker_processes_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // MLP weights of 256 x 128 = 2 reduction chunks: split in two parts.
+    tiny_family(
+        d,
+        2,
+        &[
+            "--hidden",
+            "128",
+            "--intermediate",
+            "256",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--vocab",
+            "32",
+            "--layers",
+            "1",
+        ],
+    );
+    write_grams(d, "ft1", 1);
+    write_grams(d, "ft2", 2);
+    std::fs::write(
+        d.join("mats.yaml"),
+        "merge_method: mats\nbase_model: base\nmodels:\n  - model: ft1\n    statistics: \
+         ft1.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n\
+         parameters:\n  iterations: 6\n  max_block_bytes: 1000\n",
+    )
+    .unwrap();
+    run_ok(d, &["merge", "mats.yaml", "--out", "single", "-q"]);
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+
+    let mut coord = Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .current_dir(d)
+        .args([
+            "coordinator",
+            "--config",
+            "mats.yaml",
+            "--out",
+            "multi",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "token",
+            "--shard-size",
+            "40KB",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(coord.stdout.take().unwrap()).lines();
+    let url = loop {
+        let l = lines
+            .next()
+            .expect("the coordinator prints its address")
+            .unwrap();
+        if l.contains("listening on") {
+            break l
+                .split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .expect("a url")
+                .to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (d, url) = (d.to_path_buf(), url.clone());
+            std::thread::spawn(move || {
+                amalgam()
+                    .current_dir(&d)
+                    .env("RUST_LOG", "info")
+                    .args(["worker", "--coordinator", &url, "--token-file", "token"])
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(st) = coord.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = coord.kill();
+            panic!("the coordinator did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    let mut log = String::new();
+    for w in workers {
+        let out = w.join().unwrap();
+        assert!(out.status.success());
+        log.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The embedded coordinator with worker tasks (`merge --workers 2`) too.
+    run_ok(
+        d,
+        &[
+            "merge",
+            "mats.yaml",
+            "--out",
+            "embedded",
+            "-q",
+            "--workers",
+            "2",
+        ],
+    );
+    // Identical checkpoint (and solver log) bytes.
+    for other in ["multi", "embedded"] {
+        let (fa, fb) = (
+            final_outputs(&d.join("single")),
+            final_outputs(&d.join(other)),
+        );
+        assert_eq!(fa, fb);
+        for f in &fa {
+            let a = std::fs::read(d.join("single").join(f)).unwrap();
+            let b = std::fs::read(d.join(other).join(f)).unwrap();
+            assert!(a == b, "{other}: {f} differs");
+        }
+    }
+    // The block was split, and each part made one Reduce per reduction: 2 per iteration, plus
+    // b.b, nnz(x0) and the final residual.
+    let solver = std::fs::read_to_string(d.join("single/solver_log.jsonl")).unwrap();
+    let rec: serde_json::Value = solver
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["tensor"] == UP)
+        .expect("a record for the MLP weight");
+    assert_eq!(rec["parts"], 2, "{rec}");
+    assert_eq!(rec["iterations"], 6, "{rec}");
+    let reductions = rec["reductions"].as_u64().unwrap() as usize;
+    assert_eq!(reductions, 2 * 6 + 3, "{rec}");
+    // Count per Reduce key (one key per lease: the scheduler may lease an unfinished gang
+    // again at the end of the job, and that attempt reduces under its own key).
+    let mut calls: std::collections::BTreeMap<(String, usize), usize> = Default::default();
+    for l in log.lines().filter(|l| l.contains(" Reduce ")) {
+        let field = |k: &str| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_string)
+        };
+        let (Some(key), Some(part)) = (field("key="), field("part=")) else {
+            continue;
+        };
+        if key.ends_with(&format!("/{UP}")) {
+            *calls.entry((key, part.parse().unwrap())).or_default() += 1;
+        }
+    }
+    let keys: std::collections::BTreeSet<&String> = calls.keys().map(|k| &k.0).collect();
+    assert!(!keys.is_empty(), "no Reduce call for {UP}:\n{log}");
+    assert!(
+        calls.values().all(|n| *n <= reductions),
+        "{calls:?} (at most {reductions} per part and lease):\n{log}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| (0..2).all(|p| calls.get(&(k.to_string(), p)) == Some(&reductions))),
+        "{calls:?}: one lease ran both parts to the end, {reductions} calls each:\n{log}"
+    );
+}
