@@ -521,7 +521,7 @@ fn worker_refuses_a_plan_outside_its_allowed_roots() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // The models live in `data2`; the worker may only read `data` (a sibling with the same
-    // prefix), so it must refuse.
+    // prefix) and must not stream inputs, so it must refuse.
     let data2 = d.join("data2");
     std::fs::create_dir_all(&data2).unwrap();
     std::fs::create_dir_all(d.join("data")).unwrap();
@@ -542,6 +542,8 @@ fn worker_refuses_a_plan_outside_its_allowed_roots() {
             "token",
             "--allow-root",
             "data",
+            "--stream-inputs",
+            "never",
         ],
     );
     assert!(

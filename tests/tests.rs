@@ -5,10 +5,13 @@
 
 mod common;
 
+mod adapter_merge;
 mod adapters;
 mod cli_merge;
 mod cli_validation;
 mod cluster;
+mod cluster_mats;
+mod cluster_stream;
 mod data_driven;
 mod deploy_manifests;
 mod mergekit_parity;

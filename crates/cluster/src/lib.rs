@@ -9,6 +9,7 @@
 //! - [`auth`]: bearer-token interceptors; [`client`]: connecting with limits and token.
 //! - [`journal`]: [`journal::JobStore`] and its JSON-lines file implementation.
 //! - [`roots`]: `--allow-root` path checks; [`metrics`]: Prometheus `/metrics`.
+//! - [`remote_input`]: workers that do not see the inputs' storage stream them.
 //! - [`etcd_store`]: [`journal::JobStore`] on etcd, and a throwaway local etcd for tests.
 //! - [`tls`]: TLS and mutual TLS settings of the coordinator and its clients.
 #![deny(missing_docs)]
@@ -34,6 +35,7 @@ pub mod etcd_store;
 pub mod journal;
 pub mod merge_job;
 pub mod metrics;
+pub mod remote_input;
 pub mod roots;
 pub mod scheduler;
 pub mod server;

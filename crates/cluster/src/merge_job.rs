@@ -67,6 +67,11 @@ pub struct JobSpec {
     pub out_shard_size: u64,
     /// Results of the method's model-global passes: `(counts, sums)` per pass.
     pub global: Vec<(Vec<u64>, Vec<f64>)>,
+    /// Every input checkpoint as the coordinator opened it (sizes and header checksums), so a
+    /// worker can tell whether it sees the same files or must stream them
+    /// ([`crate::remote_input`]).
+    #[serde(default)]
+    pub inputs: Vec<crate::remote_input::InputCheckpoint>,
 }
 
 /// One shard's work.
@@ -76,6 +81,79 @@ pub struct ShardWork {
     pub job: JobSpec,
     /// Output tensors to merge, in layout order.
     pub tensors: Vec<String>,
+    /// Set when this shard is one part of a split MaTS block (its only tensor): the part to
+    /// solve, meeting the other parts of its gang in `Reduce`.
+    #[serde(default)]
+    pub part: Option<GangPart>,
+}
+
+/// The tensors (name, output bytes) of each shard, in shard id order.
+pub type ShardTensors = Vec<Vec<(String, u64)>>;
+
+/// One part of a MaTS block split into a gang (architecture.md, "Split blocks").
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GangPart {
+    /// The gang id (shared by the parts of the block).
+    pub gang: u64,
+    /// This part's index, `0..parts`.
+    pub part: usize,
+    /// Parts of the block.
+    pub parts: usize,
+}
+
+/// Cut every tensor solved in several parts (MaTS `cg_parts` / `max_block_bytes`) out of the
+/// shards: it becomes one shard per part, sharing a gang id, part k expecting the bytes of
+/// its rows (contiguous in the tensor's layout); the other tensors keep their groups, cut
+/// around it, in layout order. Depends only on the plan, never on the workers.
+pub fn split_gangs(
+    plan: &Plan,
+    shards: &[Vec<(String, u64)>],
+    memory_budget: u64,
+) -> Result<(ShardTensors, Vec<Option<GangPart>>)> {
+    let by_name: HashMap<&str, &amalgam_core::plan::TensorPlan> =
+        plan.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut out: Vec<Vec<(String, u64)>> = Vec::new();
+    let mut gangs = Vec::new();
+    let mut next_gang = 0u64;
+    for shard in shards {
+        let mut cur: Vec<(String, u64)> = Vec::new();
+        for (name, len) in shard {
+            let parts = match by_name.get(name.as_str()) {
+                Some(t) if !t.copy_raw => {
+                    let m = run::build_method(t).map_err(engine_err)?;
+                    let job = run::job_for(t, m.as_ref(), plan.seed, memory_budget);
+                    amalgam_core::methods::mats::block_part_rows(&t.method, &t.params, &job)
+                        .map_err(engine_err)?
+                        .filter(|(p, _)| p.len() > 1)
+                        .map(|(p, cols)| (p, cols, job.numel()))
+                }
+                _ => None,
+            };
+            let Some((rows, cols, numel)) = parts else {
+                cur.push((name.clone(), *len));
+                continue;
+            };
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+                gangs.push(None);
+            }
+            let elem = len / numel.max(1) as u64;
+            for (k, r) in rows.iter().enumerate() {
+                out.push(vec![(name.clone(), (r.len() * cols) as u64 * elem)]);
+                gangs.push(Some(GangPart {
+                    gang: next_gang,
+                    part: k,
+                    parts: rows.len(),
+                }));
+            }
+            next_gang += 1;
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+            gangs.push(None);
+        }
+    }
+    Ok((out, gangs))
 }
 
 /// Cut the layout's tensors, in order, into groups of about `shard_bytes` output bytes (a
@@ -209,6 +287,7 @@ pub fn prepare_job(
         allow_nonfinite: opts.allow_nonfinite,
         out_shard_size: opts.out_shard_size,
         global: global.into_iter().map(|g| (g.counts, g.sums)).collect(),
+        inputs: crate::remote_input::manifest(&inputs)?,
     };
     drop(extras);
     Ok(PreparedJob {
@@ -237,6 +316,8 @@ struct Drain {
 /// The coordinator's side of a merge job (see the module docs).
 pub struct MergeHost {
     specs: Vec<ShardSpec>,
+    /// The gang part of each shard (split MaTS blocks), by shard id.
+    gangs: Vec<Option<GangPart>>,
     expected: Vec<Vec<(String, u64)>>,
     spill: PathBuf,
     inputs: BTreeSet<PathBuf>,
@@ -261,19 +342,21 @@ impl MergeHost {
         let out = &job.opts.out_dir;
         let writer = CheckpointWriter::create(out, job.layout.clone(), job.opts.overwrite)
             .map_err(engine_err)?;
-        let specs: Vec<ShardSpec> = job
-            .shards
+        let (shards, gangs) = split_gangs(&job.plan, &job.shards, job.opts.memory_budget)?;
+        let specs: Vec<ShardSpec> = shards
             .iter()
+            .zip(&gangs)
             .enumerate()
-            .map(|(i, tensors)| {
+            .map(|(i, (tensors, part))| {
                 let work = ShardWork {
                     job: job.job.clone(),
                     tensors: tensors.iter().map(|t| t.0.clone()).collect(),
+                    part: *part,
                 };
                 ShardSpec {
                     id: i as ShardId,
                     est_bytes: tensors.iter().map(|t| t.1).sum(),
-                    gang: None,
+                    gang: part.map(|p| p.gang),
                     spec: serde_json::to_vec(&work).expect("shard work serialises"),
                 }
             })
@@ -293,7 +376,7 @@ impl MergeHost {
             .collect();
         let mut ready = BTreeSet::new();
         if resume {
-            for i in 0..job.shards.len() {
+            for i in 0..shards.len() {
                 if spill_path(&spill, i).exists() {
                     ready.insert(i);
                 }
@@ -301,7 +384,8 @@ impl MergeHost {
         }
         let host = MergeHost {
             specs,
-            expected: job.shards.clone(),
+            gangs,
+            expected: shards,
             spill,
             inputs,
             drain: Mutex::new(Drain {
@@ -341,10 +425,19 @@ impl MergeHost {
                 };
                 let (tensors, logs, data) = decode_result(&bytes)?;
                 let writer = d.writer.as_mut().expect("the writer lives until finish");
+                // Parts after the first of a split block continue its tensor.
+                let continues = self
+                    .gangs
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|g| g.part > 0);
                 let mut off = 0usize;
                 for (name, len) in &tensors {
                     let len = *len as usize;
-                    writer.begin_tensor(name).map_err(engine_err)?;
+                    if !continues {
+                        writer.begin_tensor(name).map_err(engine_err)?;
+                    }
                     writer
                         .write_raw(&data[off..off + len])
                         .map_err(engine_err)?;
@@ -418,7 +511,13 @@ impl JobHost for MergeHost {
     fn read_input(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let path = PathBuf::from(key);
-        if !self.inputs.contains(&path) {
+        // Workers name inputs by their canonical paths (remote_input::manifest).
+        let known = self.inputs.contains(&path)
+            || self
+                .inputs
+                .iter()
+                .any(|p| std::fs::canonicalize(p).is_ok_and(|c| c == path));
+        if !known {
             return Err(ClusterError::Host(format!(
                 "{key} is not an input file of this job"
             )));
@@ -427,6 +526,7 @@ impl JobHost for MergeHost {
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, offset)
             .map_err(|e| ClusterError::io(&path, e))?;
+        crate::metrics::INPUT_BYTES_STREAMED.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         Ok(buf)
     }
 
@@ -473,6 +573,83 @@ impl JobHost for MergeHost {
     }
 }
 
+/// Solve one part of a split MaTS block (the shard's only tensor), meeting the other parts of
+/// its gang through `Reduce` (keyed by lease and tensor, so a re-run never meets parts of a
+/// dead attempt; one round per call), and return the bytes of its rows in the output dtype.
+/// Part 0 carries the block's solver log record.
+fn execute_part(
+    job: &WorkerJob,
+    ckpts: &[&amalgam_io::Checkpoint],
+    extras: &run::ReadExtras<'_>,
+    work: &ShardWork,
+    part: GangPart,
+    inputs: &InputClient,
+) -> Result<Vec<u8>> {
+    let exec = |e: &dyn std::fmt::Display| ClusterError::Executor(e.to_string());
+    let [name] = work.tensors.as_slice() else {
+        return Err(ClusterError::Executor(format!(
+            "a gang part holds one tensor, this one {:?}",
+            work.tensors
+        )));
+    };
+    let i = *job.index.get(name).ok_or_else(|| {
+        ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
+    })?;
+    let t = &job.plan.tensors[i];
+    let method = run::build_method(t).map_err(|e| exec(&e))?;
+    let tj = run::job_for(t, method.as_ref(), job.plan.seed, job.opts.memory_budget);
+    let m = amalgam_core::methods::mats::Mats::from_params(&t.params, tj.n_models, tj.has_base)
+        .map_err(|e| exec(&e))?;
+    let reader = extras.reader(t, ckpts, job.opts.allow_nonfinite);
+    let key = format!("mats/{}/{}", inputs.lease_id(), t.name);
+    let mut round = 0u64;
+    let mut reduce = |v: &[f64]| -> std::result::Result<Vec<f64>, amalgam_core::MergeError> {
+        tracing::info!(
+            key = %key,
+            round,
+            part = part.part,
+            parts = part.parts,
+            values = v.len(),
+            "Reduce"
+        );
+        let r = inputs
+            .reduce(&key, round, part.part as u32, part.parts as u32, v.to_vec())
+            .map_err(|e| amalgam_core::MergeError::Read(e.to_string()));
+        round += 1;
+        r
+    };
+    let (_, res) = m
+        .solve_part(&tj, &reader, part.part, &mut reduce)
+        .map_err(|e| exec(&e))?;
+    let mut rec = m.log_record(&tj, &res).map_err(|e| exec(&e))?;
+    rec.insert("method".into(), t.method.clone().into());
+    let dtype = job
+        .layout
+        .files
+        .iter()
+        .flat_map(|f| f.tensors.iter())
+        .find(|o| o.name == *name)
+        .map(|o| o.dtype.clone())
+        .ok_or_else(|| ClusterError::Executor(format!("tensor \"{name}\" is not in the layout")))?;
+    let values: Vec<f32> = res.x.iter().map(|v| *v as f32).collect();
+    let mut bytes = Vec::new();
+    if !amalgam_io::encode_f32(&dtype, &values, &mut bytes) {
+        return Err(ClusterError::Executor(format!(
+            "cannot write dtype {dtype} from f32"
+        )));
+    }
+    let logs = if part.part == 0 {
+        vec![rec]
+    } else {
+        Vec::new()
+    };
+    Ok(encode_result(
+        &[(name.clone(), bytes.len() as u64)],
+        &logs,
+        &bytes,
+    ))
+}
+
 struct WorkerJob {
     plan: Plan,
     inputs: Inputs,
@@ -480,6 +657,8 @@ struct WorkerJob {
     global: Vec<GlobalStats>,
     opts: MergeOptions,
     index: HashMap<String, usize>,
+    /// Inputs streamed from the coordinator (see [`crate::remote_input`]).
+    streamed: Option<crate::remote_input::StreamedInputs>,
 }
 
 /// The worker's side of a merge job: merges a shard's tensors (see the module docs). The last
@@ -489,6 +668,8 @@ pub struct MergeExecutor {
     cache: Mutex<Option<(String, Arc<WorkerJob>)>>,
     roots: Option<AllowedRoots>,
     device: amalgam_engine::device::Device,
+    stream: crate::remote_input::StreamInputs,
+    streamed_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MergeExecutor {
@@ -505,7 +686,21 @@ impl MergeExecutor {
             cache: Mutex::default(),
             roots,
             device: Default::default(),
+            stream: Default::default(),
+            streamed_bytes: Default::default(),
         }
+    }
+
+    /// Read inputs under `mode` (see [`crate::remote_input`] for the rule).
+    pub fn with_stream_inputs(mut self, mode: crate::remote_input::StreamInputs) -> Self {
+        self.stream = mode;
+        self
+    }
+
+    /// Input bytes this executor has streamed from coordinators (headers included).
+    pub fn input_bytes_streamed(&self) -> u64 {
+        self.streamed_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Merge on `device` (a GPU) the tensors whose methods have a device plan.
@@ -532,7 +727,23 @@ impl MergeExecutor {
         Ok(())
     }
 
-    fn open(&self, job: &JobSpec) -> Result<Arc<WorkerJob>> {
+    /// Open the config's paths as they are (`--stream-inputs never`, or a job without an
+    /// input list), refusing any outside the roots.
+    fn open_local(&self, config: &MergeConfig, job: &JobSpec) -> Result<(Inputs, Plan)> {
+        // Refuse before any header outside the roots is opened; then check the files the
+        // checkpoints turned out to hold (an index's shards, which could point elsewhere).
+        if let Some(roots) = &self.roots {
+            let paths = amalgam_engine::inputs::referenced_paths(config, job.config_dir.as_deref())
+                .map_err(|e| ClusterError::Executor(e.to_string()))?;
+            roots.check_all(paths)?;
+        }
+        let (inputs, plan) = open_and_plan(config, job.config_dir.as_deref())
+            .map_err(|e| ClusterError::Executor(e.to_string()))?;
+        self.check_paths(&inputs)?;
+        Ok((inputs, plan))
+    }
+
+    fn open(&self, job: &JobSpec, client: Option<&InputClient>) -> Result<Arc<WorkerJob>> {
         let key = hex::encode(Sha256::digest(
             serde_json::to_vec(job).expect("job spec serialises"),
         ));
@@ -547,17 +758,27 @@ impl MergeExecutor {
         }
         let (config, _warnings) = parse_config(&job.config_yaml, false)
             .map_err(|e| ClusterError::Executor(format!("the job's config: {e}")))?;
-        // Refuse before any header outside the roots is opened; then check the files the
-        // checkpoints turned out to hold (an index's shards, which could point elsewhere).
-        if let Some(roots) = &self.roots {
-            let paths =
-                amalgam_engine::inputs::referenced_paths(&config, job.config_dir.as_deref())
-                    .map_err(|e| ClusterError::Executor(e.to_string()))?;
-            roots.check_all(paths)?;
+        let (inputs, plan, streamed) =
+            if self.stream != crate::remote_input::StreamInputs::Never && !job.inputs.is_empty() {
+                // Each checkpoint file read locally or streamed (remote_input's rule); every
+                // local file is checked against the roots there.
+                let o = crate::remote_input::open_and_plan(
+                    &config,
+                    job.config_dir.as_deref(),
+                    &job.inputs,
+                    self.roots.as_ref(),
+                    self.stream,
+                    client,
+                )?;
+                (o.inputs, o.plan, o.streamed)
+            } else {
+                let (inputs, plan) = self.open_local(&config, job)?;
+                (inputs, plan, None)
+            };
+        if let Some(s) = &streamed {
+            self.streamed_bytes
+                .fetch_add(s.bytes_streamed(), std::sync::atomic::Ordering::Relaxed);
         }
-        let (inputs, plan) = open_and_plan(&config, job.config_dir.as_deref())
-            .map_err(|e| ClusterError::Executor(e.to_string()))?;
-        self.check_paths(&inputs)?;
         let layout = run::output_layout(&config, &plan, job.out_shard_size)
             .map_err(|e| ClusterError::Executor(e.to_string()))?;
         let index = plan
@@ -589,6 +810,7 @@ impl MergeExecutor {
             global,
             opts,
             index,
+            streamed,
         });
         *cache = Some((key, Arc::clone(&j)));
         Ok(j)
@@ -596,13 +818,29 @@ impl MergeExecutor {
 }
 
 impl ShardExecutor for MergeExecutor {
-    fn execute(&self, spec: &[u8], _inputs: &InputClient) -> Result<Vec<u8>> {
+    fn execute(&self, spec: &[u8], inputs: &InputClient) -> Result<Vec<u8>> {
         let work: ShardWork = serde_json::from_slice(spec)
             .map_err(|e| ClusterError::Executor(format!("malformed shard spec: {e}")))?;
-        let job = self.open(&work.job)?;
+        let job = self.open(&work.job, Some(inputs))?;
+        if let Some(s) = &job.streamed {
+            // Fetch the shard's streamed input ranges before merging (few large reads).
+            let tensors = work.tensors.iter().filter_map(|n| job.index.get(n));
+            let n = s.prefetch(
+                &job.plan,
+                &job.inputs,
+                tensors.map(|&i| &job.plan.tensors[i]),
+                inputs,
+            )?;
+            self.streamed_bytes
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(bytes = n, "input bytes streamed from the coordinator");
+        }
         let ckpts = run::plan_checkpoints(&job.plan, &job.inputs)
             .map_err(|e| ClusterError::Executor(e.to_string()))?;
         let extras = run::read_extras(&job.plan, &job.inputs);
+        if let Some(part) = work.part {
+            return execute_part(&job, &ckpts, &extras, &work, part, inputs);
+        }
         let mut out = ShardBytes::new(&job.layout);
         let mut logs = Vec::new();
         for name in &work.tensors {
@@ -700,7 +938,13 @@ pub async fn run_embedded(job: PreparedJob, workers: usize) -> Result<JobSummary
         ..ServerOptions::default()
     };
     let server = serve(Arc::clone(&host), addr, opts).await?;
-    let exec = Arc::new(MergeExecutor::default());
+    let stream = match std::env::var(crate::remote_input::ENV_STREAM_INPUTS) {
+        Ok(v) => v.parse().map_err(|e| {
+            ClusterError::Config(format!("{}: {e}", crate::remote_input::ENV_STREAM_INPUTS))
+        })?,
+        Err(_) => crate::remote_input::StreamInputs::default(),
+    };
+    let exec = Arc::new(MergeExecutor::default().with_stream_inputs(stream));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..workers.max(1) {
         let wo = WorkerOptions {
@@ -773,9 +1017,10 @@ mod tests {
             allow_nonfinite: false,
             out_shard_size: 1 << 30,
             global: Vec::new(),
+            inputs: Vec::new(),
         };
         let err = exec
-            .open(&job)
+            .open(&job, None)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

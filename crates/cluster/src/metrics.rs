@@ -20,6 +20,11 @@ use crate::pb;
 /// Content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Input bytes this process has served to workers through `ReadInput` (streamed inputs),
+/// shown as `amalgam_input_bytes_streamed_total`.
+pub static INPUT_BYTES_STREAMED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// Produces the current job status (the coordinator's `JobStatus` answer).
 pub type StatusFn = Arc<dyn Fn() -> pb::JobStatusResponse + Send + Sync>;
 
@@ -120,6 +125,13 @@ pub fn render(st: &pb::JobStatusResponse) -> String {
         c,
         "Result bytes received from workers.",
         st.bytes_received,
+    );
+    single(
+        &mut out,
+        "amalgam_input_bytes_streamed_total",
+        c,
+        "Input bytes streamed to workers that do not see the inputs' storage.",
+        INPUT_BYTES_STREAMED.load(std::sync::atomic::Ordering::Relaxed),
     );
     single(
         &mut out,
@@ -357,6 +369,7 @@ mod tests {
             "amalgam_bytes_received_total 12345",
             "amalgam_results_rejected_total 2",
             "amalgam_results_dropped_total 1",
+            "# TYPE amalgam_input_bytes_streamed_total counter",
             "amalgam_workers 2",
             "amalgam_job_done 0",
             "amalgam_job_info{job=\"j\\\"1\"} 1",

@@ -1,10 +1,14 @@
 //! `amalgam bench --suite cluster`: the same TIES merge through the cluster code on loopback,
-//! with 1, 2 and 4 worker processes reading the inputs from shared storage, against a direct
-//! `amalgam merge` measured in the same run.
+//! with 1, 2 and 4 worker processes reading the inputs from shared storage
+//! (`--stream-inputs auto`: the workers see the coordinator's files), and with 1, 2 and 4
+//! worker processes streaming every input from the coordinator (`--stream-inputs always`),
+//! against a direct `amalgam merge` measured in the same run.
 //!
 //! Printed per case: wall time, GB/s of input, parallel efficiency (`T1 / (N · TN)`, against the
-//! 1-worker cluster run), and the coordinator's CPU seconds (user + system, from `wait4`) per GB
-//! of results it received.
+//! 1-worker cluster run of the same kind), the bytes moved through the coordinator (results
+//! received, plus inputs streamed as the workers report them) and the coordinator's CPU seconds
+//! (user + system of the whole process, from `wait4`: the same counts as `utime + stime` in
+//! `/proc/<pid>/stat`) per GB moved.
 
 use super::bench::{ensure_models, files_under, timed_merge, BENCH_MODELS};
 use amalgam_engine::synth::SynthSpec;
@@ -15,8 +19,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Run a coordinator process and `workers` worker processes; returns (wall, coordinator CPU).
-fn cluster_run(dir: &Path, cfg: &Path, out: &Path, workers: usize) -> Result<(Duration, Duration)> {
+/// Run a coordinator process and `workers` worker processes (streaming their inputs from the
+/// coordinator with `stream`); returns (wall, coordinator CPU, input bytes the workers
+/// streamed).
+fn cluster_run(
+    dir: &Path,
+    cfg: &Path,
+    out: &Path,
+    workers: usize,
+    stream: bool,
+) -> Result<(Duration, Duration, u64)> {
     let exe = std::env::current_exe()?;
     let token = dir.join("token");
     std::fs::write(&token, "bench-token-0123456789abcdef\n")?;
@@ -61,9 +73,10 @@ fn cluster_run(dir: &Path, cfg: &Path, out: &Path, workers: usize) -> Result<(Du
     for _ in 0..workers {
         ws.push(
             Command::new(&exe)
-                .args(["worker", "-q", "--coordinator", &url, "--token-file"])
+                .args(["worker", "--coordinator", &url, "--token-file"])
                 .arg(&token)
-                .stdout(Stdio::null())
+                .args(["--stream-inputs", if stream { "always" } else { "auto" }])
+                .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("starting a worker")?,
@@ -87,11 +100,18 @@ fn cluster_run(dir: &Path, cfg: &Path, out: &Path, workers: usize) -> Result<(Du
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "the coordinator failed"
     );
-    for mut w in ws {
-        let _ = w.wait();
+    // Each worker prints "worker N: B input bytes streamed from the coordinator" at exit.
+    let mut streamed = 0u64;
+    for w in ws {
+        let out = w.wait_with_output()?;
+        streamed += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("input bytes streamed"))
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .sum::<u64>();
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    Ok((wall, tv(usage.ru_utime) + tv(usage.ru_stime)))
+    Ok((wall, tv(usage.ru_utime) + tv(usage.ru_stime), streamed))
 }
 
 fn files_bytes(dir: &Path) -> u64 {
@@ -132,32 +152,50 @@ pub fn run(dir: &Path, layers: usize, budget: u64) -> Result<()> {
     let out = dir.join("out");
     let (direct, _) = timed_merge(&cfg, &out, budget)?;
     let out_bytes = files_bytes(&out);
-    let mut rows = vec![("direct merge".to_string(), direct, None)];
-    let mut t1 = None;
-    for n in [1usize, 2, 4] {
-        let (wall, cpu) = cluster_run(dir, &cfg, &out, n)?;
-        t1.get_or_insert(wall);
-        rows.push((format!("{n} worker process(es)"), wall, Some((n, cpu))));
+    // (case, wall, Some((workers, coordinator CPU, bytes moved, 1-worker wall of the kind)))
+    type Row = (String, Duration, Option<(usize, Duration, u64, Duration)>);
+    let mut rows: Vec<Row> = vec![("direct merge".to_string(), direct, None)];
+    for stream in [false, true] {
+        let mut t1 = None;
+        for n in [1usize, 2, 4] {
+            let (wall, cpu, streamed) = cluster_run(dir, &cfg, &out, n, stream)?;
+            let t1 = *t1.get_or_insert(wall);
+            let kind = if stream {
+                "inputs streamed"
+            } else {
+                "shared storage"
+            };
+            rows.push((
+                format!("{n} worker(s), {kind}"),
+                wall,
+                Some((n, cpu, out_bytes + streamed, t1)),
+            ));
+        }
     }
     println!();
-    println!("| case | wall s | input GB/s | parallel efficiency | coordinator CPU s per GB |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| case | wall s | input GB/s | parallel efficiency | GB moved via coordinator | \
+         coordinator CPU s per GB moved |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for (case, wall, info) in rows {
-        let (eff, cpu) = match (info, t1) {
-            (Some((n, cpu)), Some(t1)) => (
+        let (eff, moved, cpu) = match info {
+            Some((n, cpu, moved, t1)) => (
                 format!("{:.2}", t1.as_secs_f64() / (n as f64 * wall.as_secs_f64())),
-                format!("{:.3}", cpu.as_secs_f64() / (out_bytes as f64 / 1e9)),
+                format!("{:.3}", moved as f64 / 1e9),
+                format!("{:.3}", cpu.as_secs_f64() / (moved as f64 / 1e9)),
             ),
-            _ => ("-".into(), "-".into()),
+            _ => ("-".into(), "-".into(), "-".into()),
         };
         println!(
-            "| {case} | {:.2} | {:.2} | {eff} | {cpu} |",
+            "| {case} | {:.2} | {:.2} | {eff} | {moved} | {cpu} |",
             wall.as_secs_f64(),
             in_bytes as f64 / wall.as_secs_f64() / 1e9
         );
     }
     println!(
-        "(workers read the inputs from shared storage; {:.2} GB of results went to the coordinator)",
+        "(shared storage: workers read the model files themselves; inputs streamed: workers \
+         fetch every input byte range from the coordinator over gRPC; {:.2} GB of results)",
         out_bytes as f64 / 1e9
     );
     Ok(())

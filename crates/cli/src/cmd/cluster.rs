@@ -88,9 +88,18 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Only read files under this directory (repeatable; compared after resolving `..` and
-    /// symlinks). A job naming a file elsewhere is refused. Default: no restriction.
+    /// symlinks). A job naming a file elsewhere is refused, except model checkpoints, which are
+    /// streamed from the coordinator instead (see --stream-inputs). Default: no restriction.
     #[arg(long = "allow-root", value_name = "DIR")]
     pub allow_root: Vec<PathBuf>,
+    /// Where model checkpoints are read from. `auto`: a file is read locally when its
+    /// coordinator path lies under --allow-root (any path without one), exists, and has the
+    /// coordinator's size and header checksum; otherwise its byte ranges are streamed from the
+    /// coordinator. `always`: every checkpoint file is streamed. `never`: read locally as the
+    /// config names them, refusing paths outside --allow-root. Adapters, statistics files and
+    /// MaTS `init` checkpoints are always read locally.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub stream_inputs: amalgam_cluster::remote_input::StreamInputs,
     /// Worker name shown in the coordinator's status (default: host name and PID).
     #[arg(long)]
     pub name: Option<String>,
@@ -286,11 +295,13 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
     }
     .with_test_hooks_from_env()?;
     let rt = runtime()?;
+    let exec = Arc::new(
+        MergeExecutor::with_roots(roots)
+            .with_device(device)
+            .with_stream_inputs(a.stream_inputs),
+    );
     let report = rt
-        .block_on(run_worker(
-            opts,
-            Arc::new(MergeExecutor::with_roots(roots).with_device(device)),
-        ))
+        .block_on(run_worker(opts, Arc::clone(&exec)))
         .with_context(|| format!("worker of {}", a.coordinator))?;
     if !quiet {
         println!(
@@ -299,6 +310,11 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
             report.shards_committed,
             report.results_dropped,
             report.results_rejected
+        );
+        println!(
+            "worker {}: {} input bytes streamed from the coordinator",
+            report.worker_id,
+            exec.input_bytes_streamed()
         );
     }
     Ok(())

@@ -1,0 +1,843 @@
+//! Streamed inputs: the worker's side of the data plane (issue 3, item 3).
+//!
+//! The coordinator describes every input checkpoint it opened in the job spec
+//! ([`InputCheckpoint`], built by [`manifest`]): the model as the config names it, the index
+//! text of a sharded checkpoint, and per safetensors file its `ReadInput` key, its canonical
+//! path, its size and the sha256 of its header.
+//!
+//! **The rule** (worker flag `--stream-inputs`, default `auto`). For every input file:
+//! - `never`: the file is read from the worker's storage, as the config names it (a path
+//!   outside `--allow-root` refuses the job). Nothing is streamed.
+//! - `auto`: the file is read locally when the coordinator's canonical path lies under the
+//!   worker's `--allow-root` (any path when none is given), exists, has the coordinator's size
+//!   and the same header sha256. Otherwise (missing, different, outside the roots: never
+//!   opened then) its byte ranges are streamed from the coordinator.
+//! - `always`: every file is streamed; the worker's storage is not read for checkpoints.
+//!
+//! Adapters (`model+adapter`), statistics files and extra checkpoints a method names (MaTS's
+//! `init: PATH`) are always read locally and stay subject to `--allow-root`; a streamed model cannot be combined with `tokenizer_source` (its
+//! tokenizer files are not streamed). Outputs are written by the coordinator only.
+//!
+//! **How streamed files are read** ([`StreamedInputs`]). A streamed file gets a sparse stand-in
+//! of the same size in a private temporary folder (`$TMPDIR`), holding its header (fetched and
+//! checked against the coordinator's sha256) and whatever tensor data has been fetched; the
+//! checkpoint reader opens the stand-in exactly as it opens a local file, so the merge reads
+//! the very bytes a local read gives and the output is byte-identical. Before a shard is
+//! merged, [`StreamedInputs::prefetch`] fetches the data ranges of every tensor the shard
+//! reads (neighbouring ranges less than [`COALESCE_GAP`] apart are fetched together), in
+//! `ReadInput` calls of at most [`REQUEST_BYTES`] that the coordinator streams in
+//! [`crate::CHUNK_BYTES`] chunks, so a tensor larger than the gRPC message limit arrives in
+//! pieces and the merge makes no RPC per small read. Fetched ranges are kept for the rest of
+//! the job (a re-leased or neighbouring shard does not fetch them again), so the folder holds
+//! at most the input bytes this worker merged; it is removed when the job ends or changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use amalgam_core::config::{MergeConfig, ModelRef};
+use amalgam_core::plan::{referenced_models, Plan, TensorPlan};
+use amalgam_engine::inputs::{input_model, resolve_model_path, Inputs};
+use amalgam_io::{Checkpoint, StatsFile};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ClusterError, Result};
+use crate::roots::AllowedRoots;
+use crate::worker::InputClient;
+
+/// Most bytes one `ReadInput` call asks for (the coordinator streams them in chunks); also
+/// the most a worker holds in memory at once while fetching.
+pub const REQUEST_BYTES: u64 = 16 << 20;
+
+/// Ranges of one file closer than this are fetched as one (read-ahead over small gaps).
+pub const COALESCE_GAP: u64 = 1 << 20;
+
+/// Environment variable read by the embedded runner (`amalgam merge --workers N`): the
+/// `--stream-inputs` mode of its worker tasks (tests and benchmarks stream with `always`).
+pub const ENV_STREAM_INPUTS: &str = "AMALGAM_STREAM_INPUTS";
+
+/// Name of the index file of a sharded checkpoint.
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where a worker reads its inputs from (`amalgam worker --stream-inputs`); see the module
+/// docs for the rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamInputs {
+    /// Local when the worker sees the same file (size and header checksum), else streamed.
+    #[default]
+    Auto,
+    /// Every checkpoint file streamed from the coordinator.
+    Always,
+    /// Never streamed: inputs read locally as the config names them.
+    Never,
+}
+
+impl std::str::FromStr for StreamInputs {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(StreamInputs::Auto),
+            "always" => Ok(StreamInputs::Always),
+            "never" => Ok(StreamInputs::Never),
+            o => Err(format!("`{o}`: expected auto, always or never")),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StreamInputs::Auto => "auto",
+            StreamInputs::Always => "always",
+            StreamInputs::Never => "never",
+        })
+    }
+}
+
+/// One safetensors file of an input checkpoint, as the coordinator sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputFile {
+    /// The `ReadInput` key (the file's canonical path on the coordinator).
+    pub key: String,
+    /// Path relative to the checkpoint root (the name an index uses).
+    pub name: String,
+    /// Canonical path on the coordinator (what a worker on the same storage finds).
+    pub path: PathBuf,
+    /// File size in bytes.
+    pub size: u64,
+    /// Header JSON length (the bytes after the 8-byte length prefix).
+    pub header_len: u64,
+    /// Lower-case hex sha256 of the header JSON bytes.
+    pub header_sha256: String,
+}
+
+/// One input checkpoint the config references, as the coordinator opened it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputCheckpoint {
+    /// The model path as the config writes it ([`ModelRef::path`]).
+    pub model: String,
+    /// Canonical checkpoint root on the coordinator (a sharded checkpoint's directory).
+    pub root: PathBuf,
+    /// The index file's text, for a sharded checkpoint.
+    pub index: Option<String>,
+    /// Its files, in name order.
+    pub files: Vec<InputFile>,
+}
+
+fn exec_err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Executor(e.to_string())
+}
+
+/// The coordinator's description of every input checkpoint (for the job spec).
+pub fn manifest(inputs: &Inputs) -> Result<Vec<InputCheckpoint>> {
+    let mut out: Vec<InputCheckpoint> = Vec::new();
+    for (m, ck) in &inputs.checkpoints {
+        if out.iter().any(|c| c.model == m.path) {
+            continue; // the same model with another adapter
+        }
+        let index = match ck.index_path() {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| ClusterError::io(p, e))?),
+            None => None,
+        };
+        let files = ck
+            .files()
+            .iter()
+            .map(|f| {
+                let h = f.header_bytes();
+                let size = std::fs::metadata(&f.path)
+                    .map_err(|e| ClusterError::io(&f.path, e))?
+                    .len();
+                // Canonical: the spec (and so the plan hash a restarted coordinator compares)
+                // does not depend on the coordinator's working directory.
+                let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+                Ok(InputFile {
+                    key: path.to_string_lossy().into_owned(),
+                    name: f.name.clone(),
+                    path,
+                    size,
+                    header_len: h.len() as u64,
+                    header_sha256: hex::encode(Sha256::digest(h)),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.push(InputCheckpoint {
+            model: m.path.clone(),
+            root: std::fs::canonicalize(ck.root()).unwrap_or_else(|_| ck.root().to_path_buf()),
+            index,
+            files,
+        });
+    }
+    Ok(out)
+}
+
+/// Why `f` cannot be read locally; `Ok(path)` (canonical) when the worker sees the same file.
+fn local_copy(f: &InputFile, roots: Option<&AllowedRoots>) -> std::result::Result<PathBuf, String> {
+    let path = match roots {
+        Some(r) => r.check(&f.path).map_err(|e| e.to_string())?,
+        None => f.path.clone(),
+    };
+    let mut file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if len != f.size {
+        return Err(format!(
+            "{}: {len} bytes here, {} on the coordinator",
+            path.display(),
+            f.size
+        ));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if u64::from_le_bytes(prefix) != f.header_len {
+        return Err(format!("{}: another header length", path.display()));
+    }
+    let mut header = vec![0u8; f.header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if hex::encode(Sha256::digest(&header)) != f.header_sha256 {
+        return Err(format!("{}: another header checksum", path.display()));
+    }
+    Ok(path)
+}
+
+/// A streamed input file: its sparse stand-in and the ranges already fetched.
+#[derive(Debug)]
+struct RemoteFile {
+    key: String,
+    local: PathBuf,
+    size: u64,
+    file: File,
+    /// Fetched byte ranges, sorted and disjoint (non-adjacent).
+    fetched: Mutex<Vec<Range<u64>>>,
+}
+
+/// The parts of `want` not covered by the sorted disjoint `have`.
+fn missing(have: &[Range<u64>], want: Range<u64>) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = want.start;
+    for h in have {
+        if h.end <= at {
+            continue;
+        }
+        if h.start >= want.end {
+            break;
+        }
+        if h.start > at {
+            out.push(at..h.start);
+        }
+        at = at.max(h.end);
+        if at >= want.end {
+            break;
+        }
+    }
+    if at < want.end {
+        out.push(at..want.end);
+    }
+    out
+}
+
+/// Add `r` to the sorted disjoint `have`, merging what touches it.
+fn insert(have: &mut Vec<Range<u64>>, r: Range<u64>) {
+    if r.is_empty() {
+        return;
+    }
+    let (mut s, mut e) = (r.start, r.end);
+    let mut out = Vec::with_capacity(have.len() + 1);
+    let mut placed = false;
+    for h in have.drain(..) {
+        if h.end < s {
+            out.push(h);
+        } else if h.start > e {
+            if !placed {
+                out.push(s..e);
+                placed = true;
+            }
+            out.push(h);
+        } else {
+            s = s.min(h.start);
+            e = e.max(h.end);
+        }
+    }
+    if !placed {
+        out.push(s..e);
+    }
+    *have = out;
+}
+
+/// Sort `ranges` and join those less than `gap` apart.
+fn coalesce(mut ranges: Vec<Range<u64>>, gap: u64) -> Vec<Range<u64>> {
+    ranges.retain(|r| !r.is_empty());
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end.saturating_add(gap) => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+impl RemoteFile {
+    /// Make `want` present in the stand-in; returns the bytes fetched.
+    fn ensure(&self, want: Range<u64>, client: &InputClient) -> Result<u64> {
+        let want = want.start.min(self.size)..want.end.min(self.size);
+        let mut have = self
+            .fetched
+            .lock()
+            .map_err(|_| ClusterError::Executor("streamed-input lock poisoned".into()))?;
+        let mut n = 0;
+        for piece in missing(&have, want) {
+            let mut off = piece.start;
+            while off < piece.end {
+                let len = (piece.end - off).min(REQUEST_BYTES);
+                let data = client.read(&self.key, off, len)?;
+                self.file
+                    .write_all_at(&data, off)
+                    .map_err(|e| ClusterError::io(&self.local, e))?;
+                insert(&mut have, off..off + len);
+                off += len;
+                n += len;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The streamed files of one job on a worker (see the module docs).
+#[derive(Debug)]
+pub struct StreamedInputs {
+    dir: tempfile::TempDir,
+    /// By stand-in path (what the checkpoint reader's tensor metadata names).
+    files: HashMap<PathBuf, Arc<RemoteFile>>,
+    bytes: AtomicU64,
+}
+
+impl StreamedInputs {
+    /// Number of streamed files.
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Bytes fetched from the coordinator so far (headers included).
+    pub fn bytes_streamed(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The folder holding the stand-ins.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fetch the data of every streamed input tensor that `tensors` read (all sources; with a
+    /// vocabulary re-indexing, the source tensors of every model). Returns the bytes fetched.
+    pub fn prefetch<'a>(
+        &self,
+        plan: &Plan,
+        inputs: &Inputs,
+        tensors: impl IntoIterator<Item = &'a TensorPlan>,
+        client: &InputClient,
+    ) -> Result<u64> {
+        let mut want: BTreeMap<PathBuf, Vec<Range<u64>>> = BTreeMap::new();
+        let mut add = |m: usize, name: &str| {
+            let Some(ck) = plan.models.get(m).and_then(|r| inputs.checkpoints.get(r)) else {
+                return;
+            };
+            if let Some(meta) = ck.get(name) {
+                if self.files.contains_key(&meta.file) {
+                    let r = meta.data_range.start as u64..meta.data_range.end as u64;
+                    want.entry(meta.file.clone()).or_default().push(r);
+                }
+            }
+        };
+        for t in tensors {
+            for src in t.base.iter().chain(t.models.iter()) {
+                if inputs.vocab.is_some() {
+                    for m in 0..plan.models.len() {
+                        add(m, &src.tensor);
+                    }
+                } else {
+                    add(src.model, &src.tensor);
+                }
+            }
+        }
+        let mut n = 0;
+        for (path, ranges) in want {
+            let f = &self.files[&path];
+            for r in coalesce(ranges, COALESCE_GAP) {
+                n += f.ensure(r, client)?;
+            }
+        }
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// A sparse stand-in for `f` at `local` holding its header, checked against the
+    /// coordinator's checksum.
+    fn add_file(
+        &mut self,
+        f: &InputFile,
+        local: PathBuf,
+        client: Option<&InputClient>,
+    ) -> Result<()> {
+        let client = client.ok_or_else(|| {
+            ClusterError::Executor(format!(
+                "{} would be streamed, but there is no coordinator connection",
+                f.key
+            ))
+        })?;
+        if let Some(parent) = local.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ClusterError::io(parent, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&local)
+            .map_err(|e| ClusterError::io(&local, e))?;
+        file.set_len(f.size)
+            .map_err(|e| ClusterError::io(&local, e))?;
+        let rf = RemoteFile {
+            key: f.key.clone(),
+            local: local.clone(),
+            size: f.size,
+            file,
+            fetched: Mutex::default(),
+        };
+        let head = 8 + f.header_len;
+        let n = rf.ensure(0..head, client)?;
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        let mut header = vec![0u8; f.header_len as usize];
+        rf.file
+            .read_exact_at(&mut header, 8)
+            .map_err(|e| ClusterError::io(&local, e))?;
+        if hex::encode(Sha256::digest(&header)) != f.header_sha256 {
+            return Err(ClusterError::Protocol(format!(
+                "streamed input {}: its header does not match the coordinator's checksum",
+                f.key
+            )));
+        }
+        self.files.insert(local, Arc::new(rf));
+        Ok(())
+    }
+}
+
+/// Open one checkpoint: locally when every file passes the rule, else from a folder of
+/// stand-ins (streamed files) and links (local files).
+fn open_checkpoint(
+    c: &InputCheckpoint,
+    slot: usize,
+    roots: Option<&AllowedRoots>,
+    mode: StreamInputs,
+    streamed: &mut StreamedInputs,
+    client: Option<&InputClient>,
+) -> Result<(Checkpoint, bool)> {
+    let local: Vec<std::result::Result<PathBuf, String>> = c
+        .files
+        .iter()
+        .map(|f| match mode {
+            StreamInputs::Always => Err("--stream-inputs always".to_string()),
+            _ => local_copy(f, roots),
+        })
+        .collect();
+    let index_matches = match &c.index {
+        None => true,
+        Some(text) => {
+            let p = c.root.join(INDEX_FILE);
+            mode != StreamInputs::Always
+                && roots.is_none_or(|r| r.check(&p).is_ok())
+                && std::fs::read_to_string(&p).is_ok_and(|t| t == *text)
+        }
+    };
+    if index_matches && local.iter().all(|l| l.is_ok()) {
+        let path = match (&c.index, local.first()) {
+            (None, Some(Ok(file))) if c.files.len() == 1 => file.clone(),
+            _ => c.root.clone(),
+        };
+        let ck = Checkpoint::open(&path).map_err(exec_err)?;
+        if let Some(r) = roots {
+            for f in ck.files() {
+                r.check(&f.path)?;
+            }
+        }
+        return Ok((ck, false));
+    }
+    let mirror = streamed.dir.path().join(format!("{slot:03}"));
+    std::fs::create_dir_all(&mirror).map_err(|e| ClusterError::io(&mirror, e))?;
+    for (f, l) in c.files.iter().zip(&local) {
+        if Path::new(&f.name).is_absolute()
+            || Path::new(&f.name)
+                .components()
+                .any(|p| matches!(p, std::path::Component::ParentDir))
+        {
+            return Err(ClusterError::Protocol(format!(
+                "input file name `{}` leaves its checkpoint",
+                f.name
+            )));
+        }
+        let at = mirror.join(&f.name);
+        match l {
+            Ok(path) => {
+                if let Some(parent) = at.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| ClusterError::io(parent, e))?;
+                }
+                std::os::unix::fs::symlink(path, &at).map_err(|e| ClusterError::io(&at, e))?;
+            }
+            Err(reason) => {
+                tracing::info!(input = %f.key, %reason, "streaming input from the coordinator");
+                streamed.add_file(f, at, client)?;
+            }
+        }
+    }
+    let path = match &c.index {
+        Some(text) => {
+            let p = mirror.join(INDEX_FILE);
+            std::fs::write(&p, text).map_err(|e| ClusterError::io(&p, e))?;
+            mirror
+        }
+        None => match c.files.as_slice() {
+            [one] => mirror.join(&one.name),
+            _ => {
+                return Err(ClusterError::Protocol(format!(
+                    "input {}: {} files but no index",
+                    c.model,
+                    c.files.len()
+                )))
+            }
+        },
+    };
+    Ok((Checkpoint::open(&path).map_err(exec_err)?, true))
+}
+
+/// A local file the config names besides checkpoints (adapter, statistics): resolved as the
+/// engine resolves it and checked against the roots.
+fn local_extra(
+    path: &str,
+    config_dir: Option<&Path>,
+    roots: Option<&AllowedRoots>,
+) -> Result<PathBuf> {
+    let p = resolve_model_path(path, config_dir).map_err(exec_err)?;
+    if let Some(r) = roots {
+        r.check(&p)?;
+    }
+    Ok(p)
+}
+
+/// What [`open_and_plan`] opened.
+#[derive(Debug)]
+pub struct OpenedJob {
+    /// The inputs (streamed checkpoints read from their stand-ins).
+    pub inputs: Inputs,
+    /// The plan (the coordinator's, since the headers are the same).
+    pub plan: Plan,
+    /// The streamed files, when any.
+    pub streamed: Option<StreamedInputs>,
+}
+
+/// The worker's `open_and_plan` under `mode` (not [`StreamInputs::Never`], which opens the
+/// config's paths as they are): every checkpoint opened from the coordinator's `manifest`,
+/// locally or streamed by the rule in the module docs.
+pub fn open_and_plan(
+    config: &MergeConfig,
+    config_dir: Option<&Path>,
+    manifest: &[InputCheckpoint],
+    roots: Option<&AllowedRoots>,
+    mode: StreamInputs,
+    client: Option<&InputClient>,
+) -> Result<OpenedJob> {
+    let mut streamed = StreamedInputs {
+        dir: tempfile::Builder::new()
+            .prefix("amalgam-streamed-")
+            .tempdir()
+            .map_err(|e| ClusterError::io(std::env::temp_dir(), e))?,
+        files: HashMap::new(),
+        bytes: AtomicU64::new(0),
+    };
+    let mut inputs = Inputs::default();
+    let mut opened: HashMap<String, Arc<Checkpoint>> = HashMap::new();
+    let mut any_mirrored = false;
+    for m in referenced_models(config) {
+        let ck = match opened.get(&m.path) {
+            Some(c) => Arc::clone(c),
+            None => {
+                let (slot, c) = manifest
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| c.model == m.path)
+                    .ok_or_else(|| {
+                        ClusterError::Protocol(format!(
+                            "the job's input list does not describe model {}",
+                            m.path
+                        ))
+                    })?;
+                let (ck, mirrored) = open_checkpoint(c, slot, roots, mode, &mut streamed, client)?;
+                any_mirrored |= mirrored;
+                let ck = Arc::new(ck);
+                opened.insert(m.path.clone(), Arc::clone(&ck));
+                ck
+            }
+        };
+        if let Some(adapter) = &m.adapter {
+            let apath = local_extra(adapter, config_dir, roots)?;
+            let delta =
+                amalgam_engine::adapter::AdapterDelta::load(&apath, &ck).map_err(exec_err)?;
+            inputs.adapters.insert(m.clone(), Arc::new(delta));
+        }
+        inputs
+            .models
+            .insert(m.clone(), input_model(m.to_string(), &ck));
+        inputs.checkpoints.insert(m, ck);
+    }
+    for (m, path) in &config.statistics {
+        let p = local_extra(path, config_dir, roots)?;
+        let stats = StatsFile::open(&p).map_err(exec_err)?;
+        if let Some(ck) = inputs.checkpoints.get(m) {
+            stats.check_model(ck).map_err(exec_err)?;
+        }
+        inputs.stats.insert(m.clone(), Arc::new(stats));
+    }
+    // Extra checkpoints a method parameter names (MaTS's `init: PATH`): local only.
+    for path in amalgam_core::methods::mats::init_checkpoint_paths(config) {
+        let p = local_extra(&path, config_dir, roots)?;
+        let ck = Checkpoint::open(&p).map_err(exec_err)?;
+        if let Some(r) = roots {
+            for f in ck.files() {
+                r.check(&f.path)?;
+            }
+        }
+        inputs.extra.insert(path, Arc::new(ck));
+    }
+    let tokenizer_source = config.tokenizer_source.is_some()
+        || config
+            .tokenizer
+            .as_ref()
+            .is_some_and(|t| t.source.is_some());
+    if any_mirrored && tokenizer_source {
+        return Err(ClusterError::Executor(
+            "`tokenizer_source` needs the models' tokenizer files on the worker's storage, but \
+             some models are streamed from the coordinator: give the worker the same storage \
+             (--allow-root) or run without streaming"
+                .into(),
+        ));
+    }
+    let vocabs =
+        amalgam_engine::vocab::prepare_vocabularies(config, &mut inputs).map_err(exec_err)?;
+    let plan = amalgam_core::plan::plan(config, &inputs.models).map_err(exec_err)?;
+    amalgam_engine::inputs::check_extra_inputs(&plan, &inputs).map_err(exec_err)?;
+    if let Some(v) = vocabs {
+        let ckpts = &inputs.checkpoints;
+        let rows_of = |m: &ModelRef| -> usize {
+            ckpts
+                .get(m)
+                .and_then(|c| {
+                    c.tensors()
+                        .iter()
+                        .find(|t| amalgam_engine::vocab::is_vocab_tensor(&t.name, &t.shape))
+                        .map(|t| t.shape[0])
+                })
+                .unwrap_or(0)
+        };
+        inputs.vocab = Some(
+            amalgam_engine::vocab::build_vocab_map(config, &plan, &v, &rows_of)
+                .map_err(exec_err)?,
+        );
+    }
+    Ok(OpenedJob {
+        inputs,
+        plan,
+        streamed: (!streamed.files.is_empty()).then_some(streamed),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_sets() {
+        let mut have = Vec::new();
+        insert(&mut have, 10..20);
+        insert(&mut have, 30..40);
+        assert_eq!(missing(&have, 0..50), vec![0..10, 20..30, 40..50]);
+        assert_eq!(missing(&have, 12..18), Vec::<Range<u64>>::new());
+        assert_eq!(missing(&have, 15..35), vec![20..30]);
+        insert(&mut have, 20..30);
+        assert_eq!(have, vec![10..40]);
+        insert(&mut have, 0..5);
+        insert(&mut have, 45..50);
+        insert(&mut have, 4..46);
+        assert_eq!(have, vec![0..50]);
+        assert_eq!(
+            coalesce(vec![9..12, 0..3, 4..5, 30..31], 2),
+            vec![0..5, 9..12, 30..31]
+        );
+    }
+
+    /// A safetensors file with one F32 tensor `w` of `n` values `seed + i`.
+    fn write_model(path: &Path, n: usize, seed: f32) -> Vec<u8> {
+        let mut header = format!(
+            "{{\"w\":{{\"dtype\":\"F32\",\"shape\":[{n}],\"data_offsets\":[0,{}]}}}}",
+            4 * n
+        )
+        .into_bytes();
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(&header);
+        for i in 0..n {
+            b.extend_from_slice(&(seed + i as f32).to_le_bytes());
+        }
+        std::fs::write(path, &b).unwrap();
+        b
+    }
+
+    /// Serves files by key (the coordinator's copies).
+    struct Files(Mutex<u64>);
+    impl crate::server::JobHost for Files {
+        fn shards(&self) -> Vec<crate::scheduler::ShardSpec> {
+            vec![crate::scheduler::ShardSpec {
+                id: 0,
+                est_bytes: 1,
+                gang: None,
+                spec: Vec::new(),
+            }]
+        }
+        fn read_input(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            *self.0.lock().unwrap() += len;
+            let f = File::open(key).map_err(|e| ClusterError::io(Path::new(key), e))?;
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset)
+                .map_err(|e| ClusterError::io(Path::new(key), e))?;
+            Ok(buf)
+        }
+        fn accept(&self, _: u64, _: Vec<u8>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Through a real coordinator on loopback: a local copy that differs (another header,
+    /// same path) is streamed, and the tensor (larger than the gRPC message limit) reads the
+    /// coordinator's values; an identical copy is read locally; `always` and a path outside
+    /// the roots stream an identical copy too.
+    #[test]
+    fn differing_copies_are_streamed_and_identical_ones_read_locally() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (coord_dir, worker_dir) = (tmp.path().join("coord"), tmp.path().join("worker"));
+        std::fs::create_dir_all(&coord_dir).unwrap();
+        std::fs::create_dir_all(&worker_dir).unwrap();
+        let n = crate::MAX_MESSAGE_BYTES / 4 + 1000; // more bytes than one message may carry
+        let theirs = coord_dir.join("m.safetensors");
+        let bytes = write_model(&theirs, n, 1.0);
+        let mine = worker_dir.join("m.safetensors");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let host = Arc::new(Files(Mutex::new(0)));
+        let server = rt
+            .block_on(crate::server::serve(
+                Arc::clone(&host),
+                "127.0.0.1:0".parse().unwrap(),
+                crate::server::ServerOptions::default(),
+            ))
+            .unwrap();
+        let client = rt
+            .block_on(crate::client::connect(&server.url(), None))
+            .unwrap();
+        let ic = InputClient::new(client, rt.handle().clone());
+        let cfg_text = format!(
+            "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n",
+            mine.display()
+        );
+        let (config, _) = amalgam_core::config::parse_config(&cfg_text, false).unwrap();
+        let info = |size: u64| {
+            let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+            vec![InputCheckpoint {
+                model: mine.display().to_string(),
+                root: worker_dir.clone(),
+                index: None,
+                files: vec![InputFile {
+                    key: theirs.display().to_string(),
+                    name: "m.safetensors".into(),
+                    path: mine.clone(),
+                    size,
+                    header_len: hlen,
+                    header_sha256: hex::encode(Sha256::digest(&bytes[8..8 + hlen as usize])),
+                }],
+            }]
+        };
+        let manifest = info(bytes.len() as u64);
+        let read_all = |o: &OpenedJob| {
+            let ck = o.inputs.checkpoints.values().next().unwrap();
+            let mut v = vec![0f32; n];
+            ck.read_f32("w", 0..n, &mut v).unwrap();
+            v
+        };
+        let want: Vec<f32> = (0..n).map(|i| 1.0 + i as f32).collect();
+        let open = |mode, roots: Option<&AllowedRoots>| {
+            open_and_plan(&config, None, &manifest, roots, mode, Some(&ic)).unwrap()
+        };
+
+        // Same path, other bytes (another header): streamed.
+        write_model(&mine, n - 1, 7.0);
+        let o = open(StreamInputs::Auto, None);
+        let s = o.streamed.as_ref().expect("streamed");
+        assert_eq!(s.file_count(), 1);
+        let fetched = s
+            .prefetch(&o.plan, &o.inputs, o.plan.tensors.iter(), &ic)
+            .unwrap();
+        assert_eq!(fetched, 4 * n as u64, "the tensor's data, once");
+        assert_eq!(
+            s.prefetch(&o.plan, &o.inputs, o.plan.tensors.iter(), &ic)
+                .unwrap(),
+            0
+        );
+        assert_eq!(s.bytes_streamed(), bytes.len() as u64);
+        assert!(read_all(&o) == want, "the coordinator's values");
+        drop(o);
+
+        // An identical copy: read locally, nothing fetched.
+        std::fs::write(&mine, &bytes).unwrap();
+        let before = *host.0.lock().unwrap();
+        let o = open(StreamInputs::Auto, None);
+        assert!(o.streamed.is_none());
+        assert!(read_all(&o) == want);
+        assert_eq!(*host.0.lock().unwrap(), before);
+        // The same size but another size on the coordinator: streamed.
+        let other = info(bytes.len() as u64 + 8);
+        let o2 = open_and_plan(&config, None, &other, None, StreamInputs::Auto, Some(&ic));
+        // (the stand-in then has the coordinator's size, which the real file lacks)
+        assert!(o2.is_err() || o2.unwrap().streamed.is_some());
+        // `always`, and a copy outside the roots: streamed although identical.
+        assert!(open(StreamInputs::Always, None).streamed.is_some());
+        let roots = AllowedRoots::new([&coord_dir]).unwrap();
+        let o = open(StreamInputs::Auto, Some(&roots));
+        assert!(o.streamed.is_some());
+        o.streamed
+            .as_ref()
+            .unwrap()
+            .prefetch(&o.plan, &o.inputs, o.plan.tensors.iter(), &ic)
+            .unwrap();
+        assert!(read_all(&o) == want);
+        rt.block_on(server.shutdown(std::time::Duration::from_secs(1)))
+            .unwrap();
+    }
+
+    #[test]
+    fn modes_parse() {
+        for m in ["auto", "always", "never"] {
+            assert_eq!(
+                m.parse::<StreamInputs>().map(|s| s.to_string()),
+                Ok(m.into())
+            );
+        }
+        assert!("sometimes".parse::<StreamInputs>().is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! Streamed inputs (issue 3, data plane) as real processes: workers that cannot read the
+//! models (they lie outside the workers' `--allow-root`) stream every tensor from the
+//! coordinator, including tensors larger than the gRPC message limit, and the checkpoint is
+//! byte-identical to a single-process `amalgam merge`. The embedded runner streams too when
+//! told to (`AMALGAM_STREAM_INPUTS=always`). The rule itself (local copy with another header
+//! streamed, identical copy read locally) is tested in `crates/cluster/src/remote_input.rs`.
+
+use crate::common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// gRPC message limit of the cluster crate (`amalgam_cluster::MAX_MESSAGE_BYTES`).
+const MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+
+const TIES: &str = "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 0.5}\n  - model: ft2\n    parameters: {weight: 0.7, density: 0.8}\nparameters: {normalize: true}\n";
+
+/// Every file of two output directories is byte-identical (hidden files excluded).
+fn assert_same_dirs(a: &Path, b: &Path) {
+    let (fa, fb) = (final_outputs(a), final_outputs(b));
+    assert_eq!(fa, fb, "file lists differ");
+    for f in fa {
+        let x = std::fs::read(a.join(&f)).unwrap();
+        let y = std::fs::read(b.join(&f)).unwrap();
+        assert!(
+            x == y,
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Models with an embedding and head of 20000 x 64 f32 (5.1 MB, over the message limit),
+/// stored as sharded checkpoints (index + files of at most 2 MB, the big tensors alone).
+/// Returns the size of the largest tensor.
+fn models(data: &Path) -> u64 {
+    std::fs::create_dir_all(data).unwrap();
+    tiny_family(
+        data,
+        2,
+        &["--layers", "2", "--vocab", "20000", "--shard-size", "2MB"],
+    );
+    std::fs::write(data.join("ties.yaml"), TIES).unwrap();
+    assert!(
+        data.join("base/model.safetensors.index.json").is_file(),
+        "sharded inputs"
+    );
+    let biggest = 20000u64 * 64 * 4;
+    assert!(biggest > MAX_MESSAGE_BYTES);
+    biggest
+}
+
+/// Bytes of every safetensors file of the models.
+fn input_bytes(data: &Path) -> u64 {
+    ["base", "ft1", "ft2"]
+        .iter()
+        .flat_map(|m| std::fs::read_dir(data.join(m)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// A child process whose stdout lines are collected; killed on drop.
+struct Proc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn start(cwd: &Path, args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_amalgam"))
+            .current_dir(cwd)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(l);
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    /// The first stdout line containing `pat` (waits up to 60 s).
+    fn line_with(&self, pat: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {pat:?}: {e}"),
+            }
+        }
+    }
+
+    fn wait_ok(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "process failed: {st}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "process did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url_of(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a url on the line")
+        .to_string()
+}
+
+/// `GET` a plain-HTTP URL; `None` when nothing answers.
+fn http_get(url: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Coordinator and 1 or 3 worker processes whose `--allow-root` holds none of the models:
+/// every input byte is streamed (the coordinator's `/metrics` counts at least every input
+/// file's bytes; each worker reports what it fetched), and the output equals `amalgam merge`.
+#[test]
+fn workers_outside_the_inputs_storage_stream_every_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = d.join("data");
+    models(&data);
+    let total = input_bytes(&data);
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    run_ok(d, &["merge", "data/ties.yaml", "--out", "single", "-q"]);
+    for workers in [1usize, 3] {
+        let out = format!("w{workers}");
+        let mut coord = Proc::start(
+            d,
+            &[
+                "coordinator",
+                "--config",
+                "data/ties.yaml",
+                "--out",
+                &out,
+                "--listen",
+                "127.0.0.1:0",
+                "--token-file",
+                "token",
+                "--shard-size",
+                "1MB",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+        );
+        let url = url_of(&coord.line_with("listening on"));
+        let metrics = url_of(&coord.line_with("metrics on"));
+        let mut ws: Vec<Proc> = (0..workers)
+            .map(|_| {
+                Proc::start(
+                    d,
+                    &[
+                        "worker",
+                        "--coordinator",
+                        &url,
+                        "--token-file",
+                        "token",
+                        "--allow-root",
+                        "elsewhere",
+                    ],
+                )
+            })
+            .collect();
+        let mut last = String::new();
+        while coord.child.try_wait().unwrap().is_none() {
+            if let Some(page) = http_get(&metrics) {
+                last = page;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        coord.wait_ok();
+        let mut by_workers = 0u64;
+        for w in ws.iter_mut() {
+            let line = w.line_with("input bytes streamed");
+            w.wait_ok();
+            by_workers += line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap();
+        }
+        assert_same_dirs(&d.join("single"), &d.join(&out));
+        let served = metric(&last, "amalgam_input_bytes_streamed_total");
+        assert!(
+            served >= total,
+            "{workers} workers: every input byte streamed ({served} of {total}):\n{last}"
+        );
+        assert!(
+            by_workers >= total,
+            "{workers} workers fetched {by_workers} of {total} bytes"
+        );
+    }
+}
+
+/// The embedded runner's worker tasks stream too (`AMALGAM_STREAM_INPUTS=always`), several
+/// at once from the same files, and give the single-process bytes; its log says so.
+#[test]
+fn embedded_workers_streaming_give_the_single_process_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = d.join("data");
+    models(&data);
+    run_ok(d, &["merge", "data/ties.yaml", "--out", "single", "-q"]);
+    let out = amalgam()
+        .current_dir(d)
+        .env("AMALGAM_STREAM_INPUTS", "always")
+        .env("RUST_LOG", "info")
+        .args([
+            "merge",
+            "data/ties.yaml",
+            "--out",
+            "embedded",
+            "-q",
+            "--workers",
+            "3",
+            "--shard-size",
+            "1MB",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_same_dirs(&d.join("single"), &d.join("embedded"));
+    assert!(
+        log.contains("streaming input from the coordinator")
+            && log.contains("input bytes streamed from the coordinator"),
+        "the log shows streamed inputs: {log}"
+    );
+    // A wrong mode is a clear error.
+    let out = amalgam()
+        .current_dir(d)
+        .env("AMALGAM_STREAM_INPUTS", "sometimes")
+        .args([
+            "merge",
+            "data/ties.yaml",
+            "--out",
+            "bad",
+            "-q",
+            "--workers",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("AMALGAM_STREAM_INPUTS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
