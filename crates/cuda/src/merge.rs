@@ -161,52 +161,6 @@ pub fn force_exact_selection(on: bool) {
     FORCE_EXACT.store(on, Ordering::Relaxed);
 }
 
-/// How one model's task vector is sparsified.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sparsify {
-    /// Untouched.
-    None,
-    /// TIES `magnitude`: keep the `max(1, ⌊density·n⌋)` largest `|δ|` (lowest index first among
-    /// equal magnitudes); `density ≥ 1` keeps everything.
-    Magnitude {
-        /// Fraction kept.
-        density: f64,
-    },
-    /// The whole-model TIES trim: keep `|δ|` of f32 bits at least `bits`.
-    MinMagnitude {
-        /// Smallest kept `|δ|`, as f32 bits.
-        bits: u32,
-    },
-    /// Breadcrumbs: keep the positions `[n_bot, n_bot + ⌊density·n⌋)` of the ascending
-    /// `(|δ|, index)` order (see `DeviceSparsify::Outliers`).
-    Outliers {
-        /// Fraction kept.
-        density: f64,
-        /// Fraction of the largest entries dropped.
-        gamma: f64,
-        /// Drop everything when `⌊γ·n⌋ = 0` (old mergekit).
-        legacy: bool,
-    },
-    /// DELLA MagPrune: keep with a probability from the rank of `|δ|` in its group (see
-    /// `DeviceSparsify::Della`).
-    Della {
-        /// Mean keep probability.
-        density: f64,
-        /// Half the spread.
-        epsilon: f64,
-        /// Divide kept entries by their keep probability.
-        inverse: bool,
-    },
-    /// DARE: keep each element with probability `density` (Philox, as the CPU), scaling kept
-    /// ones by `1/density` when `inverse`.
-    Dare {
-        /// Keep probability.
-        density: f64,
-        /// Divide kept entries by the density.
-        inverse: bool,
-    },
-}
-
 /// The pipeline's options for one tensor (mirrors `amalgam_core::methods::gta::GtaOptions`).
 #[derive(Debug, Clone)]
 pub struct GtaSpec {
@@ -217,7 +171,7 @@ pub struct GtaSpec {
     /// Per-model weights.
     pub weights: Vec<f32>,
     /// Per-model sparsification.
-    pub sparsify: Vec<Sparsify>,
+    pub sparsify: Vec<DeviceSparsify>,
     /// Sign consensus.
     pub consensus: Option<Consensus>,
     /// Divide by the (masked) weight sum.
@@ -234,35 +188,6 @@ pub struct GtaSpec {
     pub shape: Vec<usize>,
 }
 
-impl From<DeviceSparsify> for Sparsify {
-    fn from(s: DeviceSparsify) -> Self {
-        match s {
-            DeviceSparsify::None => Sparsify::None,
-            DeviceSparsify::Magnitude { density } => Sparsify::Magnitude { density },
-            DeviceSparsify::Dare { density, inverse } => Sparsify::Dare { density, inverse },
-            DeviceSparsify::MinMagnitude { bits } => Sparsify::MinMagnitude { bits },
-            DeviceSparsify::Della {
-                density,
-                epsilon,
-                inverse,
-            } => Sparsify::Della {
-                density,
-                epsilon,
-                inverse,
-            },
-            DeviceSparsify::Outliers {
-                density,
-                gamma,
-                legacy,
-            } => Sparsify::Outliers {
-                density,
-                gamma,
-                legacy,
-            },
-        }
-    }
-}
-
 impl GtaSpec {
     /// A spec from the CPU pipeline's options and a method's device plan, for tensor `name`.
     pub fn from_options(
@@ -277,7 +202,7 @@ impl GtaSpec {
             name: name.to_string(),
             seed,
             weights: opts.weights.clone(),
-            sparsify: sparsify.iter().map(|&s| s.into()).collect(),
+            sparsify: sparsify.to_vec(),
             consensus: opts.consensus,
             normalize: opts.normalize,
             lambda: opts.lambda,
@@ -437,7 +362,7 @@ impl KernelTimer {
 
 /// `out = Σ_i x_i·w_i` (model order), divided by `divisor` when given: `linear` in one pass
 /// over all inputs (any mix of f32/f16/bf16), written as `out_dtype`. Task arithmetic without
-/// sparsification is [`gta`] with [`Sparsify::None`]. Input slot `i` of a
+/// sparsification is [`gta`] with [`DeviceSparsify::None`]. Input slot `i` of a
 /// [`CudaError::NonFinite`] is input `i`.
 pub fn linear(
     gpu: &Gpu,
@@ -560,14 +485,14 @@ pub fn gta(
             inv: 0,
         };
         match *sp {
-            Sparsify::None => {}
-            Sparsify::Magnitude { density } => {
+            DeviceSparsify::None => {}
+            DeviceSparsify::Magnitude { density } => {
                 if let Some(k) = magnitude_keep(density, n) {
                     m.mask = MASK_RANK;
                     select[i] = Some(k);
                 }
             }
-            Sparsify::Outliers {
+            DeviceSparsify::Outliers {
                 density,
                 gamma,
                 legacy,
@@ -586,14 +511,14 @@ pub fn gta(
                     }
                 }
             }
-            Sparsify::MinMagnitude { bits } => {
+            DeviceSparsify::MinMagnitude { bits } => {
                 // The ascending-order mask with [threshold, cut) = [(bits, 0), end).
                 m.mask = MASK_OUTLIER;
                 m.order = ORDER_ASC;
                 m.threshold = u64::from(bits | 0x8000_0000) << 32;
                 m.cut = u64::MAX;
             }
-            Sparsify::Della {
+            DeviceSparsify::Della {
                 density,
                 epsilon,
                 inverse,
@@ -604,7 +529,7 @@ pub fn gta(
                 m.inv = i32::from(inverse);
                 della[i] = true;
             }
-            Sparsify::Dare { density, inverse } => {
+            DeviceSparsify::Dare { density, inverse } => {
                 if density < 1.0 {
                     m.mask = MASK_DARE;
                     m.threshold = philox::keep_threshold(density);
