@@ -4,7 +4,6 @@
 //! single-process merge byte for byte.
 
 use crate::common::*;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,73 +83,6 @@ fn embedded_workers_give_the_single_process_bytes() {
             );
         }
     }
-}
-
-/// A child process whose stdout lines are collected; killed on drop.
-struct Proc {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amalgam"));
-        cmd.current_dir(cwd)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                let _ = tx.send(l);
-            }
-        });
-        Proc { child, lines: rx }
-    }
-
-    /// The first stdout line containing `pat` (waits up to 60 s).
-    fn line_with(&self, pat: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(pat) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("no line with {pat:?}: {e}"),
-            }
-        }
-    }
-
-    fn wait_ok(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "process failed: {st}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "process did not finish");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn url_of(line: &str) -> String {
-    line.split_whitespace()
-        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-        .expect("a url on the line")
-        .to_string()
 }
 
 fn wait_for_file(p: &Path) -> String {

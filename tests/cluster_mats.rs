@@ -3,65 +3,6 @@
 //! the checkpoint equals the single-process merge byte for byte.
 
 use crate::common::*;
-use amalgam_io::{write_stats, Checkpoint, StatKey, StatKind, StatsMeta};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(seed: u64, n: usize) -> Vec<f64> {
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            z ^= z << 13;
-            z ^= z >> 7;
-            z ^= z << 17;
-            ((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// `gram_in` (XᵀX/rows + 1e-3·I) for every linear weight of `model`.
-fn write_grams(dir: &Path, model: &str, seed: u64) {
-    let ck = Checkpoint::open(&dir.join(model)).unwrap();
-    let mut owned: Vec<(StatKey, Vec<f32>)> = Vec::new();
-    for (k, t) in ck.tensors().iter().enumerate() {
-        if t.shape.len() != 2 || !t.name.contains("_proj.") {
-            continue;
-        }
-        let d = t.shape[1];
-        let rows = d + 3;
-        let x = values(seed * 7919 + k as u64, rows * d);
-        let mut g = vec![0f64; d * d];
-        for r in 0..rows {
-            for i in 0..d {
-                for j in 0..d {
-                    g[i * d + j] += x[r * d + i] * x[r * d + j] / rows as f64;
-                }
-            }
-        }
-        for i in 0..d {
-            g[i * d + i] += 1e-3;
-        }
-        owned.push((
-            StatKey::new(t.name.clone(), StatKind::GramIn, vec![d, d]),
-            g.into_iter().map(|v| v as f32).collect(),
-        ));
-    }
-    let entries: Vec<(StatKey, &[f32])> = owned
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_slice()))
-        .collect();
-    let meta = StatsMeta::new("synthetic", 10, 100).for_model(&ck);
-    write_stats(
-        &dir.join(format!("{model}.stats.safetensors")),
-        &meta,
-        &entries,
-        true,
-    )
-    .unwrap();
-}
 
 const UP: &str = "model.layers.0.mlp.up_proj.weight";
 
@@ -88,8 +29,8 @@ fn split_mats_block_over_worker_processes_equals_one_process() {
             "1",
         ],
     );
-    write_grams(d, "ft1", 1);
-    write_grams(d, "ft2", 2);
+    write_model_stats(d, "ft1", 1);
+    write_model_stats(d, "ft2", 2);
     std::fs::write(
         d.join("mats.yaml"),
         "merge_method: mats\nbase_model: base\nmodels:\n  - model: ft1\n    statistics: \
@@ -100,9 +41,9 @@ fn split_mats_block_over_worker_processes_equals_one_process() {
     run_ok(d, &["merge", "mats.yaml", "--out", "single", "-q"]);
     std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
 
-    let mut coord = Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .current_dir(d)
-        .args([
+    let mut coord = Proc::start(
+        d,
+        &[
             "coordinator",
             "--config",
             "mats.yaml",
@@ -114,26 +55,10 @@ fn split_mats_block_over_worker_processes_equals_one_process() {
             "token",
             "--shard-size",
             "40KB",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(coord.stdout.take().unwrap()).lines();
-    let url = loop {
-        let l = lines
-            .next()
-            .expect("the coordinator prints its address")
-            .unwrap();
-        if l.contains("listening on") {
-            break l
-                .split_whitespace()
-                .find(|w| w.starts_with("http://"))
-                .expect("a url")
-                .to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+        ],
+        &[],
+    );
+    let url = url_of(&coord.line_with("listening on"));
     let workers: Vec<_> = (0..3)
         .map(|_| {
             let (d, url) = (d.to_path_buf(), url.clone());
@@ -147,18 +72,7 @@ fn split_mats_block_over_worker_processes_equals_one_process() {
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let status = loop {
-        if let Some(st) = coord.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = coord.kill();
-            panic!("the coordinator did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success());
+    coord.wait_ok();
     let mut log = String::new();
     for w in workers {
         let out = w.join().unwrap();

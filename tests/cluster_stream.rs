@@ -6,10 +6,8 @@
 //! streamed, identical copy read locally) is tested in `crates/cluster/src/remote_input.rs`.
 
 use crate::common::*;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// gRPC message limit of the cluster crate (`amalgam_cluster::MAX_MESSAGE_BYTES`).
 const MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
@@ -61,71 +59,6 @@ fn input_bytes(data: &Path) -> u64 {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum()
-}
-
-/// A child process whose stdout lines are collected; killed on drop.
-struct Proc {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn start(cwd: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_amalgam"))
-            .current_dir(cwd)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                let _ = tx.send(l);
-            }
-        });
-        Proc { child, lines: rx }
-    }
-
-    /// The first stdout line containing `pat` (waits up to 60 s).
-    fn line_with(&self, pat: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(pat) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("no line with {pat:?}: {e}"),
-            }
-        }
-    }
-
-    fn wait_ok(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "process failed: {st}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "process did not finish");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn url_of(line: &str) -> String {
-    line.split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("a url on the line")
-        .to_string()
 }
 
 /// `GET` a plain-HTTP URL; `None` when nothing answers.
@@ -181,6 +114,7 @@ fn workers_outside_the_inputs_storage_stream_every_tensor() {
                 "--metrics-listen",
                 "127.0.0.1:0",
             ],
+            &[],
         );
         let url = url_of(&coord.line_with("listening on"));
         let metrics = url_of(&coord.line_with("metrics on"));
@@ -197,6 +131,7 @@ fn workers_outside_the_inputs_storage_stream_every_tensor() {
                         "--allow-root",
                         "elsewhere",
                     ],
+                    &[],
                 )
             })
             .collect();

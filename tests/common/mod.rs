@@ -1,6 +1,11 @@
 //! Helpers for the process tests: running the binary, generating models, reading outputs.
 #![allow(dead_code)]
 
+mod proc;
+mod stats;
+pub use proc::{url_of, Proc};
+pub use stats::write_model_stats;
+
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use amalgam_core::config::{MergeConfig, ModelRef};
+use amalgam_core::config::MergeConfig;
 use amalgam_core::plan::{referenced_models, Plan, TensorPlan};
 use amalgam_engine::inputs::{input_model, resolve_model_path, Inputs};
 use amalgam_io::{Checkpoint, StatsFile};
@@ -629,28 +629,7 @@ pub fn open_and_plan(
                 .into(),
         ));
     }
-    let vocabs =
-        amalgam_engine::vocab::prepare_vocabularies(config, &mut inputs).map_err(exec_err)?;
-    let plan = amalgam_core::plan::plan(config, &inputs.models).map_err(exec_err)?;
-    amalgam_engine::inputs::check_extra_inputs(&plan, &inputs).map_err(exec_err)?;
-    if let Some(v) = vocabs {
-        let ckpts = &inputs.checkpoints;
-        let rows_of = |m: &ModelRef| -> usize {
-            ckpts
-                .get(m)
-                .and_then(|c| {
-                    c.tensors()
-                        .iter()
-                        .find(|t| amalgam_engine::vocab::is_vocab_tensor(&t.name, &t.shape))
-                        .map(|t| t.shape[0])
-                })
-                .unwrap_or(0)
-        };
-        inputs.vocab = Some(
-            amalgam_engine::vocab::build_vocab_map(config, &plan, &v, &rows_of)
-                .map_err(exec_err)?,
-        );
-    }
+    let (inputs, plan) = amalgam_engine::inputs::plan_inputs(config, inputs).map_err(exec_err)?;
     Ok(OpenedJob {
         inputs,
         plan,

@@ -210,7 +210,16 @@ pub fn open_and_plan(
     config: &MergeConfig,
     config_dir: Option<&Path>,
 ) -> Result<(Inputs, amalgam_core::plan::Plan), EngineError> {
-    let mut inputs = open_inputs(config, config_dir)?;
+    plan_inputs(config, open_inputs(config, config_dir)?)
+}
+
+/// [`open_and_plan`] with the inputs already opened (by [`open_inputs`], or by a cluster worker
+/// that maps some of them elsewhere): vocabularies re-indexed, the plan, the extra inputs
+/// checked.
+pub fn plan_inputs(
+    config: &MergeConfig,
+    mut inputs: Inputs,
+) -> Result<(Inputs, amalgam_core::plan::Plan), EngineError> {
     let vocabs = crate::vocab::prepare_vocabularies(config, &mut inputs)?;
     let plan = amalgam_core::plan::plan(config, &inputs.models)?;
     check_extra_inputs(&plan, &inputs)?;

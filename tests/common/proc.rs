@@ -1,0 +1,78 @@
+//! A child process of the binary whose stdout lines are collected (coordinators, workers).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process whose stdout lines are collected; killed on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its stdout lines, as they come.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Start the binary with `args` and extra environment `env` in `cwd`.
+    pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amalgam"));
+        cmd.current_dir(cwd)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(l);
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    /// The first stdout line containing `pat` (waits up to 60 s).
+    pub fn line_with(&self, pat: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {pat:?}: {e}"),
+            }
+        }
+    }
+
+    /// Wait (up to 240 s) for a successful exit.
+    pub fn wait_ok(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "process failed: {st}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "process did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first `http://` or `https://` URL on `line`.
+pub fn url_of(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+        .expect("a url on the line")
+        .to_string()
+}
