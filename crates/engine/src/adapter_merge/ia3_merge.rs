@@ -1,0 +1,173 @@
+//! (IA)³ adapters: PEFT's weighted sum and the merge operations on `l − 1` (see the parent
+//! module).
+
+use super::*;
+
+pub(super) fn merge_ia3(
+    cfg: &AdapterMergeConfig,
+    adapters: &[Adapter],
+    weights: &[f64],
+    order: &[String],
+    out: &Path,
+    overwrite: bool,
+    progress: &dyn Progress,
+) -> Result<AdapterSummary, EngineError> {
+    let name = cfg.combination_type.as_deref().unwrap_or("linear");
+    let sign = cfg.majority_sign_method;
+    let density = || -> Result<f64, EngineError> {
+        let d = cfg.density.ok_or_else(|| {
+            cfg_err(
+                "density",
+                format!("combination_type `{name}` needs `density` (fraction kept)"),
+            )
+        })?;
+        check_density(d)?;
+        Ok(d)
+    };
+    // None: PEFT's raw weighted sum of the vectors.
+    let op: Option<MergeOp> = match name {
+        "linear" => None,
+        "task_arithmetic" => Some(MergeOp::TaskArithmetic),
+        "ties" => Some(MergeOp::Ties {
+            density: density()?,
+            sign,
+        }),
+        "dare_linear" => Some(MergeOp::DareLinear {
+            density: density()?,
+        }),
+        "dare_ties" => Some(MergeOp::DareTies {
+            density: density()?,
+            sign,
+        }),
+        "magnitude_prune" => Some(MergeOp::MagnitudePrune {
+            density: density()?,
+        }),
+        other => {
+            return Err(cfg_err(
+                "combination_type",
+                format!(
+                    "`{other}` does not apply to (IA)^3 adapters; use one of {}",
+                    IA3_COMBINATIONS.join(", ")
+                ),
+            ))
+        }
+    };
+    warn_extra(adapters);
+    let maps: Vec<HashMap<&str, &amalgam_io::peft::Ia3Module>> = adapters
+        .iter()
+        .map(|a| {
+            a.ia3_modules()
+                .iter()
+                .map(|m| (m.name.as_str(), m))
+                .collect()
+        })
+        .collect();
+    let mut total = 0;
+    for mname in order {
+        for (map, a) in maps.iter().zip(adapters) {
+            if let Some(m) = map.get(mname.as_str()) {
+                total += bytes_of(a, &[&m.key]);
+            }
+        }
+    }
+    progress.begin("merging", total, order.len());
+    let mut tensors: Vec<OutTensor> = Vec::with_capacity(order.len());
+    for mname in order {
+        let present: Vec<(usize, &amalgam_io::peft::Ia3Module)> = maps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.get(mname.as_str()).map(|m| (i, *m)))
+            .collect();
+        let (i0, m0) = present[0];
+        let mut vecs = Vec::with_capacity(present.len());
+        let mut bytes = 0;
+        for &(i, m) in &present {
+            if (m.len, m.is_feedforward) != (m0.len, m0.is_feedforward) {
+                return Err(mismatch(
+                    &adapters[i],
+                    format!(
+                        "module `{mname}`: an (IA)^3 vector of {} values ({}) but {} has {} ({}); \
+                         all adapters must target the same base model",
+                        m.len,
+                        if m.is_feedforward {
+                            "feedforward"
+                        } else {
+                            "output"
+                        },
+                        adapters[i0].dir().display(),
+                        m0.len,
+                        if m0.is_feedforward {
+                            "feedforward"
+                        } else {
+                            "output"
+                        },
+                    ),
+                ));
+            }
+            vecs.push(adapters[i].read(&m.key)?);
+            bytes += bytes_of(&adapters[i], &[&m.key]);
+        }
+        let w: Vec<f64> = present.iter().map(|&(i, _)| weights[i]).collect();
+        let l = match op {
+            None => {
+                let refs: Vec<&[f32]> = vecs.iter().map(Vec::as_slice).collect();
+                ia3::weighted_sum(mname, &refs, &w)?
+            }
+            Some(op) => {
+                let taus: Vec<Vec<f64>> = vecs
+                    .iter()
+                    .map(|v| v.iter().map(|&x| f64::from(x) - 1.0).collect())
+                    .collect();
+                let mask_name = format!("{mname}.ia3_l");
+                let streams: Vec<MaskStream> = present
+                    .iter()
+                    .map(|&(i, _)| MaskStream::new(cfg.seed, i, &mask_name))
+                    .collect();
+                merge_ops::apply(op, taus, &w, &streams)
+                    .iter()
+                    .map(|&t| (1.0 + t) as f32)
+                    .collect()
+            }
+        };
+        tensors.push((ia3_key(mname), m0.shape.clone(), l));
+        progress.advance(mname, bytes);
+    }
+    progress.end();
+    let ics: Vec<&amalgam_io::Ia3Config> = adapters
+        .iter()
+        .filter_map(|a| match a.config() {
+            AdapterConfig::Ia3(c) => Some(c),
+            AdapterConfig::Lora(_) => None,
+        })
+        .collect();
+    let mut c = ics[0].clone();
+    c.target_modules = union_targets(ics.iter().map(|c| &c.target_modules), order);
+    if ics.iter().all(|c| c.feedforward_modules.is_some()) {
+        let ff: Vec<String> = tensors
+            .iter()
+            .zip(order)
+            .filter(|((_, s, _), _)| s.len() == 2 && s[0] == 1 && s[1] > 1)
+            .map(|(_, n)| n.clone())
+            .collect();
+        c.feedforward_modules = Some(union_targets(
+            ics.iter().filter_map(|c| c.feedforward_modules.as_ref()),
+            &ff,
+        ));
+    }
+    if c.extra.contains_key("modules_to_save") {
+        c.extra
+            .insert("modules_to_save".to_string(), serde_json::Value::Null);
+    }
+    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice()))
+        .collect();
+    write_adapter(out, &AdapterConfig::Ia3(c), &refs, overwrite)?;
+    Ok(AdapterSummary {
+        out_dir: out.to_path_buf(),
+        kind: AdapterKind::Ia3,
+        method: name.to_string(),
+        modules: order.len(),
+        rank: 0,
+    })
+}
