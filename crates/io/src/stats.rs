@@ -152,10 +152,12 @@ impl StatKind {
                 "a 2-D linear weight [d_out, d_in], as ::{} is for linear weights",
                 self.suffix()
             )),
-            (StatKind::FisherBlock, &[d]) => Ok(vec![d, d]),
-            (StatKind::FisherBlock, _) => {
-                Err("a 1-D vector, as ::fisher_block is for vector parameters".to_string())
-            }
+            // (IA)³ vectors: 1-D, or stored by PEFT as [d, 1] (output) or [1, d] (feed-forward).
+            (StatKind::FisherBlock, &[d] | &[d, 1] | &[1, d]) => Ok(vec![d, d]),
+            (StatKind::FisherBlock, _) => Err(
+                "a vector (1-D, [d, 1] or [1, d]), as ::fisher_block is for vector parameters"
+                    .to_string(),
+            ),
         }
     }
 }

@@ -3,16 +3,72 @@
 
 use super::*;
 
+/// Where an (IA)³ merge writes, and the adapters' statistics files (`fisher`, `mats`).
+pub(super) struct Ia3Io<'a> {
+    pub(super) out: &'a Path,
+    pub(super) overwrite: bool,
+    pub(super) progress: &'a dyn Progress,
+    pub(super) stats: &'a [StatsFile],
+}
+
+/// The data-driven combinations: the core method, the statistic it reads, its parameters.
+fn data_driven(name: &str) -> Option<(&'static str, StatKind, TensorParams)> {
+    match name {
+        // Fisher merging (methods.md §9): Σ w_i F_i l_i / Σ w_i F_i per entry.
+        "fisher" => Some(("fisher", StatKind::Fisher, TensorParams::default())),
+        // MaTS with the blockwise (IA)³ Fisher (§11, §15): (Σ F_i) l = Σ F_i l_i by CG.
+        "mats" => Some((
+            "mats",
+            StatKind::FisherBlock,
+            TensorParams::default().with_global("objective", Scalar::Str("ia3_block".into())),
+        )),
+        _ => None,
+    }
+}
+
+/// Each adapter's statistics file for the `fisher` and `mats` combinations (none for the
+/// others), opened and checked against its adapter before any tensor is merged.
+pub(super) fn open_statistics(
+    cfg: &AdapterMergeConfig,
+    adapters: &[Adapter],
+    config_dir: Option<&Path>,
+) -> Result<Vec<StatsFile>, EngineError> {
+    let name = cfg.combination_type.as_deref().unwrap_or("linear");
+    if data_driven(name).is_none() {
+        return Ok(Vec::new());
+    }
+    cfg.adapters
+        .iter()
+        .zip(adapters)
+        .map(|(e, a)| {
+            let path = e.statistics.as_deref().ok_or_else(|| {
+                mismatch(
+                    a,
+                    format!(
+                        "has no `statistics:` file; combination_type `{name}` needs one per \
+                         adapter"
+                    ),
+                )
+            })?;
+            let p = resolve_model_path(path, config_dir)
+                .map_err(|_| mismatch(a, format!("statistics file `{path}` not found")))?;
+            let st = StatsFile::open(&p)?;
+            st.check_model(a.checkpoint())?;
+            Ok(st)
+        })
+        .collect()
+}
+
 pub(super) fn merge_ia3(
     cfg: &AdapterMergeConfig,
     adapters: &[Adapter],
     weights: &[f64],
     order: &[String],
-    out: &Path,
-    overwrite: bool,
-    progress: &dyn Progress,
+    io: &Ia3Io<'_>,
 ) -> Result<AdapterSummary, EngineError> {
+    let (out, overwrite, progress) = (io.out, io.overwrite, io.progress);
     let name = cfg.combination_type.as_deref().unwrap_or("linear");
+    let data = data_driven(name);
     let sign = cfg.majority_sign_method;
     let density = || -> Result<f64, EngineError> {
         let d = cfg.density.ok_or_else(|| {
@@ -24,9 +80,9 @@ pub(super) fn merge_ia3(
         check_density(d)?;
         Ok(d)
     };
-    // None: PEFT's raw weighted sum of the vectors.
+    // None: PEFT's raw weighted sum of the vectors (or a data-driven method).
     let op: Option<MergeOp> = match name {
-        "linear" => None,
+        "linear" | "fisher" | "mats" => None,
         "task_arithmetic" => Some(MergeOp::TaskArithmetic),
         "ties" => Some(MergeOp::Ties {
             density: density()?,
@@ -108,12 +164,20 @@ pub(super) fn merge_ia3(
             bytes += bytes_of(&adapters[i], &[&m.key]);
         }
         let w: Vec<f64> = present.iter().map(|&(i, _)| weights[i]).collect();
-        let l = match op {
-            None => {
+        let l = match (op, &data) {
+            (None, Some((method, kind, params))) => {
+                let idx: Vec<usize> = present.iter().map(|&(i, _)| i).collect();
+                let keys: Vec<&str> = present.iter().map(|(_, m)| m.key.as_str()).collect();
+                let params = params.clone().with_model_values("weight", &w);
+                ia3_data_driven(
+                    method, *kind, &params, &keys, &vecs, &idx, io.stats, cfg.seed,
+                )?
+            }
+            (None, None) => {
                 let refs: Vec<&[f32]> = vecs.iter().map(Vec::as_slice).collect();
                 ia3::weighted_sum(mname, &refs, &w)?
             }
-            Some(op) => {
+            (Some(op), _) => {
                 let taus: Vec<Vec<f64>> = vecs
                     .iter()
                     .map(|v| v.iter().map(|&x| f64::from(x) - 1.0).collect())
@@ -170,4 +234,54 @@ pub(super) fn merge_ia3(
         modules: order.len(),
         rank: 0,
     })
+}
+
+/// One (IA)³ vector merged by the core's `method` (`fisher` or `mats`): the adapters' vectors
+/// `vecs` (of adapters `idx`, stored under `keys`) as the models of a 1-D tensor, their
+/// statistic `kind` from `stats`.
+#[allow(clippy::too_many_arguments)]
+fn ia3_data_driven(
+    method: &str,
+    kind: StatKind,
+    params: &TensorParams,
+    keys: &[&str],
+    vecs: &[Vec<f32>],
+    idx: &[usize],
+    stats: &[StatsFile],
+    seed: u64,
+) -> Result<Vec<f32>, EngineError> {
+    let n = vecs[0].len();
+    let mut reader = MemReader {
+        base: None,
+        models: vecs.to_vec(),
+        stats: Default::default(),
+    };
+    for (k, &i) in idx.iter().enumerate() {
+        let stored = stats[i].require(keys[k], kind)?.to_vec();
+        let mut v = vec![0.0f32; stored.iter().product()];
+        stats[i].read(keys[k], kind, 0..v.len(), &mut v)?;
+        // The vector is merged as a 1-D tensor of n values: its diagonal Fisher too.
+        let shape = if kind == StatKind::Fisher {
+            vec![n]
+        } else {
+            stored
+        };
+        reader
+            .stats
+            .insert((k, kind.suffix().to_string()), (shape, v));
+    }
+    let job = TensorJob {
+        name: keys[0].to_string(),
+        shape: vec![n],
+        n_models: vecs.len(),
+        has_base: false,
+        block_elems: n.max(1),
+        seed,
+    };
+    let m = amalgam_core::methods::build(method, params, vecs.len(), false)?;
+    Ok(amalgam_core::tensor::merge_in_memory(
+        m.as_ref(),
+        &job,
+        &reader,
+    )?)
 }

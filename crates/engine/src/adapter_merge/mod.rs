@@ -43,13 +43,16 @@ use amalgam_core::adapters::extract::{self, ExtractOptions};
 use amalgam_core::adapters::ia3;
 use amalgam_core::adapters::knots::{self, KnotsDare, KnotsOptions, KnotsSignMode, LoraFactors};
 use amalgam_core::adapters::merge_ops::{self, check_density, MajoritySignMethod, MergeOp};
+use amalgam_core::params::{Scalar, TensorParams};
 use amalgam_core::philox::MaskStream;
+use amalgam_core::tensor::{MemReader, TensorJob};
 use amalgam_io::peft::{
     ia3_key, lora_a_key, lora_b_key, write_adapter, ADAPTER_BIN_FILE, ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE, KEY_PREFIX,
 };
 use amalgam_io::{
-    Adapter, AdapterConfig, AdapterKind, Checkpoint, IoError, LoraConfig, TargetModules,
+    Adapter, AdapterConfig, AdapterKind, Checkpoint, IoError, LoraConfig, StatKind, StatsFile,
+    TargetModules,
 };
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -59,7 +62,7 @@ mod ia3_merge;
 mod lora_extract;
 mod lora_merge;
 
-use ia3_merge::merge_ia3;
+use ia3_merge::{merge_ia3, Ia3Io};
 pub use lora_extract::{extract_lora, ExtractLoraOptions};
 use lora_merge::{merge_lora, warn_extra};
 
@@ -68,13 +71,15 @@ pub const KNOTS_TIES: &str = "knots_ties";
 /// KnOTS followed by DARE (and TIES with `top_k`, 100 by default: no trimming).
 pub const KNOTS_DARE: &str = "knots_dare";
 /// The (IA)³ combination types.
-pub const IA3_COMBINATIONS: [&str; 6] = [
+pub const IA3_COMBINATIONS: [&str; 8] = [
     "linear",
     "task_arithmetic",
     "ties",
     "dare_linear",
     "dare_ties",
     "magnitude_prune",
+    "fisher",
+    "mats",
 ];
 
 /// One adapter of a merge: its directory and weight.
@@ -84,6 +89,9 @@ pub struct AdapterEntry {
     pub path: String,
     /// The adapter's weight (PEFT's `weights[i]`; default 1).
     pub weight: f64,
+    /// Its statistics file (the (IA)³ `fisher` and `mats` combinations): `KEY::fisher` or
+    /// `KEY::fisher_block` for each adapter tensor `KEY`, in the statistics file format.
+    pub statistics: Option<String>,
 }
 
 /// A `merge-adapters` config (YAML). Keys and defaults follow PEFT's
@@ -266,25 +274,37 @@ fn parse_entries(v: &Value) -> Result<Vec<AdapterEntry>, EngineError> {
             Value::String(s) => Ok(AdapterEntry {
                 path: s.clone(),
                 weight: 1.0,
+                statistics: None,
             }),
             Value::Mapping(m) => {
                 let mut path = None;
                 let mut weight = 1.0;
+                let mut statistics = None;
                 for (k, v) in m {
                     match k.as_str() {
                         Some("path") => path = Some(get_str("adapters.path", v)?.to_string()),
                         Some("weight") => weight = get_f64("adapters.weight", v)?,
+                        Some("statistics") => {
+                            statistics = Some(get_str("adapters.statistics", v)?.to_string())
+                        }
                         _ => {
                             return Err(cfg_err(
                                 "adapters",
-                                format!("entry {i}: unknown key {k:?}; use `path` and `weight`"),
+                                format!(
+                                    "entry {i}: unknown key {k:?}; use `path`, `weight` and \
+                                     `statistics`"
+                                ),
                             ))
                         }
                     }
                 }
                 let path =
                     path.ok_or_else(|| cfg_err("adapters", format!("entry {i} has no `path`")))?;
-                Ok(AdapterEntry { path, weight })
+                Ok(AdapterEntry {
+                    path,
+                    weight,
+                    statistics,
+                })
             }
             other => Err(cfg_err(
                 "adapters",
@@ -502,7 +522,16 @@ pub fn merge_adapters(
     let weights: Vec<f64> = cfg.adapters.iter().map(|e| e.weight).collect();
     match first.kind() {
         AdapterKind::Lora => merge_lora(cfg, &adapters, &weights, &order, out, overwrite, progress),
-        AdapterKind::Ia3 => merge_ia3(cfg, &adapters, &weights, &order, out, overwrite, progress),
+        AdapterKind::Ia3 => {
+            let stats = ia3_merge::open_statistics(cfg, &adapters, config_dir)?;
+            let io = Ia3Io {
+                out,
+                overwrite,
+                progress,
+                stats: &stats,
+            };
+            merge_ia3(cfg, &adapters, &weights, &order, &io)
+        }
     }
 }
 
@@ -551,11 +580,13 @@ mod tests {
             vec![
                 AdapterEntry {
                     path: "a".into(),
-                    weight: 1.0
+                    weight: 1.0,
+                    statistics: None,
                 },
                 AdapterEntry {
                     path: "b".into(),
-                    weight: -0.5
+                    weight: -0.5,
+                    statistics: None,
                 }
             ]
         );
@@ -740,5 +771,162 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{e}");
         }
+    }
+
+    /// Solve the small dense system `a x = b` (n × n) by Gaussian elimination with partial
+    /// pivoting, in f64.
+    fn dense_solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Vec<f64> {
+        for c in 0..n {
+            let p = (c..n)
+                .max_by(|&x, &y| a[x * n + c].abs().total_cmp(&a[y * n + c].abs()))
+                .unwrap();
+            for k in 0..n {
+                a.swap(c * n + k, p * n + k);
+            }
+            b.swap(c, p);
+            for r in c + 1..n {
+                let f = a[r * n + c] / a[c * n + c];
+                for k in c..n {
+                    a[r * n + k] -= f * a[c * n + k];
+                }
+                b[r] -= f * b[c];
+            }
+        }
+        let mut x = vec![0.0; n];
+        for r in (0..n).rev() {
+            let s: f64 = (r + 1..n).map(|k| a[r * n + k] * x[k]).sum();
+            x[r] = (b[r] - s) / a[r * n + r];
+        }
+        x
+    }
+
+    /// (IA)³ `fisher`: Σ w_i F_i l_i / Σ w_i F_i per entry; `mats`: (Σ F_i) l = Σ F_i l_i with
+    /// each adapter's blockwise Fisher, against a dense f64 solve. Statistics files are written
+    /// here for each adapter; a missing one is refused naming the adapter.
+    /// An adapter's (IA)³ vectors: module, stored shape, values.
+    type Ia3Vecs<'a> = Vec<(&'a str, Vec<usize>, Vec<f32>)>;
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn adapter_merge_ia3_fisher_and_mats_match_naive() {
+        use amalgam_io::{write_stats, StatKey, StatsMeta};
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (k, down) = (
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.mlp.down_proj",
+        );
+        let ls: [Ia3Vecs; 2] = [
+            vec![
+                (k, vec![4, 1], vec![1.2, 0.9, 1.05, 0.7]),
+                (down, vec![1, 5], vec![1.5, 0.6, 1.0, 1.25, 0.85]),
+            ],
+            vec![
+                (k, vec![4, 1], vec![0.8, 1.3, 1.1, 0.95]),
+                (down, vec![1, 5], vec![0.7, 0.65, 1.4, 1.2, 1.1]),
+            ],
+        ];
+        // Diagonal Fishers and SPD blocks (B Bᵀ + I), different per adapter.
+        let diag = |i: usize, j: usize| 0.2 + ((i * 7 + j * 3) % 5) as f32 * 0.4;
+        let block = |i: usize, n: usize| -> Vec<f32> {
+            let b: Vec<f64> = (0..n * n)
+                .map(|t| ((t * (i + 2) * 37 % 11) as f64 - 5.0) / 7.0)
+                .collect();
+            let mut a = vec![0.0f32; n * n];
+            for r in 0..n {
+                for c in 0..n {
+                    let v: f64 = (0..n).map(|t| b[r * n + t] * b[c * n + t]).sum();
+                    a[r * n + c] = (v + if r == c { 1.0 } else { 0.0 }) as f32;
+                }
+            }
+            a
+        };
+        for (i, vecs) in ls.iter().enumerate() {
+            let dir = d.join(format!("a{i}"));
+            write_ia3(&dir, vecs);
+            let ad = Adapter::open(&dir).unwrap();
+            let mut owned: Vec<(StatKey, Vec<f32>)> = Vec::new();
+            for (m, shape, v) in vecs {
+                let f: Vec<f32> = (0..v.len()).map(|j| diag(i, j)).collect();
+                owned.push((StatKey::new(ia3_key(m), StatKind::Fisher, shape.clone()), f));
+                let n = v.len();
+                owned.push((
+                    StatKey::new(ia3_key(m), StatKind::FisherBlock, vec![n, n]),
+                    block(i, n),
+                ));
+            }
+            let entries: Vec<(StatKey, &[f32])> = owned
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_slice()))
+                .collect();
+            let meta = StatsMeta::new("synthetic", 10, 100).for_model(ad.checkpoint());
+            write_stats(&d.join(format!("s{i}.safetensors")), &meta, &entries, true).unwrap();
+        }
+        let w = [0.6, 0.4];
+        let yaml = |ty: &str, stats: bool| {
+            let st = |i: usize| {
+                if stats {
+                    format!(
+                        ", statistics: {}",
+                        d.join(format!("s{i}.safetensors")).display()
+                    )
+                } else {
+                    String::new()
+                }
+            };
+            format!(
+                "combination_type: {ty}\nadapters:\n  - {{path: {}, weight: 0.6{}}}\n  - {{path: {}, weight: 0.4{}}}\n",
+                d.join("a0").display(),
+                st(0),
+                d.join("a1").display(),
+                st(1)
+            )
+        };
+        let cfg = AdapterMergeConfig::parse(&yaml("fisher", true)).unwrap();
+        merge_adapters(&cfg, None, &d.join("fisher"), false, &NoProgress).unwrap();
+        for (mi, m) in [k, down].iter().enumerate() {
+            let got = read_vec(&d.join("fisher"), m);
+            for j in 0..got.len() {
+                let (mut num, mut den) = (0.0, 0.0);
+                for i in 0..2 {
+                    let f = f64::from(diag(i, j));
+                    num += w[i] * f * f64::from(ls[i][mi].2[j]);
+                    den += w[i] * f;
+                }
+                assert!((got[j] - num / den).abs() < 1e-6, "fisher {m}[{j}]");
+            }
+        }
+        let cfg = AdapterMergeConfig::parse(&yaml("mats", true)).unwrap();
+        merge_adapters(&cfg, None, &d.join("mats"), false, &NoProgress).unwrap();
+        for (mi, m) in [k, down].iter().enumerate() {
+            let got = read_vec(&d.join("mats"), m);
+            let n = got.len();
+            let mut a = vec![0.0f64; n * n];
+            let mut b = vec![0.0f64; n];
+            for i in 0..2 {
+                let f = block(i, n);
+                for r in 0..n {
+                    for c in 0..n {
+                        a[r * n + c] += f64::from(f[r * n + c]);
+                        b[r] += f64::from(f[r * n + c]) * f64::from(ls[i][mi].2[c]);
+                    }
+                }
+            }
+            let want = dense_solve(a, b, n);
+            for j in 0..n {
+                assert!(
+                    (got[j] - want[j]).abs() < 1e-4 * want[j].abs().max(1.0),
+                    "mats {m}[{j}]: {} vs {}",
+                    got[j],
+                    want[j]
+                );
+            }
+        }
+        let cfg = AdapterMergeConfig::parse(&yaml("fisher", false)).unwrap();
+        let e = merge_adapters(&cfg, None, &d.join("none"), false, &NoProgress)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a0") && e.contains("statistics"), "{e}");
+        assert!(!d.join("none").exists());
     }
 }
