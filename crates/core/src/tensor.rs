@@ -155,6 +155,12 @@ pub trait TensorReader: Sync {
         Ok(None)
     }
 
+    /// A device that solves MaTS's dense Gram systems for this merge (`--device cuda`), or
+    /// `None` (the default): the CPU solves them.
+    fn gram_solver(&self) -> Option<&dyn crate::solve::cg::GramSolver> {
+        None
+    }
+
     /// Fill `out` with elements `range` of this tensor's namesake in the extra checkpoint
     /// `key`, as f32.
     fn read_extra(&self, key: &str, range: Range<usize>, out: &mut [f32]) -> Result<()> {

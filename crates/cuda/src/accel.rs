@@ -10,13 +10,14 @@ use crate::gram;
 use crate::merge::{self, GtaSpec};
 use crate::tensor::{DType, DeviceTensor};
 use amalgam_core::methods::device::{DeviceGrouping, DevicePlan};
+use amalgam_core::solve::cg::{CgOptions, CgResult, GramSolver};
 use amalgam_core::tensor::{Input, TensorJob, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_engine::device::{Accelerator, Preloaded};
 use amalgam_engine::error::EngineError;
 use amalgam_engine::run::TensorOut;
 use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bytes per pinned transfer buffer.
@@ -318,6 +319,10 @@ impl Accelerator for GpuAccelerator {
         format!("cuda:{} {}", self.gpu.ctx.ordinal(), self.gpu.name)
     }
 
+    fn gram_solver(&self) -> Option<Arc<dyn GramSolver>> {
+        Some(Arc::new(GpuGramSolver::new(&self.gpu)))
+    }
+
     fn report(&self) -> Option<String> {
         let st = self.stats();
         Some(format!(
@@ -442,5 +447,52 @@ impl Accelerator for GpuAccelerator {
         st.compute_time += compute;
         st.download_time += t_down.elapsed();
         Ok(true)
+    }
+}
+
+/// MaTS's dense Gram systems solved by the device CG ([`crate::cg::solve`]: the vectors stay on
+/// the GPU for the whole solve, `X·A` is one DGEMM per iteration).
+#[derive(Clone)]
+pub struct GpuGramSolver {
+    gpu: Gpu,
+}
+
+impl GpuGramSolver {
+    /// A solver on `gpu`.
+    pub fn new(gpu: &Gpu) -> Self {
+        Self { gpu: gpu.clone() }
+    }
+}
+
+impl std::fmt::Debug for GpuGramSolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuGramSolver")
+            .field("gpu", &self.gpu.name)
+            .finish()
+    }
+}
+
+impl GramSolver for GpuGramSolver {
+    fn solve_gram(
+        &self,
+        a: &[f64],
+        n: usize,
+        b: &[f64],
+        m: usize,
+        x0: &[f64],
+        opts: &CgOptions,
+    ) -> amalgam_core::error::Result<CgResult> {
+        let gpu_err = |e: CudaError| match e {
+            CudaError::Merge(m) => m,
+            other => MergeError::Read(format!("GPU: {other}")),
+        };
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .ctx("binding the context")
+            .map_err(gpu_err)?;
+        let (x, report) =
+            crate::cg::solve(&self.gpu, a, n, b, m, Some(x0), opts).map_err(gpu_err)?;
+        Ok(report.into_result(x))
     }
 }

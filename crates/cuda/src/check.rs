@@ -886,6 +886,125 @@ pub fn all_passed(rows: &[Row]) -> bool {
     })
 }
 
+/// A reader serving `inner`'s inputs and statistics, with MaTS's Gram systems solved by
+/// `solver`.
+struct SolverReader<'a> {
+    inner: &'a MemReader,
+    solver: &'a dyn amalgam_core::solve::cg::GramSolver,
+}
+
+impl amalgam_core::tensor::TensorReader for SolverReader<'_> {
+    fn read(
+        &self,
+        input: amalgam_core::tensor::Input,
+        range: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> amalgam_core::error::Result<()> {
+        self.inner.read(input, range, out)
+    }
+
+    fn stat_shape(
+        &self,
+        model: usize,
+        kind: &str,
+    ) -> amalgam_core::error::Result<Option<Vec<usize>>> {
+        self.inner.stat_shape(model, kind)
+    }
+
+    fn read_stat(
+        &self,
+        model: usize,
+        kind: &str,
+        range: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> amalgam_core::error::Result<()> {
+        self.inner.read_stat(model, kind, range, out)
+    }
+
+    fn gram_solver(&self) -> Option<&dyn amalgam_core::solve::cg::GramSolver> {
+        Some(self.solver)
+    }
+}
+
+/// MaTS (`gram` objective) merged with the device CG against the CPU's CG: 3 models of a
+/// `rows × cols` weight with random SPD Grams; the f32 outputs must agree to 1e-6 relative
+/// (the inner products are summed in another order, so bits may differ).
+pub fn mats_parity(gpu: &Gpu) -> Result<Vec<Row>> {
+    use amalgam_core::tensor::TensorReader as _;
+    let (rows, cols, n_models) = (512usize, 256usize, 3usize);
+    let n = rows * cols;
+    let mut reader = MemReader {
+        base: Some(random(n, 7)),
+        models: (0..n_models).map(|i| random(n, 11 + i as u64)).collect(),
+        stats: Default::default(),
+    };
+    for i in 0..n_models {
+        // G = XᵀX / k + 1e-2·I from k random rows.
+        let k = cols + 8;
+        let x = random(k * cols, 100 + i as u64);
+        let mut g = vec![0.0f32; cols * cols];
+        for r in 0..cols {
+            for c in 0..cols {
+                let v: f64 = (0..k)
+                    .map(|t| f64::from(x[t * cols + r]) * f64::from(x[t * cols + c]))
+                    .sum();
+                g[r * cols + c] = (v / k as f64 + if r == c { 1e-2 } else { 0.0 }) as f32;
+            }
+        }
+        reader
+            .stats
+            .insert((i, "gram_in".into()), (vec![cols, cols], g));
+    }
+    let params = TensorParams::default().with_global("iterations", Scalar::Num(100.0));
+    let m = amalgam_core::methods::build("mats", &params, n_models, true)?;
+    let job = TensorJob {
+        name: "model.layers.0.mlp.up_proj.weight".into(),
+        shape: vec![rows, cols],
+        n_models,
+        has_base: true,
+        block_elems: n,
+        seed: 0,
+    };
+    let t = std::time::Instant::now();
+    let cpu = merge_in_memory(m.as_ref(), &job, &reader)?;
+    let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
+    let solver = crate::accel::GpuGramSolver::new(gpu);
+    let dev = SolverReader {
+        inner: &reader,
+        solver: &solver,
+    };
+    debug_assert!(dev.gram_solver().is_some());
+    let t = std::time::Instant::now();
+    let mut w = amalgam_core::tensor::MemWriter::default();
+    m.merge(&job, &[], &dev, &mut w)?;
+    let got = w.data;
+    let gpu_ms = t.elapsed().as_secs_f64() * 1e3;
+    let same = got
+        .iter()
+        .zip(&cpu)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    let err = got
+        .iter()
+        .zip(&cpu)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs() / f64::from(b.abs()).max(1e-30))
+        .fold(0.0, f64::max);
+    Ok(vec![Row {
+        name: format!("parity mats gram, GPU CG {rows}x{cols} x{n_models}"),
+        ms: gpu_ms,
+        rel_err: Some(err),
+        bitwise: Some(same),
+        note: format!(
+            "{}; the whole merge, CPU {cpu_ms:.1} ms",
+            if same {
+                "bit-identical".to_string()
+            } else {
+                format!("max rel err {err:.2e} (target <= 1e-6)")
+            }
+        ),
+        ..Default::default()
+    }])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

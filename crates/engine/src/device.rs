@@ -17,6 +17,12 @@ pub trait Accelerator: Send + Sync {
     /// The device, for messages (e.g. `cuda:0 NVIDIA H200`).
     fn describe(&self) -> String;
 
+    /// A solver of MaTS's dense Gram systems on this device (`None`, the default: the CPU
+    /// solves them).
+    fn gram_solver(&self) -> Option<std::sync::Arc<dyn amalgam_core::solve::cg::GramSolver>> {
+        None
+    }
+
     /// A line on what the device has merged so far, for the merge's summary (`None`: nothing
     /// to say).
     fn report(&self) -> Option<String> {

@@ -56,6 +56,7 @@ pub struct PlanReader<'a> {
     stats: &'a [Option<&'a StatsFile>],
     adapters: &'a [Option<&'a AdapterDelta>],
     extra: Option<&'a std::collections::BTreeMap<String, &'a Checkpoint>>,
+    gram_solver: Option<std::sync::Arc<dyn amalgam_core::solve::cg::GramSolver>>,
 }
 
 impl<'a> PlanReader<'a> {
@@ -73,6 +74,7 @@ impl<'a> PlanReader<'a> {
             stats: &[],
             adapters: &[],
             extra: None,
+            gram_solver: None,
         }
     }
 
@@ -83,6 +85,15 @@ impl<'a> PlanReader<'a> {
         extra: &'a std::collections::BTreeMap<String, &'a Checkpoint>,
     ) -> Self {
         self.extra = Some(extra);
+        self
+    }
+
+    /// Solve MaTS's dense Gram systems on `solver` (the accelerator's), when given.
+    pub fn with_gram_solver(
+        mut self,
+        solver: Option<std::sync::Arc<dyn amalgam_core::solve::cg::GramSolver>>,
+    ) -> Self {
+        self.gram_solver = solver;
         self
     }
 
@@ -213,6 +224,10 @@ impl<'a> PlanReader<'a> {
 }
 
 impl TensorReader for PlanReader<'_> {
+    fn gram_solver(&self) -> Option<&dyn amalgam_core::solve::cg::GramSolver> {
+        self.gram_solver.as_deref()
+    }
+
     fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>, MergeError> {
         let (src, file, kind) = self.stats_source(model, kind)?;
         Ok(file

@@ -353,8 +353,9 @@ pub fn merge_tensor_preloaded(
     }
     let method = build_method(t)?;
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
-    let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
+    let mut reader = extras.reader(t, ckpts, opts.allow_nonfinite);
     if let crate::device::Device::Accelerator(dev) = &opts.device {
+        reader = reader.with_gram_solver(dev.gram_solver());
         if let Some(plan) = method.device_plan_global(global) {
             if dev.merge(&plan, &job, &reader, writer, preloaded)? {
                 return Ok(Vec::new());

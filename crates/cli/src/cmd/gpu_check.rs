@@ -141,6 +141,7 @@ mod imp {
         }
         if !a.skip_cg {
             step(&mut rows, "cg", || amalgam_cuda::cg::check_rows(&gpu));
+            step(&mut rows, "mats", || check::mats_parity(&gpu));
         }
         if a.e2e_layers > 0 {
             match end_to_end(&a, &acc, pinned_gbs) {

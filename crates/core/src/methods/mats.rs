@@ -646,10 +646,22 @@ impl Mats {
         job: &TensorJob,
         reader: &dyn TensorReader,
     ) -> Result<CgResult> {
-        let (_, cols) = self.dims(job)?;
+        let (rows, cols) = self.dims(job)?;
         let (op, b) = self.assemble(job, reader)?;
         let x0 = self.initial(job, reader)?;
         let parts = self.part_rows(job)?;
+        let opts = CgOptions {
+            rtol: self.rtol,
+            atol: self.atol,
+            maxiter: self.iterations,
+            ..CgOptions::default()
+        };
+        // An unsplit Gram block on a device that solves it (the GPU's CG).
+        if let (Operator::Gram { g, d }, Some(dev), 1) = (&op, reader.gram_solver(), parts.len()) {
+            return dev
+                .solve_gram(g, *d, &b, rows, &x0, &opts)
+                .map_err(|e| linalg::name_tensor(e, &job.name));
+        }
         let lens: Vec<usize> = parts.iter().map(|r| r.len() * cols).collect();
         let mut problem = FnProblem::local(lens, |x: &[f64], y: &mut [f64]| {
             for r in &parts {
@@ -658,12 +670,6 @@ impl Mats {
             }
             Ok(())
         });
-        let opts = CgOptions {
-            rtol: self.rtol,
-            atol: self.atol,
-            maxiter: self.iterations,
-            ..CgOptions::default()
-        };
         cg(&mut problem, Some(&x0), &b, &opts).map_err(|e| linalg::name_tensor(e, &job.name))
     }
 

@@ -248,6 +248,23 @@ impl CgStop {
     }
 }
 
+/// A device that solves the dense systems `X·A = B` of MaTS's `gram` objective with this
+/// module's CG (the same options, stopping rule, exit codes and iteration counts; inner
+/// products summed in another order, so results agree to rounding), e.g. a GPU keeping the
+/// vectors on the device for the whole solve.
+pub trait GramSolver: Send + Sync + std::fmt::Debug {
+    /// Solve `X·A = B` (`A` `n × n`, `B` and `X` `m × n`, row-major) from `x0` under `opts`.
+    fn solve_gram(
+        &self,
+        a: &[f64],
+        n: usize,
+        b: &[f64],
+        m: usize,
+        x0: &[f64],
+        opts: &CgOptions,
+    ) -> Result<CgResult>;
+}
+
 /// The result of [`cg`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct CgResult {
