@@ -195,14 +195,7 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
         })
         .collect();
     // Scrape /metrics until the coordinator exits; the last page shows the whole job.
-    let mut last = String::new();
-    while coord.child.try_wait().unwrap().is_none() {
-        if let Some(page) = http_get(&metrics) {
-            last = page;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    coord.wait_ok();
+    let last = coord.scrape_until_exit(&metrics);
     for w in workers.iter_mut() {
         w.wait_ok();
     }
@@ -219,23 +212,6 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
         .unwrap_or(0);
     assert!(releases >= 1, "its shard was leased again:\n{last}");
     assert!(last.contains("amalgam_job_done 1"), "{last}");
-}
-
-/// `GET` a plain-HTTP URL (`http://host:port/path`); `None` when nothing answers.
-fn http_get(url: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = std::net::TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.starts_with("HTTP/1.1 200").then_some(body)
 }
 
 #[test]

@@ -10,27 +10,7 @@ const UP: &str = "model.layers.0.mlp.up_proj.weight";
 fn split_mats_block_over_worker_processes_equals_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    // MLP weights of 256 x 128 = 2 reduction chunks: split in two parts.
-    tiny_family(
-        d,
-        2,
-        &[
-            "--hidden",
-            "128",
-            "--intermediate",
-            "256",
-            "--heads",
-            "2",
-            "--kv-heads",
-            "1",
-            "--vocab",
-            "32",
-            "--layers",
-            "1",
-        ],
-    );
-    write_model_stats(d, "ft1", 1);
-    write_model_stats(d, "ft2", 2);
+    split_mats_family(d);
     std::fs::write(
         d.join("mats.yaml"),
         "merge_method: mats\nbase_model: base\nmodels:\n  - model: ft1\n    statistics: \

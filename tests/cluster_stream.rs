@@ -7,7 +7,6 @@
 
 use crate::common::*;
 use std::path::Path;
-use std::time::Duration;
 
 /// gRPC message limit of the cluster crate (`amalgam_cluster::MAX_MESSAGE_BYTES`).
 const MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
@@ -59,19 +58,6 @@ fn input_bytes(data: &Path) -> u64 {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum()
-}
-
-/// `GET` a plain-HTTP URL; `None` when nothing answers.
-fn http_get(url: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = std::net::TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 fn metric(page: &str, name: &str) -> u64 {
@@ -135,14 +121,7 @@ fn workers_outside_the_inputs_storage_stream_every_tensor() {
                 )
             })
             .collect();
-        let mut last = String::new();
-        while coord.child.try_wait().unwrap().is_none() {
-            if let Some(page) = http_get(&metrics) {
-                last = page;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        coord.wait_ok();
+        let last = coord.scrape_until_exit(&metrics);
         let mut by_workers = 0u64;
         for w in ws.iter_mut() {
             let line = w.line_with("input bytes streamed");

@@ -433,27 +433,7 @@ fn mats_init_checkpoint_errors_name_file_and_tensor() {
 fn mats_max_block_bytes_splits_blocks_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    // Weights of 128 x 256 = 2 reduction chunks: the MLP projections split in two parts.
-    tiny_family(
-        d,
-        2,
-        &[
-            "--hidden",
-            "128",
-            "--intermediate",
-            "256",
-            "--heads",
-            "2",
-            "--kv-heads",
-            "1",
-            "--vocab",
-            "32",
-            "--layers",
-            "1",
-        ],
-    );
-    write_model_stats(d, "ft1", 1);
-    write_model_stats(d, "ft2", 2);
+    split_mats_family(d);
     let cfg = |extra: &str| {
         format!(
             "merge_method: mats\nbase_model: base\n{STATS_MODELS}parameters:\n  iterations: 6\n{extra}"

@@ -3,8 +3,8 @@
 
 mod proc;
 mod stats;
-pub use proc::{url_of, Proc};
-pub use stats::write_model_stats;
+pub use proc::{http_get, url_of, Proc};
+pub use stats::{split_mats_family, write_model_stats};
 
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::collections::BTreeMap;

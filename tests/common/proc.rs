@@ -48,6 +48,20 @@ impl Proc {
         }
     }
 
+    /// Fetch `url` (a `/metrics` page) until the process exits, then require a successful
+    /// exit; the last page fetched.
+    pub fn scrape_until_exit(&mut self, url: &str) -> String {
+        let mut last = String::new();
+        while self.child.try_wait().unwrap().is_none() {
+            if let Some(page) = http_get(url) {
+                last = page;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_ok();
+        last
+    }
+
     /// Wait (up to 240 s) for a successful exit.
     pub fn wait_ok(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(240);
@@ -75,4 +89,21 @@ pub fn url_of(line: &str) -> String {
         .find(|w| w.starts_with("http://") || w.starts_with("https://"))
         .expect("a url on the line")
         .to_string()
+}
+
+/// `GET` a plain-HTTP URL (`http://host:port/path`); `None` when nothing answers.
+pub fn http_get(url: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.starts_with("HTTP/1.1 200").then_some(body)
 }

@@ -1,5 +1,6 @@
 //! Synthetic statistics files for the data-driven methods' process tests.
 
+use super::tiny_family;
 use amalgam_io::{write_stats, Checkpoint, StatKey, StatKind, StatsMeta};
 use std::path::Path;
 
@@ -68,4 +69,29 @@ pub fn write_model_stats(dir: &Path, model: &str, seed: u64) {
         true,
     )
     .unwrap();
+}
+
+/// A base and 2 fine-tunes (`ft1`, `ft2`) of one layer, with statistics: their MLP weights
+/// (256 × 128 and 128 × 256) are 2 reduction chunks each, so a MaTS block splits in two parts.
+pub fn split_mats_family(d: &Path) {
+    tiny_family(
+        d,
+        2,
+        &[
+            "--hidden",
+            "128",
+            "--intermediate",
+            "256",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--vocab",
+            "32",
+            "--layers",
+            "1",
+        ],
+    );
+    write_model_stats(d, "ft1", 1);
+    write_model_stats(d, "ft2", 2);
 }

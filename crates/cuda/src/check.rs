@@ -306,6 +306,12 @@ pub fn cases(n_models: usize) -> Vec<Case> {
         v
     };
     let with = |p: TensorParams| p.with_model_values("weight", &w);
+    let della = with(TensorParams::default())
+        .with_model_values("density", &dens)
+        .with_model_values("epsilon", &vec![0.1; n_models]);
+    let crumbs = with(TensorParams::default())
+        .with_model_values("density", &dens)
+        .with_model_values("gamma", &vec![0.05; n_models]);
     let list: Vec<(&'static str, TensorParams)> = vec![
         (
             "linear",
@@ -333,31 +339,13 @@ pub fn cases(n_models: usize) -> Vec<Case> {
             "sce",
             TensorParams::default().with_global("select_topk", Scalar::Num(0.3)),
         ),
-        (
-            "della",
-            with(TensorParams::default())
-                .with_model_values("density", &dens)
-                .with_model_values("epsilon", &vec![0.1; n_models]),
-        ),
+        ("della", della.clone()),
         (
             "della_linear",
-            with(TensorParams::default())
-                .with_model_values("density", &dens)
-                .with_model_values("epsilon", &vec![0.1; n_models])
-                .with_global("rescale_mode", Scalar::Str("inverse_prob".into())),
+            della.with_global("rescale_mode", Scalar::Str("inverse_prob".into())),
         ),
-        (
-            "breadcrumbs",
-            with(TensorParams::default())
-                .with_model_values("density", &dens)
-                .with_model_values("gamma", &vec![0.05; n_models]),
-        ),
-        (
-            "breadcrumbs_ties",
-            with(TensorParams::default())
-                .with_model_values("density", &dens)
-                .with_model_values("gamma", &vec![0.05; n_models]),
-        ),
+        ("breadcrumbs", crumbs.clone()),
+        ("breadcrumbs_ties", crumbs),
     ];
     list.into_iter()
         .map(|(method, params)| {
