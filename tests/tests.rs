@@ -14,5 +14,7 @@ mod cluster_mats;
 mod cluster_stream;
 mod data_driven;
 mod deploy_manifests;
+mod eval_cli;
+mod gguf;
 mod mergekit_parity;
 mod streaming;

@@ -109,6 +109,23 @@ pub struct Loaded {
     pub values: Vec<f64>,
 }
 
+/// Every tensor of one safetensors file.
+pub fn load_dir_file(file: &Path) -> BTreeMap<String, Loaded> {
+    let bytes = std::fs::read(file).expect("read file");
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let l = Loaded {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                values: to_f64(view.dtype(), view.data()),
+            };
+            (name, l)
+        })
+        .collect()
+}
+
 /// Every tensor of a checkpoint directory (all `*.safetensors` files).
 pub fn load_dir(dir: &Path) -> BTreeMap<String, Loaded> {
     let mut out = BTreeMap::new();

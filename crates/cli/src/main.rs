@@ -50,6 +50,12 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Generate a seeded synthetic Llama-shaped checkpoint (for tests and experiments).
     Generate(cmd::generate::GenerateArgs),
+    /// Evaluate a model on a suite of tasks (BIG-bench JSON, FIB pairs, JSONL) by rank
+    /// classification; held-in and held-out means, as JSON and Markdown.
+    Eval(cmd::eval::EvalArgs),
+    /// Compute the statistics data-driven merges need (Fisher, Gram, K-FAC, (IA)^3 block
+    /// Fisher) from data, as a statistics file the merge config names.
+    Stats(cmd::stats::StatsArgs),
     /// Serve a merge to cluster workers over gRPC and write the checkpoint they produce.
     Coordinator(cmd::cluster::CoordinatorArgs),
     /// Merge shards leased from a coordinator until its job is done.
@@ -90,6 +96,8 @@ fn main() {
         Command::Demo(a) => cmd::demo::run(a, quiet),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Eval(a) => cmd::eval::run(a, quiet),
+        Command::Stats(a) => cmd::stats::run(a, quiet),
         Command::Coordinator(a) => cmd::cluster::run_coordinator(a, quiet),
         Command::Worker(a) => cmd::cluster::run_worker_cmd(a, quiet),
         Command::Status(a) => cmd::cluster::run_status(a),

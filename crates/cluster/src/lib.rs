@@ -1,4 +1,4 @@
-//! Distributed merging for amalgam (issue 3): the gRPC coordinator and workers, shard leases,
+//! Distributed merging and evaluation for amalgam (issues 3, 6): the gRPC coordinator and workers, shard leases,
 //! the job journal. This crate does not depend on the merge engine; the engine plugs in through
 //! [`server::JobHost`] (coordinator side), [`worker::ShardExecutor`] (worker side) and
 //! [`journal::JobStore`] (durable job state).
@@ -11,6 +11,7 @@
 //! - [`roots`]: `--allow-root` path checks; [`metrics`]: Prometheus `/metrics`.
 //! - [`remote_input`]: workers that do not see the inputs' storage stream them.
 //! - [`etcd_store`]: [`journal::JobStore`] on etcd, and a throwaway local etcd for tests.
+//! - [`eval_job`]: evaluation on the cluster: batches of scoring requests leased like shards.
 //! - [`tls`]: TLS and mutual TLS settings of the coordinator and its clients.
 #![deny(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod etcd_store;
+pub mod eval_job;
 pub mod journal;
 pub mod merge_job;
 pub mod metrics;

@@ -41,6 +41,10 @@ pub trait JobHost: Send + Sync + 'static {
     /// same shard only if a previous call (or the journal write after it) failed, so a host
     /// must let a later call replace an earlier one.
     fn accept(&self, shard_id: ShardId, bytes: Vec<u8>) -> Result<()>;
+    /// What the shards are (told to workers at registration, so they pick their executor).
+    fn job_kind(&self) -> pb::JobKind {
+        pb::JobKind::Unspecified
+    }
 }
 
 /// Coordinator settings.
@@ -529,6 +533,7 @@ impl<H: JobHost> Coordinator for Service<H> {
             heartbeat_interval_ms: s.opts.heartbeat_interval.as_millis() as u64,
             lease_ttl_ms: s.opts.lease_ttl.as_millis() as u64,
             job_id: s.opts.job_id.clone(),
+            job_kind: s.host.job_kind() as i32,
         }))
     }
 

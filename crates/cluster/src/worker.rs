@@ -47,6 +47,7 @@ pub struct InputClient {
     shard_id: ShardId,
     lease_id: LeaseId,
     invalid: Arc<Mutex<BTreeSet<LeaseId>>>,
+    job_kind: pb::JobKind,
 }
 
 impl std::fmt::Debug for InputClient {
@@ -68,7 +69,13 @@ impl InputClient {
             shard_id: 0,
             lease_id: 0,
             invalid: Arc::default(),
+            job_kind: pb::JobKind::Unspecified,
         }
+    }
+
+    /// The kind of job the shard belongs to (the coordinator says so at registration).
+    pub fn job_kind(&self) -> pb::JobKind {
+        self.job_kind
     }
 
     /// The shard being executed.
@@ -387,7 +394,8 @@ pub async fn run_worker<E: ShardExecutor>(
         Arc::clone(&state),
         Arc::clone(&hooks),
     ));
-    let result = lease_loop(client, &opts, executor, &state, &hooks).await;
+    let job_kind = reg.job_kind();
+    let result = lease_loop(client, &opts, executor, &state, &hooks, job_kind).await;
     hb.abort();
     if let Some((store, member)) = presence {
         let left = tokio::task::spawn_blocking(move || store.deregister_member(member)).await;
@@ -472,6 +480,7 @@ async fn lease_loop<E: ShardExecutor>(
     executor: Arc<E>,
     state: &Arc<LoopState>,
     hooks: &Arc<Hooks>,
+    job_kind: pb::JobKind,
 ) -> Result<WorkerReport> {
     use pb::lease_response::Outcome;
     let mut report = WorkerReport {
@@ -540,6 +549,7 @@ async fn lease_loop<E: ShardExecutor>(
                 shard_id: sh.shard_id,
                 lease_id,
                 invalid: Arc::clone(&state.invalid),
+                job_kind,
             };
             let shard_id = sh.shard_id;
             // One span per shard: its merge's events (and a subscriber's timings) carry the

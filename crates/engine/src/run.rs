@@ -619,14 +619,30 @@ fn write_aux(
     let root_of = |m: &amalgam_core::config::ModelRef| {
         inputs.checkpoints.get(m).map(|c| c.root().to_path_buf())
     };
-    if let Some(dir) = config_src.as_ref().and_then(root_of) {
+    // A GGUF source has no config or tokenizer files: synthesize them from its metadata.
+    let gguf_of = |m: &amalgam_core::config::ModelRef| {
+        inputs
+            .checkpoints
+            .get(m)
+            .and_then(|c| amalgam_io::gguf::gguf_source(c))
+            .map(Path::to_path_buf)
+    };
+    if let Some(gguf) = config_src.as_ref().and_then(gguf_of) {
+        written.extend(amalgam_io::gguf::write_aux_files(
+            &gguf, out_dir, true, false,
+        )?);
+    } else if let Some(dir) = config_src.as_ref().and_then(root_of) {
         written.extend(amalgam_io::copy_files(
             &dir,
             out_dir,
             &["config.json", "generation_config.json"],
         )?);
     }
-    if let Some(dir) = tok_model.as_ref().or(config_src.as_ref()).and_then(root_of) {
+    if let Some(gguf) = tok_model.as_ref().or(config_src.as_ref()).and_then(gguf_of) {
+        written.extend(amalgam_io::gguf::write_aux_files(
+            &gguf, out_dir, false, true,
+        )?);
+    } else if let Some(dir) = tok_model.as_ref().or(config_src.as_ref()).and_then(root_of) {
         written.extend(amalgam_io::copy_files(
             &dir,
             out_dir,

@@ -80,7 +80,11 @@ fn vocab_of(inputs: &Inputs, m: &ModelRef) -> Result<Vec<Option<String>>, Engine
             model: m.to_string(),
             message: "was not opened".into(),
         })?;
-    amalgam_io::read_vocab(ck.root())?.ok_or_else(|| EngineError::Model {
+    let vocab = match amalgam_io::gguf::gguf_source(ck) {
+        Some(gguf) => amalgam_io::gguf::vocab(gguf)?,
+        None => amalgam_io::read_vocab(ck.root())?,
+    };
+    vocab.ok_or_else(|| EngineError::Model {
         model: m.to_string(),
         message: format!(
             "`tokenizer_source` is set but {} has no tokenizer.json",

@@ -408,6 +408,18 @@ pub enum IoError {
         /// What is wrong.
         reason: String,
     },
+    /// A GGUF file cannot be read as a Hugging Face checkpoint: bad magic or version, an
+    /// unsupported tensor encoding or architecture, a tensor with no Hugging Face name,
+    /// missing or malformed metadata.
+    #[error("{}: GGUF {item}: {reason}", file.display())]
+    Gguf {
+        /// The GGUF file.
+        file: PathBuf,
+        /// What the error concerns: `header`, `tensor "NAME"`, `metadata "KEY"`, `tokenizer`.
+        item: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The output directory already holds an adapter.
     #[error("{}: already holds an adapter ({found}); choose another output directory or allow overwriting (--overwrite)", dir.display())]
     AdapterExists {

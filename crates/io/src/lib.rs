@@ -23,6 +23,12 @@
 //! - [`copy_aux_files`], [`read_vocab`] and [`write_text_atomic`] handle the rest of a model
 //!   directory.
 //!
+//! - [`gguf`] reads llama.cpp GGUF files: [`Checkpoint::open`] accepts a `.gguf` file and
+//!   presents its tensors dequantized (to F32; F16/BF16/F32 kept) under Hugging Face names,
+//!   from an in-memory safetensors image (the whole model lives in memory while open);
+//!   [`gguf::hf_config_json`] and [`gguf::tokenizer_json`] give the `config.json` and
+//!   `tokenizer.json` equivalents from its metadata.
+//!
 //! Data flow: `Checkpoint` (mmap) → `read_f32` → merge (f32) → `CheckpointWriter::write_f32`
 //! (rounded to the output dtype) → `.partial` file → rename.
 
@@ -33,6 +39,7 @@ mod aux_files;
 pub mod checksum;
 mod dtype;
 mod error;
+pub mod gguf;
 pub mod hf_index;
 pub mod peft;
 pub mod safetensors;

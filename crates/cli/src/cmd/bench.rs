@@ -39,8 +39,16 @@ pub struct BenchArgs {
     /// `merge` (linear and TIES against the I/O floor), `mats` (MaTS conjugate gradient
     /// against the matmul floor and task arithmetic) or `cluster` (TIES through a coordinator
     /// and 1, 2, 4 worker processes on loopback, against a direct merge).
+    /// `eval` (evaluation throughput in one process and on 1 and 2 worker processes) is the
+    /// fourth suite.
     #[arg(long, default_value = "merge")]
     pub suite: String,
+    /// The model `--suite eval` evaluates (default: $AMALGAM_SMOLLM2_GGUF).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The evaluation suite (YAML) `--suite eval` runs.
+    #[arg(long)]
+    pub eval_suite: Option<PathBuf>,
 }
 
 /// The base and fine-tunes every merge benchmark uses.
@@ -149,9 +157,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.suite == "cluster" {
         return super::bench_cluster::run(&a.dir.join("cluster"), a.layers, a.memory_budget);
     }
+    if a.suite == "eval" {
+        return super::bench_eval::run(&a.dir.join("eval"), a.model, a.eval_suite);
+    }
     anyhow::ensure!(
         a.suite == "merge",
-        "--suite must be `merge`, `mats` or `cluster`"
+        "--suite must be `merge`, `mats`, `cluster` or `eval`"
     );
     let mut rows = Vec::new();
     for dt_name in a.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {

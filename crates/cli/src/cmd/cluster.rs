@@ -15,7 +15,10 @@ use amalgam_cluster::merge_job::{
 };
 use amalgam_cluster::server::{serve, ServerOptions};
 use amalgam_cluster::tls::{ClientTls, ServerTls};
-use amalgam_cluster::worker::{run_worker, WorkerOptions};
+use amalgam_cluster::eval_job::EvalExecutor;
+use amalgam_cluster::pb::JobKind;
+use amalgam_cluster::worker::{run_worker, ShardExecutor, WorkerOptions};
+use amalgam_eval::Scorer;
 use amalgam_engine::run::MergeOptions;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -153,7 +156,7 @@ pub struct StatusArgs {
     pub tls: ClientTlsArgs,
 }
 
-fn read_token(path: &Option<PathBuf>) -> Result<Option<String>> {
+pub fn read_token(path: &Option<PathBuf>) -> Result<Option<String>> {
     path.as_ref()
         .map(|p| {
             amalgam_cluster::auth::load_token_file(p)
@@ -295,11 +298,12 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
     }
     .with_test_hooks_from_env()?;
     let rt = runtime()?;
-    let exec = Arc::new(
-        MergeExecutor::with_roots(roots)
+    let exec = Arc::new(JobExecutor {
+        merge: MergeExecutor::with_roots(roots.clone())
             .with_device(device)
             .with_stream_inputs(a.stream_inputs),
-    );
+        eval: EvalExecutor::new(Box::new(load_scorer), roots),
+    });
     let report = rt
         .block_on(run_worker(opts, Arc::clone(&exec)))
         .with_context(|| format!("worker of {}", a.coordinator))?;
@@ -314,10 +318,36 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
         println!(
             "worker {}: {} input bytes streamed from the coordinator",
             report.worker_id,
-            exec.input_bytes_streamed()
+            exec.merge.input_bytes_streamed()
         );
     }
     Ok(())
+}
+
+/// A worker's executor: merge shards or evaluation batches, as the coordinator's job kind says.
+struct JobExecutor {
+    merge: MergeExecutor,
+    eval: EvalExecutor,
+}
+
+impl ShardExecutor for JobExecutor {
+    fn execute(
+        &self,
+        spec: &[u8],
+        inputs: &amalgam_cluster::worker::InputClient,
+    ) -> amalgam_cluster::Result<Vec<u8>> {
+        match inputs.job_kind() {
+            JobKind::Eval => self.eval.execute(spec, inputs),
+            JobKind::Unspecified => self.merge.execute(spec, inputs),
+        }
+    }
+}
+
+/// Loads a model for evaluation shards (once per worker and model).
+fn load_scorer(path: &Path) -> std::result::Result<Box<dyn Scorer + Send>, String> {
+    crate::cmd::eval::load_scorer(path)
+        .map(|s| Box::new(s) as Box<dyn Scorer + Send>)
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// Run `amalgam status`.

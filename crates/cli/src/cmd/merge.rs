@@ -269,7 +269,8 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
     }
     if args.workers > 0 {
         drop(inputs);
-        return run_embedded(&args, opts, quiet);
+        run_embedded(&args, opts, quiet)?;
+        return run_evaluation(&config, &args.config, &out, quiet);
     }
     let bar = Bar::new(quiet);
     let dir = args.config.parent().filter(|p| !p.as_os_str().is_empty());
@@ -292,6 +293,37 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
                 println!("{line}");
             }
         }
+    }
+    run_evaluation(&config, &args.config, &out, quiet)
+}
+
+/// Runs the config's `evaluation:` suite (if any) on the merged model in `out`.
+fn run_evaluation(config: &MergeConfig, config_path: &Path, out: &Path, quiet: bool) -> Result<()> {
+    let Some(ev) = &config.evaluation else {
+        return Ok(());
+    };
+    let dir = config_path.parent().unwrap_or(Path::new(""));
+    let suite_path = dir.join(&ev.suite);
+    let suite = amalgam_eval::suite::Suite::load(&suite_path)?;
+    let batch_size = ev.batch_size.unwrap_or_else(|| suite.batch_size());
+    let outputs = crate::cmd::eval::EvalOutputs {
+        json: out.join(ev.out.as_deref().unwrap_or("evaluation.json")),
+        markdown: None,
+        dump_scores: ev.dump_scores.as_ref().map(|d| out.join(d)),
+    };
+    let report = crate::cmd::eval::evaluate(
+        out,
+        &suite,
+        batch_size,
+        1,
+        &crate::cmd::eval::Mode::Local,
+        &outputs,
+        quiet,
+    )
+    .with_context(|| format!("evaluating {} on {}", out.display(), suite_path.display()))?;
+    if !quiet {
+        println!("{}", report.to_markdown());
+        println!("evaluation written to {}", outputs.json.display());
     }
     Ok(())
 }

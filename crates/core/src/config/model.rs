@@ -103,6 +103,20 @@ pub struct TokenizerConfig {
     pub tokens: Option<serde_json::Value>,
 }
 
+/// The `evaluation:` section (amalgam): a suite run on the merged model once it is written.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EvaluationConfig {
+    /// `suite`: the suite file, relative to the config file's directory.
+    pub suite: String,
+    /// `out`: the JSON report (default `evaluation.json` in the output directory); relative to
+    /// the output directory.
+    pub out: Option<String>,
+    /// `batch_size`: overrides the suite's.
+    pub batch_size: Option<usize>,
+    /// `dump_scores`: per-example scores (JSONL), relative to the output directory.
+    pub dump_scores: Option<String>,
+}
+
 /// A whole merge configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MergeConfig {
@@ -132,6 +146,8 @@ pub struct MergeConfig {
     /// Per-model statistics files (amalgam's `statistics:` key of a `models[]` entry or a slice
     /// source), by model.
     pub statistics: BTreeMap<ModelRef, String>,
+    /// `evaluation:` (amalgam): the suite to run on the output.
+    pub evaluation: Option<EvaluationConfig>,
     /// Keys accepted for mergekit compatibility but not acted on (e.g. `modules`), by name.
     pub ignored_keys: Vec<String>,
     /// The original YAML text, for the model card.

@@ -33,7 +33,7 @@
 //! against the method's lists.
 
 use super::model::{
-    FilteredValue, MergeConfig, ModelRef, ModelSpec, ParamMap, ParamValue, SliceSource, SliceSpec,
+    EvaluationConfig, FilteredValue, MergeConfig, ModelRef, ModelSpec, ParamMap, ParamValue, SliceSource, SliceSpec,
     TokenizerConfig, TokenizerSource,
 };
 use crate::params::Scalar;
@@ -328,7 +328,9 @@ const TOP_KEYS: &[&str] = &[
     "parameters",
     "random_seed",
     "name",
+    "evaluation",
 ];
+const EVALUATION_KEYS: &[&str] = &["suite", "out", "batch_size", "dump_scores"];
 const MODEL_KEYS: &[&str] = &["model", "parameters", "statistics"];
 const SLICE_KEYS: &[&str] = &["sources", "base_model", "residual_weight", "parameters"];
 const SOURCE_KEYS: &[&str] = &["model", "layer_range", "parameters", "statistics"];
@@ -444,6 +446,9 @@ impl Walker {
                     ),
                 ))
             }
+        }
+        if let Some(v) = m.get("evaluation") {
+            self.config.evaluation = self.evaluation(v, "evaluation")?;
         }
         match m.get("random_seed") {
             None | Some(Value::Null) => {}
@@ -815,6 +820,59 @@ impl Walker {
             Value::String(s) if s == "base" => Some(TokenizerSource::Base),
             other => Some(TokenizerSource::Model(self.model_ref(other, path)?)),
         })
+    }
+
+    /// The `evaluation:` section (amalgam; null means none).
+    fn evaluation(
+        &mut self,
+        v: &Value,
+        path: &str,
+    ) -> Result<Option<EvaluationConfig>, ConfigError> {
+        let m = match v {
+            Value::Null => return Ok(None),
+            Value::Mapping(m) => m,
+            other => {
+                return Err(ConfigError::new(
+                    path,
+                    format!("expected a mapping with `suite`, found {}", kind(other)),
+                ))
+            }
+        };
+        self.check_keys(m, path, EVALUATION_KEYS)?;
+        let text = |key: &str| -> Result<Option<String>, ConfigError> {
+            match m.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+                Some(other) => Err(ConfigError::new(
+                    join(path, key),
+                    format!("expected a path, found {}", describe(other)),
+                )),
+            }
+        };
+        let suite = text("suite")?.ok_or_else(|| {
+            ConfigError::new(
+                join(path, "suite"),
+                "required: the suite file to run on the output",
+            )
+        })?;
+        let batch_size = match m.get("batch_size") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|x| x > 0) => {
+                Some(n.as_u64().expect("checked by the guard") as usize)
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    join(path, "batch_size"),
+                    format!("expected a positive integer, found {}", describe(other)),
+                ))
+            }
+        };
+        Ok(Some(EvaluationConfig {
+            suite,
+            out: text("out")?,
+            batch_size,
+            dump_scores: text("dump_scores")?,
+        }))
     }
 
     fn tokenizer(&mut self, v: &Value, path: &str) -> Result<Option<TokenizerConfig>, ConfigError> {
@@ -1778,6 +1836,24 @@ slices:
             c.parameters.get("tol"),
             Some(&ParamValue::Gradient(vec![1e-5, 1e-3]))
         );
+    }
+
+    #[test]
+    fn evaluation_section() {
+        let base = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n";
+        let (c, _) = ok(&format!(
+            "{base}evaluation:\n  suite: suite.yaml\n  batch_size: 4\n  dump_scores: s.jsonl\n"
+        ));
+        let e = c.evaluation.unwrap();
+        assert_eq!(e.suite, "suite.yaml");
+        assert_eq!(e.batch_size, Some(4));
+        assert_eq!(e.out, None);
+        assert_eq!(e.dump_scores.as_deref(), Some("s.jsonl"));
+        let err = parse_config(&format!("{base}evaluation:\n  batch_size: 4\n"), true).unwrap_err();
+        assert!(err.to_string().contains("evaluation.suite"), "{err}");
+        let err = parse_config(&format!("{base}evaluation:\n  suite: s\n  batch_size: 0\n"), true)
+            .unwrap_err();
+        assert!(err.to_string().contains("evaluation.batch_size"), "{err}");
     }
 
     #[test]

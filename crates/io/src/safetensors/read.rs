@@ -112,6 +112,29 @@ fn open_file(root: &Path, name: &str) -> Result<(CheckpointFile, Vec<TensorMeta>
     ))
 }
 
+/// Opens GGUF file `path` as a one-file checkpoint: its tensors, dequantized under Hugging
+/// Face names, are laid out as a safetensors file in memory (see [`crate::gguf`]; the whole
+/// model stays in memory while the checkpoint is open), which is then mapped and validated
+/// like a file on disk. Errors name `path`.
+fn open_gguf(path: &Path, name: &str) -> Result<(CheckpointFile, Vec<TensorMeta>), IoError> {
+    let file = crate::gguf::safetensors_image(path)?;
+    // SAFETY: the image is an anonymous file only this checkpoint holds; nothing writes it
+    // after it is built.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, "mmap", e))?;
+    let parsed = header::parse(path, &map)?;
+    Ok((
+        CheckpointFile {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            metadata: parsed.metadata,
+            header: parsed.header,
+            map,
+            file,
+        },
+        parsed.tensors,
+    ))
+}
+
 thread_local! {
     /// Reusable byte buffer for positioned reads of non-f32 tensors (reused so that repeated
     /// reads do not fault in fresh pages).
@@ -138,6 +161,8 @@ fn pread_par(file: &CheckpointFile, offset: u64, buf: &mut [u8]) -> Result<(), I
 impl Checkpoint {
     /// Opens and validates a checkpoint: a `.safetensors` file, or a directory holding
     /// `model.safetensors.index.json` (sharded; preferred when both exist) or `model.safetensors`.
+    /// A GGUF file (recognized by its magic) is read too: dequantized into memory under
+    /// Hugging Face names ([`crate::gguf`]).
     pub fn open(path: &Path) -> Result<Checkpoint, IoError> {
         let md = std::fs::metadata(path).map_err(|e| IoError::io(path, "open", e))?;
         if md.is_file() {
@@ -149,6 +174,10 @@ impl Checkpoint {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            if crate::gguf::is_gguf(path) {
+                let (file, tensors) = open_gguf(path, &name)?;
+                return Ok(Self::assemble(root, None, vec![(file, tensors)]));
+            }
             let (file, tensors) = open_file(&root, &name)?;
             return Ok(Self::assemble(root, None, vec![(file, tensors)]));
         }

@@ -1,0 +1,322 @@
+//! `amalgam eval`: rank-classification evaluation of a model on a suite of tasks.
+//!
+//! The suite's tasks are rendered into one list of scoring requests, cut into batches before
+//! any model runs, and scored either here (one process) or by worker processes through the
+//! cluster's leases (`--workers N` starts them locally, `--listen` waits for external ones).
+//! Either way the batches are the same, so the report is the same, bit for bit.
+
+use crate::cmd::cluster::read_token;
+use amalgam_cluster::eval_job::EvalHost;
+use amalgam_cluster::server::{serve, ServerOptions};
+use amalgam_eval::model::{CausalLm, LoadOptions};
+use amalgam_eval::report::Report;
+use amalgam_eval::score::{score_all, LmScorer};
+use amalgam_eval::suite::{PreparedSuite, Suite};
+use amalgam_eval::{ScoreRequest, Scored};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Arguments of `amalgam eval`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  amalgam eval --model merged/ --suite suite.yaml --out results.json\n\n\
+A suite (YAML) lists tasks: BIG-bench JSON tasks, FIB-style pairs or plain JSONL, each marked\n\
+`split: held_in` or `held_out`, with an optional `limit` of examples. The report gives each\n\
+task's metric and the held-in and held-out means, as JSON (--out) and a Markdown table.")]
+pub struct EvalArgs {
+    /// The model: a Hugging Face directory (config.json, tokenizer.json, safetensors) or a
+    /// `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The suite file (YAML).
+    #[arg(long)]
+    pub suite: PathBuf,
+    /// Where to write the report (JSON).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Where to write the Markdown report (default: the JSON path with `.md`).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Also write every example's per-choice log-likelihood and token count (JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub dump_scores: Option<PathBuf>,
+    /// Requests scored per forward pass (default: the suite's `batch_size`, else 8).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Score on this many local worker processes through the cluster path (0: in this process).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Serve the evaluation to external workers (`amalgam worker --coordinator URL`) on this
+    /// address instead of scoring here. The model path must be the same on every worker.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token workers must send (with --listen).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Batches leased to a worker at a time.
+    #[arg(long, default_value_t = 4)]
+    pub batches_per_shard: usize,
+}
+
+/// Run `amalgam eval`.
+pub fn run(a: EvalArgs, quiet: bool) -> Result<()> {
+    let suite = Suite::load(&a.suite)?;
+    let batch_size = a.batch_size.unwrap_or_else(|| suite.batch_size()).max(1);
+    let out = EvalOutputs {
+        json: a.out.clone(),
+        markdown: a.markdown.clone(),
+        dump_scores: a.dump_scores.clone(),
+    };
+    let mode = if let Some(listen) = a.listen {
+        Mode::Serve {
+            listen,
+            token: read_token(&a.token_file)?,
+            local_workers: a.workers,
+        }
+    } else if a.workers > 0 {
+        Mode::Serve {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: None,
+            local_workers: a.workers,
+        }
+    } else {
+        Mode::Local
+    };
+    let report = evaluate(
+        &a.model,
+        &suite,
+        batch_size,
+        a.batches_per_shard,
+        &mode,
+        &out,
+        quiet,
+    )?;
+    if !quiet {
+        println!("{}", report.to_markdown());
+        println!("report written to {}", out.json.display());
+    }
+    Ok(())
+}
+
+/// Where an evaluation writes its results.
+#[derive(Debug, Clone)]
+pub struct EvalOutputs {
+    /// The JSON report.
+    pub json: PathBuf,
+    /// The Markdown report (default: the JSON path with `.md`).
+    pub markdown: Option<PathBuf>,
+    /// Per-example scores (JSONL), if wanted.
+    pub dump_scores: Option<PathBuf>,
+}
+
+/// How the requests are scored.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// In this process.
+    Local,
+    /// By workers leasing batches from a coordinator served here.
+    Serve {
+        /// Address to serve on (port 0 picks one).
+        listen: SocketAddr,
+        /// Bearer token workers must send.
+        token: Option<String>,
+        /// Worker processes to start here (they connect to the served address).
+        local_workers: usize,
+    },
+}
+
+/// Evaluates `model` on `suite`, writes the report files, returns the report.
+pub fn evaluate(
+    model: &Path,
+    suite: &Suite,
+    batch_size: usize,
+    batches_per_shard: usize,
+    mode: &Mode,
+    out: &EvalOutputs,
+    quiet: bool,
+) -> Result<Report> {
+    let prepared = PreparedSuite::prepare(suite)?;
+    let requests = prepared.requests();
+    let started = Instant::now();
+    let scores = match mode {
+        Mode::Local => score_here(model, requests, batch_size, quiet)?,
+        Mode::Serve {
+            listen,
+            token,
+            local_workers,
+        } => score_on_workers(
+            model,
+            requests,
+            batch_size,
+            batches_per_shard,
+            *listen,
+            token.clone(),
+            *local_workers,
+            quiet,
+        )?,
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let report = prepared.grade(&scores)?;
+    if !quiet {
+        eprintln!(
+            "scored {} requests in {secs:.1} s ({:.1} requests/s)",
+            requests.len(),
+            requests.len() as f64 / secs.max(1e-9)
+        );
+    }
+    amalgam_io::write_text_atomic(&out.json, &report.to_json()?)
+        .with_context(|| format!("writing {}", out.json.display()))?;
+    let md = out
+        .markdown
+        .clone()
+        .unwrap_or_else(|| out.json.with_extension("md"));
+    amalgam_io::write_text_atomic(&md, &report.to_markdown())
+        .with_context(|| format!("writing {}", md.display()))?;
+    if let Some(path) = &out.dump_scores {
+        let mut buf = Vec::new();
+        prepared.dump_scores(&scores, &mut buf)?;
+        let text = String::from_utf8(buf).context("score dump is not UTF-8")?;
+        amalgam_io::write_text_atomic(path, &text)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// Loads `model` (a Hugging Face directory or a `.gguf` file) for scoring, in f32 on the CPU.
+pub fn load_scorer(model: &Path) -> Result<LmScorer> {
+    let lm = CausalLm::load(model, &LoadOptions::default())?;
+    Ok(LmScorer::new(lm))
+}
+
+fn bar(total: usize, quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    if quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:30}] {pos}/{len} requests {per_sec} ETA {eta} {wide_msg}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix("scoring");
+    bar
+}
+
+fn score_here(
+    model: &Path,
+    requests: &[ScoreRequest],
+    batch_size: usize,
+    quiet: bool,
+) -> Result<Vec<Scored>> {
+    let started = Instant::now();
+    let mut scorer = load_scorer(model)?;
+    if !quiet {
+        eprintln!(
+            "loaded {} in {:.1} s",
+            model.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let pb = bar(requests.len(), quiet);
+    let scores = score_all(&mut scorer, requests, batch_size, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    Ok(scores)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score_on_workers(
+    model: &Path,
+    requests: &[ScoreRequest],
+    batch_size: usize,
+    batches_per_shard: usize,
+    listen: SocketAddr,
+    token: Option<String>,
+    local_workers: usize,
+    quiet: bool,
+) -> Result<Vec<Scored>> {
+    let model = std::path::absolute(model)
+        .with_context(|| format!("resolving {}", model.display()))?;
+    if !model.exists() {
+        bail!("model {} does not exist", model.display());
+    }
+    let host = Arc::new(EvalHost::new(
+        model.display().to_string(),
+        requests.to_vec(),
+        batch_size,
+        batches_per_shard.max(1),
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let opts = ServerOptions {
+            job_id: "eval".into(),
+            token: token.clone(),
+            ..ServerOptions::default()
+        };
+        let server = serve(Arc::clone(&host), listen, opts)
+            .await
+            .with_context(|| format!("serving on {listen}"))?;
+        let url = server.url();
+        if !quiet {
+            eprintln!(
+                "evaluation coordinator on {url}: {} batches; workers: amalgam worker --coordinator {url}",
+                host.progress().1
+            );
+        }
+        let mut children = Vec::new();
+        for i in 0..local_workers {
+            children.push(spawn_worker(&url, token.as_deref(), i)?);
+        }
+        let pb = bar(requests.len(), quiet);
+        let total = host.progress().1.max(1);
+        let done = server.done();
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                _ = &mut done => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let (b, _) = host.progress();
+                    pb.set_position((b * requests.len() / total) as u64);
+                    for c in children.iter_mut() {
+                        if let Some(st) = c.try_wait().context("waiting for a worker")? {
+                            if !st.success() {
+                                bail!("a local worker process exited with {st}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        pb.finish_and_clear();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.shutdown(Duration::from_secs(5)).await?;
+        for mut c in children {
+            let _ = tokio::task::block_in_place(|| c.wait());
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(host.scores()?)
+}
+
+fn spawn_worker(url: &str, token: Option<&str>, i: usize) -> Result<std::process::Child> {
+    let exe = std::env::current_exe().context("locating the amalgam binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--quiet", "worker", "--coordinator", url])
+        .args(["--name", &format!("local-{i}")]);
+    if let Some(t) = token {
+        let dir = std::env::temp_dir().join(format!("amalgam-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let f = dir.join("token");
+        std::fs::write(&f, t)?;
+        cmd.arg("--token-file").arg(f);
+    }
+    cmd.stdin(std::process::Stdio::null());
+    cmd.spawn().context("starting a local worker process")
+}

@@ -1,0 +1,112 @@
+//! Plain JSONL rank classification (methods.md §17 "Rank classification"): one
+//! `{input, choices: [..], label: int}` object per line; the context is `input` and each
+//! continuation a choice, both exactly as written (put any separating space in the data); the
+//! metric is accuracy.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{jsonl_objects, task_err, Choice, Example, RenderedTask, TaskFormat, TaskOptions};
+use crate::error::Result;
+use crate::score::ScoreRequest;
+
+/// Reads a plain JSONL task and renders one request per choice.
+pub fn load(path: &Path, options: &TaskOptions) -> Result<RenderedTask> {
+    let lines = jsonl_objects(path)?;
+    let total = lines.len();
+    let mut requests = Vec::new();
+    let mut examples = Vec::new();
+    let mut ignored = BTreeSet::new();
+    for (index, lineno, obj) in lines {
+        let field = |name: &str| format!("line {lineno}.{name}");
+        for k in obj.keys() {
+            if !matches!(k.as_str(), "input" | "choices" | "label") {
+                ignored.insert(k.clone());
+            }
+        }
+        let input = match obj.get("input") {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(task_err(path, field("input"), "expected a string")),
+            None => return Err(task_err(path, field("input"), "missing")),
+        };
+        let choices: Vec<&str> = match obj.get("choices") {
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    c.as_str().ok_or_else(|| {
+                        task_err(path, field(&format!("choices[{j}]")), "expected a string")
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => {
+                return Err(task_err(
+                    path,
+                    field("choices"),
+                    "expected a non-empty list of strings",
+                ))
+            }
+            None => return Err(task_err(path, field("choices"), "missing")),
+        };
+        let label = match obj.get("label").and_then(Value::as_u64) {
+            Some(l) if (l as usize) < choices.len() => l as usize,
+            Some(l) => {
+                return Err(task_err(
+                    path,
+                    field("label"),
+                    format!("{l} is out of range for {} choices", choices.len()),
+                ))
+            }
+            None => {
+                return Err(task_err(
+                    path,
+                    field("label"),
+                    "missing or not a non-negative integer (index of the correct choice)",
+                ))
+            }
+        };
+        if options.limit.is_some_and(|l| examples.len() >= l) {
+            continue;
+        }
+        let mut out = Vec::with_capacity(choices.len());
+        for (j, text) in choices.iter().enumerate() {
+            out.push(Choice {
+                text: text.to_string(),
+                request: requests.len(),
+                null_request: None,
+                target: if j == label { 1.0 } else { 0.0 },
+            });
+            requests.push(ScoreRequest {
+                context: input.clone(),
+                continuation: text.to_string(),
+            });
+        }
+        examples.push(Example {
+            index,
+            group: 0,
+            choices: out,
+        });
+    }
+    let mut notes = Vec::new();
+    if examples.len() < total {
+        notes.push(format!(
+            "limited to the first {} of {total} examples",
+            examples.len()
+        ));
+    }
+    if !ignored.is_empty() {
+        let names: Vec<String> = ignored.into_iter().collect();
+        notes.push(format!("ignored fields: {}", names.join(", ")));
+    }
+    Ok(RenderedTask {
+        format: TaskFormat::Jsonl,
+        metric: "accuracy".into(),
+        requests,
+        examples,
+        groups: vec![String::new()],
+        length_norm: options.length_norm,
+        notes,
+    })
+}
