@@ -111,7 +111,11 @@ fn bad_inputs_are_named() {
     );
     assert!(err.contains("nowhere"), "{err}");
     // A suite naming a task file that does not parse.
-    std::fs::write(t.path().join("bad.json"), "{\"examples\": [{\"input\": 3}]}").unwrap();
+    std::fs::write(
+        t.path().join("bad.json"),
+        "{\"examples\": [{\"input\": 3}]}",
+    )
+    .unwrap();
     std::fs::write(
         t.path().join("suite.yaml"),
         "tasks:\n  - name: bad\n    path: bad.json\n    format: bigbench\n    split: held_in\n",
@@ -120,9 +124,20 @@ fn bad_inputs_are_named() {
     let model = fixture("tests/fixtures/tiny_lm/llama");
     let err = run_err(
         t.path(),
-        &["eval", "--model", &model, "--suite", "suite.yaml", "--out", "r.json"],
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--suite",
+            "suite.yaml",
+            "--out",
+            "r.json",
+        ],
     );
-    assert!(err.contains("bad.json") && err.contains("examples[0]"), "{err}");
+    assert!(
+        err.contains("bad.json") && err.contains("examples[0]"),
+        "{err}"
+    );
     assert!(!t.path().join("r.json").exists());
 }
 
@@ -145,7 +160,14 @@ fn statistics_from_data_feed_a_regmean_merge() {
         let out = run_ok(
             t.path(),
             &[
-                "stats", "--model", m, "--data", &data, "--kind", "gram", "--out",
+                "stats",
+                "--model",
+                m,
+                "--data",
+                &data,
+                "--kind",
+                "gram",
+                "--out",
                 &format!("{m}.gram.safetensors"),
             ],
         );
@@ -154,12 +176,24 @@ fn statistics_from_data_feed_a_regmean_merge() {
     // Refuses to replace a statistics file without --overwrite.
     let err = run_err(
         t.path(),
-        &["stats", "--model", "a", "--data", &data, "--kind", "gram", "--out", "a.gram.safetensors"],
+        &[
+            "stats",
+            "--model",
+            "a",
+            "--data",
+            &data,
+            "--kind",
+            "gram",
+            "--out",
+            "a.gram.safetensors",
+        ],
     );
     assert!(err.contains("--overwrite"), "{err}");
     // The Grams are the reference's (an independent float64 torch computation).
     let got = crate::common::load_dir_file(&t.path().join("a.gram.safetensors"));
-    let want = crate::common::load_dir_file(&repo().join("tests/fixtures/tiny_lm/stats_ref/kfac.safetensors"));
+    let want = crate::common::load_dir_file(
+        &repo().join("tests/fixtures/tiny_lm/stats_ref/kfac.safetensors"),
+    );
     let mut grams = 0;
     for (k, w) in want.iter().filter(|(k, _)| k.ends_with("::gram_in")) {
         let g = &got[k];
@@ -167,7 +201,11 @@ fn statistics_from_data_feed_a_regmean_merge() {
         crate::common::assert_close(k, &g.values, &w.values, 1e-4, scale * 0.1);
         grams += 1;
     }
-    assert_eq!(grams, 2 * 7 + 1, "every linear layer of 2 layers, and the head");
+    assert_eq!(
+        grams,
+        2 * 7 + 1,
+        "every linear layer of 2 layers, and the head"
+    );
     // RegMean of a model with an identical copy under identical statistics is the model (alpha
     // 0.9 keeps the rank-deficient Grams of 111 positions positive definite).
     std::fs::write(
@@ -182,4 +220,36 @@ fn statistics_from_data_feed_a_regmean_merge() {
     for (k, w) in &orig {
         crate::common::assert_close(k, &merged[k].values, &w.values, 1e-4, 1e-2);
     }
+}
+
+#[test]
+fn statistics_on_workers_equal_one_process() {
+    let t = tempfile::tempdir().unwrap();
+    let model = fixture("tests/fixtures/tiny_lm/llama");
+    let data = fixture("tests/fixtures/tiny_lm/stats_data.jsonl");
+    let args = |out: &'static str| {
+        vec![
+            "stats", "--model", &model, "--data", &data, "--kind", "fisher", "--chunk", "2",
+            "--out", out,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let local = args("local.safetensors");
+    run_ok(
+        t.path(),
+        &local.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut dist = args("dist.safetensors");
+    dist.extend(["--workers".to_string(), "2".to_string()]);
+    let out = run_ok(
+        t.path(),
+        &dist.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(out.contains("from 7 examples"), "{out}");
+    // Four chunks of 2, 2, 2, 1 examples over two worker processes: the same bytes.
+    let a = std::fs::read(t.path().join("local.safetensors")).unwrap();
+    let b = std::fs::read(t.path().join("dist.safetensors")).unwrap();
+    assert!(a == b, "the statistics files differ");
 }

@@ -242,6 +242,11 @@ fn linear_merge_of_two_gguf_files() {
         serde_json::from_str(&std::fs::read_to_string(d.join("out/tokenizer.json")).unwrap())
             .unwrap();
     assert_eq!(tok["model"]["type"], "BPE");
+    let tc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tc["eos_token"], "<eos>");
     assert_eq!(tok["model"]["vocab"]["ab"], 3);
 }
 

@@ -178,10 +178,8 @@ impl JobHost for EvalHost {
 }
 
 /// Loads the scorer of a model path (a worker calls it once per model).
-pub type ScorerLoader = dyn Fn(&Path) -> std::result::Result<Box<dyn Scorer + Send>, String>
-    + Send
-    + Sync
-    + 'static;
+pub type ScorerLoader =
+    dyn Fn(&Path) -> std::result::Result<Box<dyn Scorer + Send>, String> + Send + Sync + 'static;
 
 /// The worker side: scores the batches of each leased shard with a model loaded once.
 pub struct EvalExecutor {
@@ -270,7 +268,10 @@ mod tests {
     /// Scores a request by its text alone (a stand-in model with known numbers).
     struct LenScorer;
     impl Scorer for LenScorer {
-        fn score_batch(&mut self, batch: &[ScoreRequest]) -> amalgam_eval::error::Result<Vec<Scored>> {
+        fn score_batch(
+            &mut self,
+            batch: &[ScoreRequest],
+        ) -> amalgam_eval::error::Result<Vec<Scored>> {
             Ok(batch
                 .iter()
                 .map(|r| Scored {

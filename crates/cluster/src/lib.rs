@@ -12,6 +12,7 @@
 //! - [`remote_input`]: workers that do not see the inputs' storage stream them.
 //! - [`etcd_store`]: [`journal::JobStore`] on etcd, and a throwaway local etcd for tests.
 //! - [`eval_job`]: evaluation on the cluster: batches of scoring requests leased like shards.
+//! - [`stats_job`]: statistics on the cluster: chunks of examples leased like shards.
 //! - [`tls`]: TLS and mutual TLS settings of the coordinator and its clients.
 #![deny(missing_docs)]
 
@@ -41,6 +42,7 @@ pub mod remote_input;
 pub mod roots;
 pub mod scheduler;
 pub mod server;
+pub mod stats_job;
 pub mod tls;
 pub mod worker;
 

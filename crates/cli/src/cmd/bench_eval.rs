@@ -14,7 +14,13 @@ struct Row {
     report: serde_json::Value,
 }
 
-fn run_eval(dir: &Path, model: &Path, suite: &Path, label: &'static str, workers: usize) -> Result<Row> {
+fn run_eval(
+    dir: &Path,
+    model: &Path,
+    suite: &Path,
+    label: &'static str,
+    workers: usize,
+) -> Result<Row> {
     let out = dir.join(format!("{}.json", label.replace(' ', "-")));
     let exe = std::env::current_exe()?;
     let started = Instant::now();
@@ -49,7 +55,8 @@ pub fn run(dir: &Path, model: Option<PathBuf>, suite: Option<PathBuf>) -> Result
     let model = model
         .or_else(|| std::env::var_os("AMALGAM_SMOLLM2_GGUF").map(PathBuf::from))
         .context("--model is required (or set AMALGAM_SMOLLM2_GGUF)")?;
-    let suite = suite.context("--eval-suite is required, e.g. data/bigbench/suite-navigate.yaml")?;
+    let suite =
+        suite.context("--eval-suite is required, e.g. data/bigbench/suite-navigate.yaml")?;
     std::fs::create_dir_all(dir)?;
     println!(
         "evaluation of {} on {} (wall time of the whole command: load, tokenize, score)",

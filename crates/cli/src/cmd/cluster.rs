@@ -9,17 +9,18 @@
 use crate::cmd::merge::{load_config, RunArgs};
 use crate::size::{human, parse_size};
 use amalgam_cluster::etcd_store::EtcdStore;
+use amalgam_cluster::eval_job::EvalExecutor;
 use amalgam_cluster::journal::{JobStore, JournalStore};
 use amalgam_cluster::merge_job::{
     finish_job, prepare_job, MergeExecutor, MergeHost, DEFAULT_SHARD_BYTES,
 };
-use amalgam_cluster::server::{serve, ServerOptions};
-use amalgam_cluster::tls::{ClientTls, ServerTls};
-use amalgam_cluster::eval_job::EvalExecutor;
 use amalgam_cluster::pb::JobKind;
+use amalgam_cluster::server::{serve, ServerOptions};
+use amalgam_cluster::stats_job::StatsExecutor;
+use amalgam_cluster::tls::{ClientTls, ServerTls};
 use amalgam_cluster::worker::{run_worker, ShardExecutor, WorkerOptions};
-use amalgam_eval::Scorer;
 use amalgam_engine::run::MergeOptions;
+use amalgam_eval::Scorer;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
@@ -302,7 +303,8 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
         merge: MergeExecutor::with_roots(roots.clone())
             .with_device(device)
             .with_stream_inputs(a.stream_inputs),
-        eval: EvalExecutor::new(Box::new(load_scorer), roots),
+        eval: EvalExecutor::new(Box::new(load_scorer), roots.clone()),
+        stats: StatsExecutor::new(roots),
     });
     let report = rt
         .block_on(run_worker(opts, Arc::clone(&exec)))
@@ -328,6 +330,7 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
 struct JobExecutor {
     merge: MergeExecutor,
     eval: EvalExecutor,
+    stats: StatsExecutor,
 }
 
 impl ShardExecutor for JobExecutor {
@@ -338,6 +341,7 @@ impl ShardExecutor for JobExecutor {
     ) -> amalgam_cluster::Result<Vec<u8>> {
         match inputs.job_kind() {
             JobKind::Eval => self.eval.execute(spec, inputs),
+            JobKind::Stats => self.stats.execute(spec, inputs),
             JobKind::Unspecified => self.merge.execute(spec, inputs),
         }
     }

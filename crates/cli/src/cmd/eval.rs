@@ -7,7 +7,7 @@
 
 use crate::cmd::cluster::read_token;
 use amalgam_cluster::eval_job::EvalHost;
-use amalgam_cluster::server::{serve, ServerOptions};
+use amalgam_cluster::server::{serve, JobHost, ServerOptions};
 use amalgam_eval::model::{CausalLm, LoadOptions};
 use amalgam_eval::report::Report;
 use amalgam_eval::score::{score_all, LmScorer};
@@ -23,10 +23,12 @@ use std::time::{Duration, Instant};
 
 /// Arguments of `amalgam eval`.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  amalgam eval --model merged/ --suite suite.yaml --out results.json\n\n\
+#[command(
+    after_help = "Example:\n  amalgam eval --model merged/ --suite suite.yaml --out results.json\n\n\
 A suite (YAML) lists tasks: BIG-bench JSON tasks, FIB-style pairs or plain JSONL, each marked\n\
 `split: held_in` or `held_out`, with an optional `limit` of examples. The report gives each\n\
-task's metric and the held-in and held-out means, as JSON (--out) and a Markdown table.")]
+task's metric and the held-in and held-out means, as JSON (--out) and a Markdown table."
+)]
 pub struct EvalArgs {
     /// The model: a Hugging Face directory (config.json, tokenizer.json, safetensors) or a
     /// `.gguf` file.
@@ -239,8 +241,8 @@ fn score_on_workers(
     local_workers: usize,
     quiet: bool,
 ) -> Result<Vec<Scored>> {
-    let model = std::path::absolute(model)
-        .with_context(|| format!("resolving {}", model.display()))?;
+    let model =
+        std::path::absolute(model).with_context(|| format!("resolving {}", model.display()))?;
     if !model.exists() {
         bail!("model {} does not exist", model.display());
     }
@@ -250,40 +252,85 @@ fn score_on_workers(
         batch_size,
         batches_per_shard.max(1),
     ));
+    let h = Arc::clone(&host);
+    let served = ServeOptions {
+        listen,
+        token,
+        local_workers,
+        job_id: "eval",
+        unit: "batches",
+    };
+    serve_until_done(host.clone(), &served, quiet, move || h.progress())?;
+    Ok(host.scores()?)
+}
+
+/// How [`serve_until_done`] serves a job.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to serve on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Bearer token workers must send.
+    pub token: Option<String>,
+    /// Worker processes to start here.
+    pub local_workers: usize,
+    /// Job id shown to workers.
+    pub job_id: &'static str,
+    /// What the progress bar counts (the host's units of work).
+    pub unit: &'static str,
+}
+
+/// Serves `host` to workers (starting `local_workers` of them here) until every shard is
+/// committed; `progress` returns (units done, total).
+pub fn serve_until_done<H: JobHost>(
+    host: Arc<H>,
+    o: &ServeOptions,
+    quiet: bool,
+    progress: impl Fn() -> (usize, usize),
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
         let opts = ServerOptions {
-            job_id: "eval".into(),
-            token: token.clone(),
+            job_id: o.job_id.into(),
+            token: o.token.clone(),
             ..ServerOptions::default()
         };
-        let server = serve(Arc::clone(&host), listen, opts)
+        let server = serve(host, o.listen, opts)
             .await
-            .with_context(|| format!("serving on {listen}"))?;
+            .with_context(|| format!("serving on {}", o.listen))?;
         let url = server.url();
         if !quiet {
             eprintln!(
-                "evaluation coordinator on {url}: {} batches; workers: amalgam worker --coordinator {url}",
-                host.progress().1
+                "{} coordinator on {url}: {} {}; workers: amalgam worker --coordinator {url}",
+                o.job_id,
+                progress().1,
+                o.unit
             );
         }
         let mut children = Vec::new();
-        for i in 0..local_workers {
-            children.push(spawn_worker(&url, token.as_deref(), i)?);
+        for i in 0..o.local_workers {
+            children.push(spawn_worker(&url, o.token.as_deref(), i)?);
         }
-        let pb = bar(requests.len(), quiet);
-        let total = host.progress().1.max(1);
+        let pb = ProgressBar::new(progress().1 as u64);
+        if quiet {
+            pb.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        if let Ok(style) = ProgressStyle::with_template(&format!(
+            "{{prefix:>10}} [{{bar:30}}] {{pos}}/{{len}} {} {{per_sec}} ETA {{eta}}",
+            o.unit
+        )) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_prefix(o.job_id);
         let done = server.done();
         tokio::pin!(done);
         loop {
             tokio::select! {
                 _ = &mut done => break,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    let (b, _) = host.progress();
-                    pb.set_position((b * requests.len() / total) as u64);
+                    pb.set_position(progress().0 as u64);
                     for c in children.iter_mut() {
                         if let Some(st) = c.try_wait().context("waiting for a worker")? {
                             if !st.success() {
@@ -295,14 +342,14 @@ fn score_on_workers(
             }
         }
         pb.finish_and_clear();
+        // Linger so that waiting workers hear `done` from us instead of finding us gone.
         tokio::time::sleep(Duration::from_millis(500)).await;
         server.shutdown(Duration::from_secs(5)).await?;
         for mut c in children {
             let _ = tokio::task::block_in_place(|| c.wait());
         }
         Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(host.scores()?)
+    })
 }
 
 fn spawn_worker(url: &str, token: Option<&str>, i: usize) -> Result<std::process::Child> {

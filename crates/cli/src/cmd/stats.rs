@@ -2,24 +2,31 @@
 //! Fisher), computed from data and written in the statistics-file format the merge reads
 //! (architecture.md, "Statistics files").
 
+use crate::cmd::cluster::read_token;
+use crate::cmd::eval::{serve_until_done, ServeOptions};
+use amalgam_cluster::stats_job::{StatsHost, StatsJob};
 use amalgam_eval::model::{CausalLm, LoadOptions};
 use amalgam_eval::stats::{
     compute_stats, examples_used, install_ia3, read_jsonl, GramPositions, StatsKindArg,
-    StatsOptions, DEFAULT_EXAMPLES,
+    StatsOptions, StatsOutput, DEFAULT_CHUNK, DEFAULT_EXAMPLES,
 };
-use amalgam_io::Checkpoint;
+use amalgam_io::{Adapter, Checkpoint};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Arguments of `amalgam stats`.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  amalgam stats --model ft1/ --data train.jsonl --kind fisher --out ft1.fisher.safetensors\n  amalgam stats --model ft1/ --data train.jsonl --kind gram --examples 1000 --out ft1.gram.safetensors\n  amalgam stats --model base/ --adapter ia3-ft1/ --data train.jsonl --kind ia3-block --out ia3-ft1.stats.safetensors\n\n\
+#[command(
+    after_help = "Examples:\n  amalgam stats --model ft1/ --data train.jsonl --kind fisher --out ft1.fisher.safetensors\n  amalgam stats --model ft1/ --data train.jsonl --kind gram --examples 1000 --out ft1.gram.safetensors\n  amalgam stats --model base/ --adapter ia3-ft1/ --data train.jsonl --kind ia3-block --out ia3-ft1.stats.safetensors\n\n\
 DATA is JSONL: {\"input\": ..., \"target\": ...} (the loss is the mean NLL of the target tokens given\n\
 the input) or {\"text\": ...} (every token after BOS). One example per batch, as the MaTS reference.\n\
-Name the output in the merge config as the model's `statistics:`.")]
+Name the output in the merge config as the model's `statistics:`."
+)]
 pub struct StatsArgs {
     /// The model: a Hugging Face directory or a `.gguf` file.
     #[arg(long)]
@@ -48,26 +55,36 @@ pub struct StatsArgs {
     /// Replace an existing output file.
     #[arg(long)]
     pub overwrite: bool,
+    /// Examples per unit of work (a chunk); the sums of chunks are added in order, so the file
+    /// does not depend on how chunks were spread over workers.
+    #[arg(long, default_value_t = DEFAULT_CHUNK)]
+    pub chunk: usize,
+    /// Compute on this many local worker processes through the cluster path (0: here).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Serve the chunks to external workers (`amalgam worker --coordinator URL`) on this
+    /// address. The model, data and adapter paths must be the same on every worker.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token workers must send (with --listen).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
-/// Run `amalgam stats`.
-pub fn run(a: StatsArgs, quiet: bool) -> Result<()> {
-    if a.out.exists() && !a.overwrite {
-        bail!("{} exists; pass --overwrite to replace it", a.out.display());
-    }
-    if (a.kind == StatsKindArg::Ia3Block) != a.adapter.is_some() {
-        bail!("--adapter is required with --kind ia3-block, and only with it");
-    }
-    let data = read_jsonl(&a.data)?;
+/// Computes the statistics in this process; also returns the (IA)^3 adapter when one is used.
+fn compute_here(
+    a: &StatsArgs,
+    data: &[amalgam_eval::stats::StatsExample],
+    mut opts: StatsOptions,
+    n: usize,
+    quiet: bool,
+) -> Result<(StatsOutput, Option<Adapter>)> {
     let started = Instant::now();
-    let opts_load = LoadOptions {
+    let load = LoadOptions {
         trainable: a.kind.needs_trainable(),
         ..LoadOptions::default()
     };
-    let mut model = CausalLm::load(&a.model, &opts_load)?;
-    let mut opts = StatsOptions::new(a.kind);
-    opts.examples = a.examples;
-    opts.positions = a.positions;
+    let mut model = CausalLm::load(&a.model, &load)?;
     let adapter = match &a.adapter {
         Some(dir) => {
             let (vectors, adapter) = install_ia3(&mut model, dir)?;
@@ -83,20 +100,83 @@ pub fn run(a: StatsArgs, quiet: bool) -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    let n = examples_used(data.len(), &opts);
     let bar = ProgressBar::new(n as u64);
     if quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    if let Ok(style) =
-        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} examples {per_sec} ETA {eta}")
-    {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:30}] {pos}/{len} examples {per_sec} ETA {eta}",
+    ) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(a.kind.name());
-    let started = Instant::now();
-    let out = compute_stats(&model, &data, &opts, &mut |k| bar.inc(k as u64))?;
+    let out = compute_stats(&model, data, &opts, &mut |k| bar.inc(k as u64))?;
     bar.finish_and_clear();
+    Ok((out, adapter))
+}
+
+/// The (IA)^3 adapter named by --adapter, opened (for the digest the file records).
+fn adapter_of(a: &StatsArgs) -> Result<Option<Adapter>> {
+    a.adapter
+        .as_ref()
+        .map(|d| Adapter::open(d).with_context(|| format!("reading the adapter {}", d.display())))
+        .transpose()
+}
+
+/// Computes the statistics on worker processes, one chunk of examples per lease.
+fn compute_on_workers(
+    a: &StatsArgs,
+    n_data: usize,
+    opts: &StatsOptions,
+    quiet: bool,
+) -> Result<StatsOutput> {
+    let abs =
+        |p: &PathBuf| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
+    let job = StatsJob {
+        model: abs(&a.model)?,
+        data: abs(&a.data)?,
+        kind: a.kind,
+        positions: a.positions,
+        adapter: a.adapter.as_ref().map(abs).transpose()?,
+    };
+    let host = Arc::new(StatsHost::new(job, n_data, opts));
+    let served = ServeOptions {
+        listen: a
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        token: read_token(&a.token_file)?,
+        local_workers: a.workers,
+        job_id: "stats",
+        unit: "chunks",
+    };
+    let h = Arc::clone(&host);
+    serve_until_done(Arc::clone(&host), &served, quiet, move || h.progress())?;
+    Ok(host.finish()?)
+}
+
+/// Run `amalgam stats`.
+pub fn run(a: StatsArgs, quiet: bool) -> Result<()> {
+    if a.out.exists() && !a.overwrite {
+        bail!("{} exists; pass --overwrite to replace it", a.out.display());
+    }
+    if (a.kind == StatsKindArg::Ia3Block) != a.adapter.is_some() {
+        bail!("--adapter is required with --kind ia3-block, and only with it");
+    }
+    let data = read_jsonl(&a.data)?;
+    let mut opts = StatsOptions::new(a.kind);
+    opts.examples = a.examples;
+    opts.positions = a.positions;
+    opts.chunk = a.chunk.max(1);
+    let n = examples_used(data.len(), &opts);
+    let started = Instant::now();
+    let (out, adapter) = if a.workers > 0 || a.listen.is_some() {
+        (
+            compute_on_workers(&a, data.len(), &opts, quiet)?,
+            adapter_of(&a)?,
+        )
+    } else {
+        compute_here(&a, &data, opts, n, quiet)?
+    };
     let secs = started.elapsed().as_secs_f64();
     let out = match &adapter {
         Some(ad) => out.for_model(ad.checkpoint()),

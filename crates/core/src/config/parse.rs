@@ -33,8 +33,8 @@
 //! against the method's lists.
 
 use super::model::{
-    EvaluationConfig, FilteredValue, MergeConfig, ModelRef, ModelSpec, ParamMap, ParamValue, SliceSource, SliceSpec,
-    TokenizerConfig, TokenizerSource,
+    EvaluationConfig, FilteredValue, MergeConfig, ModelRef, ModelSpec, ParamMap, ParamValue,
+    SliceSource, SliceSpec, TokenizerConfig, TokenizerSource,
 };
 use crate::params::Scalar;
 use serde_yaml_ng::{Mapping, Value};
@@ -1851,8 +1851,11 @@ slices:
         assert_eq!(e.dump_scores.as_deref(), Some("s.jsonl"));
         let err = parse_config(&format!("{base}evaluation:\n  batch_size: 4\n"), true).unwrap_err();
         assert!(err.to_string().contains("evaluation.suite"), "{err}");
-        let err = parse_config(&format!("{base}evaluation:\n  suite: s\n  batch_size: 0\n"), true)
-            .unwrap_err();
+        let err = parse_config(
+            &format!("{base}evaluation:\n  suite: s\n  batch_size: 0\n"),
+            true,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("evaluation.batch_size"), "{err}");
     }
 

@@ -43,7 +43,7 @@ use crate::Checkpoint;
 
 pub use config::hf_config_json;
 pub(crate) use image::safetensors_image;
-pub use tokenizer::{tokenizer_json, vocab};
+pub use tokenizer::{tokenizer_config_json, tokenizer_json, vocab};
 
 /// The GGUF magic: the file's first four bytes.
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -77,7 +77,8 @@ pub fn gguf_source(ckpt: &Checkpoint) -> Option<&Path> {
     }
 }
 
-/// Writes `config.json` and/or `tokenizer.json` synthesized from GGUF file `gguf` into
+/// Writes `config.json` and/or `tokenizer.json` with `tokenizer_config.json` (special tokens
+/// and chat template) synthesized from GGUF file `gguf` into
 /// directory `out_dir` (each through a temporary name and a rename). Returns the written
 /// paths. A tokenizer that cannot be built (no vocabulary in the file, a SentencePiece one)
 /// is skipped with a warning rather than failing: the tensors are the merge's product.
@@ -102,6 +103,14 @@ pub fn write_aux_files(
                 let dst = out_dir.join("tokenizer.json");
                 crate::write_text_atomic(&dst, &text)?;
                 written.push(dst);
+                if let Some(cfg) = tokenizer_config_json(gguf)? {
+                    let mut text =
+                        serde_json::to_string_pretty(&cfg).expect("a JSON value always serializes");
+                    text.push('\n');
+                    let dst = out_dir.join("tokenizer_config.json");
+                    crate::write_text_atomic(&dst, &text)?;
+                    written.push(dst);
+                }
             }
             Err(e) => tracing::warn!("no tokenizer.json written: {e}"),
         }

@@ -484,6 +484,17 @@ fn smollm2_config_and_tokenizer_match_transformers() {
     assert!((eps_t - 1e-5).abs() < 1e-12);
     assert_eq!(cfg["rope_theta"].as_f64(), Some(100000.0));
 
+    let tc = tokenizer_config_json(&path).unwrap().unwrap();
+    assert_eq!(tc["bos_token"], "<|im_start|>");
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    assert_eq!(tc["pad_token"], "<|im_end|>");
+    assert_eq!(tc["unk_token"], "<|endoftext|>");
+    assert_eq!(tc["add_bos_token"], false);
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+
     let text = tokenizer_json(&path).unwrap();
     let tok: tokenizers::Tokenizer = text.parse().unwrap();
     for case in r["tokens"].as_array().unwrap() {

@@ -66,6 +66,50 @@ pub fn vocab(path: &Path) -> Result<Option<Vec<Option<String>>>, IoError> {
         .map(Some)
 }
 
+/// A Hugging Face `tokenizer_config.json` for GGUF file `path`: `tokenizer_class`
+/// (`PreTrainedTokenizerFast`), the `bos_token`, `eos_token`, `pad_token` and `unk_token`
+/// strings of the ids `tokenizer.ggml.{bos,eos,padding,unknown}_token_id` name,
+/// `add_bos_token` / `add_eos_token` when given, and `chat_template`
+/// (`tokenizer.chat_template`) when present. `Ok(None)` when the file holds no vocabulary.
+pub fn tokenizer_config_json(path: &Path) -> Result<Option<serde_json::Value>, IoError> {
+    let Some(tokens) = vocab(path)? else {
+        return Ok(None);
+    };
+    let ct = read_content(path)?;
+    let meta = super::Meta {
+        path,
+        map: &ct.metadata,
+    };
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    for (key, hf) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token"),
+        ("tokenizer.ggml.eos_token_id", "eos_token"),
+        ("tokenizer.ggml.padding_token_id", "pad_token"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token"),
+    ] {
+        let tok = meta
+            .u64(key)?
+            .and_then(|id| usize::try_from(id).ok())
+            .and_then(|id| tokens.get(id).cloned().flatten());
+        if let Some(tok) = tok {
+            cfg.insert(hf.into(), tok.into());
+        }
+    }
+    for (key, hf) in [
+        ("tokenizer.ggml.add_bos_token", "add_bos_token"),
+        ("tokenizer.ggml.add_eos_token", "add_eos_token"),
+    ] {
+        if let Some(Value::Bool(b)) = ct.metadata.get(key) {
+            cfg.insert(hf.into(), (*b).into());
+        }
+    }
+    if let Some(t) = meta.str("tokenizer.chat_template")? {
+        cfg.insert("chat_template".into(), t.into());
+    }
+    Ok(Some(serde_json::Value::Object(cfg)))
+}
+
 fn build(path: &Path, ct: &Content) -> Result<Tokenizer, IoError> {
     let model = match ct.metadata.get("tokenizer.ggml.model") {
         Some(Value::String(s)) => s.to_lowercase(),

@@ -1,0 +1,2 @@
+//! Scaling studies (stub).
+#![deny(missing_docs)]
