@@ -18,3 +18,4 @@ mod eval_cli;
 mod gguf;
 mod mergekit_parity;
 mod streaming;
+mod study;

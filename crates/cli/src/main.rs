@@ -56,6 +56,9 @@ enum Command {
     /// Compute the statistics data-driven merges need (Fisher, Gram, K-FAC, (IA)^3 block
     /// Fisher) from data, as a statistics file the merge config names.
     Stats(cmd::stats::StatsArgs),
+    /// Run a scaling study: methods x hyperparameter grids x number of models merged, each
+    /// merge evaluated, with cost and quality, as results.csv, PNG plots and report.md.
+    Study(cmd::study::StudyArgs),
     /// Serve a merge to cluster workers over gRPC and write the checkpoint they produce.
     Coordinator(cmd::cluster::CoordinatorArgs),
     /// Merge shards leased from a coordinator until its job is done.
@@ -98,6 +101,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Eval(a) => cmd::eval::run(a, quiet),
         Command::Stats(a) => cmd::stats::run(a, quiet),
+        Command::Study(a) => cmd::study::run(a, quiet),
         Command::Coordinator(a) => cmd::cluster::run_coordinator(a, quiet),
         Command::Worker(a) => cmd::cluster::run_worker_cmd(a, quiet),
         Command::Status(a) => cmd::cluster::run_status(a),

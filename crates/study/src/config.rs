@@ -178,7 +178,10 @@ impl StudyConfig {
 
     fn check(&self) -> Result<()> {
         if self.pool.len() < 2 {
-            bail!("pool: a study needs at least 2 models, got {}", self.pool.len());
+            bail!(
+                "pool: a study needs at least 2 models, got {}",
+                self.pool.len()
+            );
         }
         if self.methods.is_empty() {
             bail!("methods: name at least one method");
@@ -307,8 +310,7 @@ mod tests {
         let e = StudyConfig::parse(&STUDY.replace("base_model: base\n", ""), Path::new(""))
             .unwrap_err();
         assert!(format!("{e:#}").contains("base model"), "{e:#}");
-        let e = StudyConfig::parse(&STUDY.replace("linear", "no_such"), Path::new(""))
-            .unwrap_err();
+        let e = StudyConfig::parse(&STUDY.replace("linear", "no_such"), Path::new("")).unwrap_err();
         assert!(format!("{e:#}").contains("methods[2]"), "{e:#}");
         let e = StudyConfig::parse(&STUDY.replace("[1, 2]", "[]"), Path::new("")).unwrap_err();
         assert!(format!("{e:#}").contains("lambda"), "{e:#}");

@@ -49,16 +49,8 @@ pub struct EvalArgs {
     /// Requests scored per forward pass (default: the suite's `batch_size`, else 8).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Score on this many local worker processes through the cluster path (0: in this process).
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
-    /// Serve the evaluation to external workers (`amalgam worker --coordinator URL`) on this
-    /// address instead of scoring here. The model path must be the same on every worker.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// File holding the bearer token workers must send (with --listen).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
     /// Batches leased to a worker at a time.
     #[arg(long, default_value_t = 4)]
     pub batches_per_shard: usize,
@@ -73,20 +65,9 @@ pub fn run(a: EvalArgs, quiet: bool) -> Result<()> {
         markdown: a.markdown.clone(),
         dump_scores: a.dump_scores.clone(),
     };
-    let mode = if let Some(listen) = a.listen {
-        Mode::Serve {
-            listen,
-            token: read_token(&a.token_file)?,
-            local_workers: a.workers,
-        }
-    } else if a.workers > 0 {
-        Mode::Serve {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            token: None,
-            local_workers: a.workers,
-        }
-    } else {
-        Mode::Local
+    let mode = match a.workers.serve_options("eval", "batches")? {
+        Some(o) => Mode::Serve(o),
+        None => Mode::Local,
     };
     let report = evaluate(
         &a.model,
@@ -121,14 +102,44 @@ pub enum Mode {
     /// In this process.
     Local,
     /// By workers leasing batches from a coordinator served here.
-    Serve {
-        /// Address to serve on (port 0 picks one).
-        listen: SocketAddr,
-        /// Bearer token workers must send.
-        token: Option<String>,
-        /// Worker processes to start here (they connect to the served address).
-        local_workers: usize,
-    },
+    Serve(ServeOptions),
+}
+
+/// Where the work of `eval` / `stats` runs: here, or on worker processes.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Run on this many local worker processes through the cluster path (0: in this process).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Serve the work to external workers (`amalgam worker --coordinator URL`) on this address.
+    /// Every path the job names (model, data) must be the same on every worker.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token workers must send (with --listen).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl WorkerArgs {
+    /// How to serve the job (`job_id` counting `unit`s), or `None` to run in this process.
+    pub fn serve_options(
+        &self,
+        job_id: &'static str,
+        unit: &'static str,
+    ) -> Result<Option<ServeOptions>> {
+        if self.workers == 0 && self.listen.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(ServeOptions {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            token: read_token(&self.token_file)?,
+            local_workers: self.workers,
+            job_id,
+            unit,
+        }))
+    }
 }
 
 /// Evaluates `model` on `suite`, writes the report files, returns the report.
@@ -146,28 +157,18 @@ pub fn evaluate(
     let started = Instant::now();
     let scores = match mode {
         Mode::Local => score_here(model, requests, batch_size, quiet)?,
-        Mode::Serve {
-            listen,
-            token,
-            local_workers,
-        } => score_on_workers(
-            model,
-            requests,
-            batch_size,
-            batches_per_shard,
-            *listen,
-            token.clone(),
-            *local_workers,
-            quiet,
-        )?,
+        Mode::Serve(o) => {
+            score_on_workers(model, requests, batch_size, batches_per_shard, o, quiet)?
+        }
     };
     let secs = started.elapsed().as_secs_f64();
     let report = prepared.grade(&scores)?;
     if !quiet {
+        let examples: usize = report.tasks.iter().map(|t| t.examples).sum();
         eprintln!(
-            "scored {} requests in {secs:.1} s ({:.1} requests/s)",
+            "scored {examples} examples ({} requests) in {secs:.1} s: {:.2} examples/s",
             requests.len(),
-            requests.len() as f64 / secs.max(1e-9)
+            examples as f64 / secs.max(1e-9)
         );
     }
     amalgam_io::write_text_atomic(&out.json, &report.to_json()?)
@@ -230,15 +231,12 @@ fn score_here(
     Ok(scores)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn score_on_workers(
     model: &Path,
     requests: &[ScoreRequest],
     batch_size: usize,
     batches_per_shard: usize,
-    listen: SocketAddr,
-    token: Option<String>,
-    local_workers: usize,
+    served: &ServeOptions,
     quiet: bool,
 ) -> Result<Vec<Scored>> {
     let model =
@@ -253,14 +251,7 @@ fn score_on_workers(
         batches_per_shard.max(1),
     ));
     let h = Arc::clone(&host);
-    let served = ServeOptions {
-        listen,
-        token,
-        local_workers,
-        job_id: "eval",
-        unit: "batches",
-    };
-    serve_until_done(host.clone(), &served, quiet, move || h.progress())?;
+    serve_until_done(host.clone(), served, quiet, move || h.progress())?;
     Ok(host.scores()?)
 }
 

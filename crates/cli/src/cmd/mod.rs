@@ -15,3 +15,4 @@ pub mod inspect;
 pub mod merge;
 pub mod methods;
 pub mod stats;
+pub mod study;

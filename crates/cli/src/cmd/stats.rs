@@ -2,8 +2,7 @@
 //! Fisher), computed from data and written in the statistics-file format the merge reads
 //! (architecture.md, "Statistics files").
 
-use crate::cmd::cluster::read_token;
-use crate::cmd::eval::{serve_until_done, ServeOptions};
+use crate::cmd::eval::{serve_until_done, ServeOptions, WorkerArgs};
 use amalgam_cluster::stats_job::{StatsHost, StatsJob};
 use amalgam_eval::model::{CausalLm, LoadOptions};
 use amalgam_eval::stats::{
@@ -14,7 +13,6 @@ use amalgam_io::{Adapter, Checkpoint};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,16 +57,8 @@ pub struct StatsArgs {
     /// does not depend on how chunks were spread over workers.
     #[arg(long, default_value_t = DEFAULT_CHUNK)]
     pub chunk: usize,
-    /// Compute on this many local worker processes through the cluster path (0: here).
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
-    /// Serve the chunks to external workers (`amalgam worker --coordinator URL`) on this
-    /// address. The model, data and adapter paths must be the same on every worker.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// File holding the bearer token workers must send (with --listen).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
 }
 
 /// Computes the statistics in this process; also returns the (IA)^3 adapter when one is used.
@@ -128,6 +118,7 @@ fn compute_on_workers(
     a: &StatsArgs,
     n_data: usize,
     opts: &StatsOptions,
+    served: &ServeOptions,
     quiet: bool,
 ) -> Result<StatsOutput> {
     let abs =
@@ -140,17 +131,8 @@ fn compute_on_workers(
         adapter: a.adapter.as_ref().map(abs).transpose()?,
     };
     let host = Arc::new(StatsHost::new(job, n_data, opts));
-    let served = ServeOptions {
-        listen: a
-            .listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-        token: read_token(&a.token_file)?,
-        local_workers: a.workers,
-        job_id: "stats",
-        unit: "chunks",
-    };
     let h = Arc::clone(&host);
-    serve_until_done(Arc::clone(&host), &served, quiet, move || h.progress())?;
+    serve_until_done(Arc::clone(&host), served, quiet, move || h.progress())?;
     Ok(host.finish()?)
 }
 
@@ -169,13 +151,12 @@ pub fn run(a: StatsArgs, quiet: bool) -> Result<()> {
     opts.chunk = a.chunk.max(1);
     let n = examples_used(data.len(), &opts);
     let started = Instant::now();
-    let (out, adapter) = if a.workers > 0 || a.listen.is_some() {
-        (
-            compute_on_workers(&a, data.len(), &opts, quiet)?,
+    let (out, adapter) = match a.workers.serve_options("stats", "chunks")? {
+        Some(served) => (
+            compute_on_workers(&a, data.len(), &opts, &served, quiet)?,
             adapter_of(&a)?,
-        )
-    } else {
-        compute_here(&a, &data, opts, n, quiet)?
+        ),
+        None => compute_here(&a, &data, opts, n, quiet)?,
     };
     let secs = started.elapsed().as_secs_f64();
     let out = match &adapter {

@@ -22,9 +22,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use serde_json::Value;
-
-use super::{jsonl_objects, task_err, Choice, Example, RenderedTask, TaskFormat, TaskOptions};
+use super::{
+    choice_line, jsonl_objects, task_err, Choice, Example, RenderedTask, TaskFormat, TaskOptions,
+};
 use crate::error::Result;
 use crate::score::ScoreRequest;
 
@@ -77,51 +77,8 @@ pub fn load(path: &Path, options: &TaskOptions) -> Result<RenderedTask> {
                 ignored.insert(k.clone());
             }
         }
-        let input = match obj.get("input") {
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(task_err(path, field("input"), "expected a string")),
-            None => return Err(task_err(path, field("input"), "missing")),
-        };
-        let choices: Vec<String> = match obj.get("list_choices") {
-            Some(Value::Array(a)) if a.len() >= 2 => a
-                .iter()
-                .enumerate()
-                .map(|(j, c)| {
-                    c.as_str().map(str::to_string).ok_or_else(|| {
-                        task_err(
-                            path,
-                            field(&format!("list_choices[{j}]")),
-                            "expected a string",
-                        )
-                    })
-                })
-                .collect::<Result<_>>()?,
-            Some(_) => {
-                return Err(task_err(
-                    path,
-                    field("list_choices"),
-                    "expected a list of at least two summaries",
-                ))
-            }
-            None => return Err(task_err(path, field("list_choices"), "missing")),
-        };
-        let label = match obj.get("lbl").and_then(Value::as_u64) {
-            Some(l) if (l as usize) < choices.len() => l as usize,
-            Some(l) => {
-                return Err(task_err(
-                    path,
-                    field("lbl"),
-                    format!("{l} is out of range for {} choices", choices.len()),
-                ))
-            }
-            None => {
-                return Err(task_err(
-                    path,
-                    field("lbl"),
-                    "missing or not a non-negative integer (index of the correct summary)",
-                ))
-            }
-        };
+        let (input, choices, label) =
+            choice_line(path, lineno, &obj, "list_choices", 2, "lbl", "summary")?;
         if let Some(c) = obj.get("correct_choice") {
             if c.as_str() != Some(choices[label].as_str()) {
                 return Err(task_err(

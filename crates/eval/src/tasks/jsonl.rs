@@ -6,9 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use serde_json::Value;
-
-use super::{jsonl_objects, task_err, Choice, Example, RenderedTask, TaskFormat, TaskOptions};
+use super::{choice_line, jsonl_objects, Choice, Example, RenderedTask, TaskFormat, TaskOptions};
 use crate::error::Result;
 use crate::score::ScoreRequest;
 
@@ -20,53 +18,13 @@ pub fn load(path: &Path, options: &TaskOptions) -> Result<RenderedTask> {
     let mut examples = Vec::new();
     let mut ignored = BTreeSet::new();
     for (index, lineno, obj) in lines {
-        let field = |name: &str| format!("line {lineno}.{name}");
         for k in obj.keys() {
             if !matches!(k.as_str(), "input" | "choices" | "label") {
                 ignored.insert(k.clone());
             }
         }
-        let input = match obj.get("input") {
-            Some(Value::String(s)) => s,
-            Some(_) => return Err(task_err(path, field("input"), "expected a string")),
-            None => return Err(task_err(path, field("input"), "missing")),
-        };
-        let choices: Vec<&str> = match obj.get("choices") {
-            Some(Value::Array(a)) if !a.is_empty() => a
-                .iter()
-                .enumerate()
-                .map(|(j, c)| {
-                    c.as_str().ok_or_else(|| {
-                        task_err(path, field(&format!("choices[{j}]")), "expected a string")
-                    })
-                })
-                .collect::<Result<_>>()?,
-            Some(_) => {
-                return Err(task_err(
-                    path,
-                    field("choices"),
-                    "expected a non-empty list of strings",
-                ))
-            }
-            None => return Err(task_err(path, field("choices"), "missing")),
-        };
-        let label = match obj.get("label").and_then(Value::as_u64) {
-            Some(l) if (l as usize) < choices.len() => l as usize,
-            Some(l) => {
-                return Err(task_err(
-                    path,
-                    field("label"),
-                    format!("{l} is out of range for {} choices", choices.len()),
-                ))
-            }
-            None => {
-                return Err(task_err(
-                    path,
-                    field("label"),
-                    "missing or not a non-negative integer (index of the correct choice)",
-                ))
-            }
-        };
+        let (input, choices, label) =
+            choice_line(path, lineno, &obj, "choices", 1, "label", "choice")?;
         if options.limit.is_some_and(|l| examples.len() >= l) {
             continue;
         }

@@ -323,6 +323,68 @@ pub(crate) fn task_err(path: &Path, field: impl Into<String>, msg: impl Into<Str
     }
 }
 
+/// The `input` string, the choices (a list of at least `min_choices` strings under
+/// `choices_key`) and the label (an index into them under `label_key`; `what` names what it
+/// points at) of one JSONL line, with errors naming `line N.FIELD`.
+pub(crate) fn choice_line(
+    path: &Path,
+    lineno: usize,
+    obj: &serde_json::Map<String, serde_json::Value>,
+    choices_key: &str,
+    min_choices: usize,
+    label_key: &str,
+    what: &str,
+) -> Result<(String, Vec<String>, usize)> {
+    use serde_json::Value;
+    let field = |name: &str| format!("line {lineno}.{name}");
+    let input = match obj.get("input") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(task_err(path, field("input"), "expected a string")),
+        None => return Err(task_err(path, field("input"), "missing")),
+    };
+    let choices: Vec<String> = match obj.get(choices_key) {
+        Some(Value::Array(a)) if a.len() >= min_choices => a
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                c.as_str().map(str::to_string).ok_or_else(|| {
+                    task_err(
+                        path,
+                        field(&format!("{choices_key}[{j}]")),
+                        "expected a string",
+                    )
+                })
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => {
+            return Err(task_err(
+                path,
+                field(choices_key),
+                format!("expected a list of at least {min_choices} strings"),
+            ))
+        }
+        None => return Err(task_err(path, field(choices_key), "missing")),
+    };
+    let label = match obj.get(label_key).and_then(Value::as_u64) {
+        Some(l) if (l as usize) < choices.len() => l as usize,
+        Some(l) => {
+            return Err(task_err(
+                path,
+                field(label_key),
+                format!("{l} is out of range for {} choices", choices.len()),
+            ))
+        }
+        None => {
+            return Err(task_err(
+                path,
+                field(label_key),
+                format!("missing or not a non-negative integer (index of the correct {what})"),
+            ))
+        }
+    };
+    Ok((input, choices, label))
+}
+
 /// One non-empty line of a JSONL file: (index among non-empty lines, 1-based line number, object).
 pub(crate) type JsonlLine = (usize, usize, serde_json::Map<String, serde_json::Value>);
 
