@@ -253,3 +253,69 @@ fn statistics_on_workers_equal_one_process() {
     let b = std::fs::read(t.path().join("dist.safetensors")).unwrap();
     assert!(a == b, "the statistics files differ");
 }
+
+#[test]
+fn a_worker_killed_mid_evaluation_costs_only_its_batches() {
+    use crate::common::{url_of, Proc};
+    let t = tempfile::tempdir().unwrap();
+    let (local, local_dump) = eval(t.path(), "local", &[]);
+    let model = fixture("tests/fixtures/tiny_lm/llama");
+    let suite = fixture("tests/fixtures/eval_suite/suite.yaml");
+    let mut coord = Proc::start(
+        t.path(),
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--suite",
+            &suite,
+            "--out",
+            "dist.json",
+            "--dump-scores",
+            "dist.jsonl",
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "1",
+            "--batches-per-shard",
+            "1",
+        ],
+        &[],
+    );
+    let url = url_of(&coord.line_with("listening on"));
+    // This worker hangs while sending its first result (a test hook), holding its lease, and
+    // is killed: the lease expires and another worker redoes that batch.
+    let pid_file = t.path().join("paused.pid");
+    let _paused = Proc::start(
+        t.path(),
+        &["worker", "--coordinator", &url],
+        &[
+            ("AMALGAM_TEST_PAUSE_AFTER_BYTES", "1"),
+            ("AMALGAM_TEST_PAUSE_PID_FILE", pid_file.to_str().unwrap()),
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let pid = loop {
+        if let Ok(s) = std::fs::read_to_string(&pid_file) {
+            if !s.trim().is_empty() {
+                break s.trim().to_string();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never paused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut worker = Proc::start(t.path(), &["worker", "--coordinator", &url], &[]);
+    worker.wait_ok();
+    coord.wait_ok();
+    let dist: serde_json::Value = serde_json::from_str(&read(&t.path().join("dist.json"))).unwrap();
+    assert_eq!(dist, local);
+    assert_eq!(read(&t.path().join("dist.jsonl")), local_dump);
+}

@@ -2,7 +2,7 @@
 //! generated two-task suite, linear and task arithmetic (a λ grid, one bad value) at 2 and 3
 //! models; the CSV checked against merges run directly, the plots decoded, resuming checked.
 
-use crate::common::run_ok;
+use crate::common::{run_ok, write_model_stats};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -142,6 +142,8 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
     let names = ["ft_a", "ft_b", "ft_c"];
     for (i, n) in names.iter().enumerate() {
         perturbed(&base, &d.join(n), i as u64 + 1, 0.02);
+        // Synthetic statistics (kind "synthetic", 10 examples): Gram matrices for RegMean.
+        write_model_stats(d, n, i as u64 + 1);
     }
     jsonl(&d.join("colours.jsonl"), COLOURS);
     jsonl(&d.join("facts.jsonl"), FACTS);
@@ -151,19 +153,19 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
     )
     .unwrap();
     let study = format!(
-        "base_model: {}\npool:\n  - model: ft_a\n  - model: ft_b\n  - model: ft_c\nmethods:\n  - merge_method: linear\n  - merge_method: task_arithmetic\n    parameters: {{lambda: [0.5, 1.0, \"bad\"]}}\ncounts: [2, 3]\nsubsets: {{max_per_count: 2}}\nevaluation: {{suite: suite.yaml}}\ndtype: float32\n",
+        "base_model: {}\npool:\n  - {{model: ft_a, statistics: ft_a.stats.safetensors}}\n  - {{model: ft_b, statistics: ft_b.stats.safetensors}}\n  - {{model: ft_c, statistics: ft_c.stats.safetensors}}\nmethods:\n  - merge_method: linear\n  - merge_method: task_arithmetic\n    parameters: {{lambda: [0.5, 1.0, \"bad\"]}}\n  - merge_method: regmean\ncounts: [2, 3]\nsubsets: {{max_per_count: 2}}\nevaluation: {{suite: suite.yaml}}\ndtype: float32\n",
         base.display()
     );
     std::fs::write(d.join("study.yaml"), study).unwrap();
     let started = std::time::Instant::now();
     let out = run_ok(d, &["study", "study.yaml", "--out", "out"]);
     eprintln!("study took {:.1} s", started.elapsed().as_secs_f64());
-    // 4 settings × (2 subsets of 2 + 1 of 3) = 12 merges; the 3 with lambda "bad" fail.
+    // 5 settings × (2 subsets of 2 + 1 of 3) = 15 merges; the 3 with lambda "bad" fail.
     assert!(out.contains("skipped 0 finished merges"), "{out}");
-    assert!(out.contains("ran 12 merges, 3 failed"), "{out}");
+    assert!(out.contains("ran 15 merges, 3 failed"), "{out}");
 
     let rows = read_csv(&d.join("out/results.csv"));
-    assert_eq!(rows.len(), 12);
+    assert_eq!(rows.len(), 15);
     for r in &rows {
         let bad = r["hyperparameters"] == "lambda=bad";
         assert_eq!(r["status"], if bad { "failed" } else { "ok" }, "{r:?}");
@@ -188,13 +190,31 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
         if r["method"] == "task_arithmetic" {
             read += size(&base);
         }
+        if r["method"] == "regmean" {
+            // The statistics files are read too; 10 forward passes per model; their mean size.
+            let stats: Vec<f64> = r["models"]
+                .split(';')
+                .map(|m| {
+                    let p = d.join(format!("{m}.stats.safetensors"));
+                    std::fs::metadata(p).unwrap().len() as f64
+                })
+                .collect();
+            read += stats.iter().sum::<f64>();
+            assert_eq!(f(r, "stats_forward_passes"), 10.0 * f(r, "count"));
+            assert_eq!(f(r, "stats_backward_passes"), 0.0);
+            let mean = stats.iter().sum::<f64>() / stats.len() as f64;
+            assert!((f(r, "stats_bytes_per_model") - mean).abs() <= 1.0, "{r:?}");
+        } else {
+            assert_eq!(f(r, "stats_forward_passes"), 0.0);
+            assert_eq!(f(r, "stats_bytes_per_model"), 0.0);
+        }
         assert_eq!(f(r, "bytes_read"), read, "{r:?}");
         // f32 output of the same shapes: the base's size up to the header.
         let written = f(r, "bytes_written");
         assert!((written - size(&base)).abs() < 4096.0, "{written}");
     }
     let counts: Vec<&str> = rows.iter().map(|r| r["count"].as_str()).collect();
-    assert_eq!(counts.iter().filter(|c| **c == "2").count(), 8);
+    assert_eq!(counts.iter().filter(|c| **c == "2").count(), 10);
 
     // Two rows against merges run directly from hand-written configs.
     let row_of = |method: &str, hp: &str, count: &str| {
@@ -274,15 +294,15 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
 
     // Resuming: nothing runs again; a removed record runs again alone.
     let again = run_ok(d, &["study", "study.yaml", "--out", "out"]);
-    assert!(again.contains("skipped 12 finished merges"), "{again}");
+    assert!(again.contains("skipped 15 finished merges"), "{again}");
     assert!(again.contains("ran 0 merges"), "{again}");
     let key = &rows[0]["key"];
     std::fs::remove_file(d.join("out/runs").join(format!("{key}.json"))).unwrap();
     let third = run_ok(d, &["study", "study.yaml", "--out", "out"]);
-    assert!(third.contains("skipped 11 finished merges"), "{third}");
+    assert!(third.contains("skipped 14 finished merges"), "{third}");
     assert!(third.contains("ran 1 merges"), "{third}");
     let rows3 = read_csv(&d.join("out/results.csv"));
-    assert_eq!(rows3.len(), 12);
+    assert_eq!(rows3.len(), 15);
     assert_eq!(
         rows3[0]["held_out"], rows[0]["held_out"],
         "deterministic rerun"

@@ -183,6 +183,14 @@ impl StudyConfig {
                 self.pool.len()
             );
         }
+        for (i, m) in self.pool.iter().enumerate() {
+            if self.pool[..i].iter().any(|o| o.model == m.model) {
+                bail!(
+                    "pool[{i}]: model {} is listed twice (a merge refuses duplicate inputs)",
+                    m.model.display()
+                );
+            }
+        }
         if self.methods.is_empty() {
             bail!("methods: name at least one method");
         }
@@ -312,6 +320,8 @@ mod tests {
         assert!(format!("{e:#}").contains("base model"), "{e:#}");
         let e = StudyConfig::parse(&STUDY.replace("linear", "no_such"), Path::new("")).unwrap_err();
         assert!(format!("{e:#}").contains("methods[2]"), "{e:#}");
+        let e = StudyConfig::parse(&STUDY.replace("/abs/b", "a"), Path::new("")).unwrap_err();
+        assert!(format!("{e:#}").contains("pool[1]"), "{e:#}");
         let e = StudyConfig::parse(&STUDY.replace("[1, 2]", "[]"), Path::new("")).unwrap_err();
         assert!(format!("{e:#}").contains("lambda"), "{e:#}");
     }

@@ -88,6 +88,14 @@ fn line_plot(path: &Path, title: &str, y_desc: &str, lines: &Lines) -> Result<()
     chart
         .configure_mesh()
         .x_desc("models merged")
+        .x_label_formatter(&|x| {
+            // Only whole model counts get a label.
+            if (x - x.round()).abs() < 1e-9 {
+                format!("{}", x.round())
+            } else {
+                String::new()
+            }
+        })
         .y_desc(y_desc)
         .label_style((FAMILY, 14))
         .axis_desc_style((FAMILY, 16))

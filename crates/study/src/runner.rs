@@ -223,8 +223,13 @@ pub fn plan(study: &StudyConfig) -> Result<Vec<Job>> {
             }
             for subset in subsets::subsets(&perms, count, study.subsets.max_per_count) {
                 let config_text = merge_config(study, &setting, &subset.models)?;
+                let key = run_key(&config_text, &suite);
+                // The same merge twice (e.g. a grid listing a value twice) runs once.
+                if jobs.iter().any(|j: &Job| j.key == key) {
+                    continue;
+                }
                 jobs.push(Job {
-                    key: run_key(&config_text, &suite),
+                    key,
                     setting: setting.clone(),
                     count,
                     subset,

@@ -118,6 +118,9 @@ pub struct WorkerArgs {
     /// File holding the bearer token workers must send (with --listen).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Lease time-to-live in seconds: a worker silent this long loses its work to another.
+    #[arg(long, default_value_t = 30)]
+    pub lease_ttl: u64,
 }
 
 impl WorkerArgs {
@@ -136,6 +139,7 @@ impl WorkerArgs {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             token: read_token(&self.token_file)?,
             local_workers: self.workers,
+            lease_ttl: Duration::from_secs(self.lease_ttl.max(1)),
             job_id,
             unit,
         }))
@@ -264,6 +268,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Worker processes to start here.
     pub local_workers: usize,
+    /// Lease time-to-live.
+    pub lease_ttl: Duration,
     /// Job id shown to workers.
     pub job_id: &'static str,
     /// What the progress bar counts (the host's units of work).
@@ -286,6 +292,8 @@ pub fn serve_until_done<H: JobHost>(
         let opts = ServerOptions {
             job_id: o.job_id.into(),
             token: o.token.clone(),
+            lease_ttl: o.lease_ttl,
+            heartbeat_interval: (o.lease_ttl / 3).max(Duration::from_millis(100)),
             ..ServerOptions::default()
         };
         let server = serve(host, o.listen, opts)
@@ -293,8 +301,9 @@ pub fn serve_until_done<H: JobHost>(
             .with_context(|| format!("serving on {}", o.listen))?;
         let url = server.url();
         if !quiet {
-            eprintln!(
-                "{} coordinator on {url}: {} {}; workers: amalgam worker --coordinator {url}",
+            // On stdout, like `amalgam coordinator`'s line: scripts read the URL from it.
+            println!(
+                "{} coordinator listening on {url} ({} {}); workers: amalgam worker --coordinator {url}",
                 o.job_id,
                 progress().1,
                 o.unit
@@ -302,7 +311,7 @@ pub fn serve_until_done<H: JobHost>(
         }
         let mut children = Vec::new();
         for i in 0..o.local_workers {
-            children.push(spawn_worker(&url, o.token.as_deref(), i)?);
+            children.push(spawn_worker(&url, o.token.as_deref(), i, o.local_workers)?);
         }
         let pb = ProgressBar::new(progress().1 as u64);
         if quiet {
@@ -333,26 +342,60 @@ pub fn serve_until_done<H: JobHost>(
             }
         }
         pb.finish_and_clear();
-        // Linger so that waiting workers hear `done` from us instead of finding us gone.
+        // Keep serving until the local workers have heard `done` (one may still be loading the
+        // model when the others finish), and linger for external ones.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        for c in children.iter_mut() {
+            while c.try_wait().context("waiting for a worker")?.is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         server.shutdown(Duration::from_secs(5)).await?;
         for mut c in children {
             let _ = tokio::task::block_in_place(|| c.wait());
         }
+        if o.token.is_some() && o.local_workers > 0 {
+            let _ = std::fs::remove_dir_all(token_dir());
+        }
         Ok::<_, anyhow::Error>(())
     })
 }
 
-fn spawn_worker(url: &str, token: Option<&str>, i: usize) -> Result<std::process::Child> {
+/// Where local workers' token file lives (private to this process).
+fn token_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("amalgam-token-{}", std::process::id()))
+}
+
+/// Starts local worker `i` of `n`, with its share of the cores (candle's matmuls and rayon
+/// both size their pools from `RAYON_NUM_THREADS`; without it, n workers each take every core).
+fn spawn_worker(url: &str, token: Option<&str>, i: usize, n: usize) -> Result<std::process::Child> {
     let exe = std::env::current_exe().context("locating the amalgam binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--quiet", "worker", "--coordinator", url])
         .args(["--name", &format!("local-{i}")]);
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let share = cores / n.max(1) + usize::from(i < cores % n.max(1));
+        cmd.env("RAYON_NUM_THREADS", share.max(1).to_string());
+    }
     if let Some(t) = token {
-        let dir = std::env::temp_dir().join(format!("amalgam-eval-{}", std::process::id()));
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = token_dir();
         std::fs::create_dir_all(&dir)?;
         let f = dir.join("token");
-        std::fs::write(&f, t)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&f)
+            .with_context(|| format!("writing {}", f.display()))?;
+        std::io::Write::write_all(&mut file, t.as_bytes())?;
         cmd.arg("--token-file").arg(f);
     }
     cmd.stdin(std::process::Stdio::null());

@@ -15,25 +15,26 @@ use std::process::{Command, Stdio};
 
 /// Arguments of `amalgam study`.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Example:\n  amalgam study study.yaml --out study-out/\n\n\
-A study (YAML) names the pool and the base model, the methods with hyperparameter grids\n\
-(a list is a grid axis), the model counts, how subsets are drawn and the evaluation suite:\n\n\
-  base_model: base/\n\
-  pool: [{model: ft1/}, {model: ft2/, statistics: ft2.gram.safetensors}, {model: ft3/}]\n\
-  methods:\n\
-    - merge_method: linear\n\
-    - merge_method: task_arithmetic\n\
-      parameters: {lambda: [0.5, 1.0]}\n\
-  counts: [2, 3]\n\
-  subsets: {permutations: 10, seed: 0, max_per_count: 4}\n\
-  evaluation: {suite: suite.yaml, batch_size: 8}\n\n\
-Subsets are the first m models of fixed seeded permutations of the pool (every prefix of\n\
-length >= 2 unique where possible). Outputs in --out: results.csv (one row per merge, scores\n\
-and costs), plots/*.png, report.md (best setting per method selected on held-in tasks,\n\
-reported on held-out tasks), runs/<key>.{yaml,log,json}. Running again skips merges whose\n\
-record exists; a failed merge is recorded, not fatal."
-)]
+#[command(after_help = concat!(
+    "Example:\n  amalgam study study.yaml --out study-out/\n\n",
+    "A study (YAML) names the pool and the base model, the methods with hyperparameter grids\n",
+    "(a list is a grid axis), the model counts, how subsets are drawn and the evaluation suite:\n\n",
+    "  base_model: base/\n",
+    "  pool: [{model: ft1/}, {model: ft2/, statistics: ft2.gram.safetensors}, {model: ft3/}]\n",
+    "  methods:\n",
+    "    - merge_method: linear\n",
+    "    - merge_method: task_arithmetic\n",
+    "      parameters: {lambda: [0.5, 1.0]}\n",
+    "  counts: [2, 3]\n",
+    "  subsets: {permutations: 10, seed: 0, max_per_count: 4}\n",
+    "  evaluation: {suite: suite.yaml, batch_size: 8}\n",
+    "  dtype: float32\n\n",
+    "Subsets are the first m models of fixed seeded permutations of the pool (every prefix of\n",
+    "length >= 2 unique where possible). Outputs in --out: results.csv (one row per merge, scores\n",
+    "and costs), plots/*.png, report.md (best setting per method selected on held-in tasks,\n",
+    "reported on held-out tasks), runs/<key>.{yaml,log,json}. Running again skips merges whose\n",
+    "record exists; a failed merge is recorded, not fatal."
+))]
 pub struct StudyArgs {
     /// The study file (YAML).
     pub study: PathBuf,
@@ -49,6 +50,10 @@ pub struct StudyArgs {
     /// List the merges the study would run (and which are done); run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run each merge and each evaluation on this many local workers through the cluster code
+    /// (`amalgam merge --workers N`, `amalgam eval --workers N`; same results). 0: directly.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 /// Run `amalgam study`.
@@ -77,6 +82,7 @@ pub fn run(a: StudyArgs, quiet: bool) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut exec = ChildExecutor {
         exe: std::env::current_exe().context("locating the amalgam binary")?,
+        workers: a.workers,
     };
     let opts = RunOptions {
         retry_failed: a.retry_failed,
@@ -101,6 +107,8 @@ pub fn run(a: StudyArgs, quiet: bool) -> Result<()> {
 /// Runs merges and evaluations as child processes of this binary.
 struct ChildExecutor {
     exe: PathBuf,
+    /// `--workers` for each child (0: none).
+    workers: usize,
 }
 
 /// The last `n` lines of a log (for error messages).
@@ -159,13 +167,18 @@ fn run_child(exe: &Path, args: &[&std::ffi::OsStr], log: &Path) -> Result<u64> {
 
 impl Executor for ChildExecutor {
     fn merge(&mut self, config: &Path, out: &Path, log: &Path) -> Result<u64> {
-        let args = [
-            std::ffi::OsStr::new("--quiet"),
+        let workers = self.workers.to_string();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--quiet".as_ref(),
             "merge".as_ref(),
             config.as_os_str(),
             "--out".as_ref(),
             out.as_os_str(),
         ];
+        if self.workers > 0 {
+            args.push("--workers".as_ref());
+            args.push(workers.as_ref());
+        }
         run_child(&self.exe, &args, log)
     }
 
@@ -191,6 +204,11 @@ impl Executor for ChildExecutor {
         if let Some(b) = &bs {
             args.push("--batch-size".as_ref());
             args.push(b.as_ref());
+        }
+        let workers = self.workers.to_string();
+        if self.workers > 0 {
+            args.push("--workers".as_ref());
+            args.push(workers.as_ref());
         }
         let peak = run_child(&self.exe, &args, log)?;
         let text = std::fs::read_to_string(report)
