@@ -162,6 +162,59 @@ pub fn value(v: &SynthValues, name: &str, is_norm: bool, i: u64) -> f32 {
     base + v.delta_scale * uniform(v.delta_seed, h, i)
 }
 
+/// Write a seeded "fine-tune" of the checkpoint at `from` (a Hugging Face directory, a
+/// safetensors file or a GGUF file) into `dir`: every floating-point tensor of two or more
+/// dimensions gets `scale · u` added, u uniform in [-1, 1) keyed by (seed, tensor, element);
+/// vectors (norms, biases) and other dtypes are copied. Config and tokenizer files come along.
+pub fn perturb_model(
+    from: &Path,
+    dir: &Path,
+    seed: u64,
+    scale: f32,
+    shard_bytes: u64,
+    overwrite: bool,
+) -> Result<(), EngineError> {
+    let src = amalgam_io::Checkpoint::open(from)?;
+    let tensors: Vec<OutputTensor> = src
+        .tensors()
+        .iter()
+        .map(|t| OutputTensor {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let layout = OutputLayout::plan(tensors.clone(), shard_bytes);
+    let mut w = CheckpointWriter::create(dir, layout, overwrite)?;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0f32; CHUNK];
+    for t in &tensors {
+        w.begin_tensor(&t.name)?;
+        if t.shape.len() < 2 || !t.dtype.is_float_convertible() {
+            w.write_raw(src.raw(&t.name)?)?;
+            continue;
+        }
+        let n: usize = t.shape.iter().product();
+        let h = name_hash(&t.name);
+        let mut start = 0;
+        while start < n {
+            let len = CHUNK.min(n - start);
+            src.read_f32(&t.name, start..start + len, &mut buf[..len])?;
+            buf[..len].par_iter_mut().enumerate().for_each(|(k, x)| {
+                *x += scale * uniform(seed, h, (start + k) as u64);
+            });
+            w.write_f32(&buf[..len])?;
+            start += len;
+        }
+    }
+    w.finish()?;
+    match amalgam_io::gguf::gguf_source(&src) {
+        Some(g) => amalgam_io::gguf::write_aux_files(g, dir, true, true)?,
+        None => amalgam_io::copy_aux_files(src.root(), dir)?,
+    };
+    Ok(())
+}
+
 /// Write a synthetic checkpoint (safetensors files, index, config.json) into `dir`.
 pub fn write_model(
     dir: &Path,

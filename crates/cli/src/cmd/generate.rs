@@ -1,7 +1,7 @@
 //! `amalgam generate`: write a seeded synthetic Llama-shaped checkpoint.
 
 use crate::size::parse_size;
-use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
+use amalgam_engine::synth::{perturb_model, write_model, SynthSpec, SynthValues};
 use amalgam_io::DType;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -51,10 +51,35 @@ pub struct GenerateArgs {
     /// Replace an existing checkpoint.
     #[arg(long)]
     pub overwrite: bool,
+    /// Perturb this real checkpoint (a directory, safetensors or GGUF file) instead of making
+    /// one up: every matrix gets `--delta-scale · u` added (u uniform in [-1, 1), seeded by
+    /// `--delta-seed`); vectors and config/tokenizer files are copied. Makes evaluable
+    /// "fine-tunes" of a real model for trying studies and merges.
+    #[arg(long, value_name = "MODEL")]
+    pub from: Option<PathBuf>,
 }
 
 /// Run `amalgam generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(from) = &a.from {
+        perturb_model(
+            from,
+            &a.dir,
+            a.delta_seed,
+            a.delta_scale,
+            a.shard_size,
+            a.overwrite,
+        )
+        .with_context(|| format!("perturbing {}", from.display()))?;
+        println!(
+            "wrote {} ({} + {} x uniform noise, seed {})",
+            a.dir.display(),
+            from.display(),
+            a.delta_scale,
+            a.delta_seed
+        );
+        return Ok(());
+    }
     let dtype = DType::from_config_name(&a.dtype)
         .with_context(|| format!("--dtype {}: use float32, float16 or bfloat16", a.dtype))?;
     let spec = SynthSpec {
