@@ -319,3 +319,57 @@ fn a_worker_killed_mid_evaluation_costs_only_its_batches() {
     assert_eq!(dist, local);
     assert_eq!(read(&t.path().join("dist.jsonl")), local_dump);
 }
+
+#[test]
+fn generate_from_perturbs_the_matrices_of_a_real_model() {
+    let t = tempfile::tempdir().unwrap();
+    let model = fixture("tests/fixtures/tiny_lm/llama");
+    run_ok(
+        t.path(),
+        &[
+            "generate",
+            "ft",
+            "--from",
+            &model,
+            "--delta-scale",
+            "0.02",
+            "--delta-seed",
+            "3",
+        ],
+    );
+    let orig = crate::common::load_dir(&repo().join("tests/fixtures/tiny_lm/llama"));
+    let ft = crate::common::load_dir(&t.path().join("ft"));
+    assert_eq!(
+        orig.keys().collect::<Vec<_>>(),
+        ft.keys().collect::<Vec<_>>()
+    );
+    for (k, o) in &orig {
+        let f = &ft[k];
+        assert_eq!(o.shape, f.shape, "{k}");
+        let max = o
+            .values
+            .iter()
+            .zip(&f.values)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        if o.shape.len() < 2 {
+            assert_eq!(max, 0.0, "{k}: vectors are copied");
+        } else {
+            assert!(max > 0.0 && max <= 0.02 + 1e-6, "{k}: {max}");
+        }
+    }
+    for f in ["config.json", "tokenizer.json"] {
+        assert_eq!(
+            read(&t.path().join("ft").join(f)),
+            read(&repo().join("tests/fixtures/tiny_lm/llama").join(f))
+        );
+    }
+    // The copy is a model amalgam can evaluate.
+    let suite = fixture("tests/fixtures/eval_suite/suite.yaml");
+    run_ok(
+        t.path(),
+        &[
+            "eval", "--model", "ft", "--suite", &suite, "--out", "ft.json",
+        ],
+    );
+}
