@@ -23,7 +23,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::{
-    choice_line, jsonl_objects, task_err, Choice, Example, RenderedTask, TaskFormat, TaskOptions,
+    choice_line, jsonl_objects, limit_and_field_notes, task_err, Choice, Example, RenderedTask,
+    TaskFormat, TaskOptions,
 };
 use crate::error::Result;
 use crate::score::ScoreRequest;
@@ -139,16 +140,7 @@ pub fn load(path: &Path, options: &TaskOptions) -> Result<RenderedTask> {
         if options.pmi { "on" } else { "off" },
         options.length_norm.describe()
     )];
-    if examples.len() < total {
-        notes.push(format!(
-            "limited to the first {} of {total} examples",
-            examples.len()
-        ));
-    }
-    if !ignored.is_empty() {
-        let names: Vec<String> = ignored.into_iter().collect();
-        notes.push(format!("ignored fields: {}", names.join(", ")));
-    }
+    limit_and_field_notes(&mut notes, examples.len(), total, ignored);
     Ok(RenderedTask {
         format: TaskFormat::Fib,
         metric: "accuracy".into(),

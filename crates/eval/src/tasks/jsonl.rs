@@ -6,7 +6,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use super::{choice_line, jsonl_objects, Choice, Example, RenderedTask, TaskFormat, TaskOptions};
+use super::{
+    choice_line, jsonl_objects, limit_and_field_notes, Choice, Example, RenderedTask, TaskFormat,
+    TaskOptions,
+};
 use crate::error::Result;
 use crate::score::ScoreRequest;
 
@@ -48,16 +51,7 @@ pub fn load(path: &Path, options: &TaskOptions) -> Result<RenderedTask> {
         });
     }
     let mut notes = Vec::new();
-    if examples.len() < total {
-        notes.push(format!(
-            "limited to the first {} of {total} examples",
-            examples.len()
-        ));
-    }
-    if !ignored.is_empty() {
-        let names: Vec<String> = ignored.into_iter().collect();
-        notes.push(format!("ignored fields: {}", names.join(", ")));
-    }
+    limit_and_field_notes(&mut notes, examples.len(), total, ignored);
     Ok(RenderedTask {
         format: TaskFormat::Jsonl,
         metric: "accuracy".into(),

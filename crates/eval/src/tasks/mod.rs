@@ -385,6 +385,23 @@ pub(crate) fn choice_line(
     Ok((input, choices, label))
 }
 
+/// Appends the notes every task format reports: an example limit that cut the file short, and
+/// the example fields it ignored.
+pub(crate) fn limit_and_field_notes(
+    notes: &mut Vec<String>,
+    kept: usize,
+    total: usize,
+    ignored: std::collections::BTreeSet<String>,
+) {
+    if kept < total {
+        notes.push(format!("limited to the first {kept} of {total} examples"));
+    }
+    if !ignored.is_empty() {
+        let names: Vec<String> = ignored.into_iter().collect();
+        notes.push(format!("ignored fields: {}", names.join(", ")));
+    }
+}
+
 /// One non-empty line of a JSONL file: (index among non-empty lines, 1-based line number, object).
 pub(crate) type JsonlLine = (usize, usize, serde_json::Map<String, serde_json::Value>);
 
