@@ -292,15 +292,18 @@ impl Hooks {
     }
 }
 
-/// True for errors that mean "the coordinator is (temporarily) not there".
-fn is_transient(code: tonic::Code) -> bool {
+/// True for errors that mean "the coordinator is (temporarily) not there". A coordinator that
+/// shuts down sends HTTP/2 GOAWAY, which reaches a call in flight as `Internal` "h2 protocol
+/// error": that is a coordinator going away (to be restarted), not a broken protocol.
+fn is_transient(status: &tonic::Status) -> bool {
     matches!(
-        code,
+        status.code(),
         tonic::Code::Unavailable
             | tonic::Code::Unknown
             | tonic::Code::Cancelled
             | tonic::Code::Aborted
-    )
+    ) || (status.code() == tonic::Code::Internal
+        && status.message().starts_with("h2 protocol error"))
 }
 
 /// True when a connection error says the TLS handshake or a certificate was refused.
@@ -347,7 +350,7 @@ async fn connect_and_register(opts: &WorkerOptions) -> Result<(Client, pb::Regis
                     // A refused certificate does not fix itself: fail at once.
                     ClusterError::Connect { .. } => !is_tls_failure(&e.to_string()),
                     ClusterError::Rpc { status, .. } => {
-                        is_transient(status.code()) && !is_tls_failure(&e.to_string())
+                        is_transient(&status) && !is_tls_failure(&e.to_string())
                     }
                     _ => false,
                 };
@@ -509,7 +512,7 @@ async fn lease_loop<E: ShardExecutor>(
                 report.reregistrations += 1;
                 continue;
             }
-            Err(s) if is_transient(s.code()) && last_ok.elapsed() < opts.reconnect_timeout => {
+            Err(s) if is_transient(&s) && last_ok.elapsed() < opts.reconnect_timeout => {
                 tracing::warn!(status = %s, "coordinator unreachable; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -581,7 +584,7 @@ async fn lease_loop<E: ShardExecutor>(
                 Ok(bytes) => results.push((shard_id, bytes)),
                 // The coordinator went away mid-shard (or the lease was revoked and the
                 // executor stopped early): give the lease up, keep working.
-                Err(ClusterError::Rpc { status, .. }) if is_transient(status.code()) => {
+                Err(ClusterError::Rpc { status, .. }) if is_transient(&status) => {
                     tracing::warn!(shard_id, status = %status, "coordinator unreachable during \
                         the shard; lease abandoned");
                     abandon = true;
@@ -604,7 +607,7 @@ async fn lease_loop<E: ShardExecutor>(
             let n = bytes.len() as u64;
             let resp = match submit(&mut client, lease_id, shard_id, bytes, hooks).await {
                 Ok(r) => r,
-                Err(ClusterError::Rpc { status, .. }) if is_transient(status.code()) => {
+                Err(ClusterError::Rpc { status, .. }) if is_transient(&status) => {
                     report.leases_abandoned += 1;
                     tracing::warn!(shard_id, status = %status, "coordinator went away while \
                         sending a result; lease abandoned");
