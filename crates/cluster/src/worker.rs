@@ -350,7 +350,7 @@ async fn connect_and_register(opts: &WorkerOptions) -> Result<(Client, pb::Regis
                     // A refused certificate does not fix itself: fail at once.
                     ClusterError::Connect { .. } => !is_tls_failure(&e.to_string()),
                     ClusterError::Rpc { status, .. } => {
-                        is_transient(&status) && !is_tls_failure(&e.to_string())
+                        is_transient(status) && !is_tls_failure(&e.to_string())
                     }
                     _ => false,
                 };
