@@ -21,6 +21,22 @@ impl Bar {
     }
 }
 
+/// A bar counting `total` units (`unit`: "requests", "examples", ...) with their rate and ETA,
+/// labelled `prefix`, hidden under `--quiet`.
+pub fn count_bar(total: usize, unit: &str, prefix: &str, quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    if quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let template =
+        format!("{{prefix:>10}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
 impl Progress for Bar {
     fn begin(&self, phase: &str, total: u64, _tensors: usize) {
         let bar = ProgressBar::new(total);

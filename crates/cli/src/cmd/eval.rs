@@ -6,6 +6,7 @@
 //! Either way the batches are the same, so the report is the same, bit for bit.
 
 use crate::cmd::cluster::read_token;
+use crate::progress::count_bar;
 use amalgam_cluster::eval_job::EvalHost;
 use amalgam_cluster::server::{serve, JobHost, ServerOptions};
 use amalgam_eval::model::{CausalLm, LoadOptions};
@@ -15,7 +16,6 @@ use amalgam_eval::suite::{PreparedSuite, Suite};
 use amalgam_eval::{ScoreRequest, Scored};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -199,21 +199,6 @@ pub fn load_scorer(model: &Path) -> Result<LmScorer> {
     Ok(LmScorer::new(lm))
 }
 
-fn bar(total: usize, quiet: bool) -> ProgressBar {
-    let bar = ProgressBar::new(total as u64);
-    if quiet {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    let style = ProgressStyle::with_template(
-        "{prefix:>10} [{bar:30}] {pos}/{len} requests {per_sec} ETA {eta} {wide_msg}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_prefix("scoring");
-    bar
-}
-
 fn score_here(
     model: &Path,
     requests: &[ScoreRequest],
@@ -229,7 +214,7 @@ fn score_here(
             started.elapsed().as_secs_f64()
         );
     }
-    let pb = bar(requests.len(), quiet);
+    let pb = count_bar(requests.len(), "requests", "scoring", quiet);
     let scores = score_all(&mut scorer, requests, batch_size, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     Ok(scores)
@@ -313,17 +298,7 @@ pub fn serve_until_done<H: JobHost>(
         for i in 0..o.local_workers {
             children.push(spawn_worker(&url, o.token.as_deref(), i, o.local_workers)?);
         }
-        let pb = ProgressBar::new(progress().1 as u64);
-        if quiet {
-            pb.set_draw_target(ProgressDrawTarget::hidden());
-        }
-        if let Ok(style) = ProgressStyle::with_template(&format!(
-            "{{prefix:>10}} [{{bar:30}}] {{pos}}/{{len}} {} {{per_sec}} ETA {{eta}}",
-            o.unit
-        )) {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        pb.set_prefix(o.job_id);
+        let pb = count_bar(progress().1, o.unit, o.job_id, quiet);
         let done = server.done();
         tokio::pin!(done);
         loop {

@@ -3,6 +3,7 @@
 //! (architecture.md, "Statistics files").
 
 use crate::cmd::eval::{serve_until_done, ServeOptions, WorkerArgs};
+use crate::progress::count_bar;
 use amalgam_cluster::stats_job::{StatsHost, StatsJob};
 use amalgam_eval::model::{CausalLm, LoadOptions};
 use amalgam_eval::stats::{
@@ -12,7 +13,6 @@ use amalgam_eval::stats::{
 use amalgam_io::{Adapter, Checkpoint};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -90,16 +90,7 @@ fn compute_here(
             started.elapsed().as_secs_f64()
         );
     }
-    let bar = ProgressBar::new(n as u64);
-    if quiet {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    if let Ok(style) = ProgressStyle::with_template(
-        "{prefix:>10} [{bar:30}] {pos}/{len} examples {per_sec} ETA {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(a.kind.name());
+    let bar = count_bar(n, "examples", a.kind.name(), quiet);
     let out = compute_stats(&model, data, &opts, &mut |k| bar.inc(k as u64))?;
     bar.finish_and_clear();
     Ok((out, adapter))

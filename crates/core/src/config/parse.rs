@@ -228,6 +228,20 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// An optional positive integer at `key` (absent or null: `None`).
+fn positive_int(v: Option<&Value>, key: &str) -> Result<Option<usize>, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|x| x > 0) => {
+            Ok(n.as_u64().map(|x| x as usize))
+        }
+        Some(other) => Err(ConfigError::new(
+            key,
+            format!("expected a positive integer, found {}", describe(other)),
+        )),
+    }
+}
+
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -855,18 +869,7 @@ impl Walker {
                 "required: the suite file to run on the output",
             )
         })?;
-        let batch_size = match m.get("batch_size") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|x| x > 0) => {
-                Some(n.as_u64().expect("checked by the guard") as usize)
-            }
-            Some(other) => {
-                return Err(ConfigError::new(
-                    join(path, "batch_size"),
-                    format!("expected a positive integer, found {}", describe(other)),
-                ))
-            }
-        };
+        let batch_size = positive_int(m.get("batch_size"), &join(path, "batch_size"))?;
         Ok(Some(EvaluationConfig {
             suite,
             out: text("out")?,
@@ -903,18 +906,10 @@ impl Walker {
                 }
             },
         };
-        let pad_to_multiple_of = match m.get("pad_to_multiple_of") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|x| x > 0) => {
-                Some(n.as_u64().expect("checked by the guard") as usize)
-            }
-            Some(other) => {
-                return Err(ConfigError::new(
-                    join(path, "pad_to_multiple_of"),
-                    format!("expected a positive integer, found {}", describe(other)),
-                ))
-            }
-        };
+        let pad_to_multiple_of = positive_int(
+            m.get("pad_to_multiple_of"),
+            &join(path, "pad_to_multiple_of"),
+        )?;
         let tokens = match m.get("tokens") {
             None | Some(Value::Null) => None,
             Some(Value::Mapping(t)) => {
