@@ -34,8 +34,8 @@ run)
         grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
     export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | head -3
-    nproc; free -g | head -2
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | awk 'NR <= 3'
+    nproc; free -g | awk 'NR <= 2'
     work=${GPU_CHECK_DIR:-/tmp/amalgam-gpu-check}
     log=${OUT:-/tmp}/gpu-check.log
     set -o pipefail

@@ -77,7 +77,7 @@ expect_failure() {
     echo "$out" >&2
     exit 1
   fi
-  echo "ok: $name rejected: $(grep -F -- "$want" <<<"$out" | head -1)"
+  echo "ok: $name rejected: $(grep -F -m 1 -- "$want" <<<"$out")"
 }
 expect_failure "misspelled field" base/workers.yaml \
   's/restartPolicy: OnFailure/restartPolcy: OnFailure/' \
