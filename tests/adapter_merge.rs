@@ -741,3 +741,143 @@ fn adapter_merge_extract_lora_recovers_a_low_rank_difference() {
     );
     assert!(e.contains("already holds an adapter"), "{e}");
 }
+
+/// Both output files of two adapter directories are byte-identical.
+fn assert_same_adapter(a: &Path, b: &Path) {
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let (x, y) = (
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+        );
+        assert!(
+            x == y,
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Adapter merges and a LoRA extraction run as cluster jobs (a coordinator here, two worker
+/// processes over loopback gRPC, one module per shard) write exactly the bytes of the
+/// single-process run: the PEFT combinations, KnOTS (its global pass on the coordinator, the
+/// modules re-aligned on the workers) and (IA)³.
+#[test]
+fn adapter_jobs_on_worker_processes_give_the_single_process_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_lora(&d.join("a1"), &MODULES, 2, 4.0, 61, "base");
+    write_lora(&d.join("a2"), &MODULES, 2, 8.0, 62, "base");
+    write_lora(&d.join("a3"), &MODULES, 3, 3.0, 63, "base");
+    let ia3 = |dir: &str, seed: u64| {
+        let cfg = amalgam_io::Ia3Config::new(
+            TargetModules::List(vec!["k_proj".into(), "down_proj".into()]),
+            TargetModules::List(vec!["down_proj".into()]),
+        );
+        let k: Vec<f32> = vals(seed, 6).iter().map(|x| 1.0 + x).collect();
+        let f: Vec<f32> = vals(seed + 1, 5).iter().map(|x| 1.0 + x).collect();
+        let t = [
+            (
+                amalgam_io::peft::ia3_key("model.layers.0.self_attn.k_proj"),
+                vec![6, 1],
+                k.as_slice(),
+            ),
+            (
+                amalgam_io::peft::ia3_key("model.layers.0.mlp.down_proj"),
+                vec![1, 5],
+                f.as_slice(),
+            ),
+        ];
+        let refs: Vec<(String, Vec<usize>, &[f32])> = t
+            .iter()
+            .map(|(k, s, v)| (k.clone(), s.clone(), *v))
+            .collect();
+        write_adapter(&d.join(dir), &AdapterConfig::Ia3(cfg), &refs, false).unwrap();
+    };
+    ia3("i1", 71);
+    ia3("i2", 72);
+    let configs = [
+        ("svd", "combination_type: svd\nadapters:\n  - {path: a1, weight: 0.7}\n  - {path: a2, weight: -0.4}\n  - {path: a3, weight: 0.5}\n"),
+        ("ties", "combination_type: ties\ndensity: 0.5\nadapters: [a1, {path: a2, weight: 0.6}]\n"),
+        ("knots", "combination_type: knots_ties\ntop_k: 50\nadapters: [a1, a2]\n"),
+        ("knots_dare", "combination_type: knots_dare\nseed: 5\nadapters: [a1, a2, a3]\n"),
+        ("ia3", "combination_type: dare_ties\ndensity: 0.6\nseed: 3\nadapters: [i1, i2]\n"),
+    ];
+    for (name, yaml) in configs {
+        let cfg = format!("{name}.yaml");
+        std::fs::write(d.join(&cfg), yaml).unwrap();
+        let single = format!("{name}-single");
+        run_ok(d, &["merge-adapters", &cfg, "--out", &single, "--quiet"]);
+        let served = format!("{name}-workers");
+        run_ok(
+            d,
+            &[
+                "merge-adapters",
+                &cfg,
+                "--out",
+                &served,
+                "--quiet",
+                "--workers",
+                "2",
+                "--shard-size",
+                "1",
+            ],
+        );
+        assert_same_adapter(&d.join(&single), &d.join(&served));
+    }
+    // Extraction: one shard per weight of a generated model and a perturbed copy.
+    generate(
+        d,
+        "base",
+        &[
+            "--seed",
+            "9",
+            "--hidden",
+            "16",
+            "--intermediate",
+            "24",
+            "--layers",
+            "2",
+            "--vocab",
+            "32",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+        ],
+    );
+    let ft: Vec<(String, Vec<usize>, Vec<f32>)> = load_dir(&d.join("base"))
+        .into_iter()
+        .enumerate()
+        .map(|(k, (n, t))| {
+            let noise = vals(80 + k as u64, t.values.len());
+            let v = t
+                .values
+                .iter()
+                .zip(noise)
+                .map(|(&x, e)| x as f32 + 0.05 * e)
+                .collect();
+            (n, t.shape, v)
+        })
+        .collect();
+    write_model(&d.join("ft"), &ft);
+    let extract = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "extract-lora",
+            "--base",
+            "base",
+            "--model",
+            "ft",
+            "--rank",
+            "4",
+            "--out",
+            out,
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        run_ok(d, &args);
+    };
+    extract("x-single", &[]);
+    extract("x-workers", &["--workers", "2", "--shard-size", "1"]);
+    assert_same_adapter(&d.join("x-single"), &d.join("x-workers"));
+}

@@ -46,6 +46,25 @@ fn lora_adapter_applied_to_its_base() {
     )
     .unwrap();
     run_ok(d, &["merge", "p.yaml", "--out", "out", "--quiet"]);
+    // The cluster path (an embedded coordinator, 2 workers, several shards) applies the adapter
+    // on the workers: the same bytes.
+    let argv = [
+        "merge",
+        "p.yaml",
+        "--out",
+        "out-w2",
+        "--quiet",
+        "--workers",
+        "2",
+    ];
+    run_ok(d, &[&argv[..], &["--shard-size", "40KB"]].concat());
+    for f in final_outputs(&d.join("out")) {
+        assert!(
+            std::fs::read(d.join("out").join(&f)).unwrap()
+                == std::fs::read(d.join("out-w2").join(&f)).unwrap(),
+            "{f} differs with --workers 2"
+        );
+    }
     let out = load_dir(&d.join("out"));
     let w = &base[&format!("{module}.weight")].values;
     let s = 8.0 / r as f64;

@@ -1,4 +1,4 @@
-//! Distributed merging and evaluation for amalgam (issues 3, 6): the gRPC coordinator and workers, shard leases,
+//! Distributed merging and evaluation for amalgam (issues 3, 6, 8): the gRPC coordinator and workers, shard leases,
 //! the job journal. This crate does not depend on the merge engine; the engine plugs in through
 //! [`server::JobHost`] (coordinator side), [`worker::ShardExecutor`] (worker side) and
 //! [`journal::JobStore`] (durable job state).
@@ -13,6 +13,8 @@
 //! - [`etcd_store`]: [`journal::JobStore`] on etcd, and a throwaway local etcd for tests.
 //! - [`eval_job`]: evaluation on the cluster: batches of scoring requests leased like shards.
 //! - [`stats_job`]: statistics on the cluster: chunks of examples leased like shards.
+//! - [`adapter_job`]: adapter merges and LoRA extraction on the cluster: modules leased like
+//!   shards.
 //! - [`tls`]: TLS and mutual TLS settings of the coordinator and its clients.
 #![deny(missing_docs)]
 
@@ -30,6 +32,7 @@ pub const CHUNK_BYTES: usize = 512 * 1024;
 /// Chunks are far below it; a `Reduce` carries at most about 500k doubles.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+pub mod adapter_job;
 pub mod auth;
 pub mod client;
 pub mod error;

@@ -1,18 +1,38 @@
 //! `amalgam merge-adapters` (PEFT adapters into one adapter) and `amalgam extract-lora` (a LoRA
 //! from a full fine-tune). The work is `amalgam_engine::adapter_merge`.
 
+//!
+//! Both run as units of work (one per module) cut into shards: here, or with `--workers N` /
+//! `--listen ADDR` on worker processes through the cluster's adapter job
+//! (`amalgam_cluster::adapter_job`), with the same bytes either way.
+
+use crate::cmd::eval::{serve_until_done, WorkerArgs};
 use crate::progress::Bar;
+use crate::size::parse_size;
+use amalgam_cluster::adapter_job::AdapterHost;
 use amalgam_engine::adapter_merge::{
-    extract_lora, merge_adapters, AdapterMergeConfig, AdapterSummary, ExtractLoraOptions,
+    check_out, run_local, AdapterJobSpec, AdapterSummary, ExtractLoraOptions,
+    DEFAULT_ADAPTER_SHARD_BYTES,
 };
 use anyhow::{Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the work runs and how it is cut: shared by both commands.
+#[derive(Debug, Args)]
+pub struct AdapterWorkArgs {
+    /// Input bytes per shard of modules (the unit a worker leases).
+    #[arg(long, default_value_t = DEFAULT_ADAPTER_SHARD_BYTES, value_parser = parse_size)]
+    pub shard_size: u64,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+}
 
 /// Arguments of `amalgam merge-adapters`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Config (YAML), PEFT's add_weighted_adapter arguments:\n  combination_type: svd        # linear, cat, svd, ties_svd, dare_linear_svd, dare_ties_svd,\n                               # magnitude_prune_svd, ties, dare_linear, dare_ties, magnitude_prune,\n                               # knots_ties, knots_dare; (IA)^3: linear, task_arithmetic, ties,\n                               # dare_linear, dare_ties, magnitude_prune, fisher, mats\n                               # (fisher, mats: `statistics: FILE` on every adapter)\n  adapters:\n    - {path: lora-a, weight: 0.7}\n    - {path: lora-b, weight: 0.3}\n  density: 0.5                 # pruning types\n  majority_sign_method: total  # or frequency\n  svd_rank: 16                 # SVD types (default: the largest rank)\n  svd_clamp: 0.99              # optional quantile\n  seed: 0                      # DARE masks\n  top_k: 20                    # KnOTS: percent kept; also alpha (0.6),\n                               # sign_mode (sum_of_values), drop_rate (0.1, knots_dare)\n\nExample:\n  amalgam merge-adapters merge.yaml --out merged-adapter/"
+    after_help = "Config (YAML), PEFT's add_weighted_adapter arguments:\n  combination_type: svd        # linear, cat, svd, ties_svd, dare_linear_svd, dare_ties_svd,\n                               # magnitude_prune_svd, ties, dare_linear, dare_ties, magnitude_prune,\n                               # knots_ties, knots_dare; (IA)^3: linear, task_arithmetic, ties,\n                               # dare_linear, dare_ties, magnitude_prune, fisher, mats\n                               # (fisher, mats: `statistics: FILE` on every adapter)\n  adapters:\n    - {path: lora-a, weight: 0.7}\n    - {path: lora-b, weight: 0.3}\n  density: 0.5                 # pruning types\n  majority_sign_method: total  # or frequency\n  svd_rank: 16                 # SVD types (default: the largest rank)\n  svd_clamp: 0.99              # optional quantile\n  seed: 0                      # DARE masks\n  top_k: 20                    # KnOTS: percent kept; also alpha (0.6),\n                               # sign_mode (sum_of_values), drop_rate (0.1, knots_dare)\n\nExamples:\n  amalgam merge-adapters merge.yaml --out merged-adapter/\n  amalgam merge-adapters merge.yaml --out merged-adapter/ --workers 2   # on 2 worker processes"
 )]
 pub struct MergeAdaptersArgs {
     /// The config (YAML: `combination_type`, `adapters`, `density`, ...).
@@ -23,12 +43,14 @@ pub struct MergeAdaptersArgs {
     /// Replace an adapter already in the output directory.
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub work: AdapterWorkArgs,
 }
 
 /// Arguments of `amalgam extract-lora`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  amalgam extract-lora --base base/ --model finetuned/ --rank 32 --out lora/ --modules 'self_attn'"
+    after_help = "Examples:\n  amalgam extract-lora --base base/ --model finetuned/ --rank 32 --out lora/ --modules 'self_attn'\n  amalgam extract-lora --base base/ --model finetuned/ --rank 32 --out lora/ --workers 2"
 )]
 pub struct ExtractLoraArgs {
     /// The base checkpoint (directory or .safetensors file).
@@ -56,6 +78,8 @@ pub struct ExtractLoraArgs {
     /// Replace an adapter already in the output directory.
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub work: AdapterWorkArgs,
 }
 
 fn report(s: &AdapterSummary, quiet: bool) {
@@ -75,14 +99,33 @@ fn report(s: &AdapterSummary, quiet: bool) {
     }
 }
 
+/// Runs `spec` here or on workers, as `work` says, writing the adapter into `out`.
+fn run_job(
+    spec: &AdapterJobSpec,
+    out: &Path,
+    overwrite: bool,
+    work: &AdapterWorkArgs,
+    quiet: bool,
+) -> Result<AdapterSummary> {
+    let bar = Bar::new(quiet);
+    let Some(served) = work.workers.serve_options("adapters", "modules")? else {
+        return Ok(run_local(spec, out, overwrite, work.shard_size, &bar)?);
+    };
+    // Refuse an existing adapter before the global pass and the workers, as run_local does.
+    check_out(out, overwrite)?;
+    let host = Arc::new(AdapterHost::new(spec, work.shard_size, &bar)?);
+    let h = Arc::clone(&host);
+    serve_until_done(Arc::clone(&host), &served, quiet, move || h.progress())?;
+    Ok(host.write(out, overwrite)?)
+}
+
 /// Run `amalgam merge-adapters`.
 pub fn run_merge(a: MergeAdaptersArgs, quiet: bool) -> Result<()> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg =
-        AdapterMergeConfig::parse(&text).with_context(|| format!("{}", a.config.display()))?;
-    let bar = Bar::new(quiet);
-    let s = merge_adapters(&cfg, a.config.parent(), &a.out, a.overwrite, &bar)?;
+    let spec = AdapterJobSpec::merge(&text, a.config.parent())
+        .with_context(|| format!("{}", a.config.display()))?;
+    let s = run_job(&spec, &a.out, a.overwrite, &a.work, quiet)?;
     report(&s, quiet);
     Ok(())
 }
@@ -99,8 +142,8 @@ pub fn run_extract(a: ExtractLoraArgs, quiet: bool) -> Result<()> {
         sv_epsilon: a.sv_epsilon,
         overwrite: a.overwrite,
     };
-    let bar = Bar::new(quiet);
-    let s = extract_lora(&opts, &bar)?;
+    let spec = AdapterJobSpec::extract(&opts)?;
+    let s = run_job(&spec, &opts.out, opts.overwrite, &a.work, quiet)?;
     report(&s, quiet);
     Ok(())
 }

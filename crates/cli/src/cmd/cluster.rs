@@ -8,6 +8,7 @@
 
 use crate::cmd::merge::{load_config, RunArgs};
 use crate::size::{human, parse_size};
+use amalgam_cluster::adapter_job::AdapterExecutor;
 use amalgam_cluster::etcd_store::EtcdStore;
 use amalgam_cluster::eval_job::EvalExecutor;
 use amalgam_cluster::journal::{JobStore, JournalStore};
@@ -304,7 +305,8 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
             .with_device(device)
             .with_stream_inputs(a.stream_inputs),
         eval: EvalExecutor::new(Box::new(load_scorer), roots.clone()),
-        stats: StatsExecutor::new(roots),
+        stats: StatsExecutor::new(roots.clone()),
+        adapter: AdapterExecutor::new(roots),
     });
     let report = rt
         .block_on(run_worker(opts, Arc::clone(&exec)))
@@ -326,11 +328,13 @@ pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// A worker's executor: merge shards or evaluation batches, as the coordinator's job kind says.
+/// A worker's executor: merge shards, evaluation batches, statistics chunks or adapter modules,
+/// as the coordinator's job kind says.
 struct JobExecutor {
     merge: MergeExecutor,
     eval: EvalExecutor,
     stats: StatsExecutor,
+    adapter: AdapterExecutor,
 }
 
 impl ShardExecutor for JobExecutor {
@@ -342,6 +346,7 @@ impl ShardExecutor for JobExecutor {
         match inputs.job_kind() {
             JobKind::Eval => self.eval.execute(spec, inputs),
             JobKind::Stats => self.stats.execute(spec, inputs),
+            JobKind::Adapter => self.adapter.execute(spec, inputs),
             JobKind::Unspecified => self.merge.execute(spec, inputs),
         }
     }

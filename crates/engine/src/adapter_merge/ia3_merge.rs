@@ -3,14 +3,6 @@
 
 use super::*;
 
-/// Where an (IA)³ merge writes, and the adapters' statistics files (`fisher`, `mats`).
-pub(super) struct Ia3Io<'a> {
-    pub(super) out: &'a Path,
-    pub(super) overwrite: bool,
-    pub(super) progress: &'a dyn Progress,
-    pub(super) stats: &'a [StatsFile],
-}
-
 /// The data-driven combinations: the core method, the statistic it reads, its parameters.
 fn data_driven(name: &str) -> Option<(&'static str, StatKind, TensorParams)> {
     match name {
@@ -28,7 +20,7 @@ fn data_driven(name: &str) -> Option<(&'static str, StatKind, TensorParams)> {
 
 /// Each adapter's statistics file for the `fisher` and `mats` combinations (none for the
 /// others), opened and checked against its adapter before any tensor is merged.
-pub(super) fn open_statistics(
+fn open_statistics(
     cfg: &AdapterMergeConfig,
     adapters: &[Adapter],
     config_dir: Option<&Path>,
@@ -59,118 +51,185 @@ pub(super) fn open_statistics(
         .collect()
 }
 
-pub(super) fn merge_ia3(
-    cfg: &AdapterMergeConfig,
-    adapters: &[Adapter],
-    weights: &[f64],
-    order: &[String],
-    io: &Ia3Io<'_>,
-) -> Result<AdapterSummary, EngineError> {
-    let (out, overwrite, progress) = (io.out, io.overwrite, io.progress);
-    let name = cfg.combination_type.as_deref().unwrap_or("linear");
-    let data = data_driven(name);
-    let sign = cfg.majority_sign_method;
-    let density = || -> Result<f64, EngineError> {
-        let d = cfg.density.ok_or_else(|| {
-            cfg_err(
-                "density",
-                format!("combination_type `{name}` needs `density` (fraction kept)"),
-            )
-        })?;
-        check_density(d)?;
-        Ok(d)
-    };
-    // None: PEFT's raw weighted sum of the vectors (or a data-driven method).
-    let op: Option<MergeOp> = match name {
-        "linear" | "fisher" | "mats" => None,
-        "task_arithmetic" => Some(MergeOp::TaskArithmetic),
-        "ties" => Some(MergeOp::Ties {
-            density: density()?,
-            sign,
-        }),
-        "dare_linear" => Some(MergeOp::DareLinear {
-            density: density()?,
-        }),
-        "dare_ties" => Some(MergeOp::DareTies {
-            density: density()?,
-            sign,
-        }),
-        "magnitude_prune" => Some(MergeOp::MagnitudePrune {
-            density: density()?,
-        }),
-        other => {
-            return Err(cfg_err(
-                "combination_type",
-                format!(
-                    "`{other}` does not apply to (IA)^3 adapters; use one of {}",
-                    IA3_COMBINATIONS.join(", ")
-                ),
-            ))
-        }
-    };
-    warn_extra(adapters);
-    let maps: Vec<HashMap<&str, &amalgam_io::peft::Ia3Module>> = adapters
-        .iter()
-        .map(|a| {
-            a.ia3_modules()
-                .iter()
-                .map(|m| (m.name.as_str(), m))
-                .collect()
-        })
-        .collect();
-    let mut total = 0;
-    for mname in order {
-        for (map, a) in maps.iter().zip(adapters) {
-            if let Some(m) = map.get(mname.as_str()) {
-                total += bytes_of(a, &[&m.key]);
+/// A planned (IA)³ merge.
+#[derive(Debug)]
+pub(super) struct Ia3Merge {
+    /// Per module, per adapter, the index in that adapter's `ia3_modules()`.
+    table: Vec<Vec<Option<usize>>>,
+    /// `None`: PEFT's raw weighted sum of the vectors, or a data-driven method.
+    op: Option<MergeOp>,
+    /// The data-driven method (`fisher`, `mats`), its statistic and parameters.
+    data: Option<(&'static str, StatKind, TensorParams)>,
+    /// Each adapter's statistics file (data-driven methods only).
+    stats: Vec<StatsFile>,
+    method: String,
+    seed: u64,
+}
+
+impl Ia3Merge {
+    /// Plans the merge: the operation, the module table (checking that the adapters agree on
+    /// every vector's length and kind) and the statistics files.
+    pub(super) fn plan(
+        cfg: &AdapterMergeConfig,
+        adapters: &[Adapter],
+        order: &[String],
+        config_dir: Option<&Path>,
+    ) -> Result<Ia3Merge, EngineError> {
+        let name = cfg.combination_type.as_deref().unwrap_or("linear");
+        let data = data_driven(name);
+        let sign = cfg.majority_sign_method;
+        let density = || -> Result<f64, EngineError> {
+            let d = cfg.density.ok_or_else(|| {
+                cfg_err(
+                    "density",
+                    format!("combination_type `{name}` needs `density` (fraction kept)"),
+                )
+            })?;
+            check_density(d)?;
+            Ok(d)
+        };
+        let op: Option<MergeOp> = match name {
+            "linear" | "fisher" | "mats" => None,
+            "task_arithmetic" => Some(MergeOp::TaskArithmetic),
+            "ties" => Some(MergeOp::Ties {
+                density: density()?,
+                sign,
+            }),
+            "dare_linear" => Some(MergeOp::DareLinear {
+                density: density()?,
+            }),
+            "dare_ties" => Some(MergeOp::DareTies {
+                density: density()?,
+                sign,
+            }),
+            "magnitude_prune" => Some(MergeOp::MagnitudePrune {
+                density: density()?,
+            }),
+            other => {
+                return Err(cfg_err(
+                    "combination_type",
+                    format!(
+                        "`{other}` does not apply to (IA)^3 adapters; use one of {}",
+                        IA3_COMBINATIONS.join(", ")
+                    ),
+                ))
             }
+        };
+        let maps: Vec<HashMap<&str, usize>> = adapters
+            .iter()
+            .map(|a| {
+                a.ia3_modules()
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| (m.name.as_str(), j))
+                    .collect()
+            })
+            .collect();
+        let mut table = Vec::with_capacity(order.len());
+        for mname in order {
+            let row: Vec<Option<usize>> = maps
+                .iter()
+                .map(|m| m.get(mname.as_str()).copied())
+                .collect();
+            let (i0, j0) = row
+                .iter()
+                .enumerate()
+                .find_map(|(i, j)| j.map(|j| (i, j)))
+                .expect("a module in the order belongs to some adapter");
+            let m0 = &adapters[i0].ia3_modules()[j0];
+            for (i, j) in row.iter().enumerate() {
+                let Some(j) = j else { continue };
+                let m = &adapters[i].ia3_modules()[*j];
+                if (m.len, m.is_feedforward) != (m0.len, m0.is_feedforward) {
+                    let kind = |ff: bool| if ff { "feedforward" } else { "output" };
+                    return Err(mismatch(
+                        &adapters[i],
+                        format!(
+                            "module `{mname}`: an (IA)^3 vector of {} values ({}) but {} has {} \
+                             ({}); all adapters must target the same base model",
+                            m.len,
+                            kind(m.is_feedforward),
+                            adapters[i0].dir().display(),
+                            m0.len,
+                            kind(m0.is_feedforward),
+                        ),
+                    ));
+                }
+            }
+            table.push(row);
         }
+        let stats = open_statistics(cfg, adapters, config_dir)?;
+        Ok(Ia3Merge {
+            table,
+            op,
+            data,
+            stats,
+            method: name.to_string(),
+            seed: cfg.seed,
+        })
     }
-    progress.begin("merging", total, order.len());
-    let mut tensors: Vec<OutTensor> = Vec::with_capacity(order.len());
-    for mname in order {
-        let present: Vec<(usize, &amalgam_io::peft::Ia3Module)> = maps
+
+    /// The combination that runs.
+    pub(super) fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The adapters that have module `u`, with the module.
+    fn present<'a>(
+        &self,
+        adapters: &'a [Adapter],
+        u: usize,
+    ) -> Vec<(usize, &'a amalgam_io::peft::Ia3Module)> {
+        self.table[u]
             .iter()
             .enumerate()
-            .filter_map(|(i, m)| m.get(mname.as_str()).map(|m| (i, *m)))
-            .collect();
-        let (i0, m0) = present[0];
+            .filter_map(|(i, j)| j.map(|j| (i, &adapters[i].ia3_modules()[j])))
+            .collect()
+    }
+
+    /// Input bytes, output key and stored shape of unit (module) `u`.
+    pub(super) fn unit(
+        &self,
+        adapters: &[Adapter],
+        u: usize,
+        name: &str,
+    ) -> (u64, String, Vec<usize>) {
+        let present = self.present(adapters, u);
+        let bytes = present
+            .iter()
+            .map(|&(i, m)| bytes_of(&adapters[i], &[&m.key]))
+            .sum();
+        (bytes, ia3_key(name), present[0].1.shape.clone())
+    }
+
+    /// The merged vector of module `u`, in its stored shape.
+    pub(super) fn merge_unit(
+        &self,
+        adapters: &[Adapter],
+        weights: &[f64],
+        u: usize,
+        mname: &str,
+    ) -> Result<Vec<OutTensor>, EngineError> {
+        let present = self.present(adapters, u);
         let mut vecs = Vec::with_capacity(present.len());
-        let mut bytes = 0;
         for &(i, m) in &present {
-            if (m.len, m.is_feedforward) != (m0.len, m0.is_feedforward) {
-                return Err(mismatch(
-                    &adapters[i],
-                    format!(
-                        "module `{mname}`: an (IA)^3 vector of {} values ({}) but {} has {} ({}); \
-                         all adapters must target the same base model",
-                        m.len,
-                        if m.is_feedforward {
-                            "feedforward"
-                        } else {
-                            "output"
-                        },
-                        adapters[i0].dir().display(),
-                        m0.len,
-                        if m0.is_feedforward {
-                            "feedforward"
-                        } else {
-                            "output"
-                        },
-                    ),
-                ));
-            }
             vecs.push(adapters[i].read(&m.key)?);
-            bytes += bytes_of(&adapters[i], &[&m.key]);
         }
         let w: Vec<f64> = present.iter().map(|&(i, _)| weights[i]).collect();
-        let l = match (op, &data) {
+        let l = match (self.op, &self.data) {
             (None, Some((method, kind, params))) => {
                 let idx: Vec<usize> = present.iter().map(|&(i, _)| i).collect();
                 let keys: Vec<&str> = present.iter().map(|(_, m)| m.key.as_str()).collect();
                 let params = params.clone().with_model_values("weight", &w);
                 ia3_data_driven(
-                    method, *kind, &params, &keys, &vecs, &idx, io.stats, cfg.seed,
+                    method,
+                    *kind,
+                    &params,
+                    &keys,
+                    &vecs,
+                    &idx,
+                    &self.stats,
+                    self.seed,
                 )?
             }
             (None, None) => {
@@ -185,7 +244,7 @@ pub(super) fn merge_ia3(
                 let mask_name = format!("{mname}.ia3_l");
                 let streams: Vec<MaskStream> = present
                     .iter()
-                    .map(|&(i, _)| MaskStream::new(cfg.seed, i, &mask_name))
+                    .map(|&(i, _)| MaskStream::new(self.seed, i, &mask_name))
                     .collect();
                 merge_ops::apply(op, taus, &w, &streams)
                     .iter()
@@ -193,47 +252,42 @@ pub(super) fn merge_ia3(
                     .collect()
             }
         };
-        tensors.push((ia3_key(mname), m0.shape.clone(), l));
-        progress.advance(mname, bytes);
+        Ok(vec![(ia3_key(mname), present[0].1.shape.clone(), l)])
     }
-    progress.end();
-    let ics: Vec<&amalgam_io::Ia3Config> = adapters
-        .iter()
-        .filter_map(|a| match a.config() {
-            AdapterConfig::Ia3(c) => Some(c),
-            AdapterConfig::Lora(_) => None,
-        })
-        .collect();
-    let mut c = ics[0].clone();
-    c.target_modules = union_targets(ics.iter().map(|c| &c.target_modules), order);
-    if ics.iter().all(|c| c.feedforward_modules.is_some()) {
-        let ff: Vec<String> = tensors
+
+    /// The output adapter's config: the first adapter's, with the union of the targets (and of
+    /// the feedforward modules, the vectors stored as `[1, d]`).
+    pub(super) fn out_config(&self, adapters: &[Adapter], order: &[String]) -> AdapterConfig {
+        let ics: Vec<&amalgam_io::Ia3Config> = adapters
             .iter()
-            .zip(order)
-            .filter(|((_, s, _), _)| s.len() == 2 && s[0] == 1 && s[1] > 1)
-            .map(|(_, n)| n.clone())
+            .filter_map(|a| match a.config() {
+                AdapterConfig::Ia3(c) => Some(c),
+                AdapterConfig::Lora(_) => None,
+            })
             .collect();
-        c.feedforward_modules = Some(union_targets(
-            ics.iter().filter_map(|c| c.feedforward_modules.as_ref()),
-            &ff,
-        ));
+        let mut c = ics[0].clone();
+        c.target_modules = union_targets(ics.iter().map(|c| &c.target_modules), order);
+        if ics.iter().all(|c| c.feedforward_modules.is_some()) {
+            let ff: Vec<String> = order
+                .iter()
+                .enumerate()
+                .filter(|(u, n)| {
+                    let s = self.unit(adapters, *u, n).2;
+                    s.len() == 2 && s[0] == 1 && s[1] > 1
+                })
+                .map(|(_, n)| n.clone())
+                .collect();
+            c.feedforward_modules = Some(union_targets(
+                ics.iter().filter_map(|c| c.feedforward_modules.as_ref()),
+                &ff,
+            ));
+        }
+        if c.extra.contains_key("modules_to_save") {
+            c.extra
+                .insert("modules_to_save".to_string(), serde_json::Value::Null);
+        }
+        AdapterConfig::Ia3(c)
     }
-    if c.extra.contains_key("modules_to_save") {
-        c.extra
-            .insert("modules_to_save".to_string(), serde_json::Value::Null);
-    }
-    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice()))
-        .collect();
-    write_adapter(out, &AdapterConfig::Ia3(c), &refs, overwrite)?;
-    Ok(AdapterSummary {
-        out_dir: out.to_path_buf(),
-        kind: AdapterKind::Ia3,
-        method: name.to_string(),
-        modules: order.len(),
-        rank: 0,
-    })
 }
 
 /// One (IA)³ vector merged by the core's `method` (`fisher` or `mats`): the adapters' vectors

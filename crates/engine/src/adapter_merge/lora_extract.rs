@@ -36,155 +36,163 @@ pub(super) fn exact_key(module: &str) -> String {
     module.replace('.', "\\.")
 }
 
-/// Extract a LoRA of rank `opts.rank` from `opts.model − opts.base` (see the module docs).
-pub fn extract_lora(
-    opts: &ExtractLoraOptions,
-    progress: &dyn Progress,
-) -> Result<AdapterSummary, EngineError> {
-    if opts.rank == 0 {
-        return Err(cfg_err("rank", "must be at least 1"));
-    }
-    check_out(&opts.out, opts.overwrite)?;
-    let base = Checkpoint::open(&opts.base)?;
-    let model = Checkpoint::open(&opts.model)?;
-    let filter = opts
-        .modules
-        .as_ref()
-        .map(|r| TargetModules::Regex(format!(".*(?:{r}).*")));
-    let mut selected = Vec::new();
-    let mut skipped_diff = 0usize;
-    for t in model.tensors() {
-        let Some(module) = t.name.strip_suffix(".weight") else {
-            continue;
-        };
-        let Some(b) = base.get(&t.name) else {
-            tracing::warn!("{}: not in the base; not extracted", t.name);
-            continue;
-        };
-        if b.shape != t.shape {
-            return Err(EngineError::Model {
-                model: opts.model.display().to_string(),
-                message: format!(
-                    "tensor `{}` has shape {:?} but the base's has {:?}; the fine-tune must \
-                     come from this base",
-                    t.name, t.shape, b.shape
-                ),
-            });
+/// A planned extraction: the two checkpoints and the weights to decompose, one unit each.
+#[derive(Debug)]
+pub(super) struct LoraExtraction {
+    base: Checkpoint,
+    model: Checkpoint,
+    base_display: String,
+    /// (module, tensor name, shape).
+    selected: Vec<(String, String, Vec<usize>)>,
+    eopts: ExtractOptions,
+}
+
+impl LoraExtraction {
+    /// Opens both checkpoints and selects the 2-D linear weights to decompose.
+    pub(super) fn plan(opts: &ExtractLoraOptions) -> Result<LoraExtraction, EngineError> {
+        if opts.rank == 0 {
+            return Err(cfg_err("rank", "must be at least 1"));
         }
-        if t.shape.len() != 2 || is_embedding(module) || !t.dtype.is_float_convertible() {
-            skipped_diff += 1;
-            continue;
-        }
-        if let Some(f) = &filter {
-            let m = f
-                .matches(module)
-                .map_err(|e| cfg_err("modules", format!("unsupported regular expression: {e}")))?;
-            if !m {
+        let base = Checkpoint::open(&opts.base)?;
+        let model = Checkpoint::open(&opts.model)?;
+        let filter = opts
+            .modules
+            .as_ref()
+            .map(|r| TargetModules::Regex(format!(".*(?:{r}).*")));
+        let mut selected = Vec::new();
+        let mut skipped_diff = 0usize;
+        for t in model.tensors() {
+            let Some(module) = t.name.strip_suffix(".weight") else {
+                continue;
+            };
+            let Some(b) = base.get(&t.name) else {
+                tracing::warn!("{}: not in the base; not extracted", t.name);
+                continue;
+            };
+            if b.shape != t.shape {
+                return Err(EngineError::Model {
+                    model: opts.model.display().to_string(),
+                    message: format!(
+                        "tensor `{}` has shape {:?} but the base's has {:?}; the fine-tune must \
+                         come from this base",
+                        t.name, t.shape, b.shape
+                    ),
+                });
+            }
+            if t.shape.len() != 2 || is_embedding(module) || !t.dtype.is_float_convertible() {
+                skipped_diff += 1;
                 continue;
             }
+            if let Some(f) = &filter {
+                let m = f.matches(module).map_err(|e| {
+                    cfg_err("modules", format!("unsupported regular expression: {e}"))
+                })?;
+                if !m {
+                    continue;
+                }
+            }
+            selected.push((module.to_string(), t.name.clone(), t.shape.clone()));
         }
-        selected.push((module.to_string(), t.name.clone(), t.shape.clone()));
+        if selected.is_empty() {
+            return Err(cfg_err(
+                "modules",
+                "no 2-D linear weight (`*.weight`, not an embedding or the LM head) to extract",
+            ));
+        }
+        if skipped_diff > 0 {
+            tracing::info!(
+                "{skipped_diff} tensor(s) (embeddings, LM head, norms, biases) are not decomposed \
+                 and not in the adapter"
+            );
+        }
+        Ok(LoraExtraction {
+            base,
+            model,
+            base_display: opts.base.display().to_string(),
+            selected,
+            eopts: ExtractOptions {
+                max_rank: opts.rank,
+                distribute_scale: opts.distribute_scale,
+                sv_epsilon: opts.sv_epsilon,
+            },
+        })
     }
-    if selected.is_empty() {
-        return Err(cfg_err(
-            "modules",
-            "no 2-D linear weight (`*.weight`, not an embedding or the LM head) to extract",
-        ));
+
+    /// The modules, one unit each.
+    pub(super) fn modules(&self) -> Vec<String> {
+        self.selected.iter().map(|s| s.0.clone()).collect()
     }
-    if skipped_diff > 0 {
-        tracing::info!(
-            "{skipped_diff} tensor(s) (embeddings, LM head, norms, biases) are not decomposed \
-             and not in the adapter"
-        );
+
+    /// Input bytes and output keys of unit `u`.
+    pub(super) fn unit(&self, u: usize) -> (u64, Vec<String>) {
+        let (module, tname, _) = &self.selected[u];
+        let bytes = self.model.get(tname).map_or(0, |t| t.byte_len() as u64)
+            + self.base.get(tname).map_or(0, |t| t.byte_len() as u64);
+        (bytes, vec![lora_a_key(module), lora_b_key(module)])
     }
-    let total: u64 = selected
-        .iter()
-        .map(|(_, n, _)| 2 * model.get(n).map_or(0, |t| t.byte_len() as u64))
-        .sum();
-    progress.begin("extracting", total, selected.len());
-    let eopts = ExtractOptions {
-        max_rank: opts.rank,
-        distribute_scale: opts.distribute_scale,
-        sv_epsilon: opts.sv_epsilon,
-    };
-    // (module, rank, rows, cols, A, B).
-    type Factors = (String, usize, usize, usize, Vec<f32>, Vec<f32>);
-    let mut factors: Vec<Factors> = Vec::new();
-    for (module, tname, shape) in &selected {
+
+    /// The rank-`r` factors of unit `u`'s difference: `lora_A`, `lora_B`, or nothing when no
+    /// singular value is above `sv_epsilon`.
+    pub(super) fn run_unit(&self, u: usize) -> Result<Vec<OutTensor>, EngineError> {
+        let (module, tname, shape) = &self.selected[u];
         let (rows, cols) = (shape[0], shape[1]);
         let n = rows * cols;
         let mut wf = vec![0f32; n];
-        model.read_f32(tname, 0..n, &mut wf)?;
+        self.model.read_f32(tname, 0..n, &mut wf)?;
         let mut wb = vec![0f32; n];
-        base.read_f32(tname, 0..n, &mut wb)?;
-        let e = extract::extract_lora(tname, &wf, &wb, rows, cols, &eopts)?;
-        drop((wf, wb));
+        self.base.read_f32(tname, 0..n, &mut wb)?;
+        let e = extract::extract_lora(tname, &wf, &wb, rows, cols, &self.eopts)?;
         if e.rank == 0 {
             tracing::warn!("{tname}: no singular value above --sv-epsilon; not in the adapter");
-        } else {
-            factors.push((
-                module.clone(),
-                e.rank,
-                rows,
-                cols,
-                to_f32(&e.a),
-                to_f32(&e.b),
-            ));
+            return Ok(Vec::new());
         }
-        progress.advance(tname, 2 * (n as u64) * 4);
+        Ok(vec![
+            (lora_a_key(module), vec![e.rank, cols], to_f32(&e.a)),
+            (lora_b_key(module), vec![rows, e.rank], to_f32(&e.b)),
+        ])
     }
-    progress.end();
-    if factors.is_empty() {
-        return Err(cfg_err(
-            "sv_epsilon",
-            "every module's update is below --sv-epsilon; nothing to write",
-        ));
+
+    /// The adapter's config from the extracted factors (`tensors`: A, B per module, in order):
+    /// `r` the largest rank, `rank_pattern = alpha_pattern` for the smaller ones.
+    pub(super) fn out_config(
+        &self,
+        tensors: &[OutTensor],
+    ) -> Result<(AdapterConfig, usize), EngineError> {
+        // (module, rank) per extracted module, from its lora_A's first dimension.
+        let ranks: Vec<(&str, usize)> = tensors
+            .iter()
+            .filter_map(|(k, s, _)| {
+                k.strip_prefix(KEY_PREFIX)
+                    .and_then(|m| m.strip_suffix(".lora_A.weight"))
+                    .map(|m| (m, s[0]))
+            })
+            .collect();
+        let Some(r) = ranks.iter().map(|x| x.1).max() else {
+            return Err(cfg_err(
+                "sv_epsilon",
+                "every module's update is below --sv-epsilon; nothing to write",
+            ));
+        };
+        let targets: BTreeSet<String> = ranks
+            .iter()
+            .map(|(m, _)| m.rsplit('.').next().unwrap_or(m).to_string())
+            .collect();
+        let mut cfg = LoraConfig::new(
+            r,
+            r as f64,
+            TargetModules::List(targets.into_iter().collect()),
+        );
+        let pattern: BTreeMap<String, usize> = ranks
+            .iter()
+            .filter(|(_, k)| *k != r)
+            .map(|(m, k)| (exact_key(m), *k))
+            .collect();
+        cfg.alpha_pattern = pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as f64))
+            .collect();
+        cfg.rank_pattern = pattern;
+        cfg.base_model_name_or_path = Some(self.base_display.clone());
+        Ok((AdapterConfig::Lora(cfg), r))
     }
-    let r = factors
-        .iter()
-        .map(|f| f.1)
-        .max()
-        .expect("factors is non-empty");
-    let targets: BTreeSet<String> = factors
-        .iter()
-        .map(|f| f.0.rsplit('.').next().unwrap_or(&f.0).to_string())
-        .collect();
-    let mut cfg = LoraConfig::new(
-        r,
-        r as f64,
-        TargetModules::List(targets.into_iter().collect()),
-    );
-    let pattern: BTreeMap<String, usize> = factors
-        .iter()
-        .filter(|f| f.1 != r)
-        .map(|f| (exact_key(&f.0), f.1))
-        .collect();
-    cfg.alpha_pattern = pattern
-        .iter()
-        .map(|(k, v)| (k.clone(), *v as f64))
-        .collect();
-    cfg.rank_pattern = pattern;
-    cfg.base_model_name_or_path = Some(opts.base.display().to_string());
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = factors
-        .iter()
-        .flat_map(|(m, rank, rows, cols, a, b)| {
-            [
-                (lora_a_key(m), vec![*rank, *cols], a.as_slice()),
-                (lora_b_key(m), vec![*rows, *rank], b.as_slice()),
-            ]
-        })
-        .collect();
-    write_adapter(
-        &opts.out,
-        &AdapterConfig::Lora(cfg),
-        &tensors,
-        opts.overwrite,
-    )?;
-    Ok(AdapterSummary {
-        out_dir: opts.out.clone(),
-        kind: AdapterKind::Lora,
-        method: "extract".to_string(),
-        modules: factors.len(),
-        rank: r,
-    })
 }

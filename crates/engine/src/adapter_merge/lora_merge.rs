@@ -1,33 +1,38 @@
-//! LoRA adapters: PEFT's combination types and KnOTS (see the parent module).
+//! LoRA adapters: PEFT's combination types and KnOTS (see the parent module), one module per
+//! unit of work.
 
 use super::*;
+use amalgam_core::adapters::knots::KnotsGlobal;
+use amalgam_io::peft::LoraModule;
 
-/// Per module, per adapter (`None` where the adapter lacks it), the module's metadata; checks
-/// that the adapters agree on shapes and layout.
-fn lora_table<'a>(
-    adapters: &'a [Adapter],
-    order: &[String],
-) -> Result<Vec<Vec<Option<&'a amalgam_io::peft::LoraModule>>>, EngineError> {
-    let maps: Vec<HashMap<&str, &amalgam_io::peft::LoraModule>> = adapters
+/// Per module (merge order), per adapter, the index of the module in that adapter's
+/// `lora_modules()` (`None` where the adapter lacks it).
+type Table = Vec<Vec<Option<usize>>>;
+
+/// Builds the module table and checks that the adapters agree on shapes and layout.
+fn lora_table(adapters: &[Adapter], order: &[String]) -> Result<Table, EngineError> {
+    let maps: Vec<HashMap<&str, usize>> = adapters
         .iter()
         .map(|a| {
             a.lora_modules()
                 .iter()
-                .map(|m| (m.name.as_str(), m))
+                .enumerate()
+                .map(|(j, m)| (m.name.as_str(), j))
                 .collect()
         })
         .collect();
     let mut table = Vec::with_capacity(order.len());
     for name in order {
-        let row: Vec<Option<&amalgam_io::peft::LoraModule>> =
-            maps.iter().map(|m| m.get(name.as_str()).copied()).collect();
-        let (i0, m0) = row
+        let row: Vec<Option<usize>> = maps.iter().map(|m| m.get(name.as_str()).copied()).collect();
+        let (i0, j0) = row
             .iter()
             .enumerate()
-            .find_map(|(i, m)| m.map(|m| (i, m)))
+            .find_map(|(i, j)| j.map(|j| (i, j)))
             .expect("a module in the order belongs to some adapter");
-        for (i, m) in row.iter().enumerate() {
-            let Some(m) = m else { continue };
+        let m0 = &adapters[i0].lora_modules()[j0];
+        for (i, j) in row.iter().enumerate() {
+            let Some(j) = j else { continue };
+            let m = &adapters[i].lora_modules()[*j];
             if (m.out_features, m.in_features, m.embedding)
                 != (m0.out_features, m0.in_features, m0.embedding)
             {
@@ -52,7 +57,7 @@ fn lora_table<'a>(
     Ok(table)
 }
 
-fn lora_keys(m: &amalgam_io::peft::LoraModule) -> (String, String) {
+fn lora_keys(m: &LoraModule) -> (String, String) {
     if m.embedding {
         (
             format!("{KEY_PREFIX}{}.lora_embedding_A", m.name),
@@ -99,42 +104,56 @@ pub(super) fn warn_extra(adapters: &[Adapter]) {
     }
 }
 
-pub(super) fn merge_lora(
-    cfg: &AdapterMergeConfig,
-    adapters: &[Adapter],
-    weights: &[f64],
-    order: &[String],
-    out: &Path,
-    overwrite: bool,
-    progress: &dyn Progress,
-) -> Result<AdapterSummary, EngineError> {
-    let table = lora_table(adapters, order)?;
-    let name = cfg.combination_type.as_deref().unwrap_or("svd");
-    let is_knots = name == KNOTS_TIES || name == KNOTS_DARE;
-    warn_extra(adapters);
-    let total: u64 = table
-        .iter()
-        .map(|row| {
-            row.iter()
-                .zip(adapters)
-                .filter_map(|(m, a)| m.map(|m| bytes_of(a, &[&m.a_key, &m.b_key])))
-                .sum::<u64>()
-        })
-        .sum();
-    let mut tensors: Vec<OutTensor> = Vec::with_capacity(2 * order.len());
-    let (method, rank) = if is_knots {
-        let rank = merge_knots(
-            cfg,
-            name,
-            adapters,
-            weights,
-            &table,
-            total,
-            progress,
-            &mut tensors,
-        )?;
-        (name.to_string(), rank)
-    } else {
+/// One adapter's factors of a module: (adapter index, A, B, the module).
+type ReadFactors<'a> = (usize, Vec<f64>, Vec<f64>, &'a LoraModule);
+
+/// How the modules are merged.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// One of PEFT's combination types, to a LoRA of `rank`.
+    Combine { opts: CombineOptions, rank: usize },
+    /// KnOTS; `global` is set once the model-global pass has run (or was received).
+    Knots {
+        opts: KnotsOptions,
+        global: Option<KnotsPass>,
+    },
+}
+
+/// The result of KnOTS's model-global pass: what every module's merge needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KnotsPass {
+    /// Trim thresholds and majority sign.
+    pub global: KnotsGlobal,
+    /// The adapter's rank: the largest layer rank (at least 1).
+    pub rank: usize,
+}
+
+/// A planned LoRA merge.
+#[derive(Debug, Clone)]
+pub(super) struct LoraMerge {
+    table: Table,
+    mode: Mode,
+    method: String,
+}
+
+impl LoraMerge {
+    /// Plans the merge: the module table, the combination and its rank.
+    pub(super) fn plan(
+        cfg: &AdapterMergeConfig,
+        adapters: &[Adapter],
+        weights: &[f64],
+        order: &[String],
+    ) -> Result<LoraMerge, EngineError> {
+        let table = lora_table(adapters, order)?;
+        let name = cfg.combination_type.as_deref().unwrap_or("svd");
+        if name == KNOTS_TIES || name == KNOTS_DARE {
+            let opts = knots_options(cfg, name, adapters, weights, &table)?;
+            return Ok(LoraMerge {
+                table,
+                mode: Mode::Knots { opts, global: None },
+                method: name.to_string(),
+            });
+        }
         let combination = Combination::parse(name).map_err(|e| EngineError::Config {
             key: "combination_type".to_string(),
             message: format!("{e}; or {KNOTS_TIES}, {KNOTS_DARE}"),
@@ -155,65 +174,214 @@ pub(super) fn merge_lora(
             svd_clamp: cfg.svd_clamp,
             seed: cfg.seed,
         };
-        progress.begin("merging", total, order.len());
-        for (row, mname) in table.iter().zip(order) {
-            let mut factors: Vec<(usize, Vec<f64>, Vec<f64>, &amalgam_io::peft::LoraModule)> =
-                Vec::new();
-            let mut bytes = 0;
-            for (i, (m, a)) in row.iter().zip(adapters).enumerate() {
-                let Some(m) = m else { continue };
-                factors.push((i, to_f64(a.read(&m.a_key)?), to_f64(a.read(&m.b_key)?), m));
-                bytes += bytes_of(a, &[&m.a_key, &m.b_key]);
+        Ok(LoraMerge {
+            table,
+            mode: Mode::Combine { opts, rank },
+            method: combination.name().to_string(),
+        })
+    }
+
+    /// The combination that runs (after PEFT's one-adapter rule).
+    pub(super) fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The output rank, once known (KnOTS: after its global pass).
+    pub(super) fn rank(&self) -> Option<usize> {
+        match &self.mode {
+            Mode::Combine { rank, .. } => Some(*rank),
+            Mode::Knots { global, .. } => global.as_ref().map(|g| g.rank),
+        }
+    }
+
+    /// Whether a model-global pass must run before any module is merged.
+    pub(super) fn needs_global(&self) -> bool {
+        matches!(self.mode, Mode::Knots { global: None, .. })
+    }
+
+    /// The global pass's result, if there is one.
+    pub(super) fn knots_pass(&self) -> Option<&KnotsPass> {
+        match &self.mode {
+            Mode::Knots { global, .. } => global.as_ref(),
+            Mode::Combine { .. } => None,
+        }
+    }
+
+    /// Takes a global pass computed elsewhere (the coordinator's).
+    pub(super) fn set_knots_pass(&mut self, pass: KnotsPass) -> Result<(), EngineError> {
+        match &mut self.mode {
+            Mode::Knots { global, .. } => {
+                *global = Some(pass);
+                Ok(())
             }
-            let mods: Vec<combine::LoraModule<'_>> = factors
-                .iter()
-                .map(|(i, a, b, m)| combine::LoraModule {
-                    model: *i,
-                    a,
-                    b,
-                    rank: m.rank,
-                    scaling: m.scaling,
-                    weight: weights[*i],
-                })
-                .collect();
-            let m0 = factors[0].3;
-            let merged =
-                combine::combine(mname, m0.out_features, m0.in_features, &mods, rank, &opts)?;
-            let (ka, kb) = lora_keys(m0);
-            tensors.push((ka, vec![rank, m0.in_features], to_f32(&merged.a)));
-            tensors.push((kb, vec![m0.out_features, rank], to_f32(&merged.b)));
-            progress.advance(mname, bytes);
+            Mode::Combine { .. } => Err(cfg_err(
+                "combination_type",
+                format!("`{}` has no model-global pass", self.method),
+            )),
+        }
+    }
+
+    /// The modules of adapter `i` in row `u`, or `None`.
+    fn module<'a>(&self, adapters: &'a [Adapter], u: usize, i: usize) -> Option<&'a LoraModule> {
+        self.table[u][i].map(|j| &adapters[i].lora_modules()[j])
+    }
+
+    /// Input bytes and output keys of unit (module) `u`.
+    pub(super) fn unit(&self, adapters: &[Adapter], u: usize) -> (u64, Vec<String>) {
+        let mut bytes = 0;
+        let mut first = None;
+        for (i, a) in adapters.iter().enumerate() {
+            if let Some(m) = self.module(adapters, u, i) {
+                bytes += bytes_of(a, &[&m.a_key, &m.b_key]);
+                first.get_or_insert(m);
+            }
+        }
+        let (ka, kb) = lora_keys(first.expect("a module in the table belongs to some adapter"));
+        (bytes, vec![ka, kb])
+    }
+
+    /// Reads module `u`'s factors of every adapter that has it: (adapter, A, B, module).
+    fn read<'a>(
+        &self,
+        adapters: &'a [Adapter],
+        u: usize,
+    ) -> Result<Vec<ReadFactors<'a>>, EngineError> {
+        let mut out = Vec::new();
+        for (i, a) in adapters.iter().enumerate() {
+            if let Some(m) = self.module(adapters, u, i) {
+                out.push((i, to_f64(a.read(&m.a_key)?), to_f64(a.read(&m.b_key)?), m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// KnOTS's alignment of module `u` (with DARE applied when configured).
+    fn align(
+        &self,
+        adapters: &[Adapter],
+        u: usize,
+        opts: &KnotsOptions,
+    ) -> Result<knots::KnotsLayer, EngineError> {
+        let read = self.read(adapters, u)?;
+        let factors: Vec<LoraFactors<'_>> = read
+            .iter()
+            .map(|(_, a, b, m)| LoraFactors {
+                a,
+                b,
+                rank: m.rank,
+                scaling: m.scaling,
+            })
+            .collect();
+        let m0 = read[0].3;
+        let mut layer = knots::align_lora(&m0.name, &factors, m0.out_features, m0.in_features)?;
+        if let Some(d) = &opts.dare {
+            knots::apply_dare(&mut layer, d);
+        }
+        Ok(layer)
+    }
+
+    /// KnOTS's model-global pass over every module (aligns them all, then takes the global
+    /// trim thresholds and majority sign); a no-op for the other combinations.
+    pub(super) fn run_global(
+        &mut self,
+        adapters: &[Adapter],
+        progress: &dyn Progress,
+    ) -> Result<(), EngineError> {
+        let Mode::Knots { opts, global: None } = &self.mode else {
+            return Ok(());
+        };
+        let opts = *opts;
+        let total: u64 = (0..self.table.len())
+            .map(|u| self.unit(adapters, u).0)
+            .sum();
+        progress.begin("aligning", total, self.table.len());
+        let mut layers = Vec::with_capacity(self.table.len());
+        for u in 0..self.table.len() {
+            let layer = self.align(adapters, u, &opts)?;
+            progress.advance(&layer.name, self.unit(adapters, u).0);
+            layers.push(layer);
         }
         progress.end();
-        (combination.name().to_string(), rank)
-    };
-    let config = lora_out_config(adapters, rank, order);
-    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(k, s, v)| (k.clone(), s.clone(), v.as_slice()))
-        .collect();
-    write_adapter(out, &config, &refs, overwrite)?;
-    Ok(AdapterSummary {
-        out_dir: out.to_path_buf(),
-        kind: AdapterKind::Lora,
-        method,
-        modules: order.len(),
-        rank,
-    })
+        let global = knots::global_stats(&layers, &opts)?;
+        let rank = layers.iter().map(|l| l.rank).max().unwrap_or(0).max(1);
+        self.mode = Mode::Knots {
+            opts,
+            global: Some(KnotsPass { global, rank }),
+        };
+        Ok(())
+    }
+
+    /// The output tensors of module `u`: its merged `lora_A` and `lora_B`.
+    pub(super) fn merge_unit(
+        &self,
+        adapters: &[Adapter],
+        weights: &[f64],
+        u: usize,
+        name: &str,
+    ) -> Result<Vec<OutTensor>, EngineError> {
+        match &self.mode {
+            Mode::Combine { opts, rank } => {
+                let factors = self.read(adapters, u)?;
+                let mods: Vec<combine::LoraModule<'_>> = factors
+                    .iter()
+                    .map(|(i, a, b, m)| combine::LoraModule {
+                        model: *i,
+                        a,
+                        b,
+                        rank: m.rank,
+                        scaling: m.scaling,
+                        weight: weights[*i],
+                    })
+                    .collect();
+                let m0 = factors[0].3;
+                let merged =
+                    combine::combine(name, m0.out_features, m0.in_features, &mods, *rank, opts)?;
+                let (ka, kb) = lora_keys(m0);
+                Ok(vec![
+                    (ka, vec![*rank, m0.in_features], to_f32(&merged.a)),
+                    (kb, vec![m0.out_features, *rank], to_f32(&merged.b)),
+                ])
+            }
+            Mode::Knots { opts, global } => {
+                let pass = global
+                    .as_ref()
+                    .expect("KnOTS modules are merged after the global pass");
+                let layer = self.align(adapters, u, opts)?;
+                let merged = knots::merge_layer(&layer, &pass.global, opts)?;
+                let lm = self
+                    .module(adapters, u, 0)
+                    .expect("checked: every adapter has every module");
+                let (a, b) = merged.padded(pass.rank).ok_or_else(|| EngineError::Model {
+                    model: adapters[0].dir().display().to_string(),
+                    message: format!(
+                        "module `{}`: KnOTS rank {} exceeds the global pass's rank {} (the \
+                             adapters changed since the pass)",
+                        lm.name, merged.rank, pass.rank
+                    ),
+                })?;
+                let (ka, kb) = lora_keys(lm);
+                Ok(vec![
+                    (ka, vec![pass.rank, lm.in_features], to_f32(&a)),
+                    (kb, vec![lm.out_features, pass.rank], to_f32(&b)),
+                ])
+            }
+        }
+    }
+
+    /// The output adapter's config.
+    pub(super) fn out_config(&self, adapters: &[Adapter], order: &[String]) -> AdapterConfig {
+        lora_out_config(adapters, self.rank().unwrap_or(0), order)
+    }
 }
 
-/// KnOTS over all modules; pushes the output tensors and returns the adapter's rank.
-#[allow(clippy::too_many_arguments)]
-fn merge_knots(
+/// KnOTS's options, after checking that the merge fits the method.
+fn knots_options(
     cfg: &AdapterMergeConfig,
     name: &str,
     adapters: &[Adapter],
     weights: &[f64],
-    table: &[Vec<Option<&amalgam_io::peft::LoraModule>>],
-    total: u64,
-    progress: &dyn Progress,
-    tensors: &mut Vec<OutTensor>,
-) -> Result<usize, EngineError> {
+    table: &Table,
+) -> Result<KnotsOptions, EngineError> {
     if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| **w != 1.0) {
         return Err(cfg_err(
             "adapters.weight",
@@ -228,12 +396,16 @@ fn merge_knots(
             .iter()
             .position(Option::is_none)
             .expect("the row has a missing adapter");
-        let m = row.iter().flatten().next().expect("some adapter has it");
+        let (k, j) = row
+            .iter()
+            .enumerate()
+            .find_map(|(k, j)| j.map(|j| (k, j)))
+            .expect("some adapter has it");
         return Err(mismatch(
             &adapters[i],
             format!(
                 "does not adapt module `{}`; KnOTS needs every adapter on every module",
-                m.name
+                adapters[k].lora_modules()[j].name
             ),
         ));
     }
@@ -248,45 +420,5 @@ fn merge_knots(
         }),
     };
     opts.validate()?;
-    progress.begin("aligning", total, table.len());
-    let mut layers = Vec::with_capacity(table.len());
-    for row in table {
-        let mut read = Vec::with_capacity(row.len());
-        let mut bytes = 0;
-        for (m, a) in row.iter().zip(adapters) {
-            let m = m.expect("checked: every adapter has every module");
-            read.push((to_f64(a.read(&m.a_key)?), to_f64(a.read(&m.b_key)?), m));
-            bytes += bytes_of(a, &[&m.a_key, &m.b_key]);
-        }
-        let factors: Vec<LoraFactors<'_>> = read
-            .iter()
-            .map(|(a, b, m)| LoraFactors {
-                a,
-                b,
-                rank: m.rank,
-                scaling: m.scaling,
-            })
-            .collect();
-        let m0 = read[0].2;
-        layers.push(knots::align_lora(
-            &m0.name,
-            &factors,
-            m0.out_features,
-            m0.in_features,
-        )?);
-        progress.advance(&m0.name, bytes);
-    }
-    progress.end();
-    let merged = knots::knots(layers, &opts)?;
-    let rank = merged.iter().map(|m| m.rank).max().unwrap_or(0).max(1);
-    for (row, m) in table.iter().zip(&merged) {
-        let lm = row[0].expect("checked: every adapter has every module");
-        let (a, b) = m
-            .padded(rank)
-            .expect("rank is the largest layer rank, so padding always fits");
-        let (ka, kb) = lora_keys(lm);
-        tensors.push((ka, vec![rank, lm.in_features], to_f32(&a)));
-        tensors.push((kb, vec![lm.out_features, rank], to_f32(&b)));
-    }
-    Ok(rank)
+    Ok(opts)
 }

@@ -22,6 +22,10 @@
 //!   others (`task_arithmetic`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`) run
 //!   PEFT's merge operations on the task vectors `τ_i = l_i − 1` and write `1 + merged`.
 //!
+//! Both run as an adapter job ([`job`]): one unit per module, cut into shards, each unit's
+//! tensors computed by [`AdapterTask::run_unit`], in this process ([`run_local`]) or on
+//! workers (`amalgam_cluster::adapter_job`), with the same bytes.
+//!
 //! The result is written with [`amalgam_io::peft::write_adapter`] (staged, then renamed into
 //! place); an existing adapter in the output directory is refused before any work unless
 //! `overwrite`.
@@ -59,12 +63,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 mod ia3_merge;
+pub mod job;
 mod lora_extract;
 mod lora_merge;
 
-use ia3_merge::{merge_ia3, Ia3Io};
-pub use lora_extract::{extract_lora, ExtractLoraOptions};
-use lora_merge::{merge_lora, warn_extra};
+pub use job::{
+    partition, run_local, AdapterJobSpec, AdapterTask, AdapterUnit, DEFAULT_ADAPTER_SHARD_BYTES,
+};
+pub use lora_extract::ExtractLoraOptions;
+use lora_merge::warn_extra;
 
 /// KnOTS followed by TIES (methods.md §14; `configs/vitB_r16_knots_ties.py`).
 pub const KNOTS_TIES: &str = "knots_ties";
@@ -260,6 +267,69 @@ impl AdapterMergeConfig {
     }
 }
 
+impl AdapterMergeConfig {
+    /// The config as YAML text that [`AdapterMergeConfig::parse`] reads back to an equal
+    /// config (numbers in their shortest exact form).
+    pub fn to_yaml(&self) -> String {
+        use serde_yaml_ng::Mapping;
+        let mut m = Mapping::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(Value::String(k.to_string()), v);
+        };
+        if let Some(c) = &self.combination_type {
+            put("combination_type", Value::String(c.clone()));
+        }
+        let entries = self
+            .adapters
+            .iter()
+            .map(|e| {
+                let mut x = Mapping::new();
+                x.insert("path".into(), Value::String(e.path.clone()));
+                x.insert("weight".into(), Value::from(e.weight));
+                if let Some(s) = &e.statistics {
+                    x.insert("statistics".into(), Value::String(s.clone()));
+                }
+                Value::Mapping(x)
+            })
+            .collect();
+        put("adapters", Value::Sequence(entries));
+        let num = |x: Option<f64>| x.map_or(Value::Null, Value::from);
+        put("density", num(self.density));
+        put(
+            "majority_sign_method",
+            Value::String(
+                match self.majority_sign_method {
+                    MajoritySignMethod::Total => "total",
+                    MajoritySignMethod::Frequency => "frequency",
+                }
+                .into(),
+            ),
+        );
+        put(
+            "svd_rank",
+            self.svd_rank.map_or(Value::Null, |r| Value::from(r as u64)),
+        );
+        put("svd_clamp", num(self.svd_clamp));
+        put("seed", Value::from(self.seed));
+        put("top_k", num(self.top_k));
+        put("alpha", num(self.alpha));
+        put(
+            "sign_mode",
+            Value::String(
+                match self.sign_mode {
+                    KnotsSignMode::SumOfValues => "sum_of_values",
+                    KnotsSignMode::SumOfSigns => "sum_of_signs",
+                }
+                .into(),
+            ),
+        );
+        put("drop_rate", num(self.drop_rate));
+        put("union_modules", Value::Bool(self.union_modules));
+        put("allow_base_mismatch", Value::Bool(self.allow_base_mismatch));
+        serde_yaml_ng::to_string(&Value::Mapping(m)).expect("a YAML mapping always serializes")
+    }
+}
+
 fn parse_entries(v: &Value) -> Result<Vec<AdapterEntry>, EngineError> {
     let Value::Sequence(items) = v else {
         return Err(cfg_err(
@@ -329,8 +399,9 @@ pub struct AdapterSummary {
     pub rank: usize,
 }
 
-/// Refuse an output directory that already holds an adapter (before any work).
-fn check_out(out: &Path, overwrite: bool) -> Result<(), EngineError> {
+/// Refuse an output directory that already holds an adapter (before any work), unless
+/// `overwrite`.
+pub fn check_out(out: &Path, overwrite: bool) -> Result<(), EngineError> {
     if overwrite {
         return Ok(());
     }
@@ -456,10 +527,11 @@ fn bytes_of(adapter: &Adapter, keys: &[&str]) -> u64 {
 }
 
 /// One output tensor: key, shape, values.
-type OutTensor = (String, Vec<usize>, Vec<f32>);
+pub type OutTensor = (String, Vec<usize>, Vec<f32>);
 
-/// Merge the adapters `cfg` names into one adapter in `out` (see the module docs). Relative
-/// adapter paths are resolved against the working directory, then `config_dir`.
+/// Merge the adapters `cfg` names into one adapter in `out` (see the module docs), in this
+/// process ([`job::run_local`]). Relative adapter paths are resolved against the working
+/// directory, then `config_dir`.
 pub fn merge_adapters(
     cfg: &AdapterMergeConfig,
     config_dir: Option<&Path>,
@@ -467,72 +539,24 @@ pub fn merge_adapters(
     overwrite: bool,
     progress: &dyn Progress,
 ) -> Result<AdapterSummary, EngineError> {
-    if cfg.adapters.is_empty() {
-        return Err(cfg_err("adapters", "give at least one adapter directory"));
-    }
-    check_out(out, overwrite)?;
-    let mut adapters = Vec::with_capacity(cfg.adapters.len());
-    for e in &cfg.adapters {
-        let p = resolve_model_path(&e.path, config_dir)?;
-        adapters.push(Adapter::open(&p)?);
-    }
-    let first = &adapters[0];
-    for ad in &adapters[1..] {
-        if ad.kind() != first.kind() {
-            return Err(mismatch(
-                ad,
-                format!(
-                    "is a {} adapter but {} is a {} adapter; merge adapters of one kind",
-                    ad.kind(),
-                    first.dir().display(),
-                    first.kind()
-                ),
-            ));
-        }
-        if let (Some(a), Some(b)) = (
-            first.config().base_model_name_or_path(),
-            ad.config().base_model_name_or_path(),
-        ) {
-            if a != b && !cfg.allow_base_mismatch {
-                return Err(mismatch(
-                    ad,
-                    format!(
-                        "was trained on base model `{b}` but {} on `{a}` (base_model_name_or_path); \
-                         adapters of different bases cannot be merged (set \
-                         `allow_base_mismatch: true` if they name the same model differently)",
-                        first.dir().display()
-                    ),
-                ));
-            }
-        }
-        if ad.config().fan_in_fan_out() != first.config().fan_in_fan_out() {
-            return Err(mismatch(
-                ad,
-                format!(
-                    "has fan_in_fan_out = {} but {} has {}",
-                    ad.config().fan_in_fan_out(),
-                    first.dir().display(),
-                    first.config().fan_in_fan_out()
-                ),
-            ));
-        }
-    }
-    check_combination(first.kind(), cfg.combination_type.as_deref())?;
-    let order = module_order(&adapters, cfg.union_modules)?;
-    let weights: Vec<f64> = cfg.adapters.iter().map(|e| e.weight).collect();
-    match first.kind() {
-        AdapterKind::Lora => merge_lora(cfg, &adapters, &weights, &order, out, overwrite, progress),
-        AdapterKind::Ia3 => {
-            let stats = ia3_merge::open_statistics(cfg, &adapters, config_dir)?;
-            let io = Ia3Io {
-                out,
-                overwrite,
-                progress,
-                stats: &stats,
-            };
-            merge_ia3(cfg, &adapters, &weights, &order, &io)
-        }
-    }
+    let spec = AdapterJobSpec::merge(&cfg.to_yaml(), config_dir)?;
+    run_local(&spec, out, overwrite, DEFAULT_ADAPTER_SHARD_BYTES, progress)
+}
+
+/// Extract a LoRA of rank `opts.rank` from `opts.model − opts.base` (see the module docs), in
+/// this process ([`job::run_local`]).
+pub fn extract_lora(
+    opts: &ExtractLoraOptions,
+    progress: &dyn Progress,
+) -> Result<AdapterSummary, EngineError> {
+    let spec = AdapterJobSpec::extract(opts)?;
+    run_local(
+        &spec,
+        &opts.out,
+        opts.overwrite,
+        DEFAULT_ADAPTER_SHARD_BYTES,
+        progress,
+    )
 }
 
 /// Refuse a `combination_type` that does not apply to `kind` before reading any tensor.
@@ -619,6 +643,32 @@ mod tests {
             let e = AdapterMergeConfig::parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn adapter_merge_config_yaml_round_trip_and_partition() {
+        let text = "combination_type: knots_dare\nadapters: [a, {path: b, weight: -0.3, \
+                    statistics: s.st}]\ndensity: 0.1\nmajority_sign_method: frequency\n\
+                    svd_rank: 7\nsvd_clamp: 0.99\nseed: 12\ntop_k: 33.3\nalpha: 0.1\n\
+                    sign_mode: sum_of_signs\ndrop_rate: 0.2\nunion_modules: true\n\
+                    allow_base_mismatch: true\n";
+        let c = AdapterMergeConfig::parse(text).unwrap();
+        assert_eq!(AdapterMergeConfig::parse(&c.to_yaml()).unwrap(), c);
+        let d = AdapterMergeConfig::parse("adapters: [a]\n").unwrap();
+        assert_eq!(AdapterMergeConfig::parse(&d.to_yaml()).unwrap(), d);
+        let unit = |b: u64| AdapterUnit {
+            name: String::new(),
+            in_bytes: b,
+            keys: Vec::new(),
+        };
+        let units: Vec<AdapterUnit> = [5, 5, 5, 20, 1, 1].into_iter().map(unit).collect();
+        assert_eq!(partition(&units, 10), vec![0..2, 2..3, 3..4, 4..6]);
+        assert_eq!(
+            partition(&units, 1),
+            (0..6).map(|u| u..u + 1).collect::<Vec<_>>()
+        );
+        assert_eq!(partition(&units, 1 << 30), vec![0..6]);
+        assert!(partition(&[], 10).is_empty());
     }
 
     #[test]
