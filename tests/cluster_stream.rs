@@ -201,3 +201,100 @@ fn embedded_workers_streaming_give_the_single_process_bytes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The `amalgam-streamed-*` folders in `tmp`.
+fn streamed_folders(tmp: &Path) -> Vec<String> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("amalgam-streamed-"))
+        .collect()
+}
+
+/// A streaming worker killed with -9 leaves its sparse copies behind; the next worker on the
+/// same temporary directory removes them (their lock died with the process) and the job still
+/// gives the single-process bytes.
+#[test]
+fn a_killed_streaming_workers_copies_are_swept_by_the_next_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = d.join("data");
+    models(&data);
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    let wtmp = d.join("worker-tmp");
+    std::fs::create_dir_all(&wtmp).unwrap();
+    let wtmp_s = wtmp.to_str().unwrap().to_string();
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    run_ok(d, &["merge", "data/ties.yaml", "--out", "single", "-q"]);
+    let mut coord = Proc::start(
+        d,
+        &[
+            "coordinator",
+            "--config",
+            "data/ties.yaml",
+            "--out",
+            "out",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "token",
+            "--shard-size",
+            "1MB",
+            "--lease-ttl",
+            "1",
+        ],
+        &[],
+    );
+    let url = url_of(&coord.line_with("listening on"));
+    let worker = |env: &[(&str, &str)]| {
+        Proc::start(
+            d,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--token-file",
+                "token",
+                "--allow-root",
+                "elsewhere",
+            ],
+            env,
+        )
+    };
+    let pid_file = d.join("paused.pid");
+    let pid_path = pid_file.to_str().unwrap().to_string();
+    let _paused = worker(&[
+        ("TMPDIR", &wtmp_s),
+        ("AMALGAM_TEST_PAUSE_AFTER_BYTES", "100000"),
+        ("AMALGAM_TEST_PAUSE_PID_FILE", &pid_path),
+    ]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !pid_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never paused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        streamed_folders(&wtmp).len(),
+        1,
+        "the killed worker's copies are left behind"
+    );
+    let mut next = worker(&[("TMPDIR", &wtmp_s)]);
+    coord.wait_ok();
+    next.wait_ok();
+    assert_same_dirs(&d.join("single"), &d.join("out"));
+    assert_eq!(
+        streamed_folders(&wtmp),
+        Vec::<String>::new(),
+        "the next worker swept the dead one's copies and removed its own"
+    );
+}

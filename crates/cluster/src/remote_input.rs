@@ -30,6 +30,15 @@
 //! pieces and the merge makes no RPC per small read. Fetched ranges are kept for the rest of
 //! the job (a re-leased or neighbouring shard does not fetch them again), so the folder holds
 //! at most the input bytes this worker merged; it is removed when the job ends or changes.
+//!
+//! **Folders of killed workers.** A worker killed with `-9` cannot remove its folder. Each
+//! folder therefore holds a lock file ([`LOCK_FILE`]) that its worker keeps locked (`flock`,
+//! exclusive) for as long as the folder is in use; the kernel drops the lock when the process
+//! dies, however it dies. Before a worker makes a folder, [`sweep_stale`] removes every
+//! `amalgam-streamed-*` folder in the same temporary directory whose lock it can take: folders
+//! of dead workers only. A folder whose lock file is missing (being made, or from an older
+//! version) is left alone. The lock file is created under a temporary name, locked, then
+//! renamed into place, so no other process can see it unlocked.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -313,10 +322,67 @@ impl RemoteFile {
     }
 }
 
+/// Name of the lock file inside a streamed folder (see the module docs).
+pub const LOCK_FILE: &str = ".amalgam-worker.lock";
+
+/// Prefix of the streamed folders in the temporary directory.
+pub const STREAMED_PREFIX: &str = "amalgam-streamed-";
+
+/// Makes a streamed folder in `tmp` with its lock file already locked by this process; the
+/// returned file holds the lock (keep it as long as the folder).
+fn locked_folder(tmp: &Path) -> Result<(tempfile::TempDir, File)> {
+    let dir = tempfile::Builder::new()
+        .prefix(STREAMED_PREFIX)
+        .tempdir_in(tmp)
+        .map_err(|e| ClusterError::io(tmp, e))?;
+    let staged = dir.path().join(format!("{LOCK_FILE}.new"));
+    let lock = File::create(&staged).map_err(|e| ClusterError::io(&staged, e))?;
+    lock.lock().map_err(|e| ClusterError::io(&staged, e))?;
+    let path = dir.path().join(LOCK_FILE);
+    std::fs::rename(&staged, &path).map_err(|e| ClusterError::io(&path, e))?;
+    Ok((dir, lock))
+}
+
+/// Removes the streamed folders in `tmp` left by dead workers (their lock can be taken);
+/// returns how many were removed. Folders in use, folders without a lock file, and anything
+/// that cannot be read are left alone.
+pub fn sweep_stale(tmp: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(STREAMED_PREFIX)
+            || !e.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        let dir = e.path();
+        let Ok(lock) = File::open(dir.join(LOCK_FILE)) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed the streamed inputs of a dead worker");
+                    removed += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), %err, "could not remove stale streamed inputs")
+                }
+            }
+        }
+    }
+    removed
+}
+
 /// The streamed files of one job on a worker (see the module docs).
 #[derive(Debug)]
 pub struct StreamedInputs {
     dir: tempfile::TempDir,
+    /// Holds the folder's lock while the folder is in use (see the module docs).
+    _lock: File,
     /// By stand-in path (what the checkpoint reader's tensor metadata names).
     files: HashMap<PathBuf, Arc<RemoteFile>>,
     bytes: AtomicU64,
@@ -554,11 +620,12 @@ pub fn open_and_plan(
     mode: StreamInputs,
     client: Option<&InputClient>,
 ) -> Result<OpenedJob> {
+    let tmp = std::env::temp_dir();
+    sweep_stale(&tmp);
+    let (dir, lock) = locked_folder(&tmp)?;
     let mut streamed = StreamedInputs {
-        dir: tempfile::Builder::new()
-            .prefix("amalgam-streamed-")
-            .tempdir()
-            .map_err(|e| ClusterError::io(std::env::temp_dir(), e))?,
+        dir,
+        _lock: lock,
         files: HashMap::new(),
         bytes: AtomicU64::new(0),
     };
@@ -640,6 +707,32 @@ pub fn open_and_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the folders whose lock nobody holds (their worker is dead) are swept; a live
+    /// worker's folder, a folder without a lock file and other entries stay.
+    #[test]
+    fn sweep_removes_only_the_folders_of_dead_workers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let (live, _held) = locked_folder(root).unwrap();
+        let (dead, lock) = locked_folder(root).unwrap();
+        std::fs::write(dead.path().join("stand-in.safetensors"), b"partial").unwrap();
+        let dead = dead.keep();
+        drop(lock); // what the kernel does when the process is killed
+        let legacy = root.join(format!("{STREAMED_PREFIX}legacy"));
+        std::fs::create_dir(&legacy).unwrap();
+        let other = root.join("something-else");
+        std::fs::create_dir(&other).unwrap();
+        assert!(dead.join(LOCK_FILE).exists());
+        assert_eq!(sweep_stale(root), 1);
+        assert!(!dead.exists(), "the dead worker's folder is removed");
+        assert!(live.path().join(LOCK_FILE).exists(), "a live folder stays");
+        assert!(legacy.exists() && other.exists());
+        assert_eq!(sweep_stale(root), 0);
+        drop(_held);
+        assert_eq!(sweep_stale(root), 1, "released: swept like a dead worker's");
+        assert!(sweep_stale(&root.join("missing")) == 0);
+    }
 
     #[test]
     fn range_sets() {
