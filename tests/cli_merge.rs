@@ -317,25 +317,6 @@ fn existing_output_refused_without_overwrite() {
     );
 }
 
-/// Write a word-level tokenizer.json with the given tokens in id order.
-fn write_tokenizer(dir: &Path, tokens: &[String]) {
-    let vocab: serde_json::Map<String, serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
-        .collect();
-    let tj = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": tokens[0]}
-    });
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        serde_json::to_string(&tj).unwrap(),
-    )
-    .unwrap();
-}
-
 #[test]
 fn tokenizer_source_permutes_embeddings() {
     let tmp = tempfile::tempdir().unwrap();

@@ -298,3 +298,124 @@ fn a_killed_streaming_workers_copies_are_swept_by_the_next_worker() {
         "the next worker swept the dead one's copies and removed its own"
     );
 }
+
+/// Workers that see none of the storage stream everything else a config names, too: a LoRA
+/// (`ft1+lora`), statistics files, the models' tokenizer files (`tokenizer_source`) and a MaTS
+/// `init:` checkpoint, each checked by its sha256; every output equals `amalgam merge`.
+#[test]
+fn workers_without_the_storage_stream_adapters_statistics_tokenizers_and_init() {
+    use amalgam_io::peft::{lora_a_key, lora_b_key};
+    use amalgam_io::{write_adapter, AdapterConfig, LoraConfig, TargetModules};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    tiny_family(&data, 2, &["--vocab", "8", "--layers", "2"]);
+    write_model_stats(&data, "ft1", 1);
+    write_model_stats(&data, "ft2", 2);
+    let toks: Vec<String> = (0..8).map(|i| format!("tok{i}")).collect();
+    write_tokenizer(&data.join("base"), &toks);
+    write_tokenizer(&data.join("ft1"), &toks);
+    let rev: Vec<String> = toks.iter().rev().cloned().collect();
+    write_tokenizer(&data.join("ft2"), &rev);
+    let ft1 = load_dir(&data.join("ft1"));
+    let module = "model.layers.1.self_attn.q_proj";
+    let shape = &ft1[&format!("{module}.weight")].shape;
+    let (o, i, r) = (shape[0], shape[1], 2);
+    let a: Vec<f32> = (0..r * i).map(|k| ((k % 7) as f32 - 3.0) * 0.01).collect();
+    let b: Vec<f32> = (0..o * r).map(|k| ((k % 5) as f32 - 2.0) * 0.02).collect();
+    write_adapter(
+        &data.join("lora"),
+        &AdapterConfig::Lora(LoraConfig::new(
+            r,
+            4.0,
+            TargetModules::List(vec!["q_proj".into()]),
+        )),
+        &[
+            (lora_a_key(module), vec![r, i], a.as_slice()),
+            (lora_b_key(module), vec![o, r], b.as_slice()),
+        ],
+        false,
+    )
+    .unwrap();
+    let stats = "  - model: ft1+lora\n    statistics: ft1.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n";
+    let configs = [
+        ("fisher", format!("merge_method: fisher\nmodels:\n{stats}")),
+        (
+            "tok",
+            "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\ntokenizer_source: ft1\n".to_string(),
+        ),
+        (
+            "mats",
+            format!("merge_method: mats\nbase_model: base\nmodels:\n{stats}parameters:\n  init: ft1\n  iterations: 3\n"),
+        ),
+    ];
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    for (name, yaml) in configs {
+        let cfg = format!("data/{name}.yaml");
+        std::fs::write(d.join(&cfg), yaml).unwrap();
+        let single = format!("{name}-single");
+        run_ok(d, &["merge", &cfg, "--out", &single, "-q"]);
+        let out = format!("{name}-streamed");
+        let mut coord = Proc::start(
+            d,
+            &[
+                "coordinator",
+                "--config",
+                &cfg,
+                "--out",
+                &out,
+                "--listen",
+                "127.0.0.1:0",
+                "--token-file",
+                "token",
+                "--shard-size",
+                "20KB",
+            ],
+            &[],
+        );
+        let url = url_of(&coord.line_with("listening on"));
+        let mut w = Proc::start(
+            d,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--token-file",
+                "token",
+                "--allow-root",
+                "elsewhere",
+            ],
+            &[("RUST_LOG", "info")],
+        );
+        let line = w.line_with("input bytes streamed");
+        coord.wait_ok();
+        w.wait_ok();
+        assert_same_dirs(&d.join(&single), &d.join(&out));
+        // What it streamed covers the extra files whole (besides the models' tensors).
+        let size = |p: &str| std::fs::metadata(data.join(p)).unwrap().len();
+        let lora = size("lora/adapter_model.safetensors") + size("lora/adapter_config.json");
+        let st = size("ft1.stats.safetensors") + size("ft2.stats.safetensors");
+        let extra = match name {
+            "fisher" => lora + st,
+            "tok" => size("ft1/tokenizer.json") + size("ft2/tokenizer.json"),
+            _ => lora + st + input_bytes_of(&data.join("ft1")),
+        };
+        let got: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(
+            got > extra,
+            "{name}: streamed {got} bytes, the extra files alone are {extra}"
+        );
+    }
+}
+
+/// Bytes of a checkpoint folder's safetensors files.
+fn input_bytes_of(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}

@@ -72,6 +72,10 @@ pub struct JobSpec {
     /// ([`crate::remote_input`]).
     #[serde(default)]
     pub inputs: Vec<crate::remote_input::InputCheckpoint>,
+    /// Every adapter, statistics file and `init:` checkpoint the config names, as the
+    /// coordinator resolved them (sizes and sha256), so a worker without them streams them.
+    #[serde(default)]
+    pub extras: Vec<crate::remote_input::ExtraInput>,
 }
 
 /// One shard's work.
@@ -288,6 +292,7 @@ pub fn prepare_job(
         out_shard_size: opts.out_shard_size,
         global: global.into_iter().map(|g| (g.counts, g.sums)).collect(),
         inputs: crate::remote_input::manifest(&inputs)?,
+        extras: crate::remote_input::extra_manifest(&config, config_dir.as_deref())?,
     };
     drop(extras);
     Ok(PreparedJob {
@@ -373,6 +378,10 @@ impl MergeHost {
             .checkpoints
             .values()
             .flat_map(|c| c.files().iter().map(|f| f.path.clone()))
+            .chain(crate::remote_input::whole_file_keys(
+                &job.job.inputs,
+                &job.job.extras,
+            ))
             .collect();
         let mut ready = BTreeSet::new();
         if resume {
@@ -766,6 +775,7 @@ impl MergeExecutor {
                     &config,
                     job.config_dir.as_deref(),
                     &job.inputs,
+                    &job.extras,
                     self.roots.as_ref(),
                     self.stream,
                     client,
@@ -1018,6 +1028,7 @@ mod tests {
             out_shard_size: 1 << 30,
             global: Vec::new(),
             inputs: Vec::new(),
+            extras: Vec::new(),
         };
         let err = exec
             .open(&job, None)

@@ -14,9 +14,14 @@
 //!   opened then) its byte ranges are streamed from the coordinator.
 //! - `always`: every file is streamed; the worker's storage is not read for checkpoints.
 //!
-//! Adapters (`model+adapter`), statistics files and extra checkpoints a method names (MaTS's
-//! `init: PATH`) are always read locally and stay subject to `--allow-root`; a streamed model cannot be combined with `tokenizer_source` (its
-//! tokenizer files are not streamed). Outputs are written by the coordinator only.
+//! **Other files the config names** ([`ExtraInput`], built by [`extra_manifest`]): adapters
+//! (`model+adapter`), statistics files and MaTS's `init:` checkpoints are described by the
+//! coordinator file by file (size and sha256 of the whole file), and so are each checkpoint's
+//! tokenizer files ([`TOKENIZER_FILES`], for `tokenizer_source`). A worker uses its own copy
+//! when the coordinator's path is under its roots and holds the same bytes; otherwise (and
+//! always under `always`) it fetches the file whole into the job's folder and checks its
+//! sha256. Under `never` they are read locally and stay subject to `--allow-root`. Outputs are
+//! written by the coordinator only.
 //!
 //! **How streamed files are read** ([`StreamedInputs`]). A streamed file gets a sparse stand-in
 //! of the same size in a private temporary folder (`$TMPDIR`), holding its header (fetched and
@@ -137,6 +142,186 @@ pub struct InputCheckpoint {
     pub index: Option<String>,
     /// Its files, in name order.
     pub files: Vec<InputFile>,
+    /// Its tokenizer files ([`TOKENIZER_FILES`] found in its root folder), streamed whole
+    /// beside its stand-ins when the checkpoint is streamed (for `tokenizer_source`).
+    #[serde(default)]
+    pub aux: Vec<WholeFile>,
+}
+
+/// The tokenizer files a streamed checkpoint brings along (what `tokenizer_source` reads).
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+];
+
+/// A file streamed whole when the worker does not have it (tokenizer files, adapters,
+/// statistics files, `init:` checkpoints), checked by its sha256.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WholeFile {
+    /// The `ReadInput` key (the file's canonical path on the coordinator).
+    pub key: String,
+    /// Name relative to its folder.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex sha256 of the whole file.
+    pub sha256: String,
+}
+
+/// A file or folder the config names besides the models' checkpoints (an adapter, a statistics
+/// file, an `init:` checkpoint), as the coordinator resolved it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExtraInput {
+    /// The path as the config writes it.
+    pub path: String,
+    /// Canonical path on the coordinator.
+    pub root: PathBuf,
+    /// Whether it is a folder (its top-level files are listed) or one file.
+    pub is_dir: bool,
+    /// Its files, in name order.
+    pub files: Vec<WholeFile>,
+}
+
+/// sha256 of a whole file, read in 1 MiB pieces.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A [`WholeFile`] of `path` (on the coordinator), named `name`.
+fn whole_file(path: &Path, name: String) -> Result<WholeFile> {
+    let canon = std::fs::canonicalize(path).map_err(|e| ClusterError::io(path, e))?;
+    let size = std::fs::metadata(&canon)
+        .map_err(|e| ClusterError::io(&canon, e))?
+        .len();
+    Ok(WholeFile {
+        key: canon.to_string_lossy().into_owned(),
+        name,
+        size,
+        sha256: sha256_file(&canon).map_err(|e| ClusterError::io(&canon, e))?,
+    })
+}
+
+/// The coordinator's description of every adapter, statistics file and `init:` checkpoint the
+/// config names (each folder's top-level regular files, hidden ones excepted).
+pub fn extra_manifest(config: &MergeConfig, config_dir: Option<&Path>) -> Result<Vec<ExtraInput>> {
+    let mut paths: Vec<String> = Vec::new();
+    let mut add = |p: &str| {
+        if !paths.iter().any(|q| q == p) {
+            paths.push(p.to_string());
+        }
+    };
+    for m in referenced_models(config) {
+        if let Some(a) = &m.adapter {
+            add(a);
+        }
+    }
+    for p in config.statistics.values() {
+        add(p);
+    }
+    for p in amalgam_core::methods::mats::init_checkpoint_paths(config) {
+        add(&p);
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let resolved = resolve_model_path(&path, config_dir).map_err(exec_err)?;
+            let root =
+                std::fs::canonicalize(&resolved).map_err(|e| ClusterError::io(&resolved, e))?;
+            let is_dir = root.is_dir();
+            let files = if is_dir {
+                let mut names: Vec<String> = std::fs::read_dir(&root)
+                    .map_err(|e| ClusterError::io(&root, e))?
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                names.sort();
+                names
+                    .into_iter()
+                    .map(|n| whole_file(&root.join(&n), n))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                let name = root
+                    .file_name()
+                    .map_or_else(|| "file".to_string(), |n| n.to_string_lossy().into_owned());
+                vec![whole_file(&root, name)?]
+            };
+            Ok(ExtraInput {
+                path,
+                root,
+                is_dir,
+                files,
+            })
+        })
+        .collect()
+}
+
+/// Every `ReadInput` key of the whole files a job may stream (the coordinator serves these).
+pub fn whole_file_keys(manifest: &[InputCheckpoint], extras: &[ExtraInput]) -> Vec<PathBuf> {
+    manifest
+        .iter()
+        .flat_map(|c| c.aux.iter())
+        .chain(extras.iter().flat_map(|e| e.files.iter()))
+        .map(|f| PathBuf::from(&f.key))
+        .collect()
+}
+
+/// Why `f` (whose coordinator path is `path`) cannot be read locally; `Ok(path)` when the
+/// worker has the same bytes there.
+fn local_whole(
+    f: &WholeFile,
+    path: &Path,
+    roots: Option<&AllowedRoots>,
+) -> std::result::Result<PathBuf, String> {
+    let path = match roots {
+        Some(r) => r.check(path).map_err(|e| e.to_string())?,
+        None => path.to_path_buf(),
+    };
+    let len = std::fs::metadata(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if len != f.size {
+        return Err(format!(
+            "{}: {len} bytes here, {} on the coordinator",
+            path.display(),
+            f.size
+        ));
+    }
+    let sum = sha256_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if sum != f.sha256 {
+        return Err(format!(
+            "{}: another sha256 than the coordinator's",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// A name that stays inside its folder.
+fn check_name(name: &str) -> Result<()> {
+    let p = Path::new(name);
+    if p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(ClusterError::Protocol(format!(
+            "input file name `{name}` leaves its folder"
+        )));
+    }
+    Ok(())
 }
 
 fn exec_err(e: impl std::fmt::Display) -> ClusterError {
@@ -175,11 +360,18 @@ pub fn manifest(inputs: &Inputs) -> Result<Vec<InputCheckpoint>> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let root = std::fs::canonicalize(ck.root()).unwrap_or_else(|_| ck.root().to_path_buf());
+        let aux = TOKENIZER_FILES
+            .iter()
+            .filter(|n| root.join(n).is_file())
+            .map(|n| whole_file(&root.join(n), n.to_string()))
+            .collect::<Result<Vec<_>>>()?;
         out.push(InputCheckpoint {
             model: m.path.clone(),
-            root: std::fs::canonicalize(ck.root()).unwrap_or_else(|_| ck.root().to_path_buf()),
+            root,
             index,
             files,
+            aux,
         });
     }
     Ok(out)
@@ -383,6 +575,8 @@ pub struct StreamedInputs {
     dir: tempfile::TempDir,
     /// Holds the folder's lock while the folder is in use (see the module docs).
     _lock: File,
+    /// Files streamed whole (tokenizer files, adapters, statistics, `init:` checkpoints).
+    whole_files: usize,
     /// By stand-in path (what the checkpoint reader's tensor metadata names).
     files: HashMap<PathBuf, Arc<RemoteFile>>,
     bytes: AtomicU64,
@@ -449,6 +643,44 @@ impl StreamedInputs {
 
     /// A sparse stand-in for `f` at `local` holding its header, checked against the
     /// coordinator's checksum.
+    /// Fetches `f` whole into `at` and checks its sha256.
+    fn fetch_whole(
+        &mut self,
+        f: &WholeFile,
+        at: &Path,
+        client: Option<&InputClient>,
+    ) -> Result<()> {
+        let client = client.ok_or_else(|| {
+            ClusterError::Executor(format!(
+                "{} would be streamed, but there is no coordinator connection",
+                f.key
+            ))
+        })?;
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ClusterError::io(parent, e))?;
+        }
+        let file = File::create(at).map_err(|e| ClusterError::io(at, e))?;
+        let mut h = Sha256::new();
+        let mut off = 0;
+        while off < f.size {
+            let len = (f.size - off).min(REQUEST_BYTES);
+            let data = client.read(&f.key, off, len)?;
+            h.update(&data);
+            file.write_all_at(&data, off)
+                .map_err(|e| ClusterError::io(at, e))?;
+            off += len;
+        }
+        if hex::encode(h.finalize()) != f.sha256 {
+            return Err(ClusterError::Protocol(format!(
+                "{}: the streamed bytes do not match the coordinator's sha256",
+                f.key
+            )));
+        }
+        self.bytes.fetch_add(f.size, Ordering::Relaxed);
+        self.whole_files += 1;
+        Ok(())
+    }
+
     fn add_file(
         &mut self,
         f: &InputFile,
@@ -564,6 +796,19 @@ fn open_checkpoint(
             }
         }
     }
+    for f in &c.aux {
+        check_name(&f.name)?;
+        let at = mirror.join(&f.name);
+        match local_whole(f, &c.root.join(&f.name), roots) {
+            Ok(path) => {
+                std::os::unix::fs::symlink(&path, &at).map_err(|e| ClusterError::io(&at, e))?
+            }
+            Err(reason) => {
+                tracing::info!(input = %f.key, %reason, "streaming a tokenizer file from the coordinator");
+                streamed.fetch_whole(f, &at, client)?;
+            }
+        }
+    }
     let path = match &c.index {
         Some(text) => {
             let p = mirror.join(INDEX_FILE);
@@ -582,6 +827,62 @@ fn open_checkpoint(
         },
     };
     Ok((Checkpoint::open(&path).map_err(exec_err)?, true))
+}
+
+/// A file or folder the config names besides checkpoints (adapter, statistics file, `init:`
+/// checkpoint): read locally when the worker has the coordinator's bytes at the coordinator's
+/// path (under its roots), else streamed whole into the job's folder (not under `never`, or
+/// when the coordinator did not describe it: then resolved locally as the engine resolves it,
+/// and checked against the roots).
+#[allow(clippy::too_many_arguments)]
+fn extra_path(
+    path: &str,
+    config_dir: Option<&Path>,
+    extras: &[ExtraInput],
+    roots: Option<&AllowedRoots>,
+    mode: StreamInputs,
+    streamed: &mut StreamedInputs,
+    client: Option<&InputClient>,
+) -> Result<PathBuf> {
+    let found = extras.iter().enumerate().find(|(_, e)| e.path == path);
+    let (Some((slot, e)), false) = (found, mode == StreamInputs::Never) else {
+        return local_extra(path, config_dir, roots);
+    };
+    let at_coordinator = |f: &WholeFile| {
+        if e.is_dir {
+            e.root.join(&f.name)
+        } else {
+            e.root.clone()
+        }
+    };
+    let local: Vec<std::result::Result<PathBuf, String>> = e
+        .files
+        .iter()
+        .map(|f| match mode {
+            StreamInputs::Always => Err("--stream-inputs always".to_string()),
+            _ => local_whole(f, &at_coordinator(f), roots),
+        })
+        .collect();
+    if local.iter().all(|l| l.is_ok()) {
+        return Ok(e.root.clone());
+    }
+    let folder = streamed.dir.path().join(format!("extra-{slot:03}"));
+    std::fs::create_dir_all(&folder).map_err(|e| ClusterError::io(&folder, e))?;
+    for (f, l) in e.files.iter().zip(&local) {
+        check_name(&f.name)?;
+        let at = folder.join(&f.name);
+        match l {
+            Ok(p) => std::os::unix::fs::symlink(p, &at).map_err(|e| ClusterError::io(&at, e))?,
+            Err(reason) => {
+                tracing::info!(input = %f.key, %reason, "streaming {} from the coordinator", e.path);
+                streamed.fetch_whole(f, &at, client)?;
+            }
+        }
+    }
+    Ok(match (e.is_dir, e.files.as_slice()) {
+        (false, [one]) => folder.join(&one.name),
+        _ => folder,
+    })
 }
 
 /// A local file the config names besides checkpoints (adapter, statistics): resolved as the
@@ -616,6 +917,7 @@ pub fn open_and_plan(
     config: &MergeConfig,
     config_dir: Option<&Path>,
     manifest: &[InputCheckpoint],
+    extras: &[ExtraInput],
     roots: Option<&AllowedRoots>,
     mode: StreamInputs,
     client: Option<&InputClient>,
@@ -626,6 +928,7 @@ pub fn open_and_plan(
     let mut streamed = StreamedInputs {
         dir,
         _lock: lock,
+        whole_files: 0,
         files: HashMap::new(),
         bytes: AtomicU64::new(0),
     };
@@ -654,7 +957,15 @@ pub fn open_and_plan(
             }
         };
         if let Some(adapter) = &m.adapter {
-            let apath = local_extra(adapter, config_dir, roots)?;
+            let apath = extra_path(
+                adapter,
+                config_dir,
+                extras,
+                roots,
+                mode,
+                &mut streamed,
+                client,
+            )?;
             let delta =
                 amalgam_engine::adapter::AdapterDelta::load(&apath, &ck).map_err(exec_err)?;
             inputs.adapters.insert(m.clone(), Arc::new(delta));
@@ -665,20 +976,30 @@ pub fn open_and_plan(
         inputs.checkpoints.insert(m, ck);
     }
     for (m, path) in &config.statistics {
-        let p = local_extra(path, config_dir, roots)?;
+        let p = extra_path(path, config_dir, extras, roots, mode, &mut streamed, client)?;
         let stats = StatsFile::open(&p).map_err(exec_err)?;
         if let Some(ck) = inputs.checkpoints.get(m) {
             stats.check_model(ck).map_err(exec_err)?;
         }
         inputs.stats.insert(m.clone(), Arc::new(stats));
     }
-    // Extra checkpoints a method parameter names (MaTS's `init: PATH`): local only.
+    // Extra checkpoints a method parameter names (MaTS's `init: PATH`), streamed whole.
     for path in amalgam_core::methods::mats::init_checkpoint_paths(config) {
-        let p = local_extra(&path, config_dir, roots)?;
+        let p = extra_path(
+            &path,
+            config_dir,
+            extras,
+            roots,
+            mode,
+            &mut streamed,
+            client,
+        )?;
         let ck = Checkpoint::open(&p).map_err(exec_err)?;
         if let Some(r) = roots {
-            for f in ck.files() {
-                r.check(&f.path)?;
+            if !p.starts_with(streamed.dir.path()) {
+                for f in ck.files() {
+                    r.check(&f.path)?;
+                }
             }
         }
         inputs.extra.insert(path, Arc::new(ck));
@@ -688,11 +1009,11 @@ pub fn open_and_plan(
             .tokenizer
             .as_ref()
             .is_some_and(|t| t.source.is_some());
-    if any_mirrored && tokenizer_source {
+    if any_mirrored && tokenizer_source && manifest.iter().all(|c| c.aux.is_empty()) {
         return Err(ClusterError::Executor(
-            "`tokenizer_source` needs the models' tokenizer files on the worker's storage, but \
-             some models are streamed from the coordinator: give the worker the same storage \
-             (--allow-root) or run without streaming"
+            "`tokenizer_source` needs the models' tokenizer files, but some models are streamed \
+             and the coordinator sent no tokenizer files (an older coordinator): give the \
+             worker the same storage (--allow-root) or run without streaming"
                 .into(),
         ));
     }
@@ -700,7 +1021,7 @@ pub fn open_and_plan(
     Ok(OpenedJob {
         inputs,
         plan,
-        streamed: (!streamed.files.is_empty()).then_some(streamed),
+        streamed: (!streamed.files.is_empty() || streamed.whole_files > 0).then_some(streamed),
     })
 }
 
@@ -843,6 +1164,7 @@ mod tests {
                     header_len: hlen,
                     header_sha256: hex::encode(Sha256::digest(&bytes[8..8 + hlen as usize])),
                 }],
+                aux: Vec::new(),
             }]
         };
         let manifest = info(bytes.len() as u64);
@@ -854,7 +1176,7 @@ mod tests {
         };
         let want: Vec<f32> = (0..n).map(|i| 1.0 + i as f32).collect();
         let open = |mode, roots: Option<&AllowedRoots>| {
-            open_and_plan(&config, None, &manifest, roots, mode, Some(&ic)).unwrap()
+            open_and_plan(&config, None, &manifest, &[], roots, mode, Some(&ic)).unwrap()
         };
 
         // Same path, other bytes (another header): streamed.
@@ -884,7 +1206,15 @@ mod tests {
         assert_eq!(*host.0.lock().unwrap(), before);
         // The same size but another size on the coordinator: streamed.
         let other = info(bytes.len() as u64 + 8);
-        let o2 = open_and_plan(&config, None, &other, None, StreamInputs::Auto, Some(&ic));
+        let o2 = open_and_plan(
+            &config,
+            None,
+            &other,
+            &[],
+            None,
+            StreamInputs::Auto,
+            Some(&ic),
+        );
         // (the stand-in then has the coordinator's size, which the real file lacks)
         assert!(o2.is_err() || o2.unwrap().streamed.is_some());
         // `always`, and a copy outside the roots: streamed although identical.
