@@ -27,15 +27,12 @@ use amalgam_engine::run::Progress;
 use prost::Message;
 
 use crate::error::{ClusterError, Result};
+use crate::lock;
 use crate::pb;
 use crate::roots::AllowedRoots;
 use crate::scheduler::{ShardId, ShardSpec};
 use crate::server::JobHost;
 use crate::worker::{InputClient, ShardExecutor};
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The coordinator side of an adapter job: the planned task, its shards, the gathered units.
 pub struct AdapterHost {

@@ -17,6 +17,7 @@ use amalgam_eval::{plan_batches, ScoreRequest, Scored, Scorer};
 use prost::Message;
 
 use crate::error::{ClusterError, Result};
+use crate::lock;
 use crate::pb;
 use crate::roots::AllowedRoots;
 use crate::scheduler::{ShardId, ShardSpec};
@@ -104,10 +105,6 @@ impl EvalHost {
         }
         .encode_to_vec()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl JobHost for EvalHost {

@@ -50,3 +50,9 @@ pub mod tls;
 pub mod worker;
 
 pub use error::{ClusterError, Result};
+
+/// Locks `m`, recovering the guard of a poisoned lock: a panic while holding one of the
+/// crate's locks leaves consistent data (every critical section is a few plain updates).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

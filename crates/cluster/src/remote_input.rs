@@ -569,6 +569,24 @@ pub fn sweep_stale(tmp: &Path) -> usize {
     removed
 }
 
+/// The coordinator connection a file `key` streams through, with the folder of its local
+/// copy `at` made.
+fn stream_target<'c>(
+    key: &str,
+    at: &Path,
+    client: Option<&'c InputClient>,
+) -> Result<&'c InputClient> {
+    let client = client.ok_or_else(|| {
+        ClusterError::Executor(format!(
+            "{key} would be streamed, but there is no coordinator connection"
+        ))
+    })?;
+    if let Some(parent) = at.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ClusterError::io(parent, e))?;
+    }
+    Ok(client)
+}
+
 /// The streamed files of one job on a worker (see the module docs).
 #[derive(Debug)]
 pub struct StreamedInputs {
@@ -641,8 +659,6 @@ impl StreamedInputs {
         Ok(n)
     }
 
-    /// A sparse stand-in for `f` at `local` holding its header, checked against the
-    /// coordinator's checksum.
     /// Fetches `f` whole into `at` and checks its sha256.
     fn fetch_whole(
         &mut self,
@@ -650,15 +666,7 @@ impl StreamedInputs {
         at: &Path,
         client: Option<&InputClient>,
     ) -> Result<()> {
-        let client = client.ok_or_else(|| {
-            ClusterError::Executor(format!(
-                "{} would be streamed, but there is no coordinator connection",
-                f.key
-            ))
-        })?;
-        if let Some(parent) = at.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| ClusterError::io(parent, e))?;
-        }
+        let client = stream_target(&f.key, at, client)?;
         let file = File::create(at).map_err(|e| ClusterError::io(at, e))?;
         let mut h = Sha256::new();
         let mut off = 0;
@@ -681,21 +689,15 @@ impl StreamedInputs {
         Ok(())
     }
 
+    /// A sparse stand-in for `f` at `local` holding its header, checked against the
+    /// coordinator's checksum.
     fn add_file(
         &mut self,
         f: &InputFile,
         local: PathBuf,
         client: Option<&InputClient>,
     ) -> Result<()> {
-        let client = client.ok_or_else(|| {
-            ClusterError::Executor(format!(
-                "{} would be streamed, but there is no coordinator connection",
-                f.key
-            ))
-        })?;
-        if let Some(parent) = local.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| ClusterError::io(parent, e))?;
-        }
+        let client = stream_target(&f.key, &local, client)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

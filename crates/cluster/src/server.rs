@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::ServerAuth;
 use crate::error::{ClusterError, Result};
 use crate::journal::{CommitRecord, JobStore};
+use crate::lock;
 use crate::metrics::{serve_metrics, MetricsServer, StatusFn};
 use crate::pb;
 use crate::pb::coordinator_server::{Coordinator, CoordinatorServer};
@@ -156,12 +157,6 @@ struct Shared<H> {
     bytes_received: AtomicU64,
     rounds: Mutex<HashMap<(String, u64), Round>>,
     done_tx: watch::Sender<bool>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data (every critical section
-    // is a few plain updates), so recover the guard instead of propagating the poison.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn unix_ms() -> u64 {

@@ -18,6 +18,7 @@ use amalgam_eval::stats::{
 use prost::Message;
 
 use crate::error::{ClusterError, Result};
+use crate::lock;
 use crate::pb;
 use crate::roots::AllowedRoots;
 use crate::scheduler::{ShardId, ShardSpec};
@@ -45,10 +46,6 @@ pub struct StatsHost {
     job: StatsJob,
     chunks: Vec<std::ops::Range<usize>>,
     parts: Mutex<Vec<Option<StatsPartial>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn path_str(p: &Path) -> String {

@@ -115,27 +115,9 @@ impl Ia3Merge {
                 ))
             }
         };
-        let maps: Vec<HashMap<&str, usize>> = adapters
-            .iter()
-            .map(|a| {
-                a.ia3_modules()
-                    .iter()
-                    .enumerate()
-                    .map(|(j, m)| (m.name.as_str(), j))
-                    .collect()
-            })
-            .collect();
         let mut table = Vec::with_capacity(order.len());
-        for mname in order {
-            let row: Vec<Option<usize>> = maps
-                .iter()
-                .map(|m| m.get(mname.as_str()).copied())
-                .collect();
-            let (i0, j0) = row
-                .iter()
-                .enumerate()
-                .find_map(|(i, j)| j.map(|j| (i, j)))
-                .expect("a module in the order belongs to some adapter");
+        let rows = module_rows(adapters, order, Adapter::ia3_modules, |m| m.name.as_str());
+        for ((row, (i0, j0)), mname) in rows.into_iter().zip(order) {
             let m0 = &adapters[i0].ia3_modules()[j0];
             for (i, j) in row.iter().enumerate() {
                 let Some(j) = j else { continue };

@@ -11,24 +11,9 @@ type Table = Vec<Vec<Option<usize>>>;
 
 /// Builds the module table and checks that the adapters agree on shapes and layout.
 fn lora_table(adapters: &[Adapter], order: &[String]) -> Result<Table, EngineError> {
-    let maps: Vec<HashMap<&str, usize>> = adapters
-        .iter()
-        .map(|a| {
-            a.lora_modules()
-                .iter()
-                .enumerate()
-                .map(|(j, m)| (m.name.as_str(), j))
-                .collect()
-        })
-        .collect();
     let mut table = Vec::with_capacity(order.len());
-    for name in order {
-        let row: Vec<Option<usize>> = maps.iter().map(|m| m.get(name.as_str()).copied()).collect();
-        let (i0, j0) = row
-            .iter()
-            .enumerate()
-            .find_map(|(i, j)| j.map(|j| (i, j)))
-            .expect("a module in the order belongs to some adapter");
+    let rows = module_rows(adapters, order, Adapter::lora_modules, |m| m.name.as_str());
+    for ((row, (i0, j0)), name) in rows.into_iter().zip(order) {
         let m0 = &adapters[i0].lora_modules()[j0];
         for (i, j) in row.iter().enumerate() {
             let Some(j) = j else { continue };

@@ -511,6 +511,42 @@ fn union_targets<'a>(
     }
 }
 
+/// One module's row: per adapter, the module's index in that adapter's list (`None` where it
+/// lacks it), and the first `(adapter, index)` that has it.
+type ModuleRow = (Vec<Option<usize>>, (usize, usize));
+
+/// Per module of `order`, per adapter, the index of the module in that adapter's module list
+/// `list` (`None` where the adapter lacks it); with each row's first adapter that has it.
+fn module_rows<M>(
+    adapters: &[Adapter],
+    order: &[String],
+    list: impl Fn(&Adapter) -> &[M],
+    name: impl Fn(&M) -> &str,
+) -> Vec<ModuleRow> {
+    let maps: Vec<HashMap<&str, usize>> = adapters
+        .iter()
+        .map(|a| {
+            list(a)
+                .iter()
+                .enumerate()
+                .map(|(j, m)| (name(m), j))
+                .collect()
+        })
+        .collect();
+    order
+        .iter()
+        .map(|n| {
+            let row: Vec<Option<usize>> = maps.iter().map(|m| m.get(n.as_str()).copied()).collect();
+            let first = row
+                .iter()
+                .enumerate()
+                .find_map(|(i, j)| j.map(|j| (i, j)))
+                .expect("a module in the order belongs to some adapter");
+            (row, first)
+        })
+        .collect()
+}
+
 fn to_f64(v: Vec<f32>) -> Vec<f64> {
     v.into_iter().map(f64::from).collect()
 }
