@@ -134,7 +134,7 @@ pub struct InputFile {
 /// One input checkpoint the config references, as the coordinator opened it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InputCheckpoint {
-    /// The model path as the config writes it ([`ModelRef::path`]).
+    /// The model path as the config writes it ([`amalgam_core::config::ModelRef::path`]).
     pub model: String,
     /// Canonical checkpoint root on the coordinator (a sharded checkpoint's directory).
     pub root: PathBuf,

@@ -112,7 +112,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
     /// Serve the work to external workers (`amalgam worker --coordinator URL`) on this address.
-    /// Every path the job names (model, data) must be the same on every worker.
+    /// Every path the job names (model, data, adapters, checkpoints) must be the same on every
+    /// worker.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// File holding the bearer token workers must send (with --listen).
