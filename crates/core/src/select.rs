@@ -506,6 +506,181 @@ where
     cuts
 }
 
+/// A key range `[lo, hi]` (inclusive) expected to hold one position of a selection: a pass
+/// counts the keys below it and gathers the elements inside it ([`WindowScan`]), which
+/// resolves the position exactly whenever it falls inside, in one pass instead of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Smallest key inside.
+    pub lo: u32,
+    /// Largest key inside.
+    pub hi: u32,
+}
+
+impl Window {
+    /// Every key (the position is always inside).
+    pub const ALL: Window = Window {
+        lo: 0,
+        hi: u32::MAX,
+    };
+
+    /// A window around position `p` of `n` keys estimated from `sample`, the keys of a
+    /// subset of the elements spread over the tensor (reordered in place): the sample's
+    /// quantile at `p / n`, widened by 3.5 standard deviations of a sample quantile.
+    /// Only speed depends on it: a position outside the window is found exactly otherwise.
+    pub fn from_sample(sample: &mut [u32], n: u64, p: u64) -> Window {
+        let m = sample.len();
+        if m == 0 || n == 0 {
+            return Window::ALL;
+        }
+        let q = (p as f64 / n as f64).clamp(0.0, 1.0);
+        let r = q * m as f64;
+        let margin = 3.5 * (m as f64 * q * (1.0 - q)).sqrt() + 8.0;
+        let lo_rank = r - margin;
+        let hi_rank = r + margin;
+        let lo = if lo_rank < 0.0 {
+            0
+        } else {
+            *sample.select_nth_unstable(lo_rank as usize).1
+        };
+        let hi = if hi_rank >= (m - 1) as f64 {
+            u32::MAX
+        } else {
+            *sample.select_nth_unstable(hi_rank as usize).1
+        };
+        Window { lo, hi }
+    }
+}
+
+/// Candidate buffers kept between tensors (a fresh allocation of a few MiB costs a page
+/// fault per page each time).
+static CAND_POOL: std::sync::Mutex<Vec<Vec<(u32, u32)>>> = std::sync::Mutex::new(Vec::new());
+
+/// At most this many candidate buffers are kept.
+const CAND_POOL_MAX: usize = 64;
+
+/// What a pass over the keys gathers for one [`Window`]: the number of keys below it and the
+/// `(key, flat index)` of every element inside it (up to a cap). Its buffer comes from and goes
+/// back to a pool shared by all threads.
+#[derive(Debug)]
+pub struct WindowScan {
+    /// Keys below the window.
+    pub below: u64,
+    /// Elements inside the window, in no particular order.
+    pub cands: Vec<(u32, u32)>,
+    /// More elements fell inside than the cap: `cands` is incomplete.
+    pub overflow: bool,
+}
+
+impl Default for WindowScan {
+    fn default() -> Self {
+        let cands = CAND_POOL
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        Self {
+            below: 0,
+            cands,
+            overflow: false,
+        }
+    }
+}
+
+impl Drop for WindowScan {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.cands);
+        if v.capacity() == 0 {
+            return;
+        }
+        v.clear();
+        if let Ok(mut p) = CAND_POOL.lock() {
+            if p.len() < CAND_POOL_MAX {
+                p.push(v);
+            }
+        }
+    }
+}
+
+/// Elements per flag buffer of [`WindowScan::add`].
+const FLAG_TILE: usize = 1024;
+
+impl WindowScan {
+    /// Add the keys of the elements `start..start + keys.len()` (`start + keys.len()` at most
+    /// 2^32); gathering stops (with `overflow`) once more than `cap` elements are inside.
+    pub fn add(&mut self, w: Window, start: usize, keys: &[u32], cap: usize) {
+        let (lo, width) = (w.lo, w.hi.wrapping_sub(w.lo));
+        let inside = |k: u32| k.wrapping_sub(lo) <= width;
+        let below: u32 = keys.iter().map(|&k| u32::from(k < lo)).sum();
+        if !self.overflow {
+            // A flag byte per element (vectorised), then 8 flags at a time: only words with
+            // a candidate are visited.
+            let mut flags = [0u8; FLAG_TILE];
+            for (c, keys) in keys.chunks(FLAG_TILE).enumerate() {
+                let flags = &mut flags[..keys.len()];
+                for (f, &k) in flags.iter_mut().zip(keys) {
+                    *f = u8::from(inside(k));
+                }
+                let (words, rest) = flags.as_chunks::<8>();
+                let base = start + c * FLAG_TILE;
+                for (w, word) in words.iter().enumerate() {
+                    let mut bits = u64::from_le_bytes(*word);
+                    while bits != 0 {
+                        let j = w * 8 + (bits.trailing_zeros() / 8) as usize;
+                        self.cands.push((keys[j], (base + j) as u32));
+                        bits &= bits - 1;
+                    }
+                }
+                for (j, &f) in rest.iter().enumerate() {
+                    if f != 0 {
+                        let j = words.len() * 8 + j;
+                        self.cands.push((keys[j], (base + j) as u32));
+                    }
+                }
+            }
+        }
+        let below = u64::from(below);
+        self.below += below;
+        if self.cands.len() > cap {
+            self.overflow = true;
+            self.cands.clear();
+        }
+    }
+
+    /// Merge another scan of the same window (over other elements).
+    pub fn append(&mut self, mut other: WindowScan, cap: usize) {
+        self.below += other.below;
+        self.overflow |= other.overflow || self.cands.len() + other.cands.len() > cap;
+        if self.overflow {
+            self.cands.clear();
+        } else if self.cands.capacity() < other.cands.capacity() {
+            // Keep the larger buffer (fewer copies and reallocations).
+            std::mem::swap(&mut self.cands, &mut other.cands);
+            self.cands.extend_from_slice(&other.cands);
+        } else {
+            self.cands.extend_from_slice(&other.cands);
+        }
+    }
+
+    /// The cut at position `p` of the ascending `(key, flat index)` order of all the scanned
+    /// elements, when the window held it (as [`select_cuts`] gives it); `None` otherwise.
+    pub fn cut(&mut self, p: u64) -> Option<Cut> {
+        if self.overflow || p < self.below || p - self.below >= self.cands.len() as u64 {
+            return None;
+        }
+        let r = (p - self.below) as usize;
+        let (before, &mut (k0, i0), _) = self.cands.select_nth_unstable(r);
+        // As `select_cuts`: index 0 when no element with this key precedes the position
+        // (every element with this key is inside the window).
+        let index = if before.iter().any(|&(k, _)| k == k0) {
+            u64::from(i0)
+        } else {
+            0
+        };
+        Some(Cut { key: k0, index })
+    }
+}
+
 fn count_equal(keys: &[u32], key: u32) -> u64 {
     if keys.len() < 2 * PAR_CHUNK {
         keys.iter().filter(|&&x| x == key).count() as u64
@@ -622,5 +797,51 @@ mod tests {
         .unwrap();
         assert_eq!(mem, streamed);
         assert!(mem.iter().any(|c| c.index != 0 && c.index != u64::MAX));
+    }
+
+    /// A window scan resolves exactly the positions its window holds and gives the cuts of
+    /// `select_cuts_with`; split scans merged with `append` give the same.
+    #[test]
+    fn window_scan_matches_selection() {
+        let mut s = 11u64;
+        let n = 5000;
+        let keys: Vec<u32> = (0..n).map(|_| (lcg(&mut s) % 40) as u32 * 3).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        for p in [0u64, 1, 777, 2500, 4999] {
+            let want = select_cuts_with(n, &[p], |j| keys[j])[0];
+            let k = sorted[p as usize];
+            for w in [
+                Window::ALL,
+                Window { lo: k, hi: k },
+                Window {
+                    lo: k.saturating_sub(6),
+                    hi: k + 9,
+                },
+            ] {
+                let mut a = WindowScan::default();
+                let mut b = WindowScan::default();
+                a.add(w, 0, &keys[..1234], usize::MAX);
+                b.add(w, 1234, &keys[1234..], usize::MAX);
+                a.append(b, usize::MAX);
+                assert_eq!(a.cut(p), Some(want), "p {p} {w:?}");
+            }
+            // A window below or above the position, or over the cap, resolves nothing.
+            for w in [Window { lo: 0, hi: 0 }, Window { lo: 1000, hi: 2000 }] {
+                let mut a = WindowScan::default();
+                a.add(w, 0, &keys, usize::MAX);
+                if w.lo > k || w.hi < k {
+                    assert_eq!(a.cut(p), None);
+                }
+            }
+            let mut a = WindowScan::default();
+            a.add(Window::ALL, 0, &keys, 10);
+            assert!(a.overflow);
+            assert_eq!(a.cut(p), None);
+        }
+        // A sample of the keys gives a window holding the position.
+        let mut sample: Vec<u32> = keys.iter().step_by(7).copied().collect();
+        let w = Window::from_sample(&mut sample, n as u64, 2500);
+        assert!(w.lo <= sorted[2500] && sorted[2500] <= w.hi, "{w:?}");
     }
 }

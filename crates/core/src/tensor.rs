@@ -107,6 +107,15 @@ pub trait TensorReader: Sync {
         Ok(false)
     }
 
+    /// The whole stored tensor of `input` lent without copying (e.g. a memory-mapped file's
+    /// bytes: little-endian [`TensorReader::raw_dtype`] elements, `numel * size` bytes, any
+    /// alignment), when the reader can and [`TensorReader::read_raw`] would give the same
+    /// bytes; `None` otherwise (the default). Unchecked like `read_raw`.
+    fn raw_view(&self, input: Input) -> Result<Option<(RawDtype, &[u8])>> {
+        let _ = input;
+        Ok(None)
+    }
+
     /// Whether non-finite input values are accepted (`--allow-nonfinite`).
     fn allows_nonfinite(&self) -> bool {
         false

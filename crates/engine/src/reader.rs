@@ -292,6 +292,25 @@ impl TensorReader for PlanReader<'_> {
             .map_err(|e| MergeError::Read(e.to_string()))
     }
 
+    /// The tensor's bytes in the checkpoint's memory map (no copy: a warm page cache is read
+    /// in place), when they are its values.
+    fn raw_view(&self, input: Input) -> Result<Option<(RawDtype, &[u8])>, MergeError> {
+        let Some(src) = self.raw_source(input)? else {
+            return Ok(None);
+        };
+        let ckpt = self.checkpoints[src.model];
+        let Some(dtype) = ckpt
+            .raw_dtype(&src.tensor)
+            .map_err(|e| MergeError::Read(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let bytes = ckpt
+            .raw(&src.tensor)
+            .map_err(|e| MergeError::Read(e.to_string()))?;
+        Ok(Some((dtype, bytes)))
+    }
+
     fn allows_nonfinite(&self) -> bool {
         self.allow_nonfinite
     }

@@ -40,7 +40,7 @@
 
 use crate::error::{MergeError, Result};
 use crate::params::TensorParams;
-use crate::raw::{for_each_tile, give_f32, take_f32, BlockInputs, STREAM_BLOCK};
+use crate::raw::{for_each_tile, give_f32, take_f32, BlockInputs, RawDtype, STREAM_BLOCK};
 use crate::reduce::ChunkedSum;
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
 use rayon::prelude::*;
@@ -512,6 +512,11 @@ fn finish(mix: &[f32], div: Divide<'_>, lambda: f32, base: &[f32], out: &mut [f3
 /// vectorisable).
 const TILE: usize = 2048;
 
+/// Distance between the per-tile arrays of [`combine_tiles`]: a tile plus 64 bytes, so that
+/// same-index elements of different arrays do not share their low 12 address bits (a store
+/// to one would stall loads of the others: "4K aliasing").
+const STRIDE: usize = TILE + 16;
+
 /// Steps 1-5 on one block: `out[j] = base[j] + λ·mix(v_·[j])` from the raw task vectors
 /// `deltas` (elements `start..`), tile by tile: each model's tile is sparsified (unless
 /// `sparsified`: already done in place), rescaled and weighted by [`weight_block`], then
@@ -531,6 +536,32 @@ fn combine(
     deltas: &[Vec<f32>],
     out: &mut [f32],
 ) -> Result<()> {
+    combine_tiles(opts, sp, factors, sparsified, start, out, |r, b, vs| {
+        let rel = r.start - start..r.end - start;
+        b.copy_from_slice(&base[rel.clone()]);
+        for (i, d) in deltas.iter().enumerate() {
+            vs[i * STRIDE..i * STRIDE + rel.len()].copy_from_slice(&d[rel.clone()]);
+        }
+        Ok(())
+    })
+}
+
+/// [`combine`] with the inputs of each tile supplied by `load(range, base, vs)`: the base
+/// values of the absolute elements `range` into `base` and model `i`'s raw task vector into
+/// `vs[i * STRIDE..][..range.len()]`. Tiles run in parallel; on failure the error of the first
+/// failing tile in index order is returned.
+fn combine_tiles<L>(
+    opts: &GtaOptions,
+    sp: Option<&dyn Sparsifier>,
+    factors: &[f32],
+    sparsified: bool,
+    start: usize,
+    out: &mut [f32],
+    load: L,
+) -> Result<()>
+where
+    L: Fn(Range<usize>, &mut [f32], &mut [f32]) -> Result<()> + Sync,
+{
     let weights = &opts.weights;
     let n = weights.len();
     let plain_div = {
@@ -548,17 +579,23 @@ fn combine(
     let run = |v: &mut Vec<f32>, t: usize, o: &mut [f32]| -> Result<()> {
         let off = t * TILE;
         let len = o.len();
-        // v: n model tiles, then the consensus sum, the divisor and the sign.
-        let (vs, rest) = v.split_at_mut(n * TILE);
-        let (s, rest) = rest.split_at_mut(TILE);
-        let (div, pos) = rest.split_at_mut(TILE);
-        let (s, div, pos) = (&mut s[..len], &mut div[..len], &mut pos[..len]);
-        for (i, d) in deltas.iter().enumerate() {
-            let x = &mut vs[i * TILE..i * TILE + len];
-            x.copy_from_slice(&d[off..off + len]);
+        // v: n model tiles, then the consensus sum, the divisor, the sign and the base.
+        let (vs, rest) = v.split_at_mut(n * STRIDE);
+        let (s, rest) = rest.split_at_mut(STRIDE);
+        let (div, rest) = rest.split_at_mut(STRIDE);
+        let (pos, base) = rest.split_at_mut(STRIDE);
+        let (s, div, pos, base) = (
+            &mut s[..len],
+            &mut div[..len],
+            &mut pos[..len],
+            &mut base[..len],
+        );
+        load(start + off..start + off + len, base, vs)?;
+        for i in 0..n {
+            let x = &mut vs[i * STRIDE..i * STRIDE + len];
             weight_block(opts, sp, factors, i, start + off, x, sparsified)?;
         }
-        let tile = |i: usize| &vs[i * TILE..i * TILE + len];
+        let tile = |i: usize| &vs[i * STRIDE..i * STRIDE + len];
         s.fill(0.0);
         let mut plain = true;
         match opts.consensus {
@@ -605,10 +642,10 @@ fn combine(
         } else {
             Divide::Each(div)
         };
-        finish(s, mode, opts.lambda, &base[off..off + len], o);
+        finish(s, mode, opts.lambda, base, o);
         Ok(())
     };
-    let buf = || vec![0.0f32; (n + 3) * TILE];
+    let buf = || vec![0.0f32; (n + 4) * STRIDE];
     let res = out
         .par_chunks_mut(TILE)
         .enumerate()
@@ -773,6 +810,184 @@ pub fn merge_streaming(
         writer.write(r, &out)?;
     }
     Ok(())
+}
+
+/// One input's whole stored tensor, lent by the reader ([`TensorReader::raw_view`]).
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    dtype: RawDtype,
+    bytes: &'a [u8],
+}
+
+impl View<'_> {
+    /// Decode elements `range` into `out` (same length): exact, as [`crate::raw::RawBlock`].
+    #[inline]
+    pub fn decode(&self, range: Range<usize>, out: &mut [f32]) {
+        self.decode_with(range, out, |o, x| *o = x);
+    }
+
+    /// `out[k] = value(range.start + k) − base[k]` (the raw task vector of a tile, in f32 as
+    /// [`read_delta`] computes it); returns whether every decoded value was finite.
+    #[inline]
+    pub fn decode_sub(&self, range: Range<usize>, base: &[f32], out: &mut [f32]) -> bool {
+        debug_assert_eq!(range.len(), out.len());
+        let size = self.dtype.size();
+        let b = &self.bytes[range.start * size..range.end * size];
+        let base = &base[..out.len()];
+        let bad = |x: f32| u32::from(x.to_bits() & 0x7F80_0000 == 0x7F80_0000);
+        let mut any_bad = 0u32;
+        match self.dtype {
+            RawDtype::F32 => {
+                for ((o, c), z) in out.iter_mut().zip(b.as_chunks::<4>().0).zip(base) {
+                    let x = f32::from_le_bytes(*c);
+                    any_bad |= bad(x);
+                    *o = x - *z;
+                }
+            }
+            RawDtype::Bf16 => {
+                for ((o, c), z) in out.iter_mut().zip(b.as_chunks::<2>().0).zip(base) {
+                    let x = f32::from_bits(u32::from(u16::from_le_bytes(*c)) << 16);
+                    any_bad |= bad(x);
+                    *o = x - *z;
+                }
+            }
+            RawDtype::F16 => {
+                for ((o, c), z) in out.iter_mut().zip(b.as_chunks::<2>().0).zip(base) {
+                    let x = half::f16::from_bits(u16::from_le_bytes(*c)).to_f32();
+                    any_bad |= bad(x);
+                    *o = x - *z;
+                }
+            }
+        }
+        any_bad == 0
+    }
+
+    /// Decode elements `range` and hand each value to `f` with its slot of `out`, in order.
+    #[inline(always)]
+    fn decode_with<F: FnMut(&mut f32, f32)>(&self, range: Range<usize>, out: &mut [f32], mut f: F) {
+        debug_assert_eq!(range.len(), out.len());
+        let size = self.dtype.size();
+        let b = &self.bytes[range.start * size..range.end * size];
+        match self.dtype {
+            RawDtype::F32 => {
+                for (o, c) in out.iter_mut().zip(b.as_chunks::<4>().0) {
+                    f(o, f32::from_le_bytes(*c));
+                }
+            }
+            RawDtype::Bf16 => {
+                for (o, c) in out.iter_mut().zip(b.as_chunks::<2>().0) {
+                    f(o, f32::from_bits(u32::from(u16::from_le_bytes(*c)) << 16));
+                }
+            }
+            RawDtype::F16 => {
+                for (o, c) in out.iter_mut().zip(b.as_chunks::<2>().0) {
+                    f(o, half::f16::from_bits(u16::from_le_bytes(*c)).to_f32());
+                }
+            }
+        }
+    }
+}
+
+/// Every input of a tensor lent as stored bytes ([`views`]): the task vectors are decoded
+/// tile by tile where they are used, so no whole-tensor buffer is filled or held.
+#[derive(Debug, Clone)]
+pub struct Views<'a> {
+    /// The base model.
+    pub base: View<'a>,
+    /// The models, in order.
+    pub models: Vec<View<'a>>,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+impl Views<'_> {
+    /// Decode the base over `range` into `base` and model `i`'s raw task vector
+    /// `θ_i − θ_0` into `delta`; `false` when a value of either is not finite.
+    #[inline]
+    pub fn delta(&self, i: usize, range: Range<usize>, base: &[f32], delta: &mut [f32]) -> bool {
+        self.models[i].decode_sub(range, base, delta)
+    }
+
+    /// Decode the base over `range` into `base`; `false` when a value is not finite.
+    #[inline]
+    pub fn base(&self, range: Range<usize>, base: &mut [f32]) -> bool {
+        self.base.decode(range, base);
+        crate::raw::all_finite(base)
+    }
+}
+
+/// The inputs of `job` lent whole by `reader` ([`TensorReader::raw_view`]), when every input
+/// (the base included) is, non-finite values are refused and the tensor has fewer than 2^32
+/// elements; `None` otherwise (the caller reads blocks instead).
+pub fn views<'a>(job: &TensorJob, reader: &'a dyn TensorReader) -> Result<Option<Views<'a>>> {
+    let numel = job.numel();
+    if !job.has_base || reader.allows_nonfinite() || numel >= u32::MAX as usize {
+        return Ok(None);
+    }
+    let view = |input: Input| -> Result<Option<View<'a>>> {
+        Ok(reader
+            .raw_view(input)?
+            .filter(|(dt, b)| b.len() == numel * dt.size())
+            .map(|(dtype, bytes)| View { dtype, bytes }))
+    };
+    let Some(base) = view(Input::Base)? else {
+        return Ok(None);
+    };
+    let mut models = Vec::with_capacity(job.n_models);
+    for i in 0..job.n_models {
+        let Some(v) = view(Input::Model(i))? else {
+            return Ok(None);
+        };
+        models.push(v);
+    }
+    Ok(Some(Views {
+        base,
+        models,
+        numel,
+    }))
+}
+
+/// [`merge`] from inputs lent whole ([`views`]), without `rescale`: one pass, each tile of
+/// every input decoded where it is used. Bit-identical to [`merge`] (the same [`combine`]
+/// arithmetic). The caller has checked every input finite.
+pub fn merge_views(
+    opts: &GtaOptions,
+    sparsifier: Option<&dyn Sparsifier>,
+    job: &TensorJob,
+    views: &Views<'_>,
+    writer: &mut dyn TensorWriter,
+) -> Result<()> {
+    check_job(opts, job)?;
+    if opts.rescale {
+        return Err(MergeError::BadInputs {
+            method: opts.method.into(),
+            message: "internal error: `rescale` needs the streaming pipeline".into(),
+        });
+    }
+    let n = opts.weights.len();
+    let factors = vec![1.0f32; n];
+    let numel = job.numel();
+    let mut out = take_f32(STREAM_BLOCK.min(numel));
+    let mut res = Ok(());
+    for lo in (0..numel).step_by(STREAM_BLOCK) {
+        let r = lo..(lo + STREAM_BLOCK).min(numel);
+        let o = &mut out[..r.len()];
+        res = combine_tiles(opts, sparsifier, &factors, false, lo, o, |t, b, vs| {
+            views.base.decode(t.clone(), b);
+            for i in 0..n {
+                let d = &mut vs[i * STRIDE..i * STRIDE + t.len()];
+                // Finite: checked by the selection pass.
+                let _ = views.models[i].decode_sub(t.clone(), b, d);
+            }
+            Ok(())
+        })
+        .and_then(|()| writer.write(r, o));
+        if res.is_err() {
+            break;
+        }
+    }
+    give_f32(out);
+    res
 }
 
 /// Count the elements whose consensus sum is positive and negative (`[pos, neg]`), for the

@@ -22,9 +22,9 @@
 //!   §5); `legacy_empty_when_no_top` reproduces that.
 
 use crate::error::{MergeError, Result};
-use crate::methods::gta::{read_base, read_delta, Sparsifier};
+use crate::methods::gta::{read_base, read_delta, Sparsifier, Views};
 use crate::params::TensorParams;
-use crate::select::{select_cuts, select_cuts_with, Cut};
+use crate::select::{select_cuts, select_cuts_with, Cut, Window, WindowScan};
 use crate::tensor::{TensorJob, TensorReader};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -86,6 +86,37 @@ impl RankMask {
         let rel = |c: &Cut| c.index.saturating_sub(base).min(len) as u32;
         let (lo_k, lo_i) = (self.lo.key, rel(&self.lo));
         let (hi_k, hi_i) = (self.hi.key, rel(&self.hi));
+        // Where neither cut's index bound falls strictly inside the chunk, "before the cut" is
+        // `key < t` for a threshold `t` (`t = key` or `key + 1`): one compare per element.
+        let threshold = |k: u32, i: u32| -> Option<u64> {
+            if i == 0 {
+                Some(u64::from(k))
+            } else if u64::from(i) == len {
+                Some(u64::from(k) + 1)
+            } else {
+                None
+            }
+        };
+        if let (Some(t_lo), Some(t_hi)) = (threshold(lo_k, lo_i), threshold(hi_k, hi_i)) {
+            // Kept: t_lo <= key < t_hi.
+            if t_hi <= t_lo {
+                chunk.fill(0.0);
+                return;
+            }
+            let width = t_hi - t_lo;
+            if width > u64::from(u32::MAX) {
+                return;
+            }
+            let (t_lo, width) = (t_lo as u32, width as u32);
+            for x in chunk.iter_mut() {
+                let bits = x.to_bits();
+                let key = (bits & 0x7FFF_FFFF) ^ flip;
+                let keep = key.wrapping_sub(t_lo) < width;
+                // A dropped entry's bits are cleared (`+0.0`).
+                *x = f32::from_bits(bits & 0u32.wrapping_sub(keep as u32));
+            }
+            return;
+        }
         for (k, x) in chunk.iter_mut().enumerate() {
             let bits = x.to_bits();
             let key = (bits & 0x7FFF_FFFF) ^ flip;
@@ -251,6 +282,250 @@ pub fn magnitude_loaded(deltas: &[Vec<f32>], densities: &[f64]) -> RankSparsifie
         })
         .collect();
     RankSparsifier { masks }
+}
+
+/// Elements per call of a key source in [`magnitude_tiles`] (key buffers stay in the L1/L2
+/// cache).
+pub const KEY_TILE: usize = 2048;
+
+/// Elements per group of [`magnitude_tiles`]' pass (tiles in parallel inside a group).
+const SCAN_GROUP: usize = 1 << 18;
+
+thread_local! {
+    /// Key buffers of [`magnitude_tiles`]' pass, one per model.
+    static KEY_BUFS: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tensors up to this size gather every element instead of sampling a window first.
+const SMALL_SELECT: usize = 1 << 15;
+
+/// Elements per sampled block when estimating a window.
+const SAMPLE_BLOCK: usize = 128;
+
+/// `r` in consecutive pieces of at most [`KEY_TILE`] elements.
+fn tiles(r: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    (r.start..r.end)
+        .step_by(KEY_TILE)
+        .map(move |lo| lo..(lo + KEY_TILE).min(r.end))
+}
+
+/// [`magnitude`] with keys from a tile source, in one parallel pass over the tensor instead of
+/// two or three per model, with exactly the same masks.
+///
+/// At most `max_cands` candidates are held per model (a memory bound: a model whose window
+/// holds more is selected by the streaming passes instead).
+///
+/// `fill(range, models, keys, check_all)` (with `range.len() <= KEY_TILE`) writes the
+/// [`KeyOrder::Descending`] keys of model `models[a]`'s task vector over `range` into
+/// `keys[a][..range.len()]` and returns whether every value it read was finite; with
+/// `check_all` it must also check the base and every other model over `range`. Every element
+/// is passed once with `check_all` (so a `Some` result means every input was finite); `None`
+/// when `fill` reported a non-finite value.
+///
+/// How: per model, a window of keys likely to hold the cut is estimated from a sample
+/// ([`Window::from_sample`]); the pass counts the keys below each window and gathers the
+/// elements inside ([`WindowScan`]), and the cut is selected among those. When the cut falls
+/// outside a window (an unlucky sample), that model's cut is found by the exact streaming
+/// selection ([`select_cuts`]) instead, so the result never depends on the sample.
+pub fn magnitude_tiles<F>(
+    n: usize,
+    densities: &[f64],
+    max_cands: usize,
+    fill: F,
+) -> Option<RankSparsifier>
+where
+    F: Fn(Range<usize>, &[usize], &mut [Vec<u32>], bool) -> bool + Sync,
+{
+    let mut masks = vec![ModelMask::All; densities.len()];
+    let mut active = Vec::new();
+    let mut positions = Vec::new();
+    for (i, &density) in densities.iter().enumerate() {
+        if density >= 1.0 || n == 0 {
+            continue;
+        }
+        let k = frac_count(density, n).max(1);
+        if k < n {
+            active.push(i);
+            positions.push(k as u64);
+        }
+    }
+    let na = active.len();
+    let key_bufs = || vec![vec![0u32; KEY_TILE]; na];
+    // Windows, from keys of evenly spread sample blocks.
+    let windows: Vec<Window> = if n <= SMALL_SELECT || na == 0 {
+        vec![Window::ALL; na]
+    } else {
+        let m = ((2.0 * (2.0 * n as f64).powf(2.0 / 3.0)) as usize).clamp(SAMPLE_BLOCK, n);
+        let blocks = (m / SAMPLE_BLOCK).max(1);
+        let stride = n / blocks;
+        let mut samples: Vec<Vec<u32>> = (0..blocks)
+            .into_par_iter()
+            .fold(
+                || (vec![Vec::new(); na], key_bufs()),
+                |(mut acc, mut keys), b| {
+                    let lo = b * stride;
+                    let r = lo..(lo + SAMPLE_BLOCK).min(n);
+                    // Non-finite values are reported by the pass below.
+                    let _ = fill(r.clone(), &active, &mut keys, false);
+                    for (a, k) in acc.iter_mut().zip(&keys) {
+                        a.extend_from_slice(&k[..r.len()]);
+                    }
+                    (acc, keys)
+                },
+            )
+            .map(|(acc, _)| acc)
+            .reduce(
+                || vec![Vec::new(); na],
+                |mut x, y| {
+                    for (a, b) in x.iter_mut().zip(y) {
+                        a.extend_from_slice(&b);
+                    }
+                    x
+                },
+            );
+        samples
+            .par_iter_mut()
+            .zip(&positions)
+            .map(|(s, &p)| Window::from_sample(s, n as u64, p))
+            .collect()
+    };
+    let cuts = scan_cuts(n, &active, &positions, &windows, max_cands, &fill)?;
+    for (a, &i) in active.iter().enumerate() {
+        masks[i] = ModelMask::Rank(RankMask {
+            order: KeyOrder::Descending,
+            lo: Cut::START,
+            hi: cuts[a],
+        });
+    }
+    Some(RankSparsifier { masks })
+}
+
+/// The pass of [`magnitude_tiles`]: the cut at `positions[a]` of model `active[a]`'s keys,
+/// gathered in `windows[a]` (exact whatever the windows: a cut outside its window is found by
+/// [`select_cuts`]); `None` when `fill` reported a non-finite value.
+fn scan_cuts<F>(
+    n: usize,
+    active: &[usize],
+    positions: &[u64],
+    windows: &[Window],
+    max_cands: usize,
+    fill: &F,
+) -> Option<Vec<Cut>>
+where
+    F: Fn(Range<usize>, &[usize], &mut [Vec<u32>], bool) -> bool + Sync,
+{
+    let na = active.len();
+    // The pass: counts and candidates per window, every input checked finite. Groups go
+    // from the end of the tensor to its start (tiles in parallel inside a group), so that
+    // the start, which the merge pass reads first, is what the cache holds at the end.
+    let cap = (n / 4 + SMALL_SELECT).min(max_cands);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let fresh = || (0..na).map(|_| WindowScan::default()).collect::<Vec<_>>();
+    let mut scans = fresh();
+    for g in (0..n.div_ceil(SCAN_GROUP)).rev() {
+        let group = g * SCAN_GROUP..((g + 1) * SCAN_GROUP).min(n);
+        let part = (0..group.len().div_ceil(KEY_TILE))
+            .into_par_iter()
+            .fold(fresh, |mut part, t| {
+                let lo = group.start + t * KEY_TILE;
+                let r = lo..(lo + KEY_TILE).min(group.end);
+                KEY_BUFS.with(|cell| {
+                    let mut keys = cell.borrow_mut();
+                    if keys.len() < na {
+                        keys.resize(na, vec![0u32; KEY_TILE]);
+                    }
+                    let keys = &mut keys[..na];
+                    if !fill(r.clone(), active, keys, true) {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    for ((s, w), k) in part.iter_mut().zip(windows).zip(keys.iter()) {
+                        s.add(*w, r.start, &k[..r.len()], cap);
+                    }
+                });
+                part
+            })
+            .reduce(fresh, |mut x, y| {
+                for (a, b) in x.iter_mut().zip(y) {
+                    a.append(b, cap);
+                }
+                x
+            });
+        for (a, b) in scans.iter_mut().zip(part) {
+            a.append(b, cap);
+        }
+    }
+    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let cuts = scans
+        .into_par_iter()
+        .enumerate()
+        .map(|(a, mut s)| {
+            s.cut(positions[a]).unwrap_or_else(|| {
+                // Outside the window: the exact streaming selection for this model alone.
+                const B: usize = 1 << 20;
+                let blocks: Vec<Range<usize>> = (0..n.div_ceil(B))
+                    .map(|i| i * B..((i + 1) * B).min(n))
+                    .collect();
+                let mut kb = vec![vec![0u32; KEY_TILE]];
+                select_cuts(n, &blocks, &[positions[a]], |r, keys| {
+                    let lo = r.start;
+                    for t in tiles(r) {
+                        let _ = fill(t.clone(), &active[a..=a], &mut kb, false);
+                        keys[t.start - lo..t.end - lo].copy_from_slice(&kb[0][..t.len()]);
+                    }
+                    Ok(())
+                })
+                .expect("keys from tiles cannot fail")[0]
+            })
+        })
+        .collect();
+    Some(cuts)
+}
+
+thread_local! {
+    /// A base tile and a task-vector tile for [`magnitude_views`].
+    static TILE_BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`magnitude`] on inputs lent whole ([`crate::methods::gta::views`]), through
+/// [`magnitude_tiles`]; `None` when an input holds a non-finite value (every input is
+/// checked, also those of models left untrimmed).
+pub fn magnitude_views(
+    views: &Views<'_>,
+    densities: &[f64],
+    max_cands: usize,
+) -> Option<RankSparsifier> {
+    let n_models = views.models.len();
+    magnitude_tiles(
+        views.numel,
+        densities,
+        max_cands,
+        |r, models, keys, check_all| {
+            TILE_BUFS.with(|cell| {
+                let mut bufs = cell.borrow_mut();
+                let (b, d) = &mut *bufs;
+                let len = r.len();
+                b.resize(KEY_TILE, 0.0);
+                d.resize(KEY_TILE, 0.0);
+                let (b, d) = (&mut b[..len], &mut d[..len]);
+                let mut ok = views.base(r.clone(), b);
+                for (a, &i) in models.iter().enumerate() {
+                    ok &= views.delta(i, r.clone(), b, d);
+                    for (k, x) in keys[a][..len].iter_mut().zip(d.iter()) {
+                        *k = KeyOrder::Descending.key(*x);
+                    }
+                }
+                if check_all {
+                    for i in (0..n_models).filter(|i| !models.contains(i)) {
+                        ok &= views.delta(i, r.clone(), b, d);
+                    }
+                }
+                ok
+            })
+        },
+    )
 }
 
 /// mergekit `magnitude_outliers` (breadcrumbs): per model drop the `⌊γ·d⌋` largest `|δ|` and as
@@ -456,5 +731,96 @@ mod tests {
             magnitude(&job(3, 1, 3), &reader, &[0.5]),
             Err(MergeError::Numeric { .. })
         ));
+    }
+
+    /// Keys of quantised values (many equal keys) for `models` sets of `n` elements.
+    fn quantised_keys(seed: u64, n: usize, models: usize) -> Vec<Vec<u32>> {
+        let mut s = seed | 1;
+        (0..models)
+            .map(|_| {
+                (0..n)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        let x = ((s >> 40) % 200) as f32 * 0.25 - 25.0;
+                        KeyOrder::Descending.key(x)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The pass resolves every position exactly whatever the window: holding the cut,
+    /// too narrow, entirely below or above it (falling back to the exact selection).
+    #[test]
+    fn window_pass_is_exact_for_any_window() {
+        let n = 70_001;
+        let keys = quantised_keys(9, n, 3);
+        let fill = |r: Range<usize>, models: &[usize], out: &mut [Vec<u32>], _: bool| {
+            for (a, &i) in models.iter().enumerate() {
+                out[a][..r.len()].copy_from_slice(&keys[i][r.clone()]);
+            }
+            true
+        };
+        let active = [0usize, 1, 2];
+        for positions in [[1u64, 35_000, 69_999], [7_000, 14_000, 63_000]] {
+            let want: Vec<Cut> = (0..3)
+                .map(|a| select_cuts_with(n, &[positions[a]], |j| keys[a][j])[0])
+                .collect();
+            let mut sorted = keys.clone();
+            sorted.iter_mut().for_each(|k| k.sort_unstable());
+            let at = |a: usize, p: u64| sorted[a][p as usize];
+            let shapes: [fn(u32) -> Window; 5] = [
+                |_: u32| Window::ALL,
+                |k: u32| Window { lo: k, hi: k },
+                |k: u32| Window {
+                    lo: k.saturating_sub(3),
+                    hi: k.saturating_add(1 << 20),
+                },
+                |_: u32| Window { lo: 0, hi: 5 },
+                |_: u32| Window {
+                    lo: u32::MAX - 1,
+                    hi: u32::MAX,
+                },
+            ];
+            for w in shapes {
+                let windows: Vec<Window> = (0..3).map(|a| w(at(a, positions[a]))).collect();
+                for max in [usize::MAX, 100] {
+                    let got = scan_cuts(n, &active, &positions, &windows, max, &fill).unwrap();
+                    assert_eq!(got, want, "{windows:?} {max}");
+                }
+            }
+        }
+        // A reported non-finite value gives `None`, also with nothing to select.
+        let bad = |_: Range<usize>, _: &[usize], _: &mut [Vec<u32>], _: bool| false;
+        assert!(scan_cuts(n, &[], &[], &[], usize::MAX, &bad).is_none());
+        assert!(magnitude_tiles(n, &[0.5, 1.0], usize::MAX, bad).is_none());
+    }
+
+    /// [`magnitude_tiles`] (sampled windows) gives [`magnitude_loaded`]'s masks.
+    #[test]
+    fn tiles_match_loaded_masks() {
+        for n in [5usize, 1000, 40_000, 200_003] {
+            let deltas: Vec<Vec<f32>> = quantised_keys(n as u64, n, 3)
+                .into_iter()
+                .map(|k| k.into_iter().map(|b| f32::from_bits(!b) * 1.5).collect())
+                .collect();
+            let fill = |r: Range<usize>, models: &[usize], out: &mut [Vec<u32>], _: bool| {
+                for (a, &i) in models.iter().enumerate() {
+                    for (o, x) in out[a][..r.len()].iter_mut().zip(&deltas[i][r.clone()]) {
+                        *o = KeyOrder::Descending.key(*x);
+                    }
+                }
+                true
+            };
+            for dens in [[0.2, 0.9, 1.0], [1e-6, 0.5, 0.999], [1.0, 1.0, 0.01]] {
+                assert_eq!(
+                    magnitude_tiles(n, &dens, usize::MAX, fill),
+                    Some(magnitude_loaded(&deltas, &dens)),
+                    "n {n} {dens:?}"
+                );
+            }
+        }
     }
 }

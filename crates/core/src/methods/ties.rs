@@ -315,6 +315,19 @@ impl MergeMethod for Ties {
         reader: &dyn TensorReader,
         writer: &mut dyn TensorWriter,
     ) -> Result<()> {
+        if self.scope == TrimScope::Tensor && !self.opts.rescale {
+            // Inputs lent whole (memory-mapped files): one selection pass and one merge pass,
+            // decoding tiles where they are used. A non-finite input falls through to the
+            // block path, which reports it.
+            if let Some(v) = gta::views(job, reader)? {
+                // Candidates of the selection: 8 bytes each, at most half a block per model
+                // (within the budget of the n + 3 block buffers this method reports).
+                let max_cands = job.block_elems / 2;
+                if let Some(sp) = sparsify::magnitude_views(&v, &self.densities, max_cands) {
+                    return gta::merge_views(&self.opts, Some(&sp), job, &v, writer);
+                }
+            }
+        }
         match self.scope {
             TrimScope::Tensor if gta::single_block(job) => {
                 // The whole tensor fits the budget: read every input once and select in memory.
@@ -737,5 +750,262 @@ mod tests {
         let m = Ties::from_params(&params(&[1.0, 1.0], &[1.0, 1.0]), 2).unwrap();
         let got = merge_in_memory(&m, &job(&[4], 2, 4), &reader).unwrap();
         assert_eq!(got, vec![1.0, -1.0, -1.5, 0.5]);
+    }
+
+    /// A reader lending its inputs whole as stored bytes, as memory-mapped checkpoints do
+    /// (`lend: false` hides the views, so the block path runs on the same bytes).
+    struct ViewReader {
+        dtype: crate::raw::RawDtype,
+        base: Vec<u8>,
+        models: Vec<Vec<u8>>,
+        lend: bool,
+    }
+
+    impl ViewReader {
+        fn new(dtype: crate::raw::RawDtype, base: &[f32], models: &[Vec<f32>]) -> Self {
+            use crate::raw::RawDtype;
+            let enc = |v: &[f32]| -> Vec<u8> {
+                v.iter()
+                    .flat_map(|&x| match dtype {
+                        RawDtype::F32 => x.to_le_bytes().to_vec(),
+                        RawDtype::Bf16 => ((x.to_bits() >> 16) as u16).to_le_bytes().to_vec(),
+                        RawDtype::F16 => half::f16::from_f32(x).to_bits().to_le_bytes().to_vec(),
+                    })
+                    .collect()
+            };
+            Self {
+                dtype,
+                base: enc(base),
+                models: models.iter().map(|m| enc(m)).collect(),
+                lend: true,
+            }
+        }
+
+        fn bytes(&self, input: crate::tensor::Input) -> &[u8] {
+            match input {
+                crate::tensor::Input::Base => &self.base,
+                crate::tensor::Input::Model(i) => &self.models[i],
+            }
+        }
+
+        /// The stored values, decoded (an f32 reader of the same inputs).
+        fn decoded(&self) -> MemReader {
+            let dec = |b: &[u8]| {
+                let mut blk = crate::raw::RawBlock::new();
+                let n = b.len() / self.dtype.size();
+                blk.fill(self.dtype, n).copy_from_slice(b);
+                let mut out = vec![0.0f32; n];
+                blk.decode(0..n, &mut out);
+                out
+            };
+            MemReader {
+                stats: Default::default(),
+                base: Some(dec(&self.base)),
+                models: self.models.iter().map(|m| dec(m)).collect(),
+            }
+        }
+    }
+
+    impl TensorReader for ViewReader {
+        fn read(
+            &self,
+            input: crate::tensor::Input,
+            range: std::ops::Range<usize>,
+            out: &mut [f32],
+        ) -> Result<()> {
+            let mut blk = crate::raw::RawBlock::new();
+            self.read_raw(input, range.clone(), &mut blk)?;
+            blk.decode(0..range.len(), out);
+            Ok(())
+        }
+
+        fn read_raw(
+            &self,
+            input: crate::tensor::Input,
+            range: std::ops::Range<usize>,
+            out: &mut crate::raw::RawBlock,
+        ) -> Result<bool> {
+            let s = self.dtype.size();
+            out.fill(self.dtype, range.len())
+                .copy_from_slice(&self.bytes(input)[range.start * s..range.end * s]);
+            Ok(true)
+        }
+
+        fn raw_dtype(&self, _: crate::tensor::Input) -> Result<Option<crate::raw::RawDtype>> {
+            Ok(Some(self.dtype))
+        }
+
+        fn raw_view(
+            &self,
+            input: crate::tensor::Input,
+        ) -> Result<Option<(crate::raw::RawDtype, &[u8])>> {
+            Ok(self.lend.then(|| (self.dtype, self.bytes(input))))
+        }
+    }
+
+    fn run_reader(m: &Ties, j: &TensorJob, r: &dyn TensorReader) -> Result<Vec<f32>> {
+        let mut w = crate::tensor::MemWriter::default();
+        m.merge(j, &[], r, &mut w)?;
+        Ok(w.data)
+    }
+
+    /// Quantised task vectors (many equal magnitudes at the cut) on top of random bases.
+    fn quantised(seed: u64, n: usize, models: usize, step: f32) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let base = rand_vec(seed, n);
+        let models = (0..models as u64)
+            .map(|s| {
+                rand_vec(seed + 1 + s, n)
+                    .iter()
+                    .zip(&base)
+                    .map(|(x, b)| b + (x / step).round() * step * 0.1)
+                    .collect()
+            })
+            .collect();
+        (base, models)
+    }
+
+    /// The whole-input path (one selection pass over lent bytes, sampled windows) gives the
+    /// block path's bits in every stored encoding, every option and thread count, and the
+    /// naive f64 reference's values.
+    #[test]
+    fn lent_inputs_match_block_path_bits() {
+        use crate::raw::RawDtype;
+        // Weights exact in f32, so that the f64 reference elects the same signs where
+        // task vectors cancel exactly.
+        let w = [1.0, 0.75, -0.25, 0.5];
+        for (rows, cols) in [(9usize, 13usize), (97, 1031), (300, 257)] {
+            let n = rows * cols;
+            for (dtype, step) in [
+                (RawDtype::F32, 0.125f32),
+                (RawDtype::Bf16, 0.0f32),
+                (RawDtype::F16, 0.25),
+            ] {
+                let (base, models) = if step > 0.0 {
+                    quantised(30 + rows as u64, n, 4, step)
+                } else {
+                    (
+                        rand_vec(40, n),
+                        (41..45).map(|s| rand_vec(s, n)).collect::<Vec<_>>(),
+                    )
+                };
+                let mut vr = ViewReader::new(dtype, &base, &models);
+                let mem = vr.decoded();
+                for (dens, count, lambda, normalize) in [
+                    ([0.2, 0.2, 0.2, 0.2], false, 1.0, true),
+                    ([0.1, 0.5, 1.0, 0.33], false, 0.9, true),
+                    ([0.25, 0.6, 0.05, 0.8], true, 1.0, false),
+                    ([1.0, 1.0, 1.0, 1.0], false, 1.0, true),
+                    ([1e-9, 0.999, 0.5, 0.01], false, 1.0, true),
+                ] {
+                    let mut p = params(&w, &dens)
+                        .with_global("lambda", Scalar::Num(lambda))
+                        .with_global("normalize", Scalar::Bool(normalize));
+                    if count {
+                        p = p.with_global("consensus_method", Scalar::Str("count".into()));
+                    }
+                    let m = Ties::from_params(&p, 4).unwrap();
+                    let jb = job(&[rows, cols], 4, n);
+                    vr.lend = true;
+                    let lent = run_reader(&m, &jb, &vr).unwrap();
+                    let one = rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .build()
+                        .unwrap()
+                        .install(|| run_reader(&m, &jb, &vr).unwrap());
+                    assert_eq!(bits(&lent), bits(&one), "{dtype:?} {n} one thread");
+                    vr.lend = false;
+                    for block in [n, cols * 7 + 3] {
+                        let jb = job(&[rows, cols], 4, block);
+                        let blockwise = run_reader(&m, &jb, &vr).unwrap();
+                        assert_eq!(bits(&lent), bits(&blockwise), "{dtype:?} {n} {block}");
+                    }
+                    if !count && step == 0.0 {
+                        let want = naive_ties(
+                            mem.base.as_ref().unwrap(),
+                            &mem.models,
+                            &w,
+                            &dens,
+                            normalize,
+                            lambda,
+                            false,
+                        );
+                        assert_close(&lent, &want);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Structured task vectors (large magnitudes in every 1024-element stretch's first 128)
+    /// and a budget too small for the candidates: the exact selection gives the block path's
+    /// bits and the reference's values.
+    #[test]
+    fn lent_inputs_window_miss_is_exact() {
+        use crate::raw::RawDtype;
+        let (rows, cols) = (211, 997);
+        let n = rows * cols;
+        let base = rand_vec(50, n);
+        // The first 128 elements of each 1024 are large: sample blocks see a distribution
+        // that depends on where they fall.
+        let models: Vec<Vec<f32>> = (51..54)
+            .map(|s| {
+                rand_vec(s, n)
+                    .iter()
+                    .enumerate()
+                    .zip(&base)
+                    .map(|((j, x), b)| b + if j % 1024 < 128 { x * 10.0 } else { x * 0.01 })
+                    .collect()
+            })
+            .collect();
+        let mut vr = ViewReader::new(RawDtype::F32, &base, &models);
+        let w = [1.0, 1.0, 1.0];
+        for dens in [[0.01, 0.1, 0.3], [0.9, 0.95, 0.5]] {
+            let m = Ties::from_params(&params(&w, &dens), 3).unwrap();
+            vr.lend = true;
+            let lent = run_reader(&m, &job(&[rows, cols], 3, n), &vr).unwrap();
+            // A small budget caps the candidates: the streaming selection takes over.
+            let capped = run_reader(&m, &job(&[rows, cols], 3, 2 * cols), &vr).unwrap();
+            assert_eq!(bits(&lent), bits(&capped));
+            vr.lend = false;
+            let blockwise = run_reader(&m, &job(&[rows, cols], 3, n), &vr).unwrap();
+            assert_eq!(bits(&lent), bits(&blockwise));
+            let mem = vr.decoded();
+            let want = naive_ties(
+                mem.base.as_ref().unwrap(),
+                &mem.models,
+                &w,
+                &dens,
+                true,
+                1.0,
+                false,
+            );
+            assert_close(&lent, &want);
+        }
+    }
+
+    /// A non-finite input is reported as the block path reports it (nothing written first),
+    /// also in a model left untrimmed.
+    #[test]
+    fn lent_inputs_non_finite_error() {
+        use crate::raw::RawDtype;
+        let n = 40_000;
+        let (base, mut models) = quantised(60, n, 3, 0.5);
+        for (who, at, dens) in [
+            (2usize, 39_000usize, [0.3, 0.3, 1.0]),
+            (0, 5, [0.3, 0.3, 0.3]),
+        ] {
+            let mut ms = models.clone();
+            ms[who][at] = f32::NAN;
+            let mut vr = ViewReader::new(RawDtype::Bf16, &base, &ms);
+            let m = Ties::from_params(&params(&[1.0; 3], &dens), 3).unwrap();
+            let mut w = crate::tensor::MemWriter::default();
+            let e1 = m.merge(&job(&[n], 3, n), &[], &vr, &mut w).unwrap_err();
+            assert!(w.data.is_empty());
+            vr.lend = false;
+            let e2 = run_reader(&m, &job(&[n], 3, n), &vr).unwrap_err();
+            assert_eq!(e1.to_string(), e2.to_string());
+            assert!(e1.to_string().contains(&format!("element {at}")), "{e1}");
+        }
+        models.clear();
     }
 }
