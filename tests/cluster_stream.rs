@@ -53,11 +53,45 @@ fn models(data: &Path) -> u64 {
 fn input_bytes(data: &Path) -> u64 {
     ["base", "ft1", "ft2"]
         .iter()
-        .flat_map(|m| std::fs::read_dir(data.join(m)).unwrap())
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .map(|p| std::fs::metadata(p).unwrap().len())
+        .map(|m| input_bytes_of(&data.join(m)))
         .sum()
+}
+
+/// A coordinator process for `cfg` writing `out` (token file `token`, shards of `shard_size`),
+/// with `extra` arguments.
+fn coordinator(d: &Path, cfg: &str, out: &str, shard_size: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "coordinator",
+        "--config",
+        cfg,
+        "--out",
+        out,
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        "token",
+        "--shard-size",
+        shard_size,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(d, &args, &[])
+}
+
+/// A worker process of `url` whose `--allow-root` (`elsewhere`) holds none of the inputs.
+fn outside_worker(d: &Path, url: &str, env: &[(&str, &str)]) -> Proc {
+    Proc::start(
+        d,
+        &[
+            "worker",
+            "--coordinator",
+            url,
+            "--token-file",
+            "token",
+            "--allow-root",
+            "elsewhere",
+        ],
+        env,
+    )
 }
 
 fn metric(page: &str, name: &str) -> u64 {
@@ -83,44 +117,16 @@ fn workers_outside_the_inputs_storage_stream_every_tensor() {
     run_ok(d, &["merge", "data/ties.yaml", "--out", "single", "-q"]);
     for workers in [1usize, 3] {
         let out = format!("w{workers}");
-        let mut coord = Proc::start(
+        let mut coord = coordinator(
             d,
-            &[
-                "coordinator",
-                "--config",
-                "data/ties.yaml",
-                "--out",
-                &out,
-                "--listen",
-                "127.0.0.1:0",
-                "--token-file",
-                "token",
-                "--shard-size",
-                "1MB",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ],
-            &[],
+            "data/ties.yaml",
+            &out,
+            "1MB",
+            &["--metrics-listen", "127.0.0.1:0"],
         );
         let url = url_of(&coord.line_with("listening on"));
         let metrics = url_of(&coord.line_with("metrics on"));
-        let mut ws: Vec<Proc> = (0..workers)
-            .map(|_| {
-                Proc::start(
-                    d,
-                    &[
-                        "worker",
-                        "--coordinator",
-                        &url,
-                        "--token-file",
-                        "token",
-                        "--allow-root",
-                        "elsewhere",
-                    ],
-                    &[],
-                )
-            })
-            .collect();
+        let mut ws: Vec<Proc> = (0..workers).map(|_| outside_worker(d, &url, &[])).collect();
         let last = coord.scrape_until_exit(&metrics);
         let mut by_workers = 0u64;
         for w in ws.iter_mut() {
@@ -226,41 +232,9 @@ fn a_killed_streaming_workers_copies_are_swept_by_the_next_worker() {
     let wtmp_s = wtmp.to_str().unwrap().to_string();
     std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
     run_ok(d, &["merge", "data/ties.yaml", "--out", "single", "-q"]);
-    let mut coord = Proc::start(
-        d,
-        &[
-            "coordinator",
-            "--config",
-            "data/ties.yaml",
-            "--out",
-            "out",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            "token",
-            "--shard-size",
-            "1MB",
-            "--lease-ttl",
-            "1",
-        ],
-        &[],
-    );
+    let mut coord = coordinator(d, "data/ties.yaml", "out", "1MB", &["--lease-ttl", "1"]);
     let url = url_of(&coord.line_with("listening on"));
-    let worker = |env: &[(&str, &str)]| {
-        Proc::start(
-            d,
-            &[
-                "worker",
-                "--coordinator",
-                &url,
-                "--token-file",
-                "token",
-                "--allow-root",
-                "elsewhere",
-            ],
-            env,
-        )
-    };
+    let worker = |env: &[(&str, &str)]| outside_worker(d, &url, env);
     let pid_file = d.join("paused.pid");
     let pid_path = pid_file.to_str().unwrap().to_string();
     let _paused = worker(&[
@@ -358,37 +332,9 @@ fn workers_without_the_storage_stream_adapters_statistics_tokenizers_and_init() 
         let single = format!("{name}-single");
         run_ok(d, &["merge", &cfg, "--out", &single, "-q"]);
         let out = format!("{name}-streamed");
-        let mut coord = Proc::start(
-            d,
-            &[
-                "coordinator",
-                "--config",
-                &cfg,
-                "--out",
-                &out,
-                "--listen",
-                "127.0.0.1:0",
-                "--token-file",
-                "token",
-                "--shard-size",
-                "20KB",
-            ],
-            &[],
-        );
+        let mut coord = coordinator(d, &cfg, &out, "20KB", &[]);
         let url = url_of(&coord.line_with("listening on"));
-        let mut w = Proc::start(
-            d,
-            &[
-                "worker",
-                "--coordinator",
-                &url,
-                "--token-file",
-                "token",
-                "--allow-root",
-                "elsewhere",
-            ],
-            &[("RUST_LOG", "info")],
-        );
+        let mut w = outside_worker(d, &url, &[("RUST_LOG", "info")]);
         let line = w.line_with("input bytes streamed");
         coord.wait_ok();
         w.wait_ok();

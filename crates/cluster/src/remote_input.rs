@@ -286,20 +286,7 @@ fn local_whole(
     path: &Path,
     roots: Option<&AllowedRoots>,
 ) -> std::result::Result<PathBuf, String> {
-    let path = match roots {
-        Some(r) => r.check(path).map_err(|e| e.to_string())?,
-        None => path.to_path_buf(),
-    };
-    let len = std::fs::metadata(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
-    if len != f.size {
-        return Err(format!(
-            "{}: {len} bytes here, {} on the coordinator",
-            path.display(),
-            f.size
-        ));
-    }
+    let path = sized_under_roots(path, f.size, roots)?;
     let sum = sha256_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     if sum != f.sha256 {
         return Err(format!(
@@ -377,24 +364,33 @@ pub fn manifest(inputs: &Inputs) -> Result<Vec<InputCheckpoint>> {
     Ok(out)
 }
 
-/// Why `f` cannot be read locally; `Ok(path)` (canonical) when the worker sees the same file.
-fn local_copy(f: &InputFile, roots: Option<&AllowedRoots>) -> std::result::Result<PathBuf, String> {
+/// `path` as the worker may read it (checked against the roots) when a file of `size` bytes
+/// is there; why not otherwise.
+fn sized_under_roots(
+    path: &Path,
+    size: u64,
+    roots: Option<&AllowedRoots>,
+) -> std::result::Result<PathBuf, String> {
     let path = match roots {
-        Some(r) => r.check(&f.path).map_err(|e| e.to_string())?,
-        None => f.path.clone(),
+        Some(r) => r.check(path).map_err(|e| e.to_string())?,
+        None => path.to_path_buf(),
     };
-    let mut file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let len = file
-        .metadata()
+    let len = std::fs::metadata(&path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
-    if len != f.size {
+    if len != size {
         return Err(format!(
-            "{}: {len} bytes here, {} on the coordinator",
-            path.display(),
-            f.size
+            "{}: {len} bytes here, {size} on the coordinator",
+            path.display()
         ));
     }
+    Ok(path)
+}
+
+/// Why `f` cannot be read locally; `Ok(path)` (canonical) when the worker sees the same file.
+fn local_copy(f: &InputFile, roots: Option<&AllowedRoots>) -> std::result::Result<PathBuf, String> {
+    let path = sized_under_roots(&f.path, f.size, roots)?;
+    let mut file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix)
         .map_err(|e| format!("{}: {e}", path.display()))?;

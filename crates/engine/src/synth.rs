@@ -186,7 +186,6 @@ pub fn perturb_model(
         .collect();
     let layout = OutputLayout::plan(tensors.clone(), shard_bytes);
     let mut w = CheckpointWriter::create(dir, layout, overwrite)?;
-    const CHUNK: usize = 1 << 20;
     let mut buf = vec![0f32; CHUNK];
     for t in &tensors {
         w.begin_tensor(&t.name)?;
@@ -194,24 +193,42 @@ pub fn perturb_model(
             w.write_raw(src.raw(&t.name)?)?;
             continue;
         }
-        let n: usize = t.shape.iter().product();
         let h = name_hash(&t.name);
-        let mut start = 0;
-        while start < n {
-            let len = CHUNK.min(n - start);
-            src.read_f32(&t.name, start..start + len, &mut buf[..len])?;
-            buf[..len].par_iter_mut().enumerate().for_each(|(k, x)| {
+        write_chunked(&mut w, &mut buf, t, |start, chunk| {
+            src.read_f32(&t.name, start..start + chunk.len(), chunk)?;
+            chunk.par_iter_mut().enumerate().for_each(|(k, x)| {
                 *x += scale * uniform(seed, h, (start + k) as u64);
             });
-            w.write_f32(&buf[..len])?;
-            start += len;
-        }
+            Ok(())
+        })?;
     }
     w.finish()?;
     match amalgam_io::gguf::gguf_source(&src) {
         Some(g) => amalgam_io::gguf::write_aux_files(g, dir, true, true)?,
         None => amalgam_io::copy_aux_files(src.root(), dir)?,
     };
+    Ok(())
+}
+
+/// Elements per chunk when generating tensors.
+const CHUNK: usize = 1 << 20;
+
+/// Writes tensor `t` (its writer positioned at it) chunk by chunk through `buf`: `fill(start,
+/// chunk)` sets the values of elements `start..start + chunk.len()`.
+fn write_chunked(
+    w: &mut CheckpointWriter,
+    buf: &mut [f32],
+    t: &OutputTensor,
+    mut fill: impl FnMut(usize, &mut [f32]) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let n: usize = t.shape.iter().product();
+    let mut start = 0;
+    while start < n {
+        let len = buf.len().min(n - start);
+        fill(start, &mut buf[..len])?;
+        w.write_f32(&buf[..len])?;
+        start += len;
+    }
     Ok(())
 }
 
@@ -234,21 +251,16 @@ pub fn write_model(
         .collect();
     let layout = OutputLayout::plan(tensors.clone(), shard_bytes);
     let mut w = CheckpointWriter::create(dir, layout, overwrite)?;
-    const CHUNK: usize = 1 << 20;
     let mut buf = vec![0f32; CHUNK];
     for t in &tensors {
         w.begin_tensor(&t.name)?;
-        let n: usize = t.shape.iter().product();
         let is_norm = t.shape.len() == 1;
-        let mut start = 0;
-        while start < n {
-            let len = CHUNK.min(n - start);
-            buf[..len].par_iter_mut().enumerate().for_each(|(k, x)| {
+        write_chunked(&mut w, &mut buf, t, |start, chunk| {
+            chunk.par_iter_mut().enumerate().for_each(|(k, x)| {
                 *x = value(values, &t.name, is_norm, (start + k) as u64);
             });
-            w.write_f32(&buf[..len])?;
-            start += len;
-        }
+            Ok(())
+        })?;
     }
     w.finish()?;
     amalgam_io::write_text_atomic(&dir.join("config.json"), &spec.config_json())?;

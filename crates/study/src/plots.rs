@@ -213,52 +213,41 @@ fn quality_lines(records: &[RunRecord], held_out: bool) -> Lines {
 /// Draws every plot into `dir`; returns the files written (file names relative to `dir`).
 pub fn draw_all(records: &[RunRecord], dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut out = Vec::new();
-    let mut emit = |name: &str, r: Result<()>| -> Result<()> {
-        r.with_context(|| format!("drawing {name}"))?;
-        out.push(PathBuf::from(name));
-        Ok(())
-    };
-    emit(
-        "quality_held_in.png",
-        line_plot(
-            &dir.join("quality_held_in.png"),
+    let line_plots = [
+        (
+            "quality_held_in.png",
             "held-in score vs models merged (selected on held-in)",
             "held-in score",
-            &quality_lines(records, false),
+            quality_lines(records, false),
         ),
-    )?;
-    emit(
-        "quality_held_out.png",
-        line_plot(
-            &dir.join("quality_held_out.png"),
+        (
+            "quality_held_out.png",
             "held-out score vs models merged (selected on held-in)",
             "held-out score",
-            &quality_lines(records, true),
+            quality_lines(records, true),
         ),
-    )?;
-    emit(
-        "cost_time.png",
-        line_plot(
-            &dir.join("cost_time.png"),
+        (
+            "cost_time.png",
             "merge wall time vs models merged",
             "merge wall time (s)",
-            &cost_lines(records, |r| r.cost.merge_secs),
+            cost_lines(records, |r| r.cost.merge_secs),
         ),
-    )?;
-    emit(
-        "cost_flops.png",
-        line_plot(
-            &dir.join("cost_flops.png"),
+        (
+            "cost_flops.png",
             "estimated merge FLOPs vs models merged",
             "FLOPs",
-            &cost_lines(records, |r| r.cost.flops),
+            cost_lines(records, |r| r.cost.flops),
         ),
-    )?;
-    emit(
-        "held_in_vs_held_out.png",
-        scatter(&dir.join("held_in_vs_held_out.png"), records),
-    )?;
+    ];
+    let mut out = Vec::new();
+    for (name, title, y_label, lines) in &line_plots {
+        line_plot(&dir.join(name), title, y_label, lines)
+            .with_context(|| format!("drawing {name}"))?;
+        out.push(PathBuf::from(name));
+    }
+    let name = "held_in_vs_held_out.png";
+    scatter(&dir.join(name), records).with_context(|| format!("drawing {name}"))?;
+    out.push(PathBuf::from(name));
     Ok(out)
 }
 

@@ -253,8 +253,8 @@ impl Ia3Merge {
             let ff: Vec<String> = order
                 .iter()
                 .enumerate()
-                .filter(|(u, n)| {
-                    let s = self.unit(adapters, *u, n).2;
+                .filter(|(u, _)| {
+                    let s = &self.present(adapters, *u)[0].1.shape;
                     s.len() == 2 && s[0] == 1 && s[1] > 1
                 })
                 .map(|(_, n)| n.clone())
