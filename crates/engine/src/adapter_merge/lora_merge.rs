@@ -97,10 +97,13 @@ type ReadFactors<'a> = (usize, Vec<f64>, Vec<f64>, &'a LoraModule);
 enum Mode {
     /// One of PEFT's combination types, to a LoRA of `rank`.
     Combine { opts: CombineOptions, rank: usize },
-    /// KnOTS; `global` is set once the model-global pass has run (or was received).
+    /// KnOTS; `global` is set once the model-global pass has run (or was received), and
+    /// `aligned` holds every module's alignment when the pass ran here (so it is not
+    /// computed again; a worker that received the pass aligns its own modules).
     Knots {
         opts: KnotsOptions,
         global: Option<KnotsPass>,
+        aligned: Vec<knots::KnotsLayer>,
     },
 }
 
@@ -135,7 +138,11 @@ impl LoraMerge {
             let opts = knots_options(cfg, name, adapters, weights, &table)?;
             return Ok(LoraMerge {
                 table,
-                mode: Mode::Knots { opts, global: None },
+                mode: Mode::Knots {
+                    opts,
+                    global: None,
+                    aligned: Vec::new(),
+                },
                 method: name.to_string(),
             });
         }
@@ -272,7 +279,10 @@ impl LoraMerge {
         adapters: &[Adapter],
         progress: &dyn Progress,
     ) -> Result<(), EngineError> {
-        let Mode::Knots { opts, global: None } = &self.mode else {
+        let Mode::Knots {
+            opts, global: None, ..
+        } = &self.mode
+        else {
             return Ok(());
         };
         let opts = *opts;
@@ -292,6 +302,7 @@ impl LoraMerge {
         self.mode = Mode::Knots {
             opts,
             global: Some(KnotsPass { global, rank }),
+            aligned: layers,
         };
         Ok(())
     }
@@ -327,12 +338,20 @@ impl LoraMerge {
                     (kb, vec![m0.out_features, *rank], to_f32(&merged.b)),
                 ])
             }
-            Mode::Knots { opts, global } => {
+            Mode::Knots {
+                opts,
+                global,
+                aligned,
+            } => {
                 let pass = global
                     .as_ref()
                     .expect("KnOTS modules are merged after the global pass");
-                let layer = self.align(adapters, u, opts)?;
-                let merged = knots::merge_layer(&layer, &pass.global, opts)?;
+                let merged = match aligned.get(u) {
+                    Some(layer) => knots::merge_layer(layer, &pass.global, opts)?,
+                    None => {
+                        knots::merge_layer(&self.align(adapters, u, opts)?, &pass.global, opts)?
+                    }
+                };
                 let lm = self
                     .module(adapters, u, 0)
                     .expect("checked: every adapter has every module");
