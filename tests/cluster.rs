@@ -85,6 +85,65 @@ fn embedded_workers_give_the_single_process_bytes() {
     }
 }
 
+/// Whole-model TIES over a coordinator and three worker processes: the three model-global
+/// passes run on the workers (the coordinator only adds their small results), and the
+/// output is the single-process checkpoint, byte for byte.
+#[test]
+fn whole_model_ties_pre_pass_runs_on_worker_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let shape = [
+        "--hidden",
+        "256",
+        "--intermediate",
+        "704",
+        "--layers",
+        "2",
+        "--vocab",
+        "1024",
+    ];
+    tiny_family(d, 3, &shape);
+    let cfg = write(
+        d,
+        "ties_model.yaml",
+        &TIES.replace(
+            "parameters: {normalize: true}",
+            "parameters: {normalize: true, trim_scope: model}",
+        ),
+    );
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
+    let mut args = coordinator_args(&cfg, "multi", &[]);
+    let s = args.iter().position(|a| *a == "40KB").unwrap();
+    args[s] = "1MB";
+    let mut coord = Proc::start(d, &args, &[]);
+    let url = url_of(&coord.line_with("listening on"));
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|_| {
+            Proc::start(
+                d,
+                &["worker", "--coordinator", &url, "--token-file", "token"],
+                &[],
+            )
+        })
+        .collect();
+    let line = coord.line_with("model-global pre-pass");
+    coord.wait_ok();
+    for w in workers.iter_mut() {
+        w.wait_ok();
+    }
+    assert_same_dirs(&d.join("single"), &d.join("multi"));
+    assert!(line.contains(": 3 passes of "), "{line}");
+    let largest: u64 = line
+        .split("largest shard result ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {line}"));
+    // Three models' 65536-bucket histograms would be 1.5 MiB dense; sparse they are small.
+    assert!(largest > 0 && largest < 256 << 10, "{line}");
+}
+
 fn wait_for_file(p: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -216,7 +275,25 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
 
 #[test]
 fn restarted_coordinator_redoes_only_uncommitted_shards() {
-    restart_case(None);
+    restart_case(None, TIES, "300000");
+}
+
+/// The same with whole-model TIES, killed once during the model-global pre-pass and once
+/// during the merge: the restarted coordinator rebuilds the passes' results from the stored
+/// shard results, then redoes only the uncommitted shards.
+#[test]
+fn restarted_coordinator_resumes_a_job_with_a_model_global_pre_pass() {
+    let cfg = TIES.replace(
+        "parameters: {normalize: true}",
+        "parameters: {normalize: true, trim_scope: model}",
+    );
+    // About 0.8 MB of pre-pass results come before the merge's 0.7 MB.
+    let (in_pre_pass, in_merge) = (
+        restart_case(None, &cfg, "300000"),
+        restart_case(None, &cfg, "1100000"),
+    );
+    assert_eq!(in_pre_pass, 0, "the first kill came during the pre-pass");
+    assert!(in_merge > 0, "the second kill came during the merge");
 }
 
 #[test]
@@ -225,7 +302,7 @@ fn restarted_coordinator_resumes_from_etcd_in_a_fresh_directory() {
         eprintln!("skipped: no `etcd` binary (.ci/run installs Debian's etcd-server)");
         return;
     };
-    restart_case(Some(&etcd));
+    restart_case(Some(&etcd), TIES, "300000");
 }
 
 /// A throwaway etcd on loopback ports with a temp data dir.
@@ -341,11 +418,13 @@ fn http_post(base: &str, path: &str, body: &str) -> Option<String> {
     resp.starts_with("HTTP/1.1 200").then_some(resp)
 }
 
-fn restart_case(etcd: Option<&Etcd>) {
+/// Kill a coordinator after some commits and restart it (see the callers); returns how many
+/// merge shards were committed before the kill.
+fn restart_case(etcd: Option<&Etcd>, config: &str, pause_after_bytes: &str) -> usize {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     family(d);
-    let cfg = write(d, "ties.yaml", TIES);
+    let cfg = write(d, "ties.yaml", config);
     std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
     run_ok(d, &["merge", &cfg, "--out", "single", "-q"]);
     let journal = d.join("job.jsonl");
@@ -365,7 +444,7 @@ fn restart_case(etcd: Option<&Etcd>) {
         d,
         &["worker", "--coordinator", &url, "--token-file", "token"],
         &[
-            ("AMALGAM_TEST_PAUSE_AFTER_BYTES", "300000"),
+            ("AMALGAM_TEST_PAUSE_AFTER_BYTES", pause_after_bytes),
             ("AMALGAM_TEST_PAUSE_PID_FILE", &pid_path),
         ],
     );
@@ -373,14 +452,20 @@ fn restart_case(etcd: Option<&Etcd>) {
     kill9(&coord.child.id().to_string());
     kill9(&wpid);
     drop(coord);
-    let committed = match etcd {
+    // Shard ids of the commits (the journal's lines; etcd's keys end in the id).
+    let committed_ids: Vec<u64> = match etcd {
         None => std::fs::read_to_string(&journal)
             .unwrap()
             .lines()
             .filter(|l| l.contains("\"kind\":\"commit\""))
-            .count(),
-        Some(e) => e.count_prefix("/amalgam/jobs/restart-test/commits/"),
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["shard_id"].as_u64().unwrap()
+            })
+            .collect(),
+        Some(e) => (0..e.count_prefix("/amalgam/jobs/restart-test/commits/") as u64).collect(),
     };
+    let committed = committed_ids.len();
     assert!(committed > 0, "some shards were committed before the kill");
     assert!(
         !d.join("out").join("model.safetensors").exists(),
@@ -407,7 +492,20 @@ fn restart_case(etcd: Option<&Etcd>) {
         &["worker", "--coordinator", &url, "--token-file", "token"],
         &[],
     );
+    // With a pre-pass, ids below passes x pass shards are pre-pass shards, not merge shards.
+    let pre_pass = match config.contains("trim_scope: model") {
+        false => 0,
+        true => {
+            let l = coord.line_with("model-global pre-pass");
+            let n = |w: &str| -> u64 {
+                let before = l.split(w).next().unwrap();
+                before.split_whitespace().last().unwrap().parse().unwrap()
+            };
+            n(" passes of") * n(" shards on the workers")
+        }
+    };
     let done = coord.line_with("merged by this run");
+    let committed_merge = committed_ids.iter().filter(|id| **id >= pre_pass).count();
     let total: usize = done
         .split(" shards")
         .next()
@@ -416,12 +514,13 @@ fn restart_case(etcd: Option<&Etcd>) {
         .parse()
         .unwrap();
     assert!(
-        done.contains(&format!("{} merged by this run", total - committed)),
-        "{done} (committed before: {committed})"
+        done.contains(&format!("{} merged by this run", total - committed_merge)),
+        "{done} (committed before: {committed}, {committed_merge} of them merge shards)"
     );
     coord.wait_ok();
     w.wait_ok();
     assert_same_dirs(&d.join("single"), &d.join("out"));
+    committed_merge
 }
 
 #[test]

@@ -314,7 +314,11 @@ fn workers_without_the_storage_stream_adapters_statistics_tokenizers_and_init() 
     .unwrap();
     let stats = "  - model: ft1+lora\n    statistics: ft1.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n";
     let configs = [
-        ("fisher", format!("merge_method: fisher\nmodels:\n{stats}")),
+        (
+            "fisher",
+            // Normalised: a model-global pass (f64 sums) runs on the streaming worker.
+            format!("merge_method: fisher\nmodels:\n{stats}parameters: {{normalize_fishers: true}}\n"),
+        ),
         (
             "tok",
             "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {weight: 1.0}\ntokenizer_source: ft1\n".to_string(),

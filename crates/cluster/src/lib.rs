@@ -41,6 +41,7 @@ pub mod eval_job;
 pub mod journal;
 pub mod merge_job;
 pub mod metrics;
+pub mod prepass;
 pub mod remote_input;
 pub mod roots;
 pub mod scheduler;

@@ -15,8 +15,9 @@
 //!   the order results arrive in. Spill files survive a coordinator restart (a journal then
 //!   says which shards are committed).
 //!
-//! The model-global passes (e.g. whole-model TIES thresholds) run on the coordinator before
-//! any shard is leased; distributing them is future work.
+//! - **Model-global passes** (e.g. whole-model TIES thresholds) run on the workers first, as
+//!   the earlier phases of the job ([`crate::prepass`]): the merge shards are handed out once
+//!   the coordinator has reduced the last pass.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -29,13 +30,14 @@ use amalgam_core::methods::GlobalStats;
 use amalgam_core::plan::Plan;
 use amalgam_core::tensor::LogRecord;
 use amalgam_engine::inputs::{open_and_plan, Inputs};
-use amalgam_engine::run::{self, MergeOptions, NoProgress};
+use amalgam_engine::run::{self, MergeOptions};
 use amalgam_engine::shard::ShardBytes;
 use amalgam_io::{CheckpointWriter, OutputLayout};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ClusterError, Result};
+use crate::lock;
 use crate::roots::AllowedRoots;
 use crate::scheduler::{ShardId, ShardSpec};
 use crate::server::{serve, JobHost, ServerOptions};
@@ -65,7 +67,7 @@ pub struct JobSpec {
     pub allow_nonfinite: bool,
     /// Output file size (only used to build the layout, which gives dtypes and sizes).
     pub out_shard_size: u64,
-    /// Results of the method's model-global passes: `(counts, sums)` per pass.
+    /// Results of the method's model-global passes done so far: `(counts, sums)` per pass.
     pub global: Vec<(Vec<u64>, Vec<f64>)>,
     /// Every input checkpoint as the coordinator opened it (sizes and header checksums), so a
     /// worker can tell whether it sees the same files or must stream them
@@ -89,6 +91,10 @@ pub struct ShardWork {
     /// solve, meeting the other parts of its gang in `Reduce`.
     #[serde(default)]
     pub part: Option<GangPart>,
+    /// Set on the shards of a model-global pass: compute this pass's statistics of the
+    /// tensors (given the job's results of the passes before it) instead of merging them.
+    #[serde(default)]
+    pub pass: Option<usize>,
 }
 
 /// The tensors (name, output bytes) of each shard, in shard id order.
@@ -229,7 +235,7 @@ pub fn decode_result(b: &[u8]) -> Result<DecodedResult<'_>> {
 }
 
 /// A job ready to be served: the config, plan and inputs opened on the coordinator, the
-/// global passes done, the shards cut.
+/// shards cut.
 pub struct PreparedJob {
     /// The parsed config.
     pub config: MergeConfig,
@@ -262,8 +268,8 @@ fn engine_err(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Host(e.to_string())
 }
 
-/// Open and plan `config` (its text `config_yaml`, relative paths against `config_dir`), run
-/// the global passes, and cut shards of about `shard_bytes`.
+/// Open and plan `config` (its text `config_yaml`, relative paths against `config_dir`) and
+/// cut shards of about `shard_bytes` (the model-global passes are left to the workers).
 pub fn prepare_job(
     config: MergeConfig,
     config_yaml: String,
@@ -276,12 +282,10 @@ pub fn prepare_job(
         None => None,
     };
     let (inputs, plan) = open_and_plan(&config, config_dir.as_deref()).map_err(engine_err)?;
-    let ckpts = run::plan_checkpoints(&plan, &inputs).map_err(engine_err)?;
+    // Every tensor's sources are checked here, before any worker starts.
+    run::plan_checkpoints(&plan, &inputs).map_err(engine_err)?;
     run::resolve_chat_template(&config, &inputs).map_err(engine_err)?;
     run::check_whole_tensor_needs(&plan, opts.memory_budget).map_err(engine_err)?;
-    let extras = run::read_extras(&plan, &inputs);
-    let global =
-        run::global_passes(&plan, &ckpts, &opts, &extras, &NoProgress).map_err(engine_err)?;
     let layout = run::output_layout(&config, &plan, opts.out_shard_size).map_err(engine_err)?;
     let shards = partition(&layout, shard_bytes);
     let job = JobSpec {
@@ -290,11 +294,10 @@ pub fn prepare_job(
         memory_budget: opts.memory_budget,
         allow_nonfinite: opts.allow_nonfinite,
         out_shard_size: opts.out_shard_size,
-        global: global.into_iter().map(|g| (g.counts, g.sums)).collect(),
+        global: Vec::new(),
         inputs: crate::remote_input::manifest(&inputs)?,
         extras: crate::remote_input::extra_manifest(&config, config_dir.as_deref())?,
     };
-    drop(extras);
     Ok(PreparedJob {
         config,
         plan,
@@ -320,8 +323,21 @@ struct Drain {
 
 /// The coordinator's side of a merge job (see the module docs).
 pub struct MergeHost {
-    specs: Vec<ShardSpec>,
-    /// The gang part of each shard (split MaTS blocks), by shard id.
+    /// What every shard's work starts from (the passes' results are added to it).
+    job: JobSpec,
+    /// Model-global passes run before the merge (0: the job has one phase, the merge).
+    passes: usize,
+    /// Tensors of each pre-pass shard (copied tensors left out; empty shards dropped).
+    pass_units: Vec<Vec<String>>,
+    /// Phases handed out so far (1 at the start).
+    phase: Mutex<usize>,
+    /// Results of the passes reduced so far.
+    done: Mutex<Vec<GlobalStats>>,
+    /// Largest pre-pass result accepted, bytes.
+    largest_pass_result: std::sync::atomic::AtomicU64,
+    /// The tensors of each merge shard (split MaTS blocks cut out).
+    tensors: Vec<Vec<String>>,
+    /// The gang part of each merge shard (split MaTS blocks), by merge shard index.
     gangs: Vec<Option<GangPart>>,
     expected: Vec<Vec<(String, u64)>>,
     spill: PathBuf,
@@ -333,7 +349,8 @@ pub struct MergeHost {
 impl std::fmt::Debug for MergeHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MergeHost")
-            .field("shards", &self.specs.len())
+            .field("shards", &self.expected.len())
+            .field("passes", &self.passes)
             .field("spill", &self.spill)
             .finish()
     }
@@ -348,30 +365,60 @@ impl MergeHost {
         let writer = CheckpointWriter::create(out, job.layout.clone(), job.opts.overwrite)
             .map_err(engine_err)?;
         let (shards, gangs) = split_gangs(&job.plan, &job.shards, job.opts.memory_budget)?;
-        let specs: Vec<ShardSpec> = shards
+        let passes = run::global_pass_count(&job.plan).map_err(engine_err)?;
+        let copied: BTreeSet<&str> = job
+            .plan
+            .tensors
             .iter()
-            .zip(&gangs)
-            .enumerate()
-            .map(|(i, (tensors, part))| {
-                let work = ShardWork {
-                    job: job.job.clone(),
-                    tensors: tensors.iter().map(|t| t.0.clone()).collect(),
-                    part: *part,
-                };
-                ShardSpec {
-                    id: i as ShardId,
-                    est_bytes: tensors.iter().map(|t| t.1).sum(),
-                    gang: part.map(|p| p.gang),
-                    spec: serde_json::to_vec(&work).expect("shard work serialises"),
-                }
-            })
+            .filter(|t| t.copy_raw)
+            .map(|t| t.name.as_str())
             .collect();
-        // One folder per plan: results of another config never mix with this one's.
+        let pass_units: Vec<Vec<String>> = if passes == 0 {
+            Vec::new()
+        } else {
+            job.shards
+                .iter()
+                .map(|sh| {
+                    sh.iter()
+                        .filter(|t| !copied.contains(t.0.as_str()))
+                        .map(|t| t.0.clone())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|u| !u.is_empty())
+                .collect()
+        };
+        let mut host = MergeHost {
+            job: job.job.clone(),
+            passes,
+            pass_units,
+            phase: Mutex::new(1),
+            done: Mutex::new(Vec::new()),
+            largest_pass_result: Default::default(),
+            tensors: shards
+                .iter()
+                .map(|t| t.iter().map(|t| t.0.clone()).collect())
+                .collect(),
+            gangs,
+            expected: shards,
+            spill: PathBuf::new(),
+            inputs: BTreeSet::new(),
+            drain: Mutex::new(Drain {
+                writer: Some(writer),
+                next: 0,
+                ready: BTreeSet::new(),
+                held: Default::default(),
+                logs: Vec::new(),
+                error: None,
+            }),
+            accepted: Default::default(),
+        };
+        // One folder per plan (named by the first phase's hash): results of another config
+        // never mix with this one's.
         let all = out.join(SPILL_DIR);
         if !resume && all.exists() {
             std::fs::remove_dir_all(&all).map_err(|e| ClusterError::io(&all, e))?;
         }
-        let spill = all.join(&crate::server::plan_hash(&specs)[..16]);
+        let spill = all.join(&crate::server::plan_hash(&host.shards())[..16]);
         std::fs::create_dir_all(&spill).map_err(|e| ClusterError::io(&spill, e))?;
         let inputs = job
             .inputs
@@ -383,32 +430,123 @@ impl MergeHost {
                 &job.job.extras,
             ))
             .collect();
-        let mut ready = BTreeSet::new();
         if resume {
-            for i in 0..shards.len() {
+            let mut d = host.lock_drain()?;
+            for i in 0..host.expected.len() {
                 if spill_path(&spill, i).exists() {
-                    ready.insert(i);
+                    d.ready.insert(i);
                 }
             }
         }
-        let host = MergeHost {
-            specs,
-            gangs,
-            expected: shards,
-            spill,
-            inputs,
-            drain: Mutex::new(Drain {
-                writer: Some(writer),
-                next: 0,
-                ready,
-                held: Default::default(),
-                logs: Vec::new(),
-                error: None,
-            }),
-            accepted: Default::default(),
-        };
+        host.inputs = inputs;
+        host.spill = spill;
         host.drain_ready()?;
         Ok(host)
+    }
+
+    /// Id of merge shard `i`: after every pre-pass shard.
+    fn merge_id(&self, i: usize) -> ShardId {
+        (self.passes * self.pass_units.len() + i) as ShardId
+    }
+
+    /// The shards of pass `pass`, each carrying the results of the passes before it.
+    fn pass_specs(&self, pass: usize, done: &[GlobalStats]) -> Vec<ShardSpec> {
+        let job = self.job_with(&done[..pass]);
+        self.pass_units
+            .iter()
+            .enumerate()
+            .map(|(s, tensors)| {
+                let work = ShardWork {
+                    job: job.clone(),
+                    tensors: tensors.clone(),
+                    part: None,
+                    pass: Some(pass),
+                };
+                ShardSpec {
+                    id: (pass * self.pass_units.len() + s) as ShardId,
+                    est_bytes: 0,
+                    gang: None,
+                    spec: serde_json::to_vec(&work).expect("shard work serialises"),
+                }
+            })
+            .collect()
+    }
+
+    /// The merge shards, carrying the results of every pass.
+    fn merge_specs(&self, done: &[GlobalStats]) -> Vec<ShardSpec> {
+        let job = self.job_with(done);
+        self.tensors
+            .iter()
+            .zip(&self.gangs)
+            .zip(&self.expected)
+            .enumerate()
+            .map(|(i, ((tensors, part), expected))| {
+                let work = ShardWork {
+                    job: job.clone(),
+                    tensors: tensors.clone(),
+                    part: *part,
+                    pass: None,
+                };
+                ShardSpec {
+                    id: self.merge_id(i),
+                    est_bytes: expected.iter().map(|t| t.1).sum(),
+                    gang: part.map(|p| p.gang),
+                    spec: serde_json::to_vec(&work).expect("shard work serialises"),
+                }
+            })
+            .collect()
+    }
+
+    fn job_with(&self, done: &[GlobalStats]) -> JobSpec {
+        let mut job = self.job.clone();
+        job.global = done
+            .iter()
+            .map(|g| (g.counts.clone(), g.sums.clone()))
+            .collect();
+        job
+    }
+
+    /// Reduce pass `pass` from its shards' stored results, in shard order.
+    fn reduce_stored_pass(&self, pass: usize) -> Result<GlobalStats> {
+        let mut results = Vec::with_capacity(self.pass_units.len());
+        for (s, unit) in self.pass_units.iter().enumerate() {
+            let path = pass_path(&self.spill, pass, s);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                ClusterError::Host(format!(
+                    "pass {pass} shard {s} is committed but its result is missing ({}); an \
+                     earlier run's results were lost: start again with a new job id",
+                    ClusterError::io(&path, e)
+                ))
+            })?;
+            let r = crate::prepass::decode_pass_result(&bytes)?;
+            if r.sums.len() != unit.len() {
+                return Err(ClusterError::Host(format!(
+                    "{}: {} tensors' results for a shard of {}",
+                    path.display(),
+                    r.sums.len(),
+                    unit.len()
+                )));
+            }
+            results.push(r);
+        }
+        Ok(crate::prepass::reduce_pass(results))
+    }
+
+    /// Model-global passes of this job (run on the workers before the merge).
+    pub fn passes(&self) -> usize {
+        self.passes
+    }
+
+    /// Shards of each model-global pass (ids `pass * pass_shards + k`; the merge shards come
+    /// after them).
+    pub fn pass_shards(&self) -> usize {
+        self.pass_units.len()
+    }
+
+    /// Largest pre-pass result accepted so far, bytes (0 without a pre-pass).
+    pub fn largest_pass_result(&self) -> u64 {
+        self.largest_pass_result
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock_drain(&self) -> Result<std::sync::MutexGuard<'_, Drain>> {
@@ -476,8 +614,8 @@ impl MergeHost {
     pub fn finish(&self) -> Result<(CheckpointWriter, Vec<LogRecord>)> {
         self.drain_ready()?;
         let mut d = self.lock_drain()?;
-        if d.next != self.specs.len() {
-            let missing: Vec<usize> = (d.next..self.specs.len())
+        if d.next != self.expected.len() {
+            let missing: Vec<usize> = (d.next..self.expected.len())
                 .filter(|i| !d.ready.contains(i))
                 .collect();
             return Err(ClusterError::Host(format!(
@@ -493,7 +631,8 @@ impl MergeHost {
         Ok((writer, std::mem::take(&mut d.logs)))
     }
 
-    /// Shard results this host has accepted (merged by this run's workers).
+    /// Merge shard results this host has accepted (merged by this run's workers; pre-pass
+    /// results not counted).
     pub fn accepted(&self) -> u64 {
         self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -512,9 +651,74 @@ fn spill_path(dir: &Path, shard: usize) -> PathBuf {
     dir.join(format!("{shard:06}.bin"))
 }
 
+fn pass_path(dir: &Path, pass: usize, shard: usize) -> PathBuf {
+    dir.join(format!("pass{pass}-{shard:06}.bin"))
+}
+
+/// Write `bytes` to `path` through a temporary file, fsynced, renamed into place.
+fn write_spill(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.partial"));
+    // Written around the page cache (O_DIRECT where possible) and fsynced: the copy into
+    // fresh cache pages was most of the coordinator's CPU time.
+    let mut sink = amalgam_io::safetensors::sink::FileSink::create(&tmp).map_err(engine_err)?;
+    sink.write_all(bytes).map_err(engine_err)?;
+    sink.finish().map_err(engine_err)?;
+    std::fs::rename(&tmp, path).map_err(|e| ClusterError::io(path, e))
+}
+
+impl MergeHost {
+    /// Store pre-pass shard `s` of pass `pass` (checked to decode, one sums entry per tensor).
+    fn accept_pass(&self, pass: usize, s: usize, bytes: &[u8]) -> Result<()> {
+        let r = crate::prepass::decode_pass_result(bytes)?;
+        if r.sums.len() != self.pass_units[s].len() {
+            return Err(ClusterError::Host(format!(
+                "pass {pass} shard {s}: results for {} tensors, the shard has {}",
+                r.sums.len(),
+                self.pass_units[s].len()
+            )));
+        }
+        write_spill(&self.spill, &pass_path(&self.spill, pass, s), bytes)?;
+        self.largest_pass_result
+            .fetch_max(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 impl JobHost for MergeHost {
     fn shards(&self) -> Vec<ShardSpec> {
-        self.specs.clone()
+        if self.passes > 0 {
+            self.pass_specs(0, &[])
+        } else {
+            self.merge_specs(&[])
+        }
+    }
+
+    fn phased(&self) -> bool {
+        self.passes > 0
+    }
+
+    fn next_phase(&self) -> Result<Option<Vec<ShardSpec>>> {
+        let mut phase = lock(&self.phase);
+        // Phases 0..passes are the passes, phase `passes` the merge.
+        let finished = *phase - 1;
+        if finished >= self.passes {
+            return Ok(None);
+        }
+        let stats = self.reduce_stored_pass(finished)?;
+        let mut done = lock(&self.done);
+        done.truncate(finished);
+        done.push(stats);
+        *phase += 1;
+        tracing::info!(pass = finished, "model-global pass reduced");
+        Ok(Some(if finished + 1 < self.passes {
+            self.pass_specs(finished + 1, &done)
+        } else {
+            self.merge_specs(&done)
+        }))
     }
 
     fn read_input(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
@@ -540,7 +744,12 @@ impl JobHost for MergeHost {
     }
 
     fn accept(&self, shard_id: ShardId, bytes: Vec<u8>) -> Result<()> {
-        let i = shard_id as usize;
+        let pre = self.merge_id(0);
+        if shard_id < pre {
+            let n = self.pass_units.len() as u64;
+            return self.accept_pass((shard_id / n) as usize, (shard_id % n) as usize, &bytes);
+        }
+        let i = (shard_id - pre) as usize;
         let expected = self
             .expected
             .get(i)
@@ -560,14 +769,7 @@ impl JobHost for MergeHost {
                 return Ok(());
             }
         }
-        let path = spill_path(&self.spill, i);
-        let tmp = self.spill.join(format!(".{shard_id:06}.partial"));
-        // Written around the page cache (O_DIRECT where possible) and fsynced: the copy into
-        // fresh cache pages was most of the coordinator's CPU time.
-        let mut sink = amalgam_io::safetensors::sink::FileSink::create(&tmp).map_err(engine_err)?;
-        sink.write_all(&bytes).map_err(engine_err)?;
-        sink.finish().map_err(engine_err)?;
-        std::fs::rename(&tmp, &path).map_err(|e| ClusterError::io(&path, e))?;
+        write_spill(&self.spill, &spill_path(&self.spill, i), &bytes)?;
         self.accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
@@ -657,6 +859,41 @@ fn execute_part(
         &logs,
         &bytes,
     ))
+}
+
+/// Pass `pass` of the model-global pre-pass over the shard's tensors (see [`crate::prepass`]).
+fn execute_pass(
+    job: &WorkerJob,
+    ckpts: &[&amalgam_io::Checkpoint],
+    extras: &run::ReadExtras<'_>,
+    work: &ShardWork,
+    pass: usize,
+) -> Result<Vec<u8>> {
+    if job.global.len() != pass {
+        return Err(ClusterError::Executor(format!(
+            "a pass-{pass} shard needs the results of {pass} earlier passes, the job has {}",
+            job.global.len()
+        )));
+    }
+    let mut r = crate::prepass::PassResult::default();
+    for name in &work.tensors {
+        let i = *job.index.get(name).ok_or_else(|| {
+            ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
+        })?;
+        let t = &job.plan.tensors[i];
+        let stats = run::global_pass_tensor(
+            t,
+            pass,
+            &job.global,
+            job.plan.seed,
+            ckpts,
+            &job.opts,
+            extras,
+        )
+        .map_err(|e| ClusterError::Executor(e.to_string()))?;
+        r.push(stats);
+    }
+    Ok(crate::prepass::encode_pass_result(&r))
 }
 
 struct WorkerJob {
@@ -848,6 +1085,9 @@ impl ShardExecutor for MergeExecutor {
         let ckpts = run::plan_checkpoints(&job.plan, &job.inputs)
             .map_err(|e| ClusterError::Executor(e.to_string()))?;
         let extras = run::read_extras(&job.plan, &job.inputs);
+        if let Some(pass) = work.pass {
+            return execute_pass(&job, &ckpts, &extras, &work, pass);
+        }
         if let Some(part) = work.part {
             return execute_part(&job, &ckpts, &extras, &work, part, inputs);
         }
@@ -984,6 +1224,7 @@ pub async fn run_embedded(job: PreparedJob, workers: usize) -> Result<JobSummary
         }
     }
     let complete = server.status().done;
+    let failure = server.failure();
     // Workers see `done` on their next call and exit.
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
@@ -991,6 +1232,9 @@ pub async fn run_embedded(job: PreparedJob, workers: usize) -> Result<JobSummary
         }
     }
     server.shutdown(Duration::from_secs(2)).await?;
+    if let Some(f) = failure {
+        return Err(ClusterError::Host(f));
+    }
     if !complete {
         return Err(first_err.unwrap_or_else(|| {
             ClusterError::Host("every worker stopped before the job was done".into())

@@ -7,6 +7,9 @@
 //!   leased to one worker as all-or-none, its parts are staged as they arrive and committed
 //!   together when the last part of the same lease arrives.
 //! - Units are issued in increasing order of their smallest shard id.
+//! - A phased job (a model-global pre-pass, then the merge) adds each phase's shards when the
+//!   previous phase is committed ([`Scheduler::add_shards`]); while the scheduler is open,
+//!   a worker finding nothing to do is told to wait, not that the job is done.
 //! - A lease expires at `deadline = grant/heartbeat time + ttl`; an expired lease is removed and
 //!   its unit goes back to the queue (counted in `lease_expiries`), unless another (speculative)
 //!   lease of the unit is still running.
@@ -168,6 +171,8 @@ pub struct Scheduler {
     leases: BTreeMap<LeaseId, LeaseRec>,
     next_lease: LeaseId,
     status: SchedStatus,
+    /// More shards may be added (a phased job); see [`Scheduler::set_open`].
+    open: bool,
 }
 
 impl Scheduler {
@@ -188,23 +193,46 @@ impl Scheduler {
         if ttl_ms == 0 {
             return Err(ClusterError::Plan("lease ttl must be > 0 ms".into()));
         }
-        let mut ids = BTreeSet::new();
-        let mut singles: Vec<ShardId> = Vec::new();
-        let mut gangs: BTreeMap<u64, Vec<ShardId>> = BTreeMap::new();
-        for s in shards {
-            if !ids.insert(s.id) {
-                return Err(ClusterError::Plan(format!("duplicate shard id {}", s.id)));
-            }
-            match s.gang {
-                Some(g) => gangs.entry(g).or_default().push(s.id),
-                None => singles.push(s.id),
-            }
-        }
+        let ids: BTreeSet<ShardId> = shards.iter().map(|s| s.id).collect();
         for id in committed {
             if !ids.contains(id) {
                 return Err(ClusterError::Plan(format!(
                     "job store names committed shard {id}, which the plan does not have"
                 )));
+            }
+        }
+        let mut sched = Scheduler {
+            ttl_ms,
+            units: Vec::new(),
+            unit_of_shard: BTreeMap::new(),
+            queue: BTreeSet::new(),
+            leases: BTreeMap::new(),
+            next_lease: 1,
+            status: SchedStatus::default(),
+            open: false,
+        };
+        sched.add_shards(shards, committed)?;
+        Ok(sched)
+    }
+
+    /// Adds the shards of a job's next phase (ids unused so far), those in `committed` already
+    /// done (see [`Scheduler::with_committed`]); ids of `committed` that are not in `shards`
+    /// are ignored.
+    pub fn add_shards(
+        &mut self,
+        shards: &[ShardSpec],
+        committed: &BTreeSet<ShardId>,
+    ) -> Result<()> {
+        let mut ids = BTreeSet::new();
+        let mut singles: Vec<ShardId> = Vec::new();
+        let mut gangs: BTreeMap<u64, Vec<ShardId>> = BTreeMap::new();
+        for s in shards {
+            if !ids.insert(s.id) || self.unit_of_shard.contains_key(&s.id) {
+                return Err(ClusterError::Plan(format!("duplicate shard id {}", s.id)));
+            }
+            match s.gang {
+                Some(g) => gangs.entry(g).or_default().push(s.id),
+                None => singles.push(s.id),
             }
         }
         let mut units: Vec<Unit> = singles
@@ -228,32 +256,38 @@ impl Scheduler {
             }))
             .collect();
         units.sort_by_key(|u| u.shards[0]);
-        let mut unit_of_shard = BTreeMap::new();
-        let mut queue = BTreeSet::new();
-        let mut status = SchedStatus {
-            shards_total: ids.len() as u64,
-            ..SchedStatus::default()
-        };
-        for (i, u) in units.iter_mut().enumerate() {
+        self.status.shards_total += ids.len() as u64;
+        for mut u in units {
+            let i = self.units.len();
             for &s in &u.shards {
-                unit_of_shard.insert(s, i);
+                self.unit_of_shard.insert(s, i);
             }
             if u.shards.iter().all(|s| committed.contains(s)) {
                 u.state = UnitState::Committed;
-                status.shards_committed += u.shards.len() as u64;
+                self.status.shards_committed += u.shards.len() as u64;
             } else {
-                queue.insert(i);
+                self.queue.insert(i);
             }
+            self.units.push(u);
         }
-        Ok(Scheduler {
-            ttl_ms,
-            units,
-            unit_of_shard,
-            queue,
-            leases: BTreeMap::new(),
-            next_lease: 1,
-            status,
-        })
+        Ok(())
+    }
+
+    /// Says whether more shards may still be added ([`Scheduler::add_shards`]): while open, a
+    /// scheduler whose shards are all committed tells workers to wait rather than that the
+    /// job is done.
+    pub fn set_open(&mut self, open: bool) {
+        self.open = open;
+    }
+
+    /// True when more shards may still be added.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// True when every shard added so far is committed.
+    pub fn all_committed(&self) -> bool {
+        self.status.shards_committed == self.status.shards_total
     }
 
     /// Makes lease ids start at `first` (a coordinator seeds this per incarnation so a lease id
@@ -269,9 +303,9 @@ impl Scheduler {
         self.ttl_ms
     }
 
-    /// True when every shard is committed.
+    /// True when every shard is committed and no more can be added.
     pub fn is_done(&self) -> bool {
-        self.status.shards_committed == self.status.shards_total
+        !self.open && self.all_committed()
     }
 
     /// Removes leases whose deadline is at or before `now` (a committing lease never expires).
@@ -312,6 +346,9 @@ impl Scheduler {
         self.expire(now);
         if self.is_done() {
             return LeaseDecision::Done;
+        }
+        if self.all_committed() {
+            return LeaseDecision::Wait;
         }
         if let Some(unit) = self.queue.pop_first() {
             let again = self.units[unit].grants > 0;
@@ -779,5 +816,51 @@ mod tests {
         }
         assert_eq!(issued, vec![vec![0], vec![2], vec![4, 5]]);
         assert!(s.is_done());
+    }
+    #[test]
+    fn phases_are_added_while_open_and_waiting_workers_are_not_told_done() {
+        let mut s = Scheduler::new(&plan(2), 1000).unwrap();
+        s.set_open(true);
+        for shard in 0..2 {
+            let LeaseDecision::Granted(g) = s.lease(1, 0) else {
+                panic!("a lease")
+            };
+            assert_eq!(g.shards, vec![shard]);
+            assert_eq!(
+                s.submit(g.lease_id, shard, 1),
+                SubmitDecision::Commit(vec![shard])
+            );
+            s.finish_commit(g.lease_id, true);
+        }
+        assert!(s.all_committed());
+        assert!(!s.is_done());
+        assert_eq!(s.lease(2, 2), LeaseDecision::Wait);
+        // The next phase: shard 3 was committed by an earlier run, shard 2 was not.
+        let next: Vec<ShardSpec> = (2..4)
+            .map(|id| ShardSpec {
+                id,
+                est_bytes: 1,
+                gang: None,
+                spec: vec![],
+            })
+            .collect();
+        assert!(s.add_shards(&next[..1], &BTreeSet::new()).is_ok());
+        assert!(
+            s.add_shards(&next[..1], &BTreeSet::new()).is_err(),
+            "ids are unique"
+        );
+        s.add_shards(&next[1..], &[3, 9].into_iter().collect())
+            .unwrap();
+        s.set_open(false);
+        assert_eq!(s.status(3).shards_total, 4);
+        assert_eq!(s.status(3).shards_committed, 3);
+        let LeaseDecision::Granted(g) = s.lease(2, 3) else {
+            panic!("a lease")
+        };
+        assert_eq!(g.shards, vec![2]);
+        s.submit(g.lease_id, 2, 4);
+        s.finish_commit(g.lease_id, true);
+        assert!(s.is_done());
+        assert_eq!(s.lease(1, 5), LeaseDecision::Done);
     }
 }

@@ -3,7 +3,7 @@
 //! [`serve`] binds a socket, starts the service behind the bearer-token interceptor and returns
 //! a [`ServerHandle`] (bound address, job-done future, status, shutdown).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,17 @@ pub trait JobHost: Send + Sync + 'static {
     /// What the shards are (told to workers at registration, so they pick their executor).
     fn job_kind(&self) -> pb::JobKind {
         pb::JobKind::Unspecified
+    }
+    /// True when the job runs in phases: [`JobHost::shards`] gives the first phase, and
+    /// [`JobHost::next_phase`] each later one.
+    fn phased(&self) -> bool {
+        false
+    }
+    /// Called (for a phased host) when every shard handed out so far is committed: the
+    /// shards of the next phase (ids not used before), or `None` when the job is complete.
+    /// An error fails the job.
+    fn next_phase(&self) -> Result<Option<Vec<ShardSpec>>> {
+        Ok(None)
     }
 }
 
@@ -126,6 +137,8 @@ pub fn plan_hash(shards: &[ShardSpec]) -> String {
     hex::encode(h.finalize())
 }
 
+type FailureFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 struct WorkerInfo {
     name: String,
     device: String,
@@ -148,8 +161,14 @@ struct Round {
 struct Shared<H> {
     host: Arc<H>,
     opts: ServerOptions,
-    specs: BTreeMap<ShardId, Vec<u8>>,
+    specs: Mutex<BTreeMap<ShardId, Vec<u8>>>,
     sched: Mutex<Scheduler>,
+    /// Shards the job store says are committed that belong to phases not started yet.
+    later: BTreeSet<ShardId>,
+    /// Held while the next phase is asked for, so that only one caller advances.
+    phase_gate: tokio::sync::Mutex<()>,
+    /// Why the job failed (a phase could not be made); the job then ends undone.
+    failure: Mutex<Option<String>>,
     clock: Instant,
     workers: Mutex<BTreeMap<WorkerId, WorkerInfo>>,
     next_worker: AtomicU64,
@@ -176,7 +195,10 @@ impl<H: JobHost> Shared<H> {
     }
 
     fn status(&self) -> pb::JobStatusResponse {
-        let st = lock(&self.sched).status(self.now());
+        let (st, done) = {
+            let mut sched = lock(&self.sched);
+            (sched.status(self.now()), sched.is_done())
+        };
         let workers = lock(&self.workers);
         pb::JobStatusResponse {
             job_id: self.opts.job_id.clone(),
@@ -202,8 +224,53 @@ impl<H: JobHost> Shared<H> {
                     allowed_roots: w.allowed_roots.clone(),
                 })
                 .collect(),
-            done: st.shards_committed == st.shards_total,
+            done,
         }
+    }
+
+    /// Hands out the next phases of a phased job while every shard so far is committed, and
+    /// signals `done` when the job is complete (or failed).
+    async fn advance_phases(self: &Arc<Self>) {
+        let _gate = self.phase_gate.lock().await;
+        loop {
+            {
+                let sched = lock(&self.sched);
+                if !(sched.is_open() && sched.all_committed()) {
+                    break;
+                }
+            }
+            let h = Arc::clone(&self.host);
+            let next = tokio::task::spawn_blocking(move || h.next_phase())
+                .await
+                .map_err(|e| ClusterError::Host(format!("phase task failed: {e}")))
+                .and_then(|r| r);
+            match next {
+                Ok(Some(shards)) => {
+                    let n = shards.len();
+                    // Specs first: a shard is never leased before its spec is known.
+                    lock(&self.specs).extend(shards.iter().map(|s| (s.id, s.spec.clone())));
+                    if let Err(e) = lock(&self.sched).add_shards(&shards, &self.later) {
+                        self.fail(e.to_string());
+                        return;
+                    }
+                    tracing::info!(shards = n, "next phase of the job");
+                }
+                Ok(None) => lock(&self.sched).set_open(false),
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return;
+                }
+            }
+        }
+        if lock(&self.sched).is_done() {
+            self.done_tx.send_replace(true);
+        }
+    }
+
+    fn fail(&self, msg: String) {
+        tracing::error!(error = %msg, "the job failed");
+        *lock(&self.failure) = Some(msg);
+        self.done_tx.send_replace(true);
     }
 
     fn check_worker(&self, id: WorkerId) -> Result<(), Status> {
@@ -380,18 +447,12 @@ impl<H: JobHost> Shared<H> {
         .map_err(|e| ClusterError::Host(format!("accept task failed: {e}")))
         .and_then(|r| r);
         let ok = stored.is_ok();
-        let done = {
-            let mut sched = lock(&self.sched);
-            sched.finish_commit(lease, ok);
-            sched.is_done()
-        };
+        lock(&self.sched).finish_commit(lease, ok);
         self.purge_staged();
         match stored {
             Ok(()) => {
                 tracing::debug!(?shards, lease, "committed");
-                if done {
-                    self.done_tx.send_replace(true);
-                }
+                self.advance_phases().await;
                 Ok(Self::submit_response(
                     O::Committed,
                     format!("committed shards {shards:?}"),
@@ -576,7 +637,7 @@ impl<H: JobHost> Coordinator for Service<H> {
                         .iter()
                         .map(|id| pb::LeasedShard {
                             shard_id: *id,
-                            spec: s.specs.get(id).cloned().unwrap_or_default(),
+                            spec: lock(&s.specs).get(id).cloned().unwrap_or_default(),
                         })
                         .collect(),
                     speculative: g.speculative,
@@ -661,6 +722,7 @@ pub struct ServerHandle {
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     done_rx: watch::Receiver<bool>,
     status: StatusFn,
+    failure: FailureFn,
     metrics: Option<MetricsServer>,
     tls: bool,
 }
@@ -691,7 +753,8 @@ impl ServerHandle {
         format!("{scheme}://{}", self.addr)
     }
 
-    /// Resolves when every shard is committed (at once if the job was complete on start).
+    /// Resolves when every shard is committed (at once if the job was complete on start), or
+    /// when the job failed ([`ServerHandle::failure`]).
     pub fn done(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.done_rx.clone();
         async move {
@@ -703,6 +766,11 @@ impl ServerHandle {
     /// The job counters, as `JobStatus` returns them.
     pub fn status(&self) -> pb::JobStatusResponse {
         (self.status)()
+    }
+
+    /// Why the job failed, if it did (a phased job whose next phase could not be made).
+    pub fn failure(&self) -> Option<String> {
+        (self.failure)()
     }
 
     /// Stops accepting calls, waits up to `grace` for calls in flight, then aborts the rest.
@@ -767,20 +835,31 @@ pub async fn serve<H: JobHost>(
         None => Default::default(),
     };
     let ttl_ms = opts.lease_ttl.as_millis() as u64;
-    let mut sched = Scheduler::with_committed(&shards, &committed, ttl_ms)?;
+    let phased = host.phased();
+    let (now_ids, later): (BTreeSet<ShardId>, BTreeSet<ShardId>) = {
+        let ids: BTreeSet<ShardId> = shards.iter().map(|s| s.id).collect();
+        committed
+            .iter()
+            .copied()
+            .partition(|id| ids.contains(id) || !phased)
+    };
+    let mut sched = Scheduler::with_committed(&shards, &now_ids, ttl_ms)?;
+    sched.set_open(phased);
     // Ids unique per coordinator incarnation: a worker or lease id from before a restart never
     // names one of this run (ms since the epoch, times 1000, leaves room for 1000 ids per ms).
     let first_id = unix_ms().saturating_mul(1000).max(1);
     sched.set_first_lease_id(first_id);
-    let done0 = sched.is_done();
     if !committed.is_empty() {
         tracing::info!(job = %opts.job_id, committed = committed.len(), total = shards.len(),
             "resuming job");
     }
-    let (done_tx, done_rx) = watch::channel(done0);
+    let (done_tx, done_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         host,
-        specs: shards.into_iter().map(|s| (s.id, s.spec)).collect(),
+        specs: Mutex::new(shards.into_iter().map(|s| (s.id, s.spec)).collect()),
+        later,
+        phase_gate: tokio::sync::Mutex::new(()),
+        failure: Mutex::new(None),
         opts,
         sched: Mutex::new(sched),
         clock: Instant::now(),
@@ -791,8 +870,12 @@ pub async fn serve<H: JobHost>(
         rounds: Mutex::new(HashMap::new()),
         done_tx,
     });
+    // A resumed job may have whole phases committed already (or be complete).
+    shared.advance_phases().await;
     let st = Arc::clone(&shared);
     let status: StatusFn = Arc::new(move || st.status());
+    let fl = Arc::clone(&shared);
+    let failure: FailureFn = Arc::new(move || lock(&fl.failure).clone());
     // Bound first: if the gRPC bind below fails, dropping it stops it.
     let metrics = match shared.opts.metrics_addr {
         Some(maddr) => Some(serve_metrics(maddr, Arc::clone(&status)).await?),
@@ -829,6 +912,7 @@ pub async fn serve<H: JobHost>(
         task,
         done_rx,
         status,
+        failure,
         metrics,
         tls: shared.opts.tls.is_some(),
     })

@@ -260,12 +260,7 @@ pub fn global_passes(
     extras: &ReadExtras<'_>,
     progress: &dyn Progress,
 ) -> Result<Vec<GlobalStats>, EngineError> {
-    let passes = plan
-        .tensors
-        .iter()
-        .filter(|t| !t.copy_raw)
-        .map(|t| build_method(t).map(|m| m.global_passes()))
-        .try_fold(0usize, |acc, p| p.map(|p| acc.max(p)))?;
+    let passes = global_pass_count(plan)?;
     let mut done: Vec<GlobalStats> = Vec::new();
     for pass in 0..passes {
         let total: u64 = plan.tensors.iter().map(|t| input_bytes(t, ckpts)).sum();
@@ -276,10 +271,7 @@ pub fn global_passes(
         );
         let mut acc = GlobalStats::default();
         for t in plan.tensors.iter().filter(|t| !t.copy_raw) {
-            let method = build_method(t)?;
-            let job = job_for(t, method.as_ref(), plan.seed, opts.memory_budget);
-            let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
-            let stats = method.global_pass(pass, &done, &job, &reader)?;
+            let stats = global_pass_tensor(t, pass, &done, plan.seed, ckpts, opts, extras)?;
             acc.accumulate(&stats);
             progress.advance(&t.name, input_bytes(t, ckpts));
         }
@@ -287,6 +279,37 @@ pub fn global_passes(
         done.push(acc);
     }
     Ok(done)
+}
+
+/// How many model-global passes the plan needs (the most any of its methods asks for).
+pub fn global_pass_count(plan: &Plan) -> Result<usize, EngineError> {
+    plan.tensors
+        .iter()
+        .filter(|t| !t.copy_raw)
+        .map(|t| build_method(t).map(|m| m.global_passes()))
+        .try_fold(0usize, |acc, p| p.map(|p| acc.max(p)))
+        .map_err(EngineError::from)
+}
+
+/// Tensor `t`'s part of global pass `pass`, given the results of the passes before it
+/// (`done`); [`global_passes`] adds these over the plan's tensors in plan order. A copied
+/// tensor contributes nothing.
+pub fn global_pass_tensor(
+    t: &TensorPlan,
+    pass: usize,
+    done: &[GlobalStats],
+    seed: u64,
+    ckpts: &[&Checkpoint],
+    opts: &MergeOptions,
+    extras: &ReadExtras<'_>,
+) -> Result<GlobalStats, EngineError> {
+    if t.copy_raw {
+        return Ok(GlobalStats::default());
+    }
+    let method = build_method(t)?;
+    let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
+    let reader = extras.reader(t, ckpts, opts.allow_nonfinite);
+    Ok(method.global_pass(pass, done, &job, &reader)?)
 }
 
 /// Merge one planned tensor into the writer (which must be positioned at it).

@@ -244,9 +244,13 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
             }
         }
         server.done().await;
+        let failure = server.failure();
         // Linger so that waiting workers hear `done` from us instead of finding us gone.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         server.shutdown(Duration::from_secs(5)).await?;
+        if let Some(f) = failure {
+            anyhow::bail!("job `{}` failed: {f}", a.job_id);
+        }
         let h = Arc::clone(&host);
         let j = &job;
         let summary = tokio::task::block_in_place(|| finish_job(j, &h))?;
@@ -254,6 +258,14 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
     })?;
     if a.etcd.is_none() {
         let _ = std::fs::remove_file(&journal);
+    }
+    if !quiet && host.passes() > 0 {
+        println!(
+            "model-global pre-pass: {} passes of {} shards on the workers, largest shard result {} bytes",
+            host.passes(),
+            host.pass_shards(),
+            host.largest_pass_result()
+        );
     }
     if !quiet {
         println!(

@@ -48,16 +48,32 @@ pub struct GlobalStats {
 }
 
 impl GlobalStats {
-    /// Add `other` into `self` elementwise (lengths must match, or `self` is empty).
+    /// Add `other` into `self`: counts elementwise (the shorter vector padded with zeros, so
+    /// the sum is exact and independent of grouping), sums elementwise in f64 (taken as they
+    /// are when `self` has none yet; an f64 sum depends on the order, so the executor adds
+    /// tensors in plan order).
     pub fn accumulate(&mut self, other: &GlobalStats) {
-        if self.counts.is_empty() && self.sums.is_empty() {
-            *self = other.clone();
-            return;
+        self.add_counts(&other.counts);
+        self.add_sums(&other.sums);
+    }
+
+    /// Add `counts` elementwise (exact; `self.counts` grows to the longer length).
+    pub fn add_counts(&mut self, counts: &[u64]) {
+        if self.counts.len() < counts.len() {
+            self.counts.resize(counts.len(), 0);
         }
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+        for (a, b) in self.counts.iter_mut().zip(counts) {
             *a += b;
         }
-        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+    }
+
+    /// Add `sums` elementwise in f64 (taken as they are when `self` has no sums yet).
+    pub fn add_sums(&mut self, sums: &[f64]) {
+        if self.sums.is_empty() {
+            self.sums = sums.to_vec();
+            return;
+        }
+        for (a, b) in self.sums.iter_mut().zip(sums) {
             *a += b;
         }
     }
