@@ -144,6 +144,120 @@ fn whole_model_ties_pre_pass_runs_on_worker_processes() {
     assert!(largest > 0 && largest < 256 << 10, "{line}");
 }
 
+/// A long-lived coordinator takes jobs one after another from `amalgam submit`: two jobs
+/// submitted at once (one with a model-global pre-pass) run in turn on the same workers and
+/// give the single-process bytes; a job that cannot run fails alone, with the reason, and the
+/// service takes the next one.
+#[test]
+fn a_serving_coordinator_runs_submitted_jobs_one_after_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let ties = write(d, "ties.yaml", TIES);
+    let model = write(
+        d,
+        "ties_model.yaml",
+        &TIES.replace(
+            "parameters: {normalize: true}",
+            "parameters: {normalize: true, trim_scope: model}",
+        ),
+    );
+    let missing = write(d, "missing.yaml", &TIES.replace("model: ft3", "model: ft9"));
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    run_ok(d, &["merge", &ties, "--out", "single-ties", "-q"]);
+    run_ok(d, &["merge", &model, "--out", "single-model", "-q"]);
+
+    let coord = Proc::start(
+        d,
+        &[
+            "coordinator",
+            "--serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "token",
+            "--shard-size",
+            "40KB",
+            "--lease-ttl",
+            "2",
+        ],
+        &[],
+    );
+    let url = url_of(&coord.line_with("serving submitted jobs"));
+    let _workers: Vec<Proc> = (0..2)
+        .map(|_| {
+            Proc::start(
+                d,
+                &["worker", "--coordinator", &url, "--token-file", "token"],
+                &[],
+            )
+        })
+        .collect();
+    let submit = |cfg: &str, out: &str| -> Proc {
+        Proc::start(
+            d,
+            &[
+                "submit",
+                cfg,
+                "--out",
+                out,
+                "--coordinator",
+                &url,
+                "--token-file",
+                "token",
+            ],
+            &[],
+        )
+    };
+    let mut a = submit(&ties, "out-ties");
+    let mut b = submit(&model, "out-model");
+    let (la, lb) = (a.line_with("merged"), b.line_with("merged"));
+    a.wait_ok();
+    b.wait_ok();
+    assert!(la.contains("job-") && lb.contains("job-"), "{la}\n{lb}");
+    assert_same_dirs(&d.join("single-ties"), &d.join("out-ties"));
+    assert_same_dirs(&d.join("single-model"), &d.join("out-model"));
+
+    // A job whose model is missing fails alone, naming the path.
+    let err = run_err(
+        d,
+        &[
+            "submit",
+            &missing,
+            "--out",
+            "out-missing",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "token",
+        ],
+    );
+    assert!(err.contains("ft9"), "{err}");
+    // The service goes on: the same config again, into a new directory.
+    let mut c = submit(&ties, "out-again");
+    c.line_with("merged");
+    c.wait_ok();
+    assert_same_dirs(&d.join("single-ties"), &d.join("out-again"));
+
+    // A one-job coordinator refuses submissions with a clear message.
+    let one = Proc::start(d, &coordinator_args(&ties, "out-one", &[]), &[]);
+    let one_url = url_of(&one.line_with("listening on"));
+    let err = run_err(
+        d,
+        &[
+            "submit",
+            &ties,
+            "--out",
+            "out-x",
+            "--coordinator",
+            &one_url,
+            "--token-file",
+            "token",
+        ],
+    );
+    assert!(err.contains("--serve"), "{err}");
+}
+
 fn wait_for_file(p: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

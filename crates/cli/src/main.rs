@@ -61,6 +61,8 @@ enum Command {
     Study(cmd::study::StudyArgs),
     /// Serve a merge to cluster workers over gRPC and write the checkpoint they produce.
     Coordinator(cmd::cluster::CoordinatorArgs),
+    /// Send a merge job to a long-lived coordinator (`coordinator --serve`) and wait for it.
+    Submit(cmd::cluster::SubmitArgs),
     /// Merge shards leased from a coordinator until its job is done.
     Worker(cmd::cluster::WorkerArgs),
     /// Show a coordinator's job progress (shards, leases, workers).
@@ -105,6 +107,7 @@ fn main() {
         Command::Coordinator(a) => cmd::cluster::run_coordinator(a, quiet),
         Command::Worker(a) => cmd::cluster::run_worker_cmd(a, quiet),
         Command::Status(a) => cmd::cluster::run_status(a),
+        Command::Submit(a) => cmd::cluster::run_submit(a, quiet),
         Command::GpuCheck(a) => cmd::gpu_check::run(a),
     };
     if let Err(e) = result {

@@ -46,6 +46,7 @@ pub mod remote_input;
 pub mod roots;
 pub mod scheduler;
 pub mod server;
+pub mod service;
 pub mod stats_job;
 pub mod tls;
 pub mod worker;

@@ -532,6 +532,11 @@ impl MergeHost {
         Ok(crate::prepass::reduce_pass(results))
     }
 
+    /// Shard ids this job uses, `0..id_count()` (its pre-pass shards, then its merge shards).
+    pub fn id_count(&self) -> ShardId {
+        self.merge_id(self.expected.len())
+    }
+
     /// Model-global passes of this job (run on the workers before the merge).
     pub fn passes(&self) -> usize {
         self.passes

@@ -53,11 +53,24 @@ pub trait JobHost: Send + Sync + 'static {
     }
     /// Called (for a phased host) when every shard handed out so far is committed: the
     /// shards of the next phase (ids not used before), or `None` when the job is complete.
-    /// An error fails the job.
+    /// An empty list means nothing to hand out now (a long-lived coordinator waiting for a
+    /// submission): asked again after the next [`JobHost::submit_job`]. An error fails the job.
     fn next_phase(&self) -> Result<Option<Vec<ShardSpec>>> {
         Ok(None)
     }
+    /// Takes a merge job submitted to a long-lived coordinator (`SubmitJob`); the ticket
+    /// resolves when the job's checkpoint is written or the job failed. One-job hosts refuse.
+    fn submit_job(&self, _req: pb::SubmitJobRequest) -> Result<JobTicket> {
+        Err(ClusterError::Config(
+            "this coordinator runs one job; start it with `amalgam coordinator --serve` to \
+             take submitted jobs"
+                .into(),
+        ))
+    }
 }
+
+/// Resolves when a submitted job is done: its summary, or why it failed.
+pub type JobTicket = oneshot::Receiver<std::result::Result<pb::SubmitJobResponse, String>>;
 
 /// Coordinator settings.
 #[derive(Clone)]
@@ -245,6 +258,7 @@ impl<H: JobHost> Shared<H> {
                 .map_err(|e| ClusterError::Host(format!("phase task failed: {e}")))
                 .and_then(|r| r);
             match next {
+                Ok(Some(shards)) if shards.is_empty() => break,
                 Ok(Some(shards)) => {
                     let n = shards.len();
                     // Specs first: a shard is never leased before its spec is known.
@@ -712,6 +726,25 @@ impl<H: JobHost> Coordinator for Service<H> {
         _request: Request<pb::JobStatusRequest>,
     ) -> Result<Response<pb::JobStatusResponse>, Status> {
         Ok(Response::new(self.shared.status()))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        let h = Arc::clone(&self.shared.host);
+        let ticket = tokio::task::spawn_blocking(move || h.submit_job(req))
+            .await
+            .map_err(|e| Status::internal(format!("submit task failed: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // An idle coordinator hands the job's first phase out now.
+        self.shared.advance_phases().await;
+        match ticket.await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            Ok(Err(m)) => Err(Status::aborted(m)),
+            Err(_) => Err(Status::internal("the coordinator dropped the job")),
+        }
     }
 }
 

@@ -32,15 +32,19 @@ use std::time::Duration;
 /// Arguments of `amalgam coordinator`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  amalgam coordinator --config ties.yaml --out merged/ --listen 0.0.0.0:7070 --token-file token\n  amalgam worker --coordinator http://HOST:7070 --token-file token   (on every node)"
+    after_help = "Examples:\n  amalgam coordinator --config ties.yaml --out merged/ --listen 0.0.0.0:7070 --token-file token\n  amalgam worker --coordinator http://HOST:7070 --token-file token   (on every node)\n  amalgam coordinator --serve --listen 0.0.0.0:7070 --token-file token   (long-lived)\n  amalgam submit ties.yaml --out /shared/merged --coordinator http://HOST:7070 --token-file token"
 )]
 pub struct CoordinatorArgs {
     /// The merge config (mergekit YAML). Model paths must be the same on every worker.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[arg(long, required_unless_present = "serve")]
+    pub config: Option<PathBuf>,
     /// Output directory.
-    #[arg(long, short)]
-    pub out: PathBuf,
+    #[arg(long, short, required_unless_present = "serve")]
+    pub out: Option<PathBuf>,
+    /// Run as a long-lived service that merges the jobs `amalgam submit` sends, one after
+    /// another, until stopped (instead of one `--config`). Job state is kept in memory.
+    #[arg(long, conflicts_with_all = ["config", "out", "journal", "etcd", "job_id"])]
+    pub serve: bool,
     /// Address to serve gRPC on (port 0 picks one; it is printed).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
@@ -77,6 +81,33 @@ pub struct CoordinatorArgs {
     pub lease_ttl: u64,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// Arguments of `amalgam submit`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  amalgam coordinator --serve --listen 0.0.0.0:7070 --token-file token   (once)\n  amalgam submit ties.yaml --out /shared/merged --coordinator http://HOST:7070 --token-file token"
+)]
+pub struct SubmitArgs {
+    /// The merge config. Its model paths, and the output directory, must mean the same files
+    /// on the coordinator (shared storage): they are sent as absolute paths.
+    pub config: PathBuf,
+    /// Output directory (written by the coordinator).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// URL of a coordinator started with `--serve`.
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the coordinator's bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Output bytes per shard (default: the coordinator's `--shard-size`).
+    #[arg(long, value_parser = parse_size)]
+    pub shard_size: Option<u64>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// Arguments of `amalgam worker`.
@@ -195,20 +226,30 @@ pub fn prepare(
         .with_context(|| format!("planning {}", config_path.display()))
 }
 
-/// Run `amalgam coordinator`.
-pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
-    let token = read_token(&a.token_file)?;
-    let opts = a.run.options(a.out.clone());
-    let job = prepare(&a.config, a.run.strict, quiet, opts, a.shard_size)?;
-    let tls = match (&a.tls_cert, &a.tls_key) {
+fn server_tls(a: &CoordinatorArgs) -> Result<Option<ServerTls>> {
+    Ok(match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(ServerTls::from_files(c, k, a.tls_client_ca.as_deref())?),
         _ => None,
+    })
+}
+
+/// Run `amalgam coordinator`.
+pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
+    if a.serve {
+        return run_service(a, quiet);
+    }
+    let (Some(config), Some(out)) = (a.config.clone(), a.out.clone()) else {
+        anyhow::bail!("a coordinator needs --config and --out (or --serve)");
     };
+    let token = read_token(&a.token_file)?;
+    let opts = a.run.options(out.clone());
+    let job = prepare(&config, a.run.strict, quiet, opts, a.shard_size)?;
+    let tls = server_tls(&a)?;
     let host = Arc::new(MergeHost::new(&job, true)?);
     let journal = a
         .journal
         .clone()
-        .unwrap_or_else(|| a.out.join(".amalgam-journal.jsonl"));
+        .unwrap_or_else(|| out.join(".amalgam-journal.jsonl"));
     let store: Arc<dyn JobStore> = match &a.etcd {
         Some(url) => Arc::new(EtcdStore::connect(url).with_context(|| "the job store")?),
         None => Arc::new(
@@ -273,9 +314,113 @@ pub fn run_coordinator(a: CoordinatorArgs, quiet: bool) -> Result<()> {
             job.plan.tensors.len(),
             summary.shards,
             host.accepted(),
-            a.out.display(),
+            out.display(),
             human(summary.total_bytes),
             summary.files.len()
+        );
+    }
+    Ok(())
+}
+
+/// Run `amalgam coordinator --serve`: take submitted jobs until stopped.
+fn run_service(a: CoordinatorArgs, quiet: bool) -> Result<()> {
+    let token = read_token(&a.token_file)?;
+    let tls = server_tls(&a)?;
+    let host = Arc::new(amalgam_cluster::service::ServiceHost::new(a.shard_size));
+    let rt = runtime()?;
+    rt.block_on(async {
+        let opts = ServerOptions {
+            job_id: "service".into(),
+            token,
+            lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
+            heartbeat_interval: Duration::from_millis((a.lease_ttl.max(1) * 1000 / 3).max(100)),
+            metrics_addr: a.metrics_listen,
+            tls,
+            ..ServerOptions::default()
+        };
+        let server = serve(host, a.listen, opts)
+            .await
+            .with_context(|| format!("serving on {}", a.listen))?;
+        if !quiet {
+            println!(
+                "coordinator: serving submitted jobs (amalgam submit) on {}",
+                server.url()
+            );
+            if let Some(m) = server.metrics_addr() {
+                println!("metrics on http://{m}/metrics");
+            }
+        }
+        // Runs until the process is stopped.
+        server.done().await;
+        let failure = server.failure();
+        server.shutdown(Duration::from_secs(5)).await?;
+        match failure {
+            Some(f) => anyhow::bail!("the service failed: {f}"),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Run `amalgam submit`: send a merge job to a `--serve` coordinator and wait for it.
+pub fn run_submit(a: SubmitArgs, quiet: bool) -> Result<()> {
+    let token = read_token(&a.token_file)?;
+    let tls = a.tls.load()?;
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("cannot read config {}", a.config.display()))?;
+    // Checked here first, so a typo fails before anything is sent.
+    load_config(&a.config, a.run.strict, quiet)?;
+    let config_abs = std::path::absolute(&a.config)
+        .with_context(|| format!("resolving {}", a.config.display()))?;
+    let config_dir = config_abs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let out =
+        std::path::absolute(&a.out).with_context(|| format!("resolving {}", a.out.display()))?;
+    let req = amalgam_cluster::pb::SubmitJobRequest {
+        config_yaml: text,
+        config_dir: config_dir.display().to_string(),
+        out_dir: out.display().to_string(),
+        shard_bytes: a.shard_size.unwrap_or(0),
+        memory_budget: a.run.memory_budget,
+        out_shard_size: a.run.out_shard_size,
+        overwrite: a.run.overwrite,
+        allow_nonfinite: a.run.allow_nonfinite,
+        strict: a.run.strict,
+    };
+    if !quiet {
+        println!(
+            "submitting {} to {}; waiting for the merge",
+            a.config.display(),
+            a.coordinator
+        );
+    }
+    let rt = runtime()?;
+    let r = rt
+        .block_on(async {
+            let mut c = amalgam_cluster::client::connect_with(
+                &a.coordinator,
+                token.as_deref(),
+                tls.as_ref(),
+            )
+            .await?;
+            let r = c
+                .submit_job(req)
+                .await
+                .map_err(|s| amalgam_cluster::ClusterError::rpc("SubmitJob", s))?;
+            Ok::<_, amalgam_cluster::ClusterError>(r.into_inner())
+        })
+        .with_context(|| format!("job {} on {}", a.config.display(), a.coordinator))?;
+    if !quiet {
+        println!(
+            "{}: merged {} tensors in {} shards into {} ({} in {} file(s)) in {:.1} s",
+            r.job_id,
+            r.tensors,
+            r.shards,
+            out.display(),
+            human(r.total_bytes),
+            r.files.len(),
+            r.seconds
         );
     }
     Ok(())
