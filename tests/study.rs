@@ -2,7 +2,7 @@
 //! generated two-task suite, linear and task arithmetic (a λ grid, one bad value) at 2 and 3
 //! models; the CSV checked against merges run directly, the plots decoded, resuming checked.
 
-use crate::common::{run_ok, write_model_stats};
+use crate::common::{run_ok, url_of, write_model_stats, Proc};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -307,4 +307,56 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
         rows3[0]["held_out"], rows[0]["held_out"],
         "deterministic rerun"
     );
+
+    // The same merge again, sent to a long-lived coordinator (`amalgam submit`): same scores.
+    let (i, ok_row) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r["status"] == "ok")
+        .unwrap();
+    let ok_key = &ok_row["key"];
+    std::fs::remove_file(d.join("out/runs").join(format!("{ok_key}.json"))).unwrap();
+    std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
+    let coord = Proc::start(
+        d,
+        &[
+            "coordinator",
+            "--serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "token",
+        ],
+        &[],
+    );
+    let url = url_of(&coord.line_with("serving submitted jobs"));
+    let _worker = Proc::start(
+        d,
+        &["worker", "--coordinator", &url, "--token-file", "token"],
+        &[],
+    );
+    let fourth = run_ok(
+        d,
+        &[
+            "study",
+            "study.yaml",
+            "--out",
+            "out",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "token",
+        ],
+    );
+    assert!(fourth.contains("ran 1 merges, 3 failed"), "{fourth}");
+    // The merge really ran there.
+    let st = run_ok(
+        d,
+        &["status", "--coordinator", &url, "--token-file", "token"],
+    );
+    assert!(!st.contains(" 0/0 shards"), "{st}");
+    let rows4 = read_csv(&d.join("out/results.csv"));
+    for col in ["held_in", "held_out", "task:colours", "task:facts"] {
+        assert_eq!(rows4[i][col], rows[i][col], "{col} through the coordinator");
+    }
 }

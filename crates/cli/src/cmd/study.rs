@@ -54,6 +54,14 @@ pub struct StudyArgs {
     /// (`amalgam merge --workers N`, `amalgam eval --workers N`; same results). 0: directly.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Send each merge to this long-lived coordinator (`amalgam coordinator --serve`) with
+    /// `amalgam submit` instead of merging here (same results; the study's paths must mean
+    /// the same files there). The merge's peak memory is then the submitting process's.
+    #[arg(long, value_name = "URL", conflicts_with = "workers")]
+    pub coordinator: Option<String>,
+    /// File holding the coordinator's bearer token (with `--coordinator`).
+    #[arg(long, requires = "coordinator")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Run `amalgam study`.
@@ -83,6 +91,8 @@ pub fn run(a: StudyArgs, quiet: bool) -> Result<()> {
     let mut exec = ChildExecutor {
         exe: std::env::current_exe().context("locating the amalgam binary")?,
         workers: a.workers,
+        coordinator: a.coordinator.clone(),
+        token_file: a.token_file.clone(),
     };
     let opts = RunOptions {
         retry_failed: a.retry_failed,
@@ -109,6 +119,10 @@ struct ChildExecutor {
     exe: PathBuf,
     /// `--workers` for each child (0: none).
     workers: usize,
+    /// Merges go to this coordinator through `amalgam submit`.
+    coordinator: Option<String>,
+    /// Its token file.
+    token_file: Option<PathBuf>,
 }
 
 /// The last `n` lines of a log (for error messages).
@@ -168,13 +182,26 @@ fn run_child(exe: &Path, args: &[&std::ffi::OsStr], log: &Path) -> Result<u64> {
 impl Executor for ChildExecutor {
     fn merge(&mut self, config: &Path, out: &Path, log: &Path) -> Result<u64> {
         let workers = self.workers.to_string();
+        let command = if self.coordinator.is_some() {
+            "submit"
+        } else {
+            "merge"
+        };
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "--quiet".as_ref(),
-            "merge".as_ref(),
+            command.as_ref(),
             config.as_os_str(),
             "--out".as_ref(),
             out.as_os_str(),
         ];
+        if let Some(url) = &self.coordinator {
+            args.push("--coordinator".as_ref());
+            args.push(url.as_ref());
+        }
+        if let Some(t) = &self.token_file {
+            args.push("--token-file".as_ref());
+            args.push(t.as_os_str());
+        }
         if self.workers > 0 {
             args.push("--workers".as_ref());
             args.push(workers.as_ref());
