@@ -67,7 +67,9 @@ pub struct JobSpec {
     pub allow_nonfinite: bool,
     /// Output file size (only used to build the layout, which gives dtypes and sizes).
     pub out_shard_size: u64,
-    /// Results of the method's model-global passes done so far: `(counts, sums)` per pass.
+    /// Results of the method's model-global passes done so far: `(counts, sums)` per pass
+    /// (in JSON: counts sparse, sums as f64 bit patterns, so they arrive exactly).
+    #[serde(with = "global_wire")]
     pub global: Vec<(Vec<u64>, Vec<f64>)>,
     /// Every input checkpoint as the coordinator opened it (sizes and header checksums), so a
     /// worker can tell whether it sees the same files or must stream them
@@ -78,6 +80,58 @@ pub struct JobSpec {
     /// coordinator resolved them (sizes and sha256), so a worker without them streams them.
     #[serde(default)]
     pub extras: Vec<crate::remote_input::ExtraInput>,
+}
+
+/// The JSON form of [`JobSpec::global`]: per pass, the counts' length and their nonzero
+/// `(index, count)` pairs (histograms are mostly zeros), and the sums as f64 bit patterns
+/// (JSON numbers need not parse back to the same f64).
+mod global_wire {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Pass {
+        len: usize,
+        counts: Vec<(usize, u64)>,
+        sums: Vec<u64>,
+    }
+
+    pub fn serialize<S: Serializer>(g: &[(Vec<u64>, Vec<f64>)], s: S) -> Result<S::Ok, S::Error> {
+        g.iter()
+            .map(|(c, x)| Pass {
+                len: c.len(),
+                counts: c
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0)
+                    .map(|(i, v)| (i, *v))
+                    .collect(),
+                sums: x.iter().map(|v| v.to_bits()).collect(),
+            })
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(Vec<u64>, Vec<f64>)>, D::Error> {
+        use serde::de::Error;
+        let passes = Vec::<Pass>::deserialize(d)?;
+        passes
+            .into_iter()
+            .map(|p| {
+                if p.len > 1 << 26 {
+                    return Err(D::Error::custom("more counts than any method makes"));
+                }
+                let mut counts = vec![0u64; p.len];
+                for (i, v) in p.counts {
+                    *counts
+                        .get_mut(i)
+                        .ok_or_else(|| D::Error::custom("a count index past the length"))? = v;
+                }
+                Ok((counts, p.sums.into_iter().map(f64::from_bits).collect()))
+            })
+            .collect()
+    }
 }
 
 /// One shard's work.
@@ -1288,6 +1342,41 @@ mod tests {
             err.contains("outside the allowed roots") && err.contains("data2"),
             "refused before opening: {err}"
         );
+    }
+
+    #[test]
+    fn global_results_travel_exactly_and_sparsely() {
+        let mut counts = vec![0u64; 1 << 16];
+        counts[7] = 3;
+        counts[65535] = u64::MAX;
+        let sums = vec![
+            0.1 + 0.2,
+            -1.0 / 3.0,
+            f64::MIN_POSITIVE / 7.0,
+            1.797_693_134_862_315_7e308,
+            -0.0,
+        ];
+        let job = JobSpec {
+            config_yaml: String::new(),
+            config_dir: None,
+            memory_budget: 1,
+            allow_nonfinite: false,
+            out_shard_size: 1,
+            global: vec![(counts, sums), (Vec::new(), Vec::new())],
+            inputs: Vec::new(),
+            extras: Vec::new(),
+        };
+        let text = serde_json::to_vec(&job).unwrap();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        let back: JobSpec = serde_json::from_slice(&text).unwrap();
+        assert_eq!(back.global[0].0, job.global[0].0);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.global[0].1), bits(&job.global[0].1));
+        assert_eq!(back.global[1], job.global[1]);
+        let bad = String::from_utf8(text)
+            .unwrap()
+            .replace("[65535,", "[65536,");
+        assert!(serde_json::from_str::<JobSpec>(&bad).is_err());
     }
 
     #[test]

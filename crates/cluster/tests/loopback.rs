@@ -330,6 +330,12 @@ async fn missing_or_wrong_token_is_refused_on_every_rpc_kind() {
         assert!(e.message().contains(needle), "{}", e.message());
         let e = c.job_status(pb::JobStatusRequest {}).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let e = c
+            .submit_job(pb::SubmitJobRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains(needle), "{}", e.message());
         // Server streaming.
         let e = c
             .read_input(pb::ReadInputRequest {
@@ -371,6 +377,13 @@ async fn missing_or_wrong_token_is_refused_on_every_rpc_kind() {
         .unwrap()
         .into_inner();
     assert_eq!(st.shards_total, 2);
+    // A one-job coordinator refuses a submitted job, saying how to take them.
+    let e = c
+        .submit_job(pb::SubmitJobRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("--serve"), "{}", e.message());
     h.shutdown(Duration::from_millis(200)).await.unwrap();
 }
 
