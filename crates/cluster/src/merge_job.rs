@@ -70,7 +70,7 @@ pub struct JobSpec {
     /// Results of the method's model-global passes done so far: `(counts, sums)` per pass
     /// (in JSON: counts sparse, sums as f64 bit patterns, so they arrive exactly).
     #[serde(with = "global_wire")]
-    pub global: Vec<(Vec<u64>, Vec<f64>)>,
+    pub global: Vec<PassStats>,
     /// Every input checkpoint as the coordinator opened it (sizes and header checksums), so a
     /// worker can tell whether it sees the same files or must stream them
     /// ([`crate::remote_input`]).
@@ -82,10 +82,14 @@ pub struct JobSpec {
     pub extras: Vec<crate::remote_input::ExtraInput>,
 }
 
+/// One model-global pass's result as a job spec carries it: `(counts, sums)`.
+pub type PassStats = (Vec<u64>, Vec<f64>);
+
 /// The JSON form of [`JobSpec::global`]: per pass, the counts' length and their nonzero
 /// `(index, count)` pairs (histograms are mostly zeros), and the sums as f64 bit patterns
 /// (JSON numbers need not parse back to the same f64).
 mod global_wire {
+    use super::PassStats;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     #[derive(Serialize, Deserialize)]
@@ -95,7 +99,7 @@ mod global_wire {
         sums: Vec<u64>,
     }
 
-    pub fn serialize<S: Serializer>(g: &[(Vec<u64>, Vec<f64>)], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(g: &[PassStats], s: S) -> Result<S::Ok, S::Error> {
         g.iter()
             .map(|(c, x)| Pass {
                 len: c.len(),
@@ -111,9 +115,7 @@ mod global_wire {
             .serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Vec<(Vec<u64>, Vec<f64>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PassStats>, D::Error> {
         use serde::de::Error;
         let passes = Vec::<Pass>::deserialize(d)?;
         passes
