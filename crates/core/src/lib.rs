@@ -29,6 +29,7 @@ pub mod plan;
 pub mod raw;
 pub mod reduce;
 pub mod select;
+pub mod simd;
 pub mod solve;
 pub mod tensor;
 

@@ -74,8 +74,18 @@ impl RawBlock {
         self.len == 0
     }
 
-    /// Decode elements `range` (relative to the block) into `out` (same length).
+    /// Decode elements `range` (relative to the block) into `out` (same length). Runs the
+    /// AVX2 build of the loop where the CPU has it ([`crate::simd`]; exact either way).
     pub fn decode(&self, range: Range<usize>, out: &mut [f32]) {
+        crate::simd::run(
+            #[inline(always)]
+            || self.decode_body(range, out),
+        )
+    }
+
+    /// [`RawBlock::decode`]'s loops, inlined into both of its builds.
+    #[inline(always)]
+    fn decode_body(&self, range: Range<usize>, out: &mut [f32]) {
         debug_assert_eq!(range.len(), out.len());
         match self.dtype {
             Some(RawDtype::F32) => {
@@ -100,6 +110,7 @@ impl RawBlock {
         }
     }
 
+    #[inline(always)]
     fn u16s(&self) -> &[u16] {
         &bytemuck::cast_slice::<u32, u16>(&self.words)[..self.len]
     }
@@ -193,7 +204,7 @@ where
 }
 
 /// Whether every value is finite (branch-free, vectorisable).
-#[inline]
+#[inline(always)]
 pub fn all_finite(v: &[f32]) -> bool {
     v.iter().fold(true, |ok, x| {
         ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000)
@@ -258,8 +269,17 @@ impl<'a> BlockInputs<'a> {
     pub fn decode(&self, k: usize, range: Range<usize>, out: &mut [f32]) -> Result<()> {
         let rel = range.start - self.start..range.end - self.start;
         if self.is_raw[k] {
-            self.raw[k].decode(rel, out);
-            if self.check && !all_finite(out) {
+            let raw = &self.raw[k];
+            let check = self.check;
+            // Decode and check in one AVX2 (or baseline) build, `crate::simd`.
+            let ok = crate::simd::run(
+                #[inline(always)]
+                || {
+                    raw.decode_body(rel, out);
+                    !check || all_finite(out)
+                },
+            );
+            if !ok {
                 let off = out.iter().position(|x| !x.is_finite()).unwrap_or(0);
                 return Err(self.reader.non_finite_error(
                     self.tensor,

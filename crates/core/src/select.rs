@@ -608,7 +608,17 @@ const FLAG_TILE: usize = 1024;
 impl WindowScan {
     /// Add the keys of the elements `start..start + keys.len()` (`start + keys.len()` at most
     /// 2^32); gathering stops (with `overflow`) once more than `cap` elements are inside.
+    /// Runs the AVX2 build of its loops where the CPU has it ([`crate::simd`]).
     pub fn add(&mut self, w: Window, start: usize, keys: &[u32], cap: usize) {
+        crate::simd::run(
+            #[inline(always)]
+            || self.add_body(w, start, keys, cap),
+        )
+    }
+
+    /// [`WindowScan::add`]'s loops, inlined into both of its builds.
+    #[inline(always)]
+    fn add_body(&mut self, w: Window, start: usize, keys: &[u32], cap: usize) {
         let (lo, width) = (w.lo, w.hi.wrapping_sub(w.lo));
         let inside = |k: u32| k.wrapping_sub(lo) <= width;
         let below: u32 = keys.iter().map(|&k| u32::from(k < lo)).sum();

@@ -215,8 +215,18 @@ fn f32_to_bf16_bits(v: f32) -> u16 {
 }
 
 /// Encodes `src` into `out` (exactly `src.len() * dtype.size_bytes()` bytes) for a
-/// float-convertible `dtype`.
+/// float-convertible `dtype`, in the AVX2 build of the loops where the CPU has it
+/// (`amalgam_core::simd`; the same bytes).
 fn encode_into(dtype: &DType, src: &[f32], out: &mut [u8]) {
+    amalgam_core::simd::run(
+        #[inline(always)]
+        || encode_into_body(dtype, src, out),
+    )
+}
+
+/// [`encode_into`]'s loops, inlined into both of its builds.
+#[inline(always)]
+fn encode_into_body(dtype: &DType, src: &[f32], out: &mut [u8]) {
     match dtype {
         DType::F32 => {
             for (o, v) in out.chunks_exact_mut(4).zip(src) {

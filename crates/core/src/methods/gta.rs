@@ -335,6 +335,7 @@ fn rescale_factors(
 }
 
 /// Scale one block of model `i`'s task vector in place: sparsify, rescale, weight.
+#[inline(always)]
 fn weight_block(
     opts: &GtaOptions,
     sp: Option<&dyn Sparsifier>,
@@ -360,6 +361,7 @@ fn weight_block(
 
 /// `d *= f` elementwise: in parallel for a block, inline for a tile of a caller's parallel
 /// loop.
+#[inline(always)]
 fn scale(d: &mut [f32], f: f32) {
     if d.len() <= PAR_CHUNK {
         d.iter_mut().for_each(|x| *x *= f);
@@ -441,6 +443,7 @@ fn check_job(opts: &GtaOptions, job: &TensorJob) -> Result<()> {
 
 /// `pos[k]` = the majority sign of consensus sum `s[k]`, `+1.0` or `-1.0` (mergekit: `+1`
 /// where `s ≥ 0`; `strict`: `sgn s`, and `+1` for `s == 0` only when `zero_pos`).
+#[inline(always)]
 fn majority_sign(s: &[f32], pos: &mut [f32], strict: bool, zero_pos: bool) {
     for (p, &x) in pos.iter_mut().zip(s) {
         let up = if strict {
@@ -455,6 +458,7 @@ fn majority_sign(s: &[f32], pos: &mut [f32], strict: bool, zero_pos: bool) {
 /// Add the weighted task-vector tile `v` (weight `w`) where it has the majority sign `pos`
 /// (`v·sign > 0`, exact: the product only flips the sign bit): to the mix `s` and its
 /// weight to `div`.
+#[inline(always)]
 fn sign_mix(v: &[f32], pos: &[f32], w: f32, s: &mut [f32], div: &mut [f32]) {
     let len = s.len();
     let (v, pos, div) = (&v[..len], &pos[..len], &mut div[..len]);
@@ -476,6 +480,7 @@ enum Divide<'a> {
 }
 
 /// `out = base + λ·(mix / divisor)`, step 5.
+#[inline(always)]
 fn finish(mix: &[f32], div: Divide<'_>, lambda: f32, base: &[f32], out: &mut [f32]) {
     let len = out.len();
     let (mix, base) = (&mix[..len], &base[..len]);
@@ -536,14 +541,23 @@ fn combine(
     deltas: &[Vec<f32>],
     out: &mut [f32],
 ) -> Result<()> {
-    combine_tiles(opts, sp, factors, sparsified, start, out, |r, b, vs| {
-        let rel = r.start - start..r.end - start;
-        b.copy_from_slice(&base[rel.clone()]);
-        for (i, d) in deltas.iter().enumerate() {
-            vs[i * STRIDE..i * STRIDE + rel.len()].copy_from_slice(&d[rel.clone()]);
-        }
-        Ok(())
-    })
+    combine_tiles(
+        opts,
+        sp,
+        factors,
+        sparsified,
+        start,
+        out,
+        #[inline(always)]
+        |r, b, vs| {
+            let rel = r.start - start..r.end - start;
+            b.copy_from_slice(&base[rel.clone()]);
+            for (i, d) in deltas.iter().enumerate() {
+                vs[i * STRIDE..i * STRIDE + rel.len()].copy_from_slice(&d[rel.clone()]);
+            }
+            Ok(())
+        },
+    )
 }
 
 /// [`combine`] with the inputs of each tile supplied by `load(range, base, vs)`: the base
@@ -576,74 +590,80 @@ where
         None => (true, false),
         Some(z) => (z > 0, true),
     };
+    // One tile, compiled twice (AVX2 and baseline, `crate::simd`): the same f32 operations.
     let run = |v: &mut Vec<f32>, t: usize, o: &mut [f32]| -> Result<()> {
-        let off = t * TILE;
-        let len = o.len();
-        // v: n model tiles, then the consensus sum, the divisor, the sign and the base.
-        let (vs, rest) = v.split_at_mut(n * STRIDE);
-        let (s, rest) = rest.split_at_mut(STRIDE);
-        let (div, rest) = rest.split_at_mut(STRIDE);
-        let (pos, base) = rest.split_at_mut(STRIDE);
-        let (s, div, pos, base) = (
-            &mut s[..len],
-            &mut div[..len],
-            &mut pos[..len],
-            &mut base[..len],
-        );
-        load(start + off..start + off + len, base, vs)?;
-        for i in 0..n {
-            let x = &mut vs[i * STRIDE..i * STRIDE + len];
-            weight_block(opts, sp, factors, i, start + off, x, sparsified)?;
-        }
-        let tile = |i: usize| &vs[i * STRIDE..i * STRIDE + len];
-        s.fill(0.0);
-        let mut plain = true;
-        match opts.consensus {
-            None => {
+        crate::simd::run(
+            #[inline(always)]
+            || {
+                let off = t * TILE;
+                let len = o.len();
+                // v: n model tiles, then the consensus sum, the divisor, the sign and the base.
+                let (vs, rest) = v.split_at_mut(n * STRIDE);
+                let (s, rest) = rest.split_at_mut(STRIDE);
+                let (div, rest) = rest.split_at_mut(STRIDE);
+                let (pos, base) = rest.split_at_mut(STRIDE);
+                let (s, div, pos, base) = (
+                    &mut s[..len],
+                    &mut div[..len],
+                    &mut pos[..len],
+                    &mut base[..len],
+                );
+                load(start + off..start + off + len, base, vs)?;
                 for i in 0..n {
-                    for (a, x) in s.iter_mut().zip(tile(i)) {
-                        *a += *x;
-                    }
+                    let x = &mut vs[i * STRIDE..i * STRIDE + len];
+                    weight_block(opts, sp, factors, i, start + off, x, sparsified)?;
                 }
-            }
-            Some(cm) => {
-                plain = false;
-                for i in 0..n {
-                    match cm {
-                        Consensus::Sum => {
+                let tile = |i: usize| &vs[i * STRIDE..i * STRIDE + len];
+                s.fill(0.0);
+                let mut plain = true;
+                match opts.consensus {
+                    None => {
+                        for i in 0..n {
                             for (a, x) in s.iter_mut().zip(tile(i)) {
                                 *a += *x;
                             }
                         }
-                        Consensus::Count => {
-                            for (a, &v) in s.iter_mut().zip(tile(i)) {
-                                let p = if v > 0.0 { 1.0 } else { 0.0 };
-                                let q = if v < 0.0 { 1.0 } else { 0.0 };
-                                *a += p - q;
+                    }
+                    Some(cm) => {
+                        plain = false;
+                        for i in 0..n {
+                            match cm {
+                                Consensus::Sum => {
+                                    for (a, x) in s.iter_mut().zip(tile(i)) {
+                                        *a += *x;
+                                    }
+                                }
+                                Consensus::Count => {
+                                    for (a, &v) in s.iter_mut().zip(tile(i)) {
+                                        let p = if v > 0.0 { 1.0 } else { 0.0 };
+                                        let q = if v < 0.0 { 1.0 } else { 0.0 };
+                                        *a += p - q;
+                                    }
+                                }
                             }
+                        }
+                        majority_sign(s, pos, strict, zero_pos);
+                        s.fill(0.0);
+                        div.fill(0.0);
+                        for (i, &w) in weights.iter().enumerate() {
+                            sign_mix(tile(i), pos, w, s, div);
+                        }
+                        for x in div.iter_mut() {
+                            *x = if *x == 0.0 { 1.0 } else { *x };
                         }
                     }
                 }
-                majority_sign(s, pos, strict, zero_pos);
-                s.fill(0.0);
-                div.fill(0.0);
-                for (i, &w) in weights.iter().enumerate() {
-                    sign_mix(tile(i), pos, w, s, div);
-                }
-                for x in div.iter_mut() {
-                    *x = if *x == 0.0 { 1.0 } else { *x };
-                }
-            }
-        }
-        let mode = if !opts.normalize {
-            Divide::None
-        } else if plain {
-            Divide::By(plain_div)
-        } else {
-            Divide::Each(div)
-        };
-        finish(s, mode, opts.lambda, base, o);
-        Ok(())
+                let mode = if !opts.normalize {
+                    Divide::None
+                } else if plain {
+                    Divide::By(plain_div)
+                } else {
+                    Divide::Each(div)
+                };
+                finish(s, mode, opts.lambda, base, o);
+                Ok(())
+            },
+        )
     };
     let buf = || vec![0.0f32; (n + 4) * STRIDE];
     let res = out
@@ -709,9 +729,15 @@ pub fn load_task_vectors(job: &TensorJob, reader: &dyn TensorReader) -> Result<L
             let d = &mut d[range.clone()];
             for_each_tile(d, lo, |r, d| {
                 blocks.decode(i + 1, r.clone(), d)?;
-                for (x, b) in d.iter_mut().zip(&base[r.start - lo..r.end - lo]) {
-                    *x -= *b;
-                }
+                let b = &base[r.start - lo..r.end - lo];
+                crate::simd::run(
+                    #[inline(always)]
+                    || {
+                        for (x, b) in d.iter_mut().zip(b) {
+                            *x -= *b;
+                        }
+                    },
+                );
                 Ok(())
             })?;
         }
@@ -821,14 +847,14 @@ pub struct View<'a> {
 
 impl View<'_> {
     /// Decode elements `range` into `out` (same length): exact, as [`crate::raw::RawBlock`].
-    #[inline]
+    #[inline(always)]
     pub fn decode(&self, range: Range<usize>, out: &mut [f32]) {
         self.decode_with(range, out, |o, x| *o = x);
     }
 
     /// `out[k] = value(range.start + k) − base[k]` (the raw task vector of a tile, in f32 as
     /// [`read_delta`] computes it); returns whether every decoded value was finite.
-    #[inline]
+    #[inline(always)]
     pub fn decode_sub(&self, range: Range<usize>, base: &[f32], out: &mut [f32]) -> bool {
         debug_assert_eq!(range.len(), out.len());
         let size = self.dtype.size();
@@ -903,13 +929,13 @@ pub struct Views<'a> {
 impl Views<'_> {
     /// Decode the base over `range` into `base` and model `i`'s raw task vector
     /// `θ_i − θ_0` into `delta`; `false` when a value of either is not finite.
-    #[inline]
+    #[inline(always)]
     pub fn delta(&self, i: usize, range: Range<usize>, base: &[f32], delta: &mut [f32]) -> bool {
         self.models[i].decode_sub(range, base, delta)
     }
 
     /// Decode the base over `range` into `base`; `false` when a value is not finite.
-    #[inline]
+    #[inline(always)]
     pub fn base(&self, range: Range<usize>, base: &mut [f32]) -> bool {
         self.base.decode(range, base);
         crate::raw::all_finite(base)
@@ -972,15 +998,24 @@ pub fn merge_views(
     for lo in (0..numel).step_by(STREAM_BLOCK) {
         let r = lo..(lo + STREAM_BLOCK).min(numel);
         let o = &mut out[..r.len()];
-        res = combine_tiles(opts, sparsifier, &factors, false, lo, o, |t, b, vs| {
-            views.base.decode(t.clone(), b);
-            for i in 0..n {
-                let d = &mut vs[i * STRIDE..i * STRIDE + t.len()];
-                // Finite: checked by the selection pass.
-                let _ = views.models[i].decode_sub(t.clone(), b, d);
-            }
-            Ok(())
-        })
+        res = combine_tiles(
+            opts,
+            sparsifier,
+            &factors,
+            false,
+            lo,
+            o,
+            #[inline(always)]
+            |t, b, vs| {
+                views.base.decode(t.clone(), b);
+                for i in 0..n {
+                    let d = &mut vs[i * STRIDE..i * STRIDE + t.len()];
+                    // Finite: checked by the selection pass.
+                    let _ = views.models[i].decode_sub(t.clone(), b, d);
+                }
+                Ok(())
+            },
+        )
         .and_then(|()| writer.write(r, o));
         if res.is_err() {
             break;

@@ -111,20 +111,31 @@ impl MergeMethod for Linear {
         let inputs: Vec<Input> = (0..self.weights.len()).map(Input::Model).collect();
         map_blocks(job, reader, writer, &inputs, None, |_, b, out| {
             // Model by model over the tile (vectorises); per element the same f32 operations
-            // in model order as `Σ_i x_i·w_i`.
-            let len = out.len();
-            out.fill(0.0);
-            for (w, x) in self.weights.iter().zip(&b.x) {
-                for (o, v) in out.iter_mut().zip(&x[..len]) {
-                    *o += v * w;
-                }
-            }
-            if let Some(d) = self.divisor {
-                for o in out.iter_mut() {
-                    *o /= d;
-                }
-            }
+            // in model order as `Σ_i x_i·w_i`, in an AVX2 (or baseline) build, `crate::simd`.
+            crate::simd::run(
+                #[inline(always)]
+                || self.mix_tile(b, out),
+            )
         })
+    }
+}
+
+impl Linear {
+    /// `out = Σ_i w_i·x_i` (model order), divided by the divisor when normalising.
+    #[inline(always)]
+    fn mix_tile(&self, b: &crate::methods::gram::Tile, out: &mut [f32]) {
+        let len = out.len();
+        out.fill(0.0);
+        for (w, x) in self.weights.iter().zip(&b.x) {
+            for (o, v) in out.iter_mut().zip(&x[..len]) {
+                *o += v * w;
+            }
+        }
+        if let Some(d) = self.divisor {
+            for o in out.iter_mut() {
+                *o /= d;
+            }
+        }
     }
 }
 

@@ -43,7 +43,7 @@ pub enum KeyOrder {
 
 impl KeyOrder {
     /// The selection key of a task-vector value.
-    #[inline]
+    #[inline(always)]
     pub fn key(self, x: f32) -> u32 {
         let b = x.abs().to_bits();
         match self {
@@ -74,8 +74,18 @@ impl RankMask {
 
     /// Zero the dropped elements of `chunk` (flat indices `base..`, fewer than 2^32), as
     /// [`RankMask::keeps`] decides, branch-free so that it vectorises: each cut's index bound
-    /// becomes a bound on the position inside the chunk.
+    /// becomes a bound on the position inside the chunk. Runs the AVX2 build of the loop
+    /// where the CPU has it ([`crate::simd`]; the same bits).
     pub fn apply_chunk(&self, base: u64, chunk: &mut [f32]) {
+        crate::simd::run(
+            #[inline(always)]
+            || self.apply_chunk_body(base, chunk),
+        )
+    }
+
+    /// [`RankMask::apply_chunk`]'s loop, inlined into both of its builds.
+    #[inline(always)]
+    fn apply_chunk_body(&self, base: u64, chunk: &mut [f32]) {
         let len = chunk.len() as u64;
         debug_assert!(len <= u64::from(u32::MAX));
         let flip = match self.order {
@@ -510,19 +520,25 @@ pub fn magnitude_views(
                 b.resize(KEY_TILE, 0.0);
                 d.resize(KEY_TILE, 0.0);
                 let (b, d) = (&mut b[..len], &mut d[..len]);
-                let mut ok = views.base(r.clone(), b);
-                for (a, &i) in models.iter().enumerate() {
-                    ok &= views.delta(i, r.clone(), b, d);
-                    for (k, x) in keys[a][..len].iter_mut().zip(d.iter()) {
-                        *k = KeyOrder::Descending.key(*x);
-                    }
-                }
-                if check_all {
-                    for i in (0..n_models).filter(|i| !models.contains(i)) {
-                        ok &= views.delta(i, r.clone(), b, d);
-                    }
-                }
-                ok
+                // Compiled twice (AVX2 and baseline, `crate::simd`): the same bits.
+                crate::simd::run(
+                    #[inline(always)]
+                    || {
+                        let mut ok = views.base(r.clone(), b);
+                        for (a, &i) in models.iter().enumerate() {
+                            ok &= views.delta(i, r.clone(), b, d);
+                            for (k, x) in keys[a][..len].iter_mut().zip(d.iter()) {
+                                *k = KeyOrder::Descending.key(*x);
+                            }
+                        }
+                        if check_all {
+                            for i in (0..n_models).filter(|i| !models.contains(i)) {
+                                ok &= views.delta(i, r.clone(), b, d);
+                            }
+                        }
+                        ok
+                    },
+                )
             })
         },
     )

@@ -1008,4 +1008,104 @@ mod tests {
         }
         models.clear();
     }
+
+    /// The AVX2 builds of the kernels (`crate::simd`) give the baseline builds' bits: TIES
+    /// (several densities, both consensus methods, `rescale`, lent and block inputs),
+    /// `task_arithmetic` and `linear`, from f32, bf16 and f16 inputs. Each side runs in its own
+    /// thread pool whose threads force (or not) the baseline kernels.
+    #[test]
+    fn avx2_and_baseline_kernels_give_the_same_bits() {
+        use crate::methods::{linear::Linear, task_arithmetic::TaskArithmetic, MergeMethod};
+        use crate::raw::RawDtype;
+        let pool = |plain: bool| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .start_handler(move |_| crate::simd::force_plain(plain))
+                .build()
+                .unwrap()
+        };
+        let (plain, simd) = (pool(true), pool(false));
+        assert!(!plain.install(crate::simd::avx2));
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("AMALGAM_NO_AVX2").is_none() {
+            assert_eq!(
+                simd.install(crate::simd::avx2),
+                std::arch::is_x86_feature_detected!("avx2")
+            );
+        }
+        let w = [0.6, 1.3, -0.45, 0.8];
+        let (rows, cols) = (203, 509);
+        let n = rows * cols;
+        for (dtype, step) in [
+            (RawDtype::F32, 0.0f32),
+            (RawDtype::F32, 0.125),
+            (RawDtype::Bf16, 0.0),
+            (RawDtype::Bf16, 0.25),
+            (RawDtype::F16, 0.0),
+        ] {
+            let (base, mut models) = if step > 0.0 {
+                quantised(70, n, 4, step)
+            } else {
+                (
+                    rand_vec(71, n),
+                    (72..76).map(|s| rand_vec(s, n)).collect::<Vec<_>>(),
+                )
+            };
+            // Exact zeros and tiny values in the task vectors.
+            for (k, x) in models[1].iter_mut().enumerate().step_by(17) {
+                *x = if k % 2 == 0 { base[k] } else { base[k] + 1e-30 };
+            }
+            let mut vr = ViewReader::new(dtype, &base, &models);
+            let mut methods: Vec<(String, Box<dyn MergeMethod>)> = Vec::new();
+            for (dens, extra) in [
+                ([0.2, 0.2, 0.2, 0.2], None),
+                ([0.05, 0.5, 1.0, 0.33], Some(("lambda", Scalar::Num(0.7)))),
+                (
+                    [0.7, 0.01, 0.3, 0.9],
+                    Some(("consensus_method", Scalar::Str("count".into()))),
+                ),
+                ([0.3, 0.4, 0.5, 0.6], Some(("rescale", Scalar::Bool(true)))),
+                (
+                    [0.5, 0.5, 0.5, 0.5],
+                    Some(("normalize", Scalar::Bool(false))),
+                ),
+            ] {
+                let mut p = params(&w, &dens);
+                if let Some((k, v)) = extra.clone() {
+                    p = p.with_global(k, v);
+                }
+                let name = format!("ties {dens:?} {extra:?}");
+                methods.push((name, Box::new(Ties::from_params(&p, 4).unwrap())));
+            }
+            let p = TensorParams::default().with_model_values("weight", &w);
+            methods.push((
+                "task_arithmetic".into(),
+                Box::new(TaskArithmetic::from_params(&p, 4).unwrap()),
+            ));
+            for normalize in [true, false] {
+                let p = p.clone().with_global("normalize", Scalar::Bool(normalize));
+                let name = format!("linear normalize {normalize}");
+                methods.push((name, Box::new(Linear::from_params(&p, 4).unwrap())));
+            }
+            for (name, m) in &methods {
+                for (lend, block) in [(true, n), (false, n), (false, cols * 5 + 3)] {
+                    vr.lend = lend;
+                    let jb = job(&[rows, cols], 4, block);
+                    let run = |pool: &rayon::ThreadPool| {
+                        pool.install(|| {
+                            let mut out = crate::tensor::MemWriter::default();
+                            m.merge(&jb, &[], &vr, &mut out).unwrap();
+                            bits(&out.data)
+                        })
+                    };
+                    let (a, b) = (run(&plain), run(&simd));
+                    assert_eq!(a.len(), n);
+                    assert!(
+                        a == b,
+                        "{name} {dtype:?} step {step} lend {lend} block {block}"
+                    );
+                }
+            }
+        }
+    }
 }
