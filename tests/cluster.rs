@@ -118,15 +118,7 @@ fn whole_model_ties_pre_pass_runs_on_worker_processes() {
     args[s] = "1MB";
     let mut coord = Proc::start(d, &args, &[]);
     let url = url_of(&coord.line_with("listening on"));
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|_| {
-            Proc::start(
-                d,
-                &["worker", "--coordinator", &url, "--token-file", "token"],
-                &[],
-            )
-        })
-        .collect();
+    let mut workers = start_workers(d, &url, 3);
     let line = coord.line_with("model-global pre-pass");
     coord.wait_ok();
     for w in workers.iter_mut() {
@@ -167,32 +159,8 @@ fn a_serving_coordinator_runs_submitted_jobs_one_after_another() {
     run_ok(d, &["merge", &ties, "--out", "single-ties", "-q"]);
     run_ok(d, &["merge", &model, "--out", "single-model", "-q"]);
 
-    let coord = Proc::start(
-        d,
-        &[
-            "coordinator",
-            "--serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            "token",
-            "--shard-size",
-            "40KB",
-            "--lease-ttl",
-            "2",
-        ],
-        &[],
-    );
-    let url = url_of(&coord.line_with("serving submitted jobs"));
-    let _workers: Vec<Proc> = (0..2)
-        .map(|_| {
-            Proc::start(
-                d,
-                &["worker", "--coordinator", &url, "--token-file", "token"],
-                &[],
-            )
-        })
-        .collect();
+    let (_coord, url) = start_service(d, &["--shard-size", "40KB", "--lease-ttl", "2"]);
+    let _workers = start_workers(d, &url, 2);
     let submit = |cfg: &str, out: &str| -> Proc {
         Proc::start(
             d,
@@ -358,15 +326,7 @@ fn worker_processes_survive_a_killed_worker_and_refuse_a_wrong_token() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|_| {
-            Proc::start(
-                d,
-                &["worker", "--coordinator", &url, "--token-file", "token"],
-                &[],
-            )
-        })
-        .collect();
+    let mut workers = start_workers(d, &url, 3);
     // Scrape /metrics until the coordinator exits; the last page shows the whole job.
     let last = coord.scrape_until_exit(&metrics);
     for w in workers.iter_mut() {

@@ -2,7 +2,7 @@
 //! generated two-task suite, linear and task arithmetic (a λ grid, one bad value) at 2 and 3
 //! models; the CSV checked against merges run directly, the plots decoded, resuming checked.
 
-use crate::common::{run_ok, url_of, write_model_stats, Proc};
+use crate::common::{run_ok, start_service, start_workers, write_model_stats};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -317,24 +317,8 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
     let ok_key = &ok_row["key"];
     std::fs::remove_file(d.join("out/runs").join(format!("{ok_key}.json"))).unwrap();
     std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
-    let coord = Proc::start(
-        d,
-        &[
-            "coordinator",
-            "--serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            "token",
-        ],
-        &[],
-    );
-    let url = url_of(&coord.line_with("serving submitted jobs"));
-    let _worker = Proc::start(
-        d,
-        &["worker", "--coordinator", &url, "--token-file", "token"],
-        &[],
-    );
+    let (_coord, url) = start_service(d, &[]);
+    let _worker = start_workers(d, &url, 1);
     let fourth = run_ok(
         d,
         &[

@@ -3,7 +3,7 @@
 
 mod proc;
 mod stats;
-pub use proc::{http_get, url_of, Proc};
+pub use proc::{http_get, start_service, start_workers, url_of, Proc};
 pub use stats::{split_mats_family, write_model_stats};
 
 use safetensors::tensor::{Dtype, SafeTensors};

@@ -83,6 +83,36 @@ impl Drop for Proc {
     }
 }
 
+/// `n` worker processes of the coordinator at `url`, run in `cwd` with the token file `token`.
+pub fn start_workers(cwd: &Path, url: &str, n: usize) -> Vec<Proc> {
+    (0..n)
+        .map(|_| {
+            Proc::start(
+                cwd,
+                &["worker", "--coordinator", url, "--token-file", "token"],
+                &[],
+            )
+        })
+        .collect()
+}
+
+/// A long-lived coordinator (`coordinator --serve`) on a loopback port, run in `cwd` with the
+/// token file `token` and `extra` arguments; and its URL.
+pub fn start_service(cwd: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "coordinator",
+        "--serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        "token",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::start(cwd, &args, &[]);
+    let url = url_of(&p.line_with("serving submitted jobs"));
+    (p, url)
+}
+
 /// The first `http://` or `https://` URL on `line`.
 pub fn url_of(line: &str) -> String {
     line.split_whitespace()

@@ -864,10 +864,7 @@ fn execute_part(
             work.tensors
         )));
     };
-    let i = *job.index.get(name).ok_or_else(|| {
-        ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
-    })?;
-    let t = &job.plan.tensors[i];
+    let t = job.tensor(name)?;
     let method = run::build_method(t).map_err(|e| exec(&e))?;
     let tj = run::job_for(t, method.as_ref(), job.plan.seed, job.opts.memory_budget);
     let m = amalgam_core::methods::mats::Mats::from_params(&t.params, tj.n_models, tj.has_base)
@@ -938,10 +935,7 @@ fn execute_pass(
     }
     let mut r = crate::prepass::PassResult::default();
     for name in &work.tensors {
-        let i = *job.index.get(name).ok_or_else(|| {
-            ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
-        })?;
-        let t = &job.plan.tensors[i];
+        let t = job.tensor(name)?;
         let stats = run::global_pass_tensor(
             t,
             pass,
@@ -966,6 +960,16 @@ struct WorkerJob {
     index: HashMap<String, usize>,
     /// Inputs streamed from the coordinator (see [`crate::remote_input`]).
     streamed: Option<crate::remote_input::StreamedInputs>,
+}
+
+impl WorkerJob {
+    /// The planned tensor `name` (an error if this worker's plan lacks it).
+    fn tensor(&self, name: &str) -> Result<&amalgam_core::plan::TensorPlan> {
+        let i = *self.index.get(name).ok_or_else(|| {
+            ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
+        })?;
+        Ok(&self.plan.tensors[i])
+    }
 }
 
 /// The worker's side of a merge job: merges a shard's tensors (see the module docs). The last
@@ -1155,10 +1159,7 @@ impl ShardExecutor for MergeExecutor {
         let mut out = ShardBytes::new(&job.layout);
         let mut logs = Vec::new();
         for name in &work.tensors {
-            let i = *job.index.get(name).ok_or_else(|| {
-                ClusterError::Executor(format!("tensor \"{name}\" is not in this worker's plan"))
-            })?;
-            let t = &job.plan.tensors[i];
+            let t = job.tensor(name)?;
             logs.extend(
                 run::merge_tensor(
                     t,
