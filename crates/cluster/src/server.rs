@@ -462,6 +462,14 @@ impl<H: JobHost> Shared<H> {
         .and_then(|r| r);
         let ok = stored.is_ok();
         lock(&self.sched).finish_commit(lease, ok);
+        if ok {
+            // A committed shard is never leased again: its spec can go (a long-lived
+            // coordinator would otherwise keep every job's specs).
+            let mut specs = lock(&self.specs);
+            for s in &shards {
+                specs.remove(s);
+            }
+        }
         self.purge_staged();
         match stored {
             Ok(()) => {
