@@ -619,37 +619,56 @@ impl WindowScan {
     /// [`WindowScan::add`]'s loops, inlined into both of its builds.
     #[inline(always)]
     fn add_body(&mut self, w: Window, start: usize, keys: &[u32], cap: usize) {
+        self.add_mapped(w, start, keys, keys, cap, |k, _| k);
+    }
+
+    /// [`WindowScan::add`] of the keys `key(src[j], aux[j])` (`aux` at least as long as
+    /// `src`), each computed where it is counted: no key buffer is written and read again.
+    /// For loops built by [`crate::simd::run`]: inline, so that `key` vectorises with them.
+    #[inline(always)]
+    pub fn add_mapped<S: Copy, A: Copy>(
+        &mut self,
+        w: Window,
+        start: usize,
+        src: &[S],
+        aux: &[A],
+        cap: usize,
+        key: impl Fn(S, A) -> u32,
+    ) {
         let (lo, width) = (w.lo, w.hi.wrapping_sub(w.lo));
-        let inside = |k: u32| k.wrapping_sub(lo) <= width;
-        let below: u32 = keys.iter().map(|&k| u32::from(k < lo)).sum();
-        if !self.overflow {
-            // A flag byte per element (vectorised), then 8 flags at a time: only words with
-            // a candidate are visited.
-            let mut flags = [0u8; FLAG_TILE];
-            for (c, keys) in keys.chunks(FLAG_TILE).enumerate() {
-                let flags = &mut flags[..keys.len()];
-                for (f, &k) in flags.iter_mut().zip(keys) {
-                    *f = u8::from(inside(k));
+        let aux = &aux[..src.len()];
+        let mut below = 0u64;
+        // A flag byte per element (vectorised, with the count below), then 8 flags at a
+        // time: only words with a candidate are visited.
+        let mut flags = [0u8; FLAG_TILE];
+        for (c, (src, aux)) in src.chunks(FLAG_TILE).zip(aux.chunks(FLAG_TILE)).enumerate() {
+            let flags = &mut flags[..src.len()];
+            let mut n_below = 0u32;
+            for ((f, &x), &y) in flags.iter_mut().zip(src).zip(aux) {
+                let k = key(x, y);
+                n_below += u32::from(k < lo);
+                *f = u8::from(k.wrapping_sub(lo) <= width);
+            }
+            below += u64::from(n_below);
+            if self.overflow {
+                continue;
+            }
+            let (words, rest) = flags.as_chunks::<8>();
+            let base = start + c * FLAG_TILE;
+            let mut push = |j: usize| self.cands.push((key(src[j], aux[j]), (base + j) as u32));
+            for (w, word) in words.iter().enumerate() {
+                let mut bits = u64::from_le_bytes(*word);
+                while bits != 0 {
+                    push(w * 8 + (bits.trailing_zeros() / 8) as usize);
+                    bits &= bits - 1;
                 }
-                let (words, rest) = flags.as_chunks::<8>();
-                let base = start + c * FLAG_TILE;
-                for (w, word) in words.iter().enumerate() {
-                    let mut bits = u64::from_le_bytes(*word);
-                    while bits != 0 {
-                        let j = w * 8 + (bits.trailing_zeros() / 8) as usize;
-                        self.cands.push((keys[j], (base + j) as u32));
-                        bits &= bits - 1;
-                    }
-                }
-                for (j, &f) in rest.iter().enumerate() {
-                    if f != 0 {
-                        let j = words.len() * 8 + j;
-                        self.cands.push((keys[j], (base + j) as u32));
-                    }
+            }
+            for (j, &f) in rest.iter().enumerate() {
+                if f != 0 {
+                    push(words.len() * 8 + j);
                 }
             }
         }
-        let below = u64::from(below);
         self.below += below;
         if self.cands.len() > cap {
             self.overflow = true;

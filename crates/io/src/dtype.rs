@@ -267,10 +267,20 @@ pub fn encode_f32(dtype: &DType, src: &[f32], dst: &mut Vec<u8>) -> bool {
     if !dtype.is_float_convertible() {
         return false;
     }
-    let size = dtype.size_bytes();
     let old = dst.len();
-    dst.resize(old + src.len() * size, 0);
-    let out = &mut dst[old..];
+    dst.resize(old + src.len() * dtype.size_bytes(), 0);
+    encode_f32_into(dtype, src, &mut dst[old..])
+}
+
+/// [`encode_f32`] into a slice of exactly `src.len()` elements of `dtype` (large inputs in
+/// parallel over fixed chunks). Returns `false` (writing nothing) for a dtype that is not
+/// float-convertible.
+pub fn encode_f32_into(dtype: &DType, src: &[f32], out: &mut [u8]) -> bool {
+    if !dtype.is_float_convertible() {
+        return false;
+    }
+    let size = dtype.size_bytes();
+    debug_assert_eq!(out.len(), src.len() * size);
     if src.len() < 2 * PAR_CHUNK {
         encode_into(dtype, src, out);
     } else {

@@ -166,6 +166,10 @@ impl Sparsifier for DareMask {
         self.models[model].is_none()
     }
 
+    fn elementwise(&self) -> bool {
+        true
+    }
+
     fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()> {
         let Some((t, s)) = self.models[model] else {
             return Ok(());

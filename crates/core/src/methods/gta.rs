@@ -42,6 +42,7 @@ use crate::error::{MergeError, Result};
 use crate::params::TensorParams;
 use crate::raw::{for_each_tile, give_f32, take_f32, BlockInputs, RawDtype, STREAM_BLOCK};
 use crate::reduce::ChunkedSum;
+use crate::select::{Window, WindowScan};
 use crate::tensor::{Input, TensorJob, TensorReader, TensorWriter};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -197,6 +198,13 @@ pub trait Sparsifier: Sync {
     /// entries may be scaled elementwise (the per-tensor L1 `rescale` is the pipeline's job).
     /// Must give the same result every time it is called on the same block.
     fn apply(&self, model: usize, start: usize, delta: &mut [f32]) -> Result<()>;
+
+    /// Whether each element's result depends only on its own value and flat index, so that
+    /// `apply` may also be given any piece of a block (a cache-sized tile); otherwise (the
+    /// default) it is only given whole row blocks.
+    fn elementwise(&self) -> bool {
+        false
+    }
 }
 
 fn non_finite(job: &TensorJob, input: Input, at: usize) -> MergeError {
@@ -355,7 +363,10 @@ fn weight_block(
             }
         }
     }
-    scale(d, opts.weights[i]);
+    // `x · 1.0` is `x` (a NaN, which arithmetic later quiets anyway, aside): skipped.
+    if opts.weights[i] != 1.0 {
+        scale(d, opts.weights[i]);
+    }
     Ok(())
 }
 
@@ -515,7 +526,7 @@ fn finish(mix: &[f32], div: Divide<'_>, lambda: f32, base: &[f32], out: &mut [f3
 
 /// Elements per tile of [`combine`] (per-tile arrays keep its loops in the cache and
 /// vectorisable).
-const TILE: usize = 2048;
+const TILE: usize = 512;
 
 /// Distance between the per-tile arrays of [`combine_tiles`]: a tile plus 64 bytes, so that
 /// same-index elements of different arrays do not share their low 12 address bits (a store
@@ -822,16 +833,23 @@ pub fn merge_streaming(
     let mut base = Vec::new();
     let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); n];
     let mut out = Vec::new();
+    // A sparsifier that needs whole rows (DELLA's rank groups) is applied to the whole block;
+    // an elementwise one tile by tile inside `combine`, while the tile is in the cache.
+    let by_block = sparsifier.filter(|sp| !sp.elementwise());
     for r in job.row_blocks() {
         base.resize(r.len(), 0.0);
         read_base(job, reader, r.clone(), &mut base)?;
         for (i, d) in deltas.iter_mut().enumerate() {
             d.resize(r.len(), 0.0);
             read_delta(job, reader, i, r.clone(), &base, d)?;
+            if let Some(sp) = by_block.filter(|sp| !sp.is_identity(i)) {
+                sp.apply(i, r.start, d)?;
+            }
         }
         out.resize(r.len(), 0.0f32);
+        let sparsified = by_block.is_some();
         combine(
-            opts, sparsifier, &factors, false, r.start, &base, &deltas, &mut out,
+            opts, sparsifier, &factors, sparsified, r.start, &base, &deltas, &mut out,
         )?;
         writer.write(r, &out)?;
     }
@@ -886,6 +904,58 @@ impl View<'_> {
             }
         }
         any_bad == 0
+    }
+
+    /// Add the [`KeyOrder::Descending`](crate::methods::sparsify::KeyOrder) keys of the raw
+    /// task vector `value(range.start + k) − base[k]` to `scan` ([`WindowScan::add_mapped`]:
+    /// decoded, subtracted and counted in one loop, as [`View::decode_sub`] and
+    /// [`crate::methods::sparsify::KeyOrder::key`] compute them); returns whether every decoded
+    /// value was finite.
+    #[inline(always)]
+    pub fn scan_delta(
+        &self,
+        range: Range<usize>,
+        base: &[f32],
+        w: Window,
+        scan: &mut WindowScan,
+        cap: usize,
+    ) -> bool {
+        let size = self.dtype.size();
+        let b = &self.bytes[range.start * size..range.end * size];
+        let base = &base[..range.len()];
+        let key = |x: f32, z: f32| !(x - z).abs().to_bits();
+        match self.dtype {
+            RawDtype::F32 => {
+                let c = b.as_chunks::<4>().0;
+                let bad = c.iter().fold(0u32, |a, c| {
+                    a | u32::from(u32::from_le_bytes(*c) & 0x7F80_0000 == 0x7F80_0000)
+                });
+                scan.add_mapped(w, range.start, c, base, cap, |c, z| {
+                    key(f32::from_le_bytes(c), z)
+                });
+                bad == 0
+            }
+            RawDtype::Bf16 => {
+                let c = b.as_chunks::<2>().0;
+                let bad = c.iter().fold(0u16, |a, c| {
+                    a | u16::from(u16::from_le_bytes(*c) & 0x7F80 == 0x7F80)
+                });
+                scan.add_mapped(w, range.start, c, base, cap, |c, z| {
+                    key(f32::from_bits(u32::from(u16::from_le_bytes(c)) << 16), z)
+                });
+                bad == 0
+            }
+            RawDtype::F16 => {
+                let c = b.as_chunks::<2>().0;
+                let bad = c.iter().fold(0u16, |a, c| {
+                    a | u16::from(u16::from_le_bytes(*c) & 0x7C00 == 0x7C00)
+                });
+                scan.add_mapped(w, range.start, c, base, cap, |c, z| {
+                    key(half::f16::from_bits(u16::from_le_bytes(c)).to_f32(), z)
+                });
+                bad == 0
+            }
+        }
     }
 
     /// Decode elements `range` and hand each value to `f` with its slot of `out`, in order.

@@ -35,6 +35,7 @@ use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::TensorParams;
 use crate::select::{self, Cut, BUCKETS};
 use crate::tensor::{TensorJob, TensorReader, TensorWriter};
+use rayon::prelude::*;
 
 /// Static facts about `ties`.
 pub const INFO: MethodInfo = MethodInfo {
@@ -261,7 +262,6 @@ impl MergeMethod for Ties {
         let n = self.n();
         match pass {
             0 | 1 => {
-                let mut counts = vec![0u64; n * BUCKETS];
                 let buckets: Vec<Option<u32>> = if pass == 0 {
                     vec![None; n]
                 } else {
@@ -275,22 +275,32 @@ impl MergeMethod for Ties {
                         })
                         .collect()
                 };
-                let mut keys = Vec::new();
-                for (i, b) in buckets.iter().enumerate() {
-                    if pass == 1 && b.is_none() {
-                        continue;
-                    }
-                    let hist = &mut counts[i * BUCKETS..(i + 1) * BUCKETS];
-                    gta::for_each_delta_block(job, reader, i, |_, delta| {
-                        keys.clear();
-                        keys.extend(delta.iter().map(|x| KeyOrder::Ascending.key(*x)));
-                        match b {
-                            None => select::add_hist_hi(&keys, hist),
-                            Some(h) => select::add_hist_lo(&keys, *h, hist),
+                // One histogram per model, the models in parallel (the first error in model
+                // order is reported).
+                let hists: Vec<Vec<u64>> = buckets
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        let mut hist = vec![0u64; BUCKETS];
+                        if pass == 1 && b.is_none() {
+                            return Ok(hist);
                         }
-                        Ok(())
-                    })?;
-                }
+                        let mut keys = Vec::new();
+                        gta::for_each_delta_block(job, reader, i, |_, delta| {
+                            keys.clear();
+                            keys.extend(delta.iter().map(|x| KeyOrder::Ascending.key(*x)));
+                            match b {
+                                None => select::add_hist_hi(&keys, &mut hist),
+                                Some(h) => select::add_hist_lo(&keys, *h, &mut hist),
+                            }
+                            Ok(())
+                        })?;
+                        Ok(hist)
+                    })
+                    .collect::<Vec<Result<_>>>()
+                    .into_iter()
+                    .collect::<Result<_>>()?;
+                let counts = hists.concat();
                 Ok(GlobalStats {
                     counts,
                     sums: Vec::new(),
@@ -1014,17 +1024,23 @@ mod tests {
     /// `task_arithmetic` and `linear`, from f32, bf16 and f16 inputs. Each side runs in its own
     /// thread pool whose threads force (or not) the baseline kernels.
     #[test]
-    fn avx2_and_baseline_kernels_give_the_same_bits() {
+    fn avx512_avx2_and_baseline_kernels_give_the_same_bits() {
         use crate::methods::{linear::Linear, task_arithmetic::TaskArithmetic, MergeMethod};
         use crate::raw::RawDtype;
-        let pool = |plain: bool| {
+        // Each pool's threads capped at one build: 0 plain, 1 AVX2, 2 the widest there is.
+        let pool = |cap: u8| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(2)
-                .start_handler(move |_| crate::simd::force_plain(plain))
+                .start_handler(move |_| match cap {
+                    0 => crate::simd::force_plain(true),
+                    1 => crate::simd::force_avx2(true),
+                    _ => {}
+                })
                 .build()
                 .unwrap()
         };
-        let (plain, simd) = (pool(true), pool(false));
+        let (plain, avx2, simd) = (pool(0), pool(1), pool(2));
+        assert!(!avx2.install(crate::simd::avx512));
         assert!(!plain.install(crate::simd::avx2));
         #[cfg(target_arch = "x86_64")]
         if std::env::var_os("AMALGAM_NO_AVX2").is_none() {
@@ -1098,10 +1114,10 @@ mod tests {
                             bits(&out.data)
                         })
                     };
-                    let (a, b) = (run(&plain), run(&simd));
+                    let (a, b, c) = (run(&plain), run(&avx2), run(&simd));
                     assert_eq!(a.len(), n);
                     assert!(
-                        a == b,
+                        a == b && a == c,
                         "{name} {dtype:?} step {step} lend {lend} block {block}"
                     );
                 }

@@ -213,17 +213,54 @@ impl FileSink {
             let n = cur.spare().min(bytes.len());
             cur.push(&bytes[..n]);
             bytes = &bytes[n..];
-            if cur.spare() == 0 {
-                let full = self.cur.take().expect("checked above");
-                let tx = self.tx.as_ref().expect("sender kept until finish");
-                if tx.send(Msg::Full(full)).is_err() {
-                    return Err(self.thread_error());
-                }
-                match self.free.recv() {
-                    Ok(b) => self.cur = Some(b),
-                    Err(_) => return Err(self.thread_error()),
-                }
+            self.hand_over_if_full()?;
+        }
+        Ok(())
+    }
+
+    /// Send the current buffer to the thread when it is full, and take an empty one back.
+    fn hand_over_if_full(&mut self) -> Result<(), IoError> {
+        if self.cur.as_ref().is_some_and(|c| c.spare() == 0) {
+            let full = self.cur.take().expect("checked above");
+            let tx = self.tx.as_ref().expect("sender kept until finish");
+            if tx.send(Msg::Full(full)).is_err() {
+                return Err(self.thread_error());
             }
+            match self.free.recv() {
+                Ok(b) => self.cur = Some(b),
+                Err(_) => return Err(self.thread_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `len` bytes made in place by `fill(offset, dst)`, which must fill `dst` with the
+    /// bytes `offset..offset + dst.len()` of the `len`; its pieces come in order, each a
+    /// multiple of `unit` bytes long (`len` is one too). Saves the copy of
+    /// [`FileSink::write_all`]: the bytes are made straight into the buffer the thread writes.
+    pub fn write_with<F>(&mut self, len: usize, unit: usize, mut fill: F) -> Result<(), IoError>
+    where
+        F: FnMut(usize, &mut [u8]),
+    {
+        debug_assert!(unit > 0 && unit <= 64 && len.is_multiple_of(unit));
+        let mut done = 0;
+        while done < len {
+            let cur = self.cur.as_mut().expect("a buffer is held between calls");
+            let n = cur.spare().min(len - done) / unit * unit;
+            if n == 0 {
+                // Less than a unit left in this buffer (an earlier write of odd length): that
+                // unit goes through `write_all`, which moves on to the next buffer.
+                let mut tmp = [0u8; 64];
+                fill(done, &mut tmp[..unit]);
+                self.write_all(&tmp[..unit])?;
+                done += unit;
+                continue;
+            }
+            let start = cur.off + cur.len;
+            fill(done, &mut cur.raw[start..start + n]);
+            cur.len += n;
+            done += n;
+            self.hand_over_if_full()?;
         }
         Ok(())
     }
@@ -286,6 +323,36 @@ mod tests {
             let back = std::fs::read(&path).expect("read back");
             assert_eq!(back.len(), total);
             assert!(back == data, "contents differ for {total} bytes");
+        }
+    }
+
+    #[test]
+    fn bytes_made_in_place_cross_buffer_edges_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A lead of odd length leaves the buffers' edges between a unit's bytes.
+        for (lead, unit, units) in [
+            (0, 2, BUF),
+            (3, 2, BUF / 2 + 7),
+            (7, 4, BUF / 2 + 1),
+            (5, 8, 9),
+        ] {
+            let path = dir.path().join(format!("f{lead}-{unit}"));
+            let data = pattern(lead + unit * units);
+            let mut sink = FileSink::create(&path).expect("create");
+            sink.write_all(&data[..lead]).expect("lead");
+            let body = &data[lead..];
+            let mut pieces = 0;
+            sink.write_with(body.len(), unit, |off, dst| {
+                assert_eq!(off % unit, 0);
+                assert_eq!(dst.len() % unit, 0);
+                dst.copy_from_slice(&body[off..off + dst.len()]);
+                pieces += 1;
+            })
+            .expect("write_with");
+            sink.finish().expect("finish");
+            assert!(pieces >= 1);
+            let back = std::fs::read(&path).expect("read back");
+            assert!(back == data, "contents differ: lead {lead}, unit {unit}");
         }
     }
 

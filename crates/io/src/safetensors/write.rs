@@ -15,14 +15,11 @@
 use std::path::{Path, PathBuf};
 
 use crate::atomic::{self, temp_path};
-use crate::dtype::{encode_f32, DType};
+use crate::dtype::{encode_f32_into, DType};
 use crate::error::IoError;
 use crate::hf_index::{self, INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::header::{self, HeaderEntry};
 use crate::safetensors::sink::FileSink;
-
-/// Elements converted per step in [`CheckpointWriter::write_f32`].
-const ENCODE_CHUNK: usize = 1 << 20;
 
 /// One tensor of the output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,7 +201,6 @@ pub struct CheckpointWriter {
     cursor: Option<Cursor>,
     out: Option<FileSink>,
     temps: Vec<PathBuf>,
-    scratch: Vec<u8>,
     metadata: Vec<(String, String)>,
 }
 
@@ -247,7 +243,6 @@ impl CheckpointWriter {
             cursor: None,
             out: None,
             temps: Vec::new(),
-            scratch: Vec::new(),
             metadata: Vec::new(),
         })
     }
@@ -390,15 +385,13 @@ impl CheckpointWriter {
         Ok(())
     }
 
-    fn emit(&mut self, bytes_len: u64, data: Option<&[u8]>) -> Result<(), IoError> {
-        let out = self
-            .out
+    fn emit(&mut self, bytes: &[u8]) -> Result<(), IoError> {
+        self.out
             .as_mut()
-            .expect("a file is open while a tensor is begun");
-        let bytes = data.unwrap_or(&self.scratch);
-        out.write_all(bytes)?;
+            .expect("a file is open while a tensor is begun")
+            .write_all(bytes)?;
         if let Some(c) = self.cursor.as_mut() {
-            c.written += bytes_len;
+            c.written += bytes.len() as u64;
         }
         Ok(())
     }
@@ -423,10 +416,18 @@ impl CheckpointWriter {
         }
         let size = dtype.size_bytes() as u64;
         self.reserve(data.len() as u64 * size)?;
-        for chunk in data.chunks(ENCODE_CHUNK) {
-            self.scratch.clear();
-            encode_f32(&dtype, chunk, &mut self.scratch);
-            self.emit(chunk.len() as u64 * size, None)?;
+        let out = self
+            .out
+            .as_mut()
+            .expect("a file is open while a tensor is begun");
+        let unit = size as usize;
+        // Encoded straight into the sink's buffers (in parallel for large pieces).
+        out.write_with(data.len() * unit, unit, |off, dst| {
+            let src = &data[off / unit..(off + dst.len()) / unit];
+            encode_f32_into(&dtype, src, dst);
+        })?;
+        if let Some(c) = self.cursor.as_mut() {
+            c.written += data.len() as u64 * size;
         }
         Ok(())
     }
@@ -434,7 +435,7 @@ impl CheckpointWriter {
     /// Appends raw bytes (already in the tensor's dtype, little-endian) to the current tensor.
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), IoError> {
         self.reserve(bytes.len() as u64)?;
-        self.emit(bytes.len() as u64, Some(bytes))
+        self.emit(bytes)
     }
 
     /// Completes the checkpoint: checks every tensor was fully written, fsyncs, renames the
