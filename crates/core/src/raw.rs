@@ -75,7 +75,7 @@ impl RawBlock {
     }
 
     /// Decode elements `range` (relative to the block) into `out` (same length). Runs the
-    /// AVX2 build of the loop where the CPU has it ([`crate::simd`]; exact either way).
+    /// widest SIMD build of the loop the CPU has ([`crate::simd`]; exact either way).
     pub fn decode(&self, range: Range<usize>, out: &mut [f32]) {
         crate::simd::run(
             #[inline(always)]
@@ -322,7 +322,7 @@ impl<'a> BlockInputs<'a> {
         if self.is_raw[k] {
             let raw = &self.raw[k];
             let check = self.check;
-            // Decode and check in one AVX2 (or baseline) build, `crate::simd`.
+            // Decode and check in one build per instruction set, `crate::simd`.
             let ok = crate::simd::run(
                 #[inline(always)]
                 || {

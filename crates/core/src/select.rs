@@ -608,7 +608,7 @@ const FLAG_TILE: usize = 1024;
 impl WindowScan {
     /// Add the keys of the elements `start..start + keys.len()` (`start + keys.len()` at most
     /// 2^32); gathering stops (with `overflow`) once more than `cap` elements are inside.
-    /// Runs the AVX2 build of its loops where the CPU has it ([`crate::simd`]).
+    /// Runs the widest SIMD build of its loops the CPU has ([`crate::simd`]).
     pub fn add(&mut self, w: Window, start: usize, keys: &[u32], cap: usize) {
         crate::simd::run(
             #[inline(always)]

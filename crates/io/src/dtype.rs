@@ -215,7 +215,7 @@ fn f32_to_bf16_bits(v: f32) -> u16 {
 }
 
 /// Encodes `src` into `out` (exactly `src.len() * dtype.size_bytes()` bytes) for a
-/// float-convertible `dtype`, in the AVX2 build of the loops where the CPU has it
+/// float-convertible `dtype`, in the widest SIMD build of the loops the CPU has
 /// (`amalgam_core::simd`; the same bytes).
 fn encode_into(dtype: &DType, src: &[f32], out: &mut [u8]) {
     amalgam_core::simd::run(

@@ -601,7 +601,7 @@ where
         None => (true, false),
         Some(z) => (z > 0, true),
     };
-    // One tile, compiled twice (AVX2 and baseline, `crate::simd`): the same f32 operations.
+    // One tile, one build per instruction set (`crate::simd`): the same f32 operations.
     let run = |v: &mut Vec<f32>, t: usize, o: &mut [f32]| -> Result<()> {
         crate::simd::run(
             #[inline(always)]
@@ -923,7 +923,7 @@ impl View<'_> {
         let size = self.dtype.size();
         let b = &self.bytes[range.start * size..range.end * size];
         let base = &base[..range.len()];
-        let key = |x: f32, z: f32| !(x - z).abs().to_bits();
+        let key = |x: f32, z: f32| crate::methods::sparsify::KeyOrder::Descending.key(x - z);
         match self.dtype {
             RawDtype::F32 => {
                 let c = b.as_chunks::<4>().0;

@@ -111,7 +111,7 @@ impl MergeMethod for Linear {
         let inputs: Vec<Input> = (0..self.weights.len()).map(Input::Model).collect();
         map_blocks(job, reader, writer, &inputs, None, |_, b, out| {
             // Model by model over the tile (vectorises); per element the same f32 operations
-            // in model order as `Σ_i x_i·w_i`, in an AVX2 (or baseline) build, `crate::simd`.
+            // in model order as `Σ_i x_i·w_i`, in the widest build the CPU runs, `crate::simd`.
             crate::simd::run(
                 #[inline(always)]
                 || self.mix_tile(b, out),

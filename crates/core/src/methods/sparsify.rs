@@ -74,8 +74,8 @@ impl RankMask {
 
     /// Zero the dropped elements of `chunk` (flat indices `base..`, fewer than 2^32), as
     /// [`RankMask::keeps`] decides, branch-free so that it vectorises: each cut's index bound
-    /// becomes a bound on the position inside the chunk. Runs the AVX2 build of the loop
-    /// where the CPU has it ([`crate::simd`]; the same bits).
+    /// becomes a bound on the position inside the chunk. Runs the widest SIMD build of the loop
+    /// the CPU has ([`crate::simd`]; the same bits).
     pub fn apply_chunk(&self, base: u64, chunk: &mut [f32]) {
         crate::simd::run(
             #[inline(always)]
@@ -573,7 +573,7 @@ pub fn magnitude_views(
     };
     let fill = |r: Range<usize>, models: &[usize], keys: &mut [Vec<u32>], check_all: bool| {
         with_bufs(r.len(), &mut |b, d| {
-            // Compiled twice (AVX2 and baseline, `crate::simd`): the same bits.
+            // One build per instruction set (`crate::simd`): the same bits.
             crate::simd::run(
                 #[inline(always)]
                 || {

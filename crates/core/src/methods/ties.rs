@@ -1019,10 +1019,10 @@ mod tests {
         models.clear();
     }
 
-    /// The AVX2 builds of the kernels (`crate::simd`) give the baseline builds' bits: TIES
-    /// (several densities, both consensus methods, `rescale`, lent and block inputs),
-    /// `task_arithmetic` and `linear`, from f32, bf16 and f16 inputs. Each side runs in its own
-    /// thread pool whose threads force (or not) the baseline kernels.
+    /// The AVX-512 and AVX2 builds of the kernels (`crate::simd`, where the CPU has them) give
+    /// the baseline builds' bits: TIES (several densities, both consensus methods, `rescale`,
+    /// lent and block inputs), `task_arithmetic` and `linear`, from f32, bf16 and f16 inputs.
+    /// Each side runs in its own thread pool whose threads are capped at one build.
     #[test]
     fn avx512_avx2_and_baseline_kernels_give_the_same_bits() {
         use crate::methods::{linear::Linear, task_arithmetic::TaskArithmetic, MergeMethod};
