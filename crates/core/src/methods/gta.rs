@@ -287,11 +287,25 @@ where
 {
     let mut base = Vec::new();
     let mut delta = Vec::new();
+    // Inputs lent whole are decoded in place (the same f32 values as the reads below); a
+    // block with a non-finite value is read again below, which reports it.
+    let lent = views(job, reader)?;
     for r in job.row_blocks() {
         base.resize(r.len(), 0.0);
         delta.resize(r.len(), 0.0);
-        read_base(job, reader, r.clone(), &mut base)?;
-        read_delta(job, reader, model, r.clone(), &base, &mut delta)?;
+        let decoded = lent.as_ref().is_some_and(|v| {
+            crate::simd::run(
+                #[inline(always)]
+                || {
+                    v.base(r.clone(), &mut base)
+                        & v.models[model].decode_sub(r.clone(), &base, &mut delta)
+                },
+            )
+        });
+        if !decoded {
+            read_base(job, reader, r.clone(), &mut base)?;
+            read_delta(job, reader, model, r.clone(), &base, &mut delta)?;
+        }
         f(r.start, &delta)?;
     }
     Ok(())

@@ -674,7 +674,11 @@ mod tests {
         res
     }
 
-    fn run_model_scope(m: &Ties, jobs: &[TensorJob], readers: &[MemReader]) -> Vec<Vec<f32>> {
+    fn run_model_scope<R: TensorReader>(
+        m: &Ties,
+        jobs: &[TensorJob],
+        readers: &[R],
+    ) -> Vec<Vec<f32>> {
         let mut prior: Vec<GlobalStats> = Vec::new();
         for pass in 0..m.global_passes() {
             let mut acc = GlobalStats::default();
@@ -949,6 +953,33 @@ mod tests {
     /// Structured task vectors (large magnitudes in every 1024-element stretch's first 128)
     /// and a budget too small for the candidates: the exact selection gives the block path's
     /// bits and the reference's values.
+    #[test]
+    fn model_scope_lent_inputs_give_the_read_path_bits() {
+        use crate::raw::RawDtype;
+        let p = params(&[1.0, 0.7, 1.2], &[0.3, 0.5, 0.2])
+            .with_global("trim_scope", Scalar::Str("model".into()));
+        let m = Ties::from_params(&p, 3).unwrap();
+        let shapes = [[40usize, 300], [7, 51]];
+        // Blocks of a few rows: the global passes stream several blocks per tensor.
+        let jobs: Vec<TensorJob> = shapes.iter().map(|s| job(s, 3, 3 * s[1])).collect();
+        for dtype in [RawDtype::F32, RawDtype::Bf16] {
+            let mut readers: Vec<ViewReader> = shapes
+                .iter()
+                .enumerate()
+                .map(|(t, s)| {
+                    let (base, models) = quantised(90 + t as u64, s[0] * s[1], 3, 0.25);
+                    ViewReader::new(dtype, &base, &models)
+                })
+                .collect();
+            let lent = run_model_scope(&m, &jobs, &readers);
+            readers.iter_mut().for_each(|r| r.lend = false);
+            let read = run_model_scope(&m, &jobs, &readers);
+            for (a, b) in lent.iter().zip(&read) {
+                assert_eq!(bits(a), bits(b), "{dtype:?}");
+            }
+        }
+    }
+
     #[test]
     fn lent_inputs_window_miss_is_exact() {
         use crate::raw::RawDtype;
