@@ -277,23 +277,15 @@ impl<'a> BlockInputs<'a> {
             }
         }
         let (reader, inputs) = (self.reader, &self.inputs);
-        let done: Vec<bool> = pieces
+        let done: Vec<(usize, bool)> = pieces
             .into_par_iter()
-            .map(|(k, r, b)| reader.read_raw_bytes(inputs[k], r, b))
+            .map(|(k, r, b)| Ok((k, reader.read_raw_bytes(inputs[k], r, b)?)))
             .collect::<Result<_>>()?;
         // An input is read when all its pieces were (a reader without `read_raw_bytes`
         // answers `false`: such inputs are read whole below).
-        let mut whole = vec![false; self.inputs.len()];
-        let mut done = done.into_iter();
-        for (k, dtype) in self.dtypes.iter().enumerate() {
-            if dtype.is_some() {
-                whole[k] = done
-                    .by_ref()
-                    .take(len.div_ceil(READ_PIECE))
-                    .filter(|&d| !d)
-                    .count()
-                    == 0;
-            }
+        let mut whole: Vec<bool> = self.dtypes.iter().map(Option::is_some).collect();
+        for (k, d) in done {
+            whole[k] &= d;
         }
         for (k, &input) in self.inputs.iter().enumerate() {
             if whole[k] {

@@ -46,14 +46,15 @@ thread_local! {
     static CAP: Cell<u8> = const { Cell::new(2) };
 }
 
+/// Whether the environment variable `var` is set to anything but empty or `0`.
+fn disabled_by(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The process-wide choice: AVX2 detected and not disabled by `AMALGAM_NO_AVX2`.
 fn detected() -> bool {
     static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| {
-        let disabled =
-            std::env::var_os("AMALGAM_NO_AVX2").is_some_and(|v| !v.is_empty() && v != "0");
-        !disabled && cpu_has_avx2()
-    })
+    *AVX2.get_or_init(|| !disabled_by("AMALGAM_NO_AVX2") && cpu_has_avx2())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -117,11 +118,7 @@ pub fn avx512() -> bool {
     static AVX512: OnceLock<bool> = OnceLock::new();
     avx2()
         && CAP.with(Cell::get) >= 2
-        && *AVX512.get_or_init(|| {
-            let disabled =
-                std::env::var_os("AMALGAM_NO_AVX512").is_some_and(|v| !v.is_empty() && v != "0");
-            !disabled && cpu_has_avx512()
-        })
+        && *AVX512.get_or_init(|| !disabled_by("AMALGAM_NO_AVX512") && cpu_has_avx512())
 }
 
 #[cfg(target_arch = "x86_64")]
