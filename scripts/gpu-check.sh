@@ -23,7 +23,14 @@ build)
     mkdir -p .gpu
     cp target/release/amalgam .gpu/amalgam
     strip .gpu/amalgam
+    # The split-MaTS family (base, ft1, ft2 with statistics files, mats.yaml) for the check of
+    # split blocks solved by GPU workers, written by its test.
+    rm -rf .gpu/mats
+    AMALGAM_GPU_CHECK_MATS="$here/.gpu/mats" \
+        cargo test -q --test tests cluster_mats::split_mats_family_for_the_gpu_check
+    rm -rf .gpu/mats/dry
     ls -l .gpu/amalgam
+    du -sh .gpu
     ;;
 run)
     bin="$here/.gpu/amalgam"
@@ -33,6 +40,16 @@ run)
         \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null |
         grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
     export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+    # NCCL: cudarc opens libnccl.so; a runtime-only install (PyTorch's nvidia-nccl wheel) has
+    # libnccl.so.2 alone, so link it under the development name in a folder of our own.
+    if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so '; then
+        nccl=$(find /usr /opt -xdev -name 'libnccl.so.2*' 2>/dev/null | head -1)
+        if [ -n "$nccl" ]; then
+            mkdir -p /tmp/amalgam-nccl
+            ln -sf "$nccl" /tmp/amalgam-nccl/libnccl.so
+            export LD_LIBRARY_PATH="/tmp/amalgam-nccl:$LD_LIBRARY_PATH"
+        fi
+    fi
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | awk 'NR <= 3'
     nproc; free -g | awk 'NR <= 2'
@@ -93,6 +110,59 @@ run)
                 done
                 echo "cli check: $m --device cuda byte-identical to the CPU merge"
             done
+        ) 2>&1 | tee -a "$log" || rc=1
+    fi
+    # Split MaTS blocks (2 parts per MLP weight) on GPU workers: `merge --device cuda` solves
+    # each block whole on the device; a coordinator with one `worker --device cuda` solves the
+    # parts on the device, meeting through Reduce, then with `--collectives nccl` (NCCL when
+    # the worker has a GPU per part, else the same Reduce after one vote round). Every run must
+    # succeed; the bytes are compared with each other and with the CPU merge (the device sums
+    # in another order than the CPU, and cuBLAS may round a part's rows otherwise than the
+    # whole block's, so differences are reported, not failed).
+    fam="$here/.gpu/mats"
+    if [ -f "$fam/mats.yaml" ]; then
+        (
+            set -e
+            o=/tmp/amalgam-mats-check
+            rm -rf "$o"
+            mkdir -p "$o"
+            cp -r "$fam"/. "$o/"
+            cd "$o"
+            "$bin" merge mats.yaml --out cpu --quiet
+            "$bin" merge mats.yaml --out gpu --device cuda --quiet
+            echo secret-token >token
+            port=7094
+            for kind in grpc nccl; do
+                "$bin" coordinator --config mats.yaml --out "worker-$kind" \
+                    --listen 127.0.0.1:$port --token-file token --quiet &
+                sleep 1
+                RUST_LOG=info "$bin" worker --coordinator http://127.0.0.1:$port \
+                    --token-file token --device cuda --collectives $kind \
+                    >"worker-$kind.log" 2>&1
+                wait
+                grep -E 'NCCL|Reduce \(not' "worker-$kind.log" | sort | uniq -c | head -5 || true
+                port=$((port + 1))
+            done
+            for run in gpu worker-grpc worker-nccl; do
+                for f in cpu/*.safetensors; do
+                    if cmp -s "$f" "$run/$(basename "$f")"; then
+                        echo "mats check: $run $(basename "$f") byte-identical to the CPU merge"
+                    else
+                        echo "mats check: $run $(basename "$f") differs from the CPU merge"
+                    fi
+                done
+            done
+            for f in gpu/*.safetensors; do
+                for run in worker-grpc worker-nccl; do
+                    if cmp -s "$f" "$run/$(basename "$f")"; then
+                        echo "mats check: $run $(basename "$f") byte-identical to merge --device cuda"
+                    else
+                        echo "mats check: $run $(basename "$f") differs from merge --device cuda"
+                    fi
+                done
+            done
+            grep -h '"parts": *2' worker-grpc/solver_log.jsonl | head -3 || true
+            echo "mats check: split blocks on a GPU worker ran (grpc and nccl)"
         ) 2>&1 | tee -a "$log" || rc=1
     fi
     exit $rc

@@ -6,18 +6,37 @@ use crate::common::*;
 
 const UP: &str = "model.layers.0.mlp.up_proj.weight";
 
+/// MaTS on [`split_mats_family`], its MLP blocks split in two parts.
+const MATS_YAML: &str = "merge_method: mats\nbase_model: base\nmodels:\n  - model: ft1\n    \
+    statistics: ft1.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n\
+    parameters:\n  iterations: 6\n  max_block_bytes: 1000\n";
+
+/// The family and config `scripts/gpu-check.sh build` carries to the GPU machine for its split
+/// MaTS check (written to the folder `AMALGAM_GPU_CHECK_MATS` names, else a temporary one): the
+/// dry run shows the MLP blocks split in two parts.
+#[test]
+fn split_mats_family_for_the_gpu_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = std::env::var_os("AMALGAM_GPU_CHECK_MATS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&d).unwrap();
+    split_mats_family(&d);
+    std::fs::write(d.join("mats.yaml"), MATS_YAML).unwrap();
+    let out = run_ok(&d, &["merge", "mats.yaml", "--out", "dry", "--dry-run"]);
+    let split = out
+        .lines()
+        .filter(|l| l.contains("mlp.") && l.contains("parts=2"))
+        .count();
+    assert_eq!(split, 3, "{out}");
+}
+
 #[test]
 fn split_mats_block_over_worker_processes_equals_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     split_mats_family(d);
-    std::fs::write(
-        d.join("mats.yaml"),
-        "merge_method: mats\nbase_model: base\nmodels:\n  - model: ft1\n    statistics: \
-         ft1.stats.safetensors\n  - model: ft2\n    statistics: ft2.stats.safetensors\n\
-         parameters:\n  iterations: 6\n  max_block_bytes: 1000\n",
-    )
-    .unwrap();
+    std::fs::write(d.join("mats.yaml"), MATS_YAML).unwrap();
     run_ok(d, &["merge", "mats.yaml", "--out", "single", "-q"]);
     std::fs::write(d.join("token"), "a-long-enough-test-token\n").unwrap();
 

@@ -869,7 +869,12 @@ fn execute_part(
     let tj = run::job_for(t, method.as_ref(), job.plan.seed, job.opts.memory_budget);
     let m = amalgam_core::methods::mats::Mats::from_params(&t.params, tj.n_models, tj.has_base)
         .map_err(|e| exec(&e))?;
-    let reader = extras.reader(t, ckpts, job.opts.allow_nonfinite);
+    let mut reader = extras.reader(t, ckpts, job.opts.allow_nonfinite);
+    // On a GPU worker the part is solved on the device (its partials still meet the other
+    // parts' through `Reduce`, or through NCCL when the worker was asked for it).
+    if let amalgam_engine::device::Device::Accelerator(dev) = &job.opts.device {
+        reader = reader.with_device_solver(dev.device_solver());
+    }
     let key = format!("mats/{}/{}", inputs.lease_id(), t.name);
     let mut round = 0u64;
     let mut reduce = |v: &[f64]| -> std::result::Result<Vec<f64>, amalgam_core::MergeError> {

@@ -164,9 +164,9 @@ pub trait TensorReader: Sync {
         Ok(None)
     }
 
-    /// A device that solves MaTS's dense Gram systems for this merge (`--device cuda`), or
+    /// A device that solves MaTS's systems for this merge (`--device cuda`), or
     /// `None` (the default): the CPU solves them.
-    fn gram_solver(&self) -> Option<&dyn crate::solve::cg::GramSolver> {
+    fn device_solver(&self) -> Option<&dyn crate::solve::cg::DeviceSolver> {
         None
     }
 

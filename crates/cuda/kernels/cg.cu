@@ -161,3 +161,8 @@ extern "C" __global__ void cg_update(double* x, double* r, const double* p, cons
 extern "C" __global__ void cg_residual(const double* b, double* y, u64 n) {
     GRID_STRIDE(i, n) y[i] = b[i] - y[i];
 }
+
+// y = f * x (a diagonal operator), as the CPU: `f[i] * x[i]`.
+extern "C" __global__ void cg_diag(const double* f, const double* x, double* y, u64 n) {
+    GRID_STRIDE(i, n) y[i] = f[i] * x[i];
+}

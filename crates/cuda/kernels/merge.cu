@@ -1,5 +1,6 @@
 // Elementwise merge kernels: linear / task arithmetic over all inputs in one pass, and the
-// generalized task arithmetic pipeline (TIES, DARE, task arithmetic) fused per element.
+// generalized task arithmetic pipeline (TIES, DARE, task arithmetic, Breadcrumbs, DELLA) fused
+// per element; DELLA's per-group ranks (`della_ranks`, at the end) for rank groups of any shape.
 // Per element they perform the f32 operations of the CPU path in the same order (compiled with
 // --fmad=false), so results are bit-identical to it.
 
@@ -121,7 +122,7 @@ struct GtaModel {
     int mask;       // MASK_*
     int order;      // selection order: ORDER_DESC (largest |d| first) or ORDER_ASC
     u64 aux;        // DELLA: u32 rank per element (1-based within its group)
-    u32 group;      // DELLA: rank group length
+    u32 group;      // DELLA: rank group length (c; any shape, see `della_ranks`)
     float dm, de;   // DELLA: f32(density - epsilon), f32(epsilon)
     int inv;        // DELLA: divide kept entries by their keep probability
 };
@@ -180,11 +181,13 @@ __device__ __forceinline__ float gta_sparsify(const GtaModel& m, float d, u64 j,
         u64 c = (((u64)order_key(d, ORDER_ASC)) << 32) | j;
         d = (c >= m.threshold && c < m.cut) ? d : 0.0f;
     } else if (m.mask == MASK_DELLA) {
-        // `della::keep_prob` in f32, then DARE's Philox test with that probability.
+        // `della::keep_prob` in f32, then DARE's Philox test with that probability. (Rank and
+        // group length are rounded to f32 before 1 is taken off, as the CPU does: the same
+        // value beyond 2^24 too.)
         u32 rank = ((const u32*)m.aux)[j];
         float rn = 1.0f;
         if (m.group > 1)
-            rn = fminf(fmaxf((float)(rank - 1u) / (float)(m.group - 1u), 0.0f), 1.0f);
+            rn = fminf(fmaxf(((float)rank - 1.0f) / ((float)m.group - 1.0f), 0.0f), 1.0f);
         float p = m.dm + (rn * 2.0f) * m.de;
         u32 w = philox_word0((u32)name_hash, (u32)(name_hash >> 32), (u32)j, (u32)(j >> 32), m.k0,
                              m.k1);
@@ -520,29 +523,97 @@ extern "C" __global__ void convert(const void* in, int in_dt, void* out, int out
     GRID_STRIDE(j, n) { store_elem(out, out_dt, j, load_elem(in, in_dt, j)); }
 }
 
-// DELLA ranks of model `model`: per group (row) of `c` elements, the task-vector values sorted
-// by (|d| bits, position) with a bitonic sort of `pow2` 8-byte keys in dynamic shared memory;
-// ranks[j] = 1-based position of element j in its group's order. Groups are consecutive; a
-// block sorts blockDim.x / pow2 rows at once when rows are shorter than the block.
-extern "C" __global__ void della_ranks(const GtaModel* models, GtaArgs a, int model, u32 c,
-                                       u32 pow2, u32* ranks) {
+// DELLA ranks of model `model`, 1-based within each rank group, ascending by the key
+// (|d| bits << 32) | position (the position of the element within its group; keys are unique).
+// Group g (of n / c) of c elements: slab o = g / inner, index t = g % inner; its element at
+// position p is at flat index o * c * inner + p * inner + t (inner = 1: rows, g * c + p).
+// One kernel entry point, three modes (DELLA_*):
+//  - DELLA_RANK (c <= seg): each group sorted whole by a bitonic sort of `pow2` keys in dynamic
+//    shared memory, ranks[j] = 1 + its position in the order. A block sorts blockDim.x / pow2
+//    groups at once when groups are shorter than the block.
+//  - DELLA_SEGMENTS (c > seg, seg = pow2): each group cut into segments of seg positions (the
+//    last one shorter when seg does not divide c), each sorted alone the same way, the key at
+//    sorted position i of segment s written to keys[g * c + s * seg + i].
+//  - DELLA_COUNT (after DELLA_SEGMENTS, no shared memory): the key at sorted position i of
+//    segment s gets rank 1 + i + the number of keys below it in each other segment of its group
+//    (a binary search in each sorted segment).
+#define DELLA_RANK 0
+#define DELLA_SEGMENTS 1
+#define DELLA_COUNT 2
+
+// Flat index of position p of group g (`della_ranks`).
+__device__ __forceinline__ u64 della_elem(u64 g, u64 p, u32 c, u64 inner) {
+    return inner == 1 ? g * c + p : (g / inner) * c * inner + p * inner + g % inner;
+}
+
+// The number of keys of the sorted s[0..len) below k.
+__device__ __forceinline__ u32 della_below(const u64* __restrict__ s, u32 len, u64 k) {
+    u32 lo = 0, hi = len;
+    while (lo < hi) {
+        u32 mid = lo + (hi - lo) / 2;
+        if (s[mid] < k) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+// DELLA_COUNT: ranks from the sorted segments of `keys` (n keys, groups of c, segments of seg).
+__device__ __forceinline__ void della_count(u64 n, u32 c, u64 inner, u32 seg, u32* ranks,
+                                            const u64* __restrict__ keys) {
+    u32 nseg = (u32)(((u64)c + seg - 1) / seg);
+    GRID_STRIDE(t, n) {
+        u64 g = t / c;
+        u32 w = (u32)(t - g * c);  // slot within the group
+        u32 s = w / seg;
+        u64 k = keys[t];
+        const u64* grp = keys + g * c;
+        u32 rank = 1 + (w - s * seg);
+        for (u32 o = 0; o < nseg; o++) {
+            if (o == s) continue;
+            u64 lo = (u64)o * seg;
+            u64 rest = (u64)c - lo;
+            rank += della_below(grp + lo, rest < seg ? (u32)rest : seg, k);
+        }
+        ranks[della_elem(g, k & 0xffffffffull, c, inner)] = rank;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    della_ranks(const GtaModel* models, GtaArgs a, int model, u32 c, u64 inner, u32 seg, u32 pow2,
+                int mode, u32* ranks, u64* keys) {
+    if (mode == DELLA_COUNT) {
+        della_count(a.n, c, inner, seg, ranks, keys);
+        return;
+    }
     extern __shared__ u64 sk[];
     const GtaModel m = models[model];
-    u64 rows = a.n / c;
-    u32 per = pow2 < blockDim.x ? blockDim.x / pow2 : 1;  // rows per step
+    u64 groups = a.n / c;
+    u32 nseg = (u32)(((u64)c + seg - 1) / seg);  // 1 in DELLA_RANK (seg = c)
+    u64 units = groups * nseg;                    // (group, segment) pairs, each sorted alone
+    u32 per = pow2 < blockDim.x ? blockDim.x / pow2 : 1;  // units per step
     u32 total = per * pow2;                                 // keys in shared memory
-    for (u64 row0 = (u64)blockIdx.x * per; row0 < rows; row0 += (u64)gridDim.x * per) {
+    // Thread e takes key r of unit q: r = e % pow2 for rows (consecutive threads read
+    // consecutive elements of a row); across the units (q = e % per) for strided groups, whose
+    // consecutive groups are adjacent in memory.
+    bool rows = inner == 1;
+    for (u64 u0 = (u64)blockIdx.x * per; u0 < units; u0 += (u64)gridDim.x * per) {
         for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
-            u32 r = e % pow2;
-            u64 row = row0 + e / pow2;
+            u32 q = rows ? e / pow2 : e % per;
+            u32 r = rows ? e % pow2 : e / per;
+            u64 u = u0 + q;
+            u64 g = nseg == 1 ? u : u / nseg;
+            u64 p = (u64)(nseg == 1 ? 0u : (u32)(u - g * nseg)) * seg + r;  // position in group
             u64 v = ~0ull;
-            if (r < c && row < rows) {
-                u64 j = row * c + r;
+            if (u < units && r < seg && p < c) {
+                u64 j = della_elem(g, p, c, inner);
                 float d = load_elem((const void*)m.ptr, m.dt, j) -
                           load_elem((const void*)a.base, a.base_dt, j);
-                v = (((u64)(__float_as_uint(d) & 0x7fffffffu)) << 32) | r;
+                v = (((u64)(__float_as_uint(d) & 0x7fffffffu)) << 32) | p;
             }
-            sk[e] = v;
+            sk[q * pow2 + r] = v;
         }
         __syncthreads();
         for (u32 k = 2; k <= pow2; k <<= 1) {
@@ -563,10 +634,21 @@ extern "C" __global__ void della_ranks(const GtaModel* models, GtaArgs a, int mo
                 __syncthreads();
             }
         }
+        // Padding keys (all ones) sort last: sorted position r < the unit's length is a key.
         for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
-            u32 pos = e % pow2;
-            u64 row = row0 + e / pow2;
-            if (pos < c && row < rows) ranks[row * c + (sk[e] & 0xffffffffull)] = pos + 1;
+            u32 q = rows ? e / pow2 : e % per;
+            u32 r = rows ? e % pow2 : e / per;
+            u64 u = u0 + q;
+            u64 g = nseg == 1 ? u : u / nseg;
+            u64 slot = (u64)(nseg == 1 ? 0u : (u32)(u - g * nseg)) * seg + r;
+            if (u < units && r < seg && slot < c) {
+                u64 key = sk[q * pow2 + r];
+                if (mode == DELLA_RANK) {
+                    ranks[della_elem(g, key & 0xffffffffull, c, inner)] = r + 1;
+                } else {
+                    keys[g * c + slot] = key;
+                }
+            }
         }
         __syncthreads();
     }

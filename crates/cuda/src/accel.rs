@@ -9,8 +9,8 @@ use crate::error::{Ctx, CudaError};
 use crate::gram;
 use crate::merge::{self, GtaSpec};
 use crate::tensor::{DType, DeviceTensor};
-use amalgam_core::methods::device::{DeviceGrouping, DevicePlan};
-use amalgam_core::solve::cg::{CgOptions, CgResult, GramSolver};
+use amalgam_core::methods::device::{DeviceGrouping, DevicePlan, DeviceSparsify};
+use amalgam_core::solve::cg::{CgOptions, CgResult, DeviceSolver, DeviceSystem, SplitPart};
 use amalgam_core::tensor::{Input, TensorJob, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_engine::device::{Accelerator, Preloaded};
@@ -60,6 +60,7 @@ struct Loaded {
 /// A GPU merging the tensors whose methods have a device plan.
 pub struct GpuAccelerator {
     gpu: Gpu,
+    nccl: bool,
     up: Mutex<Buffers>,
     down: Mutex<Buffers>,
     stats: Mutex<TransferStats>,
@@ -110,10 +111,24 @@ impl GpuAccelerator {
         };
         Ok(Self {
             gpu,
+            nccl: false,
             up: Mutex::new(up),
             down: Mutex::new(down),
             stats: Mutex::new(TransferStats::default()),
         })
+    }
+
+    /// Sum the partials of split MaTS blocks' parts with NCCL when every part can (see
+    /// [`GpuSolver::with_nccl`]); off by default (the coordinator's `Reduce`). An error
+    /// when libnccl cannot be loaded.
+    pub fn with_nccl(mut self, on: bool) -> crate::Result<Self> {
+        if on {
+            if let Some(why) = crate::nccl::unavailable_reason() {
+                return Err(CudaError::Unavailable(why));
+            }
+        }
+        self.nccl = on;
+        Ok(self)
     }
 
     /// The open device.
@@ -295,6 +310,20 @@ impl GpuAccelerator {
             // DELLA's ranks.
             need += inputs as u64 * ((2 << 20) + n / 1024 + n * 4);
         }
+        if let DevicePlan::Gta { sparsify, .. } = plan {
+            // DELLA's sort keys of groups sorted in segments (one u64 per element, reused by
+            // every model).
+            let della = sparsify
+                .iter()
+                .any(|s| matches!(s, DeviceSparsify::Della { .. }));
+            let big_smem = self.gpu.big_smem;
+            if della
+                && merge::della_group(&job.shape, job.numel(), big_smem)
+                    .is_ok_and(|g| g.segmented())
+            {
+                need += n * 8;
+            }
+        }
         match self.gpu.ctx.mem_get_info() {
             Ok((free, _)) => need + (256 << 20) < free as u64,
             Err(_) => false,
@@ -319,8 +348,8 @@ impl Accelerator for GpuAccelerator {
         format!("cuda:{} {}", self.gpu.ctx.ordinal(), self.gpu.name)
     }
 
-    fn gram_solver(&self) -> Option<Arc<dyn GramSolver>> {
-        Some(Arc::new(GpuGramSolver::new(&self.gpu)))
+    fn device_solver(&self) -> Option<Arc<dyn DeviceSolver>> {
+        Some(Arc::new(GpuSolver::new(&self.gpu).with_nccl(self.nccl)))
     }
 
     fn report(&self) -> Option<String> {
@@ -450,49 +479,185 @@ impl Accelerator for GpuAccelerator {
     }
 }
 
-/// MaTS's dense Gram systems solved by the device CG ([`crate::cg::solve`]: the vectors stay on
-/// the GPU for the whole solve, `X·A` is one DGEMM per iteration).
+/// MaTS's systems solved by the device CG ([`crate::cg::solve_system`]: the vectors stay on the
+/// GPU for the whole solve; `X·A` is one DGEMM per iteration, K-FAC's `Σ S_i·X·A_i` two per
+/// model, a diagonal one kernel), whole or one part of a split block at a time.
+///
+/// The parts of a split block meet through the coordinator's `Reduce` (each sum's partials
+/// copied to the host and back), or, [`GpuSolver::with_nccl`], through an NCCL all-reduce
+/// on the devices: part `k` then runs on device `(ordinal + k) mod count` (NCCL takes one
+/// device per rank, so the block needs as many devices as parts), the communicator's id coming
+/// from part 0 through the gang's first `Reduce` (see [`crate::nccl`]). The parts use NCCL
+/// only when every one of them can; otherwise they all keep `Reduce`. A gang runs on one
+/// worker today, so its ranks are that worker's devices.
 #[derive(Clone)]
-pub struct GpuGramSolver {
+pub struct GpuSolver {
     gpu: Gpu,
+    nccl: bool,
 }
 
-impl GpuGramSolver {
-    /// A solver on `gpu`.
+impl GpuSolver {
+    /// A solver on `gpu` (split parts meet through `Reduce`).
     pub fn new(gpu: &Gpu) -> Self {
-        Self { gpu: gpu.clone() }
+        Self {
+            gpu: gpu.clone(),
+            nccl: false,
+        }
+    }
+
+    /// Let the parts of a split block sum their partials with NCCL when they all can.
+    pub fn with_nccl(mut self, on: bool) -> Self {
+        self.nccl = on;
+        self
+    }
+
+    /// The device of part `part` of `parts` for NCCL, or why it has none.
+    fn nccl_device(&self, part: usize, parts: usize) -> std::result::Result<Gpu, String> {
+        if let Some(why) = crate::nccl::unavailable_reason() {
+            return Err(why);
+        }
+        let count = cudarc::driver::CudaContext::device_count()
+            .map_err(|e| format!("counting devices: {e}"))? as usize;
+        if parts > count {
+            return Err(format!(
+                "{parts} parts need as many devices, this worker has {count}"
+            ));
+        }
+        let ordinal = (self.gpu.ctx.ordinal() + part) % count;
+        Gpu::open(ordinal).map_err(|e| e.to_string())
+    }
+
+    /// Part `part`'s device and NCCL communicator, when every part of the `parts` can join one:
+    /// one `reduce` round carries each part's vote and part 0's unique id.
+    fn nccl_group(
+        &self,
+        part: usize,
+        parts: usize,
+        reduce: &mut dyn FnMut(&[f64]) -> amalgam_core::error::Result<Vec<f64>>,
+    ) -> crate::Result<Option<(Gpu, crate::nccl::Group)>> {
+        use crate::nccl;
+        let mut here = self.nccl_device(part, parts);
+        let mut values = vec![0.0f64; 1 + nccl::ID_VALUES];
+        if part == 0 {
+            if let Ok(gpu) = &here {
+                gpu.ctx.bind_to_thread().ctx("binding the context")?;
+                match nccl::new_id() {
+                    Ok(id) => values[1..].copy_from_slice(&nccl::encode_id(&id)),
+                    Err(e) => here = Err(e.to_string()),
+                }
+            }
+        }
+        if let Err(why) = &here {
+            tracing::warn!(part, parts, "split block: NCCL not used here: {why}");
+        }
+        values[0] = if here.is_ok() { 1.0 } else { 0.0 };
+        let sums = reduce(&values).map_err(CudaError::Merge)?;
+        if sums.len() != values.len() {
+            return Err(CudaError::Invalid(format!(
+                "nccl: the id round returned {} values, expected {}",
+                sums.len(),
+                values.len()
+            )));
+        }
+        if sums[0] != parts as f64 {
+            tracing::info!(
+                part,
+                parts,
+                ready = sums[0],
+                "split block: the parts meet through Reduce (not every part can use NCCL)"
+            );
+            return Ok(None);
+        }
+        let (Ok(gpu), id) = (here, nccl::decode_id(&sums[1..])?) else {
+            return Ok(None);
+        };
+        let group = nccl::Group::join(&gpu, part, parts, &id)?;
+        Ok(Some((gpu, group)))
     }
 }
 
-impl std::fmt::Debug for GpuGramSolver {
+impl std::fmt::Debug for GpuSolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuGramSolver")
+        f.debug_struct("GpuSolver")
             .field("gpu", &self.gpu.name)
+            .field("nccl", &self.nccl)
             .finish()
     }
 }
 
-impl GramSolver for GpuGramSolver {
-    fn solve_gram(
+/// A GPU error as the core's (a merge error stays itself).
+fn core_err(e: CudaError) -> MergeError {
+    match e {
+        CudaError::Merge(m) => m,
+        other => MergeError::Read(format!("GPU: {other}")),
+    }
+}
+
+impl DeviceSolver for GpuSolver {
+    fn solve(
         &self,
-        a: &[f64],
-        n: usize,
+        sys: &DeviceSystem<'_>,
         b: &[f64],
-        m: usize,
         x0: &[f64],
         opts: &CgOptions,
     ) -> amalgam_core::error::Result<CgResult> {
-        let gpu_err = |e: CudaError| match e {
-            CudaError::Merge(m) => m,
-            other => MergeError::Read(format!("GPU: {other}")),
-        };
+        use crate::cg::{solve_system, Exchange};
         self.gpu
             .ctx
             .bind_to_thread()
             .ctx("binding the context")
-            .map_err(gpu_err)?;
-        let (x, report) =
-            crate::cg::solve(&self.gpu, a, n, b, m, Some(x0), opts).map_err(gpu_err)?;
+            .map_err(core_err)?;
+        let (x, report) = solve_system(
+            &self.gpu,
+            sys,
+            b,
+            Some(x0),
+            opts,
+            None,
+            &mut Exchange::Whole,
+        )
+        .map_err(core_err)?;
+        Ok(report.into_result(x))
+    }
+
+    fn solve_part(
+        &self,
+        sys: &DeviceSystem<'_>,
+        b: &[f64],
+        x0: &[f64],
+        opts: &CgOptions,
+        split: &SplitPart,
+        reduce: &mut dyn FnMut(&[f64]) -> amalgam_core::error::Result<Vec<f64>>,
+    ) -> amalgam_core::error::Result<CgResult> {
+        use crate::cg::{solve_system, Exchange, Slots};
+        let slots = Slots::of(&split.part_lens, split.part).map_err(core_err)?;
+        let parts = split.part_lens.len();
+        let group = if self.nccl {
+            self.nccl_group(split.part, parts, reduce)
+                .map_err(core_err)?
+        } else {
+            None
+        };
+        let (x, report) = match &group {
+            Some((gpu, group)) => {
+                gpu.ctx
+                    .bind_to_thread()
+                    .ctx("binding the context")
+                    .map_err(core_err)?;
+                let mut ex = Exchange::Nccl(group);
+                solve_system(gpu, sys, b, Some(x0), opts, Some(slots), &mut ex)
+            }
+            None => {
+                self.gpu
+                    .ctx
+                    .bind_to_thread()
+                    .ctx("binding the context")
+                    .map_err(core_err)?;
+                let mut ex = Exchange::Host(reduce);
+                solve_system(&self.gpu, sys, b, Some(x0), opts, Some(slots), &mut ex)
+            }
+        }
+        .map_err(core_err)?;
         Ok(report.into_result(x))
     }
 }

@@ -1,6 +1,24 @@
 //! Conjugate gradient kept on the device: the GPU form of [`amalgam_core::solve::cg::cg`]
-//! (SciPy's algorithm, methods.md §11) for the systems MaTS solves with a dense factor
-//! (`crates/core/src/methods/mats.rs`, objective `gram`: W ↦ W·G).
+//! (SciPy's algorithm, methods.md §11) for the systems MaTS solves
+//! (`crates/core/src/methods/mats.rs`; [`DeviceSystem`], [`solve_system`]).
+//!
+//! # The operators
+//!
+//! - `gram` (and `ia3_block`, as `x ↦ x·Fᵀ`): `X ↦ X·A`, one DGEMM (below);
+//! - `kfac`: `X ↦ Σ_i S_i·X·A_i`, two DGEMMs per model, added in model order;
+//! - `diagonal_fisher` (and `identity`): `x ↦ f ⊙ x`, one kernel (`cg_diag`), rounding as the
+//!   CPU's product.
+//!
+//! # Split systems
+//!
+//! One part of a split block ([`solve_part`], [`solve_system`] with [`Slots`]) holds its rows
+//! of `x`, `r`, `p`, `q`; its per-chunk partials sit in its own slots of a vector holding every
+//! part's, zero elsewhere, and before each sum an [`Exchange`] makes that vector the parts'
+//! element-wise sum (the coordinator's `Reduce` through the host, or an NCCL all-reduce on the
+//! devices, [`crate::nccl`]); every part then adds all slots by the same fixed tree. Parts
+//! whose lengths are multiples of [`CHUNK`] have the whole system's slots, so their sums are
+//! the whole solve's; their products are their rows' DGEMM (cuBLAS may round a part's rows
+//! otherwise than the whole block's).
 //!
 //! # The system
 //!
@@ -47,12 +65,14 @@ use crate::check::Row;
 use crate::device::Gpu;
 use crate::error::{Ctx, CudaError, Result};
 use amalgam_core::linalg::LINALG_TENSOR;
-use amalgam_core::solve::cg::{CgOptions, CgResult, CgStop, ZeroRhs, BREAKDOWN_EXIT_CODE};
+use amalgam_core::solve::cg::{
+    CgOptions, CgResult, CgStop, DeviceSystem, ZeroRhs, BREAKDOWN_EXIT_CODE,
+};
 use amalgam_core::MergeError;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 /// Kernel entry points of `kernels/cg.cu`.
@@ -63,6 +83,7 @@ pub const KERNELS: &[&str] = &[
     "cg_direction",
     "cg_update",
     "cg_residual",
+    "cg_diag",
 ];
 
 /// Elements per inner-product chunk (one partial each); `CG_CHUNK` in `kernels/cg.cu`.
@@ -279,6 +300,110 @@ fn gemm(
     unsafe { blas.gemm(cfg, a, x, y) }.map_err(blas_err("cg: DGEMM x·A"))
 }
 
+/// Row-major `y = p·q + beta·y` (`p` `r × k`, `q` `k × c`, `y` `r × c`) as one column-major
+/// DGEMM: `yᵀ = qᵀ·pᵀ`, the memory of each row-major matrix being its transpose's.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rm(
+    blas: &CudaBlas,
+    (r, k, c): (usize, usize, usize),
+    p: &CudaSlice<f64>,
+    q: &CudaSlice<f64>,
+    beta: f64,
+    y: &mut CudaSlice<f64>,
+) -> Result<()> {
+    let dim = |v: usize| {
+        i32::try_from(v)
+            .map_err(|_| CudaError::Invalid(format!("cg: dimension {v} is over i32::MAX")))
+    };
+    let (ri, ki, ci) = (dim(r)?, dim(k)?, dim(c)?);
+    if p.len() != r * k || q.len() != k * c || y.len() != r * c {
+        return Err(CudaError::Invalid(format!(
+            "cg: a {r}x{k} by {k}x{c} product over {}, {} and {} values",
+            p.len(),
+            q.len(),
+            y.len()
+        )));
+    }
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: ci,
+        n: ri,
+        k: ki,
+        alpha: 1.0f64,
+        lda: ci,
+        ldb: ki,
+        beta,
+        ldc: ci,
+    };
+    // SAFETY: the lengths were checked against the sizes and leading dimensions of `cfg`; `y`
+    // is neither `p` nor `q` (distinct borrows).
+    unsafe { blas.gemm(cfg, q, p, y) }.map_err(blas_err("cg: DGEMM"))
+}
+
+/// The operator of a device solve, on the device ([`CgSolver::solve`]).
+pub enum DeviceOp<'a> {
+    /// `X ↦ X·A`, `A` `n × n` row-major (the solver's `n`).
+    Gram(&'a CudaSlice<f64>),
+    /// `x ↦ f ⊙ x`, one value per element.
+    Diagonal(&'a CudaSlice<f64>),
+    /// `X ↦ Σ_i S_i·X·A_i` (`S_i` `m × m`, `A_i` `n × n`), summed in model order; `t` is an
+    /// `m × n` scratch matrix.
+    Kfac {
+        /// The input factors `A_i`.
+        a: &'a [CudaSlice<f64>],
+        /// The output factors `S_i`.
+        s: &'a [CudaSlice<f64>],
+        /// Scratch for `S_i·X`.
+        t: CudaSlice<f64>,
+    },
+}
+
+/// `y = op(x)` for an unknown of `m × n`.
+fn apply(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    op: &mut DeviceOp<'_>,
+    (n, m): (usize, usize),
+    x: &CudaSlice<f64>,
+    y: &mut CudaSlice<f64>,
+) -> Result<()> {
+    match op {
+        DeviceOp::Gram(a) => gemm(blas, n, m, a, x, y),
+        DeviceOp::Diagonal(f) => {
+            let len = (n * m) as u64;
+            if f.len() != n * m {
+                return Err(CudaError::Invalid(format!(
+                    "cg: a diagonal of {} values for {} unknowns",
+                    f.len(),
+                    n * m
+                )));
+            }
+            let mut l = gpu.stream.launch_builder(gpu.function("cg_diag"));
+            l.arg(&**f).arg(x).arg(&mut *y).arg(&len);
+            // SAFETY: cg_diag(const double*, const double*, double*, u64): all hold `len`
+            // values; grid-stride.
+            unsafe { l.launch(gpu.grid(len)) }.ctx("launching cg_diag")?;
+            Ok(())
+        }
+        DeviceOp::Kfac { a, s, t } => {
+            if a.len() != s.len() || a.is_empty() {
+                return Err(CudaError::Invalid(format!(
+                    "cg: K-FAC with {} input and {} output factors",
+                    a.len(),
+                    s.len()
+                )));
+            }
+            for (i, (ai, si)) in a.iter().zip(s.iter()).enumerate() {
+                gemm_rm(blas, (m, m, n), si, x, 0.0, t)?;
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                gemm_rm(blas, (m, n, n), t, ai, beta, y)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// One block of [`THREADS`] threads per chunk (`chunks` <= i32::MAX: `check_dims`).
 fn chunk_config(chunks: usize) -> LaunchConfig {
     LaunchConfig {
@@ -295,7 +420,7 @@ fn launch_dot(
     len: usize,
     u: &CudaSlice<f64>,
     v: &CudaSlice<f64>,
-    partials: &mut CudaSlice<f64>,
+    partials: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
     let n = len as u64;
     let mut l = gpu.stream.launch_builder(gpu.function("cg_dot"));
@@ -329,13 +454,68 @@ pub struct CgSolver {
     m: usize,
     len: usize,
     chunks: usize,
+    slots: Slots,
     blas: CudaBlas,
     r: CudaSlice<f64>,
     p: CudaSlice<f64>,
     q: CudaSlice<f64>,
+    /// Every part's partials: this part's at `slots.offset`, zeros elsewhere.
     partials: CudaSlice<f64>,
+    /// The partials summed over the parts (a split solve's exchange).
+    all: CudaSlice<f64>,
     state: CudaSlice<f64>,
     snaps: [CudaSlice<f64>; 2],
+}
+
+/// Where a part's inner-product partials sit among all parts' of a split solve: one slot per
+/// [`CHUNK`]-element chunk of each part, parts in order. When every part but the last is a
+/// multiple of [`CHUNK`] long, the slots are those of the unsplit system, so the sums (one
+/// fixed tree over all slots) are the unsplit solve's bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// This part's first slot.
+    pub offset: usize,
+    /// Slots of all parts together.
+    pub total: usize,
+}
+
+impl Slots {
+    /// The slots of an unsplit system of `len` elements.
+    pub fn whole(len: usize) -> Self {
+        Slots {
+            offset: 0,
+            total: len.div_ceil(CHUNK),
+        }
+    }
+
+    /// The slots of part `part` among parts of `lens` elements each.
+    pub fn of(lens: &[usize], part: usize) -> Result<Self> {
+        if part >= lens.len() {
+            return Err(CudaError::Invalid(format!(
+                "cg: part {part} of a system split into {} parts",
+                lens.len()
+            )));
+        }
+        let count = |l: &[usize]| l.iter().map(|n| n.div_ceil(CHUNK)).sum::<usize>();
+        Ok(Slots {
+            offset: count(&lens[..part]),
+            total: count(lens),
+        })
+    }
+}
+
+/// How a split solve's partials meet the other parts' before each sum
+/// ([`CgSolver::solve`]). Each exchange returns the element-wise sum over the parts of their
+/// slot vectors (each zero outside its own slots), so every part sums the same values.
+pub enum Exchange<'a> {
+    /// Not split: the partials are all the sum's.
+    Whole,
+    /// Through the host: the function returns the element-wise sum over all parts of equally
+    /// long vectors (the cluster's `Reduce` RPC); one call per sum, a device-to-host copy
+    /// and a wait before it.
+    Host(&'a mut dyn FnMut(&[f64]) -> amalgam_core::error::Result<Vec<f64>>),
+    /// An NCCL all-reduce on the device (no host round trip).
+    Nccl(&'a crate::nccl::Group),
 }
 
 impl CgSolver {
@@ -344,6 +524,20 @@ impl CgSolver {
     /// library cannot be found.
     pub fn new(gpu: &Gpu, n: usize, m: usize) -> Result<Self> {
         let len = check_dims(n, m)?;
+        Self::new_part(gpu, n, m, Slots::whole(len))
+    }
+
+    /// As [`CgSolver::new`], for one part (`m` rows) of a split system whose partials sit at
+    /// `slots` ([`Slots::of`]).
+    pub fn new_part(gpu: &Gpu, n: usize, m: usize, slots: Slots) -> Result<Self> {
+        let len = check_dims(n, m)?;
+        let chunks = len.div_ceil(CHUNK);
+        if slots.offset + chunks > slots.total {
+            return Err(CudaError::Invalid(format!(
+                "cg: a part of {chunks} chunks at slot {} of {}",
+                slots.offset, slots.total
+            )));
+        }
         // SAFETY: only tries to open the shared library by its candidate names.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(CudaError::Unavailable(
@@ -353,7 +547,6 @@ impl CgSolver {
             ));
         }
         let blas = CudaBlas::new(gpu.stream.clone()).map_err(blas_err("cg: creating a handle"))?;
-        let chunks = len.div_ceil(CHUNK);
         let s = &gpu.stream;
         let what = "cg: allocating the work vectors";
         Ok(Self {
@@ -361,11 +554,13 @@ impl CgSolver {
             m,
             len,
             chunks,
+            slots,
             blas,
             r: s.alloc_zeros(len).ctx(what)?,
             p: s.alloc_zeros(len).ctx(what)?,
             q: s.alloc_zeros(len).ctx(what)?,
-            partials: s.alloc_zeros(chunks).ctx(what)?,
+            partials: s.alloc_zeros(slots.total).ctx(what)?,
+            all: s.alloc_zeros(slots.total).ctx(what)?,
             state: s.alloc_zeros(STATE_LEN).ctx(what)?,
             snaps: [
                 s.alloc_zeros(STATE_LEN).ctx(what)?,
@@ -387,6 +582,23 @@ impl CgSolver {
         gemm(&self.blas, self.n, self.m, a, x, y)
     }
 
+    /// The operator's lengths against the solver's shape.
+    fn check_op(&self, op: &DeviceOp<'_>) -> Result<()> {
+        match op {
+            DeviceOp::Gram(a) => self.check_len("A", a, self.n * self.n),
+            DeviceOp::Diagonal(f) => self.check_len("f", f, self.len),
+            DeviceOp::Kfac { a, s, t } => {
+                for ai in a.iter() {
+                    self.check_len("A_i", ai, self.n * self.n)?;
+                }
+                for si in s.iter() {
+                    self.check_len("S_i", si, self.m * self.m)?;
+                }
+                self.check_len("scratch", t, self.len)
+            }
+        }
+    }
+
     fn check_len(&self, what: &str, v: &CudaSlice<f64>, want: usize) -> Result<()> {
         if v.len() != want {
             return Err(CudaError::Invalid(format!(
@@ -399,37 +611,97 @@ impl CgSolver {
         Ok(())
     }
 
-    /// `partials` = per-chunk sums of `u ⊙ v` (`u`, `v` are `len` long, not work vectors).
+    /// This part's slots in `partials`.
+    fn own(&self) -> std::ops::Range<usize> {
+        self.slots.offset..self.slots.offset + self.chunks
+    }
+
+    /// This part's partials = per-chunk sums of `u ⊙ v` (`u`, `v` are `len` long, not work
+    /// vectors).
     fn dot(&mut self, gpu: &Gpu, u: &CudaSlice<f64>, v: &CudaSlice<f64>) -> Result<()> {
-        launch_dot(gpu, self.chunks, self.len, u, v, &mut self.partials)
+        let own = self.own();
+        launch_dot(
+            gpu,
+            self.chunks,
+            self.len,
+            u,
+            v,
+            &mut self.partials.slice_mut(own),
+        )
+    }
+
+    /// `r·r` partials (`r` is a work vector).
+    fn dot_rr(&mut self, gpu: &Gpu) -> Result<()> {
+        let own = self.own();
+        let mut out = self.partials.slice_mut(own);
+        launch_dot(gpu, self.chunks, self.len, &self.r, &self.r, &mut out)
+    }
+
+    /// `p·q` partials.
+    fn dot_pq(&mut self, gpu: &Gpu) -> Result<()> {
+        let own = self.own();
+        let mut out = self.partials.slice_mut(own);
+        launch_dot(gpu, self.chunks, self.len, &self.p, &self.q, &mut out)
+    }
+
+    /// `q·q` partials.
+    fn dot_qq(&mut self, gpu: &Gpu) -> Result<()> {
+        let own = self.own();
+        let mut out = self.partials.slice_mut(own);
+        launch_dot(gpu, self.chunks, self.len, &self.q, &self.q, &mut out)
     }
 
     /// Nonzero-count partials of `x`.
     fn nnz(&mut self, gpu: &Gpu, x: &CudaSlice<f64>) -> Result<()> {
         let cfg = chunk_config(self.chunks);
         let n = self.len as u64;
+        let own = self.own();
+        let mut out = self.partials.slice_mut(own);
         let mut l = gpu.stream.launch_builder(gpu.function("cg_nnz"));
-        l.arg(x).arg(&n).arg(&mut self.partials);
+        l.arg(x).arg(&n).arg(&mut out);
         // SAFETY: cg_nnz(const double*, u64, double*): `x` holds `len` values, `partials` one
         // per chunk, one block per chunk.
         unsafe { l.launch(cfg) }.ctx("launching cg_nnz")?;
         Ok(())
     }
 
-    /// Add the partials and apply `op` to the state (see `cg_reduce` in `cg.cu`).
-    fn reduce(&mut self, gpu: &Gpu, op: i32, arg: i32) -> Result<()> {
+    /// Meet the other parts' partials through `ex`, add all parts' partials and apply `op` to
+    /// the state (see `cg_reduce` in `cg.cu`).
+    fn reduce(&mut self, gpu: &Gpu, ex: &mut Exchange<'_>, op: i32, arg: i32) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let np = self.chunks as u64;
+        let np = self.slots.total as u64;
+        let sums = match ex {
+            Exchange::Whole => &self.partials,
+            Exchange::Host(f) => {
+                let mut host = vec![0.0f64; self.slots.total];
+                gpu.stream
+                    .memcpy_dtoh(&self.partials, &mut host)
+                    .ctx("cg: reading the partials")?;
+                gpu.sync()?;
+                let all = f(&host).map_err(CudaError::Merge)?;
+                if all.len() != host.len() {
+                    return Err(CudaError::Invalid(format!(
+                        "cg: the reduction returned {} values, expected {}",
+                        all.len(),
+                        host.len()
+                    )));
+                }
+                gpu.stream
+                    .memcpy_htod(&all, &mut self.all)
+                    .ctx("cg: writing the summed partials")?;
+                &self.all
+            }
+            Exchange::Nccl(group) => {
+                group.all_reduce_sum(&self.partials, &mut self.all)?;
+                &self.all
+            }
+        };
         let mut l = gpu.stream.launch_builder(gpu.function("cg_reduce"));
-        l.arg(&self.partials)
-            .arg(&np)
-            .arg(&mut self.state)
-            .arg(&op)
-            .arg(&arg);
+        l.arg(sums).arg(&np).arg(&mut self.state).arg(&op).arg(&arg);
         // SAFETY: cg_reduce(const double*, u64, double*, int, int): `partials` holds `np`
         // values, `state` STATE_LEN; a store's `arg` is a slot below STATE_LEN.
         unsafe { l.launch(cfg) }.ctx("launching cg_reduce")?;
@@ -457,6 +729,8 @@ impl CgSolver {
     fn update(&mut self, gpu: &Gpu, x: &mut CudaSlice<f64>) -> Result<()> {
         let cfg = chunk_config(self.chunks);
         let n = self.len as u64;
+        let own = self.own();
+        let mut out = self.partials.slice_mut(own);
         let mut l = gpu.stream.launch_builder(gpu.function("cg_update"));
         l.arg(x)
             .arg(&mut self.r)
@@ -464,7 +738,7 @@ impl CgSolver {
             .arg(&self.q)
             .arg(&n)
             .arg(&self.state)
-            .arg(&mut self.partials);
+            .arg(&mut out);
         // SAFETY: cg_update(double*, double*, const double*, const double*, u64, const double*,
         // double*): the vectors hold `len` values, `state` STATE_LEN, `partials` one per chunk,
         // one block per chunk.
@@ -483,8 +757,8 @@ impl CgSolver {
     }
 
     /// The sum of the partials now enqueued, through `state[S_AUX]`.
-    fn read_sum(&mut self, gpu: &Gpu) -> Result<f64> {
-        self.reduce(gpu, OP_STORE, S_AUX as i32)?;
+    fn read_sum(&mut self, gpu: &Gpu, ex: &mut Exchange<'_>) -> Result<f64> {
+        self.reduce(gpu, ex, OP_STORE, S_AUX as i32)?;
         Ok(self.read_state(gpu)?[S_AUX])
     }
 
@@ -492,24 +766,31 @@ impl CgSolver {
     /// else from zeros; `x` receives the solution. `a` is `n × n`, `b` and `x` are `m × n`,
     /// all row-major on `gpu.stream`'s device. Work is on `gpu.stream` (and a status read on
     /// `gpu.copy`); when this returns, everything it enqueued has completed.
+    ///
+    /// For one part of a split system (a solver from [`CgSolver::new_part`]), `b` and `x` are
+    /// the part's rows and `ex` meets the other parts before each sum; every part makes the
+    /// same exchanges in the same order, and the report's residuals are global. An unsplit
+    /// solve passes [`Exchange::Whole`].
+    #[allow(clippy::too_many_arguments)]
     pub fn solve(
         &mut self,
         gpu: &Gpu,
-        a: &CudaSlice<f64>,
+        op: &mut DeviceOp<'_>,
         b: &CudaSlice<f64>,
         x: &mut CudaSlice<f64>,
         x0_given: bool,
         opts: &CgOptions,
+        ex: &mut Exchange<'_>,
     ) -> Result<CgReport> {
         check_options(opts)?;
-        self.check_len("A", a, self.n * self.n)?;
+        self.check_op(op)?;
         self.check_len("b", b, self.len)?;
         self.check_len("x", x, self.len)?;
         let (n, m) = (self.n, self.m);
 
         // ‖b‖ and the tolerance.
         self.dot(gpu, b, b)?;
-        let bb = self.read_sum(gpu)?;
+        let bb = self.read_sum(gpu, ex)?;
         if !bb.is_finite() {
             return Err(numeric(format!("cg: b·b is {bb}")));
         }
@@ -519,7 +800,7 @@ impl CgSolver {
         // x0, and r = b − A x0 (r = b when x0 is all zeros, as SciPy).
         let x0_nonzero = if x0_given {
             self.nnz(gpu, x)?;
-            self.read_sum(gpu)? > 0.0
+            self.read_sum(gpu, ex)? > 0.0
         } else {
             gpu.stream
                 .memset_zeros(x)
@@ -527,22 +808,15 @@ impl CgSolver {
             false
         };
         if x0_nonzero {
-            gemm(&self.blas, n, m, a, x, &mut self.r)?;
+            apply(gpu, &self.blas, op, (n, m), x, &mut self.r)?;
             launch_residual(gpu, self.len, b, &mut self.r)?;
         } else {
             gpu.stream
                 .memcpy_dtod(b, &mut self.r)
                 .ctx("cg: copying b into r")?;
         }
-        launch_dot(
-            gpu,
-            self.chunks,
-            self.len,
-            &self.r,
-            &self.r,
-            &mut self.partials,
-        )?;
-        self.reduce(gpu, OP_STORE, S_RHO as i32)?;
+        self.dot_rr(gpu)?;
+        self.reduce(gpu, ex, OP_STORE, S_RHO as i32)?;
         let rho0 = self.read_state(gpu)?[S_RHO];
         if !rho0.is_finite() {
             return Err(numeric(format!("cg: initial r·r is {rho0}")));
@@ -570,7 +844,7 @@ impl CgSolver {
             if opts.zero_rhs == ZeroRhs::ScipyZero {
                 gpu.stream.memcpy_dtod(b, x).ctx("cg: copying b into x")?;
             }
-            let rr = self.final_rr(gpu, a, b, x, opts, None)?;
+            let rr = self.final_rr(gpu, op, b, x, opts, None, ex)?;
             return Ok(report(CgStop::ZeroRhs, 0, 0, rr));
         }
 
@@ -591,18 +865,11 @@ impl CgSolver {
         for it in 0..opts.maxiter {
             let k = iter_arg(it)?;
             // ρ = r·r (partials made by the previous update, or above for it = 0) and the test.
-            self.reduce(gpu, OP_RHO, k)?;
+            self.reduce(gpu, ex, OP_RHO, k)?;
             self.direction(gpu, it == 0)?;
-            gemm(&self.blas, n, m, a, &self.p, &mut self.q)?;
-            launch_dot(
-                gpu,
-                self.chunks,
-                self.len,
-                &self.p,
-                &self.q,
-                &mut self.partials,
-            )?;
-            self.reduce(gpu, OP_PQ, k)?;
+            apply(gpu, &self.blas, op, (n, m), &self.p, &mut self.q)?;
+            self.dot_pq(gpu)?;
+            self.reduce(gpu, ex, OP_PQ, k)?;
             self.update(gpu, x)?;
             gpu.stream
                 .memcpy_dtod(&self.state, &mut self.snaps[it % 2])
@@ -641,44 +908,32 @@ impl CgSolver {
                 "cg: unexpected device status {status}"
             )));
         };
-        let rr = self.final_rr(gpu, a, b, x, opts, known)?;
+        let rr = self.final_rr(gpu, op, b, x, opts, known, ex)?;
         Ok(report(stop, exit_code, iterations, rr))
     }
 
     /// The final `‖·‖²`: of `b − A x` when asked for, else `known` or `r·r`.
+    #[allow(clippy::too_many_arguments)]
     fn final_rr(
         &mut self,
         gpu: &Gpu,
-        a: &CudaSlice<f64>,
+        op: &mut DeviceOp<'_>,
         b: &CudaSlice<f64>,
         x: &CudaSlice<f64>,
         opts: &CgOptions,
         known: Option<f64>,
+        ex: &mut Exchange<'_>,
     ) -> Result<f64> {
         if opts.true_final_residual {
-            gemm(&self.blas, self.n, self.m, a, x, &mut self.q)?;
+            apply(gpu, &self.blas, op, (self.n, self.m), x, &mut self.q)?;
             launch_residual(gpu, self.len, b, &mut self.q)?;
-            launch_dot(
-                gpu,
-                self.chunks,
-                self.len,
-                &self.q,
-                &self.q,
-                &mut self.partials,
-            )?;
-            self.read_sum(gpu)
+            self.dot_qq(gpu)?;
+            self.read_sum(gpu, ex)
         } else if let Some(v) = known {
             Ok(v)
         } else {
-            launch_dot(
-                gpu,
-                self.chunks,
-                self.len,
-                &self.r,
-                &self.r,
-                &mut self.partials,
-            )?;
-            self.read_sum(gpu)
+            self.dot_rr(gpu)?;
+            self.read_sum(gpu, ex)
         }
     }
 }
@@ -698,21 +953,138 @@ pub fn solve(
     x0: Option<&[f64]>,
     opts: &CgOptions,
 ) -> Result<(Vec<f64>, CgReport)> {
+    solve_part(gpu, a, n, b, m, x0, opts, None, &mut Exchange::Whole)
+}
+
+/// [`solve`] for one part of a split system: `b`, `x0` and the solution are the part's `m`
+/// rows, its partials sit at `slots` ([`Slots::of`]; `None`: the whole system) and meet the
+/// other parts' through `ex` before each sum. Every part of a split must call this with the
+/// same `a`, `n` and options.
+#[allow(clippy::too_many_arguments)]
+pub fn solve_part(
+    gpu: &Gpu,
+    a: &[f64],
+    n: usize,
+    b: &[f64],
+    m: usize,
+    x0: Option<&[f64]>,
+    opts: &CgOptions,
+    slots: Option<Slots>,
+    ex: &mut Exchange<'_>,
+) -> Result<(Vec<f64>, CgReport)> {
     check_lengths(a.len(), n, b.len(), m, x0.map(<[f64]>::len))?;
+    let sys = DeviceSystem::Gram {
+        a: std::borrow::Cow::Borrowed(a),
+        n,
+    };
+    solve_system(gpu, &sys, b, x0, opts, slots, ex)
+}
+
+/// The unknown's shape `(n, m)` (`m` rows of `n`) of `sys` for a right-hand side of `len`
+/// values, after checking the operator's lengths.
+fn system_shape(sys: &DeviceSystem<'_>, len: usize) -> Result<(usize, usize)> {
+    let bad = |what: String| Err(CudaError::Invalid(format!("cg: {what}")));
+    match sys {
+        DeviceSystem::Gram { a, n } => {
+            if *n == 0 || Some(a.len()) != n.checked_mul(*n) || !len.is_multiple_of(*n) {
+                return bad(format!(
+                    "A has {} values and b {len}, expected n·n and m·n with n = {n}",
+                    a.len()
+                ));
+            }
+            Ok((*n, len / n))
+        }
+        DeviceSystem::Diagonal { f } => {
+            if f.len() != len {
+                return bad(format!("a diagonal of {} values for b of {len}", f.len()));
+            }
+            Ok((len, 1))
+        }
+        DeviceSystem::Kfac { a, s, out, d } => {
+            let ok = a.len() == s.len()
+                && !a.is_empty()
+                && a.iter().all(|v| v.len() == d * d)
+                && s.iter().all(|v| v.len() == out * out)
+                && len == out * d;
+            if !ok {
+                return bad(format!(
+                    "K-FAC factors ({} inputs, {} outputs) do not fit a {out}x{d} unknown of \
+                     {len} values",
+                    a.len(),
+                    s.len()
+                ));
+            }
+            Ok((*d, *out))
+        }
+    }
+}
+
+/// Solve `sys` (a MaTS system, [`DeviceSystem`]) by CG on the device from host data: `b` and
+/// `x0` (`None`: zeros) in the unknown's layout; for one part of a split system, `slots` and
+/// `ex` as [`solve_part`]'s. Returns the solution and the solve's report.
+pub fn solve_system(
+    gpu: &Gpu,
+    sys: &DeviceSystem<'_>,
+    b: &[f64],
+    x0: Option<&[f64]>,
+    opts: &CgOptions,
+    slots: Option<Slots>,
+    ex: &mut Exchange<'_>,
+) -> Result<(Vec<f64>, CgReport)> {
     check_options(opts)?;
+    if let Some(x0) = x0 {
+        if x0.len() != b.len() {
+            return Err(CudaError::Invalid(format!(
+                "cg: x0 has {} values, b {}",
+                x0.len(),
+                b.len()
+            )));
+        }
+    }
     if b.is_empty() {
+        if slots.is_some() {
+            return Err(CudaError::Invalid(
+                "cg: an empty part of a split system".into(),
+            ));
+        }
         return Ok((Vec::new(), empty_report(opts, x0.is_some())));
     }
-    let mut solver = CgSolver::new(gpu, n, m)?;
+    let (n, m) = system_shape(sys, b.len())?;
+    let mut solver = match slots {
+        Some(slots) => CgSolver::new_part(gpu, n, m, slots)?,
+        None => CgSolver::new(gpu, n, m)?,
+    };
     let s = &gpu.stream;
     let what = "cg: copying the system to the device";
-    let a_d = s.clone_htod(a).ctx(what)?;
-    let b_d = s.clone_htod(b).ctx(what)?;
+    let up = |v: &[f64]| s.clone_htod(v).ctx(what);
+    let b_d = up(b)?;
     let mut x_d = match x0 {
-        Some(x0) => s.clone_htod(x0).ctx(what)?,
+        Some(x0) => up(x0)?,
         None => s.alloc_zeros(b.len()).ctx(what)?,
     };
-    let report = solver.solve(gpu, &a_d, &b_d, &mut x_d, x0.is_some(), opts)?;
+    let report = match sys {
+        DeviceSystem::Gram { a, .. } => {
+            let a_d = up(a)?;
+            let mut op = DeviceOp::Gram(&a_d);
+            solver.solve(gpu, &mut op, &b_d, &mut x_d, x0.is_some(), opts, ex)?
+        }
+        DeviceSystem::Diagonal { f } => {
+            let f_d = up(f)?;
+            let mut op = DeviceOp::Diagonal(&f_d);
+            solver.solve(gpu, &mut op, &b_d, &mut x_d, x0.is_some(), opts, ex)?
+        }
+        DeviceSystem::Kfac { a, s: outs, .. } => {
+            let a_d = a.iter().map(|v| up(v)).collect::<Result<Vec<_>>>()?;
+            let s_d = outs.iter().map(|v| up(v)).collect::<Result<Vec<_>>>()?;
+            let t = s.alloc_zeros(b.len()).ctx(what)?;
+            let mut op = DeviceOp::Kfac {
+                a: &a_d,
+                s: &s_d,
+                t,
+            };
+            solver.solve(gpu, &mut op, &b_d, &mut x_d, x0.is_some(), opts, ex)?
+        }
+    };
     let x = s.clone_dtoh(&x_d).ctx("cg: copying the solution back")?;
     gpu.sync()?;
     Ok((x, report))
@@ -888,10 +1260,26 @@ fn timing_rows(gpu: &Gpu, n: usize, m: usize, iters: usize) -> Result<Vec<Row>> 
         true_final_residual: false,
         ..CgOptions::default()
     };
-    solver.solve(gpu, &a_d, &b_d, &mut x_d, false, &opts)?;
+    solver.solve(
+        gpu,
+        &mut DeviceOp::Gram(&a_d),
+        &b_d,
+        &mut x_d,
+        false,
+        &opts,
+        &mut Exchange::Whole,
+    )?;
     let mut rep = None;
     let total = time_ms(gpu, || {
-        rep = Some(solver.solve(gpu, &a_d, &b_d, &mut x_d, false, &opts)?);
+        rep = Some(solver.solve(
+            gpu,
+            &mut DeviceOp::Gram(&a_d),
+            &b_d,
+            &mut x_d,
+            false,
+            &opts,
+            &mut Exchange::Whole,
+        )?);
         Ok(())
     })?;
     let rep = rep.expect("time_ms ran the solve");
@@ -930,12 +1318,372 @@ fn timing_rows(gpu: &Gpu, n: usize, m: usize, iters: usize) -> Result<Vec<Row>> 
     ])
 }
 
+/// One round of a [`LocalGang`]: each part's vector, then the sum (or why there is none).
+type GangRound = (
+    Vec<Option<Vec<f64>>>,
+    Option<std::result::Result<Vec<f64>, String>>,
+);
+
+/// Parts meeting in one process, as the coordinator's `Reduce` meets a gang's parts: each
+/// round, every part's vector is added element-wise in part order, and every part gets the sum.
+pub struct LocalGang {
+    parts: usize,
+    rounds: std::sync::Mutex<Vec<GangRound>>,
+    done: std::sync::Condvar,
+}
+
+impl LocalGang {
+    /// A meeting of `parts` parts.
+    pub fn new(parts: usize) -> Self {
+        LocalGang {
+            parts,
+            rounds: std::sync::Mutex::new(Vec::new()),
+            done: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Part `part`'s vector for round `round`; blocks until every part has sent its own, then
+    /// returns the sum. An error when the parts' lengths differ.
+    pub fn reduce(
+        &self,
+        part: usize,
+        round: usize,
+        values: &[f64],
+    ) -> amalgam_core::error::Result<Vec<f64>> {
+        let mut st = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        while st.len() <= round {
+            st.push((vec![None; self.parts], None));
+        }
+        st[round].0[part] = Some(values.to_vec());
+        if st[round].0.iter().all(Option::is_some) {
+            let mut sum = Ok(vec![0.0f64; values.len()]);
+            for v in st[round].0.iter().flatten() {
+                match &mut sum {
+                    Ok(s) if s.len() == v.len() => {
+                        s.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+                    }
+                    Ok(s) => {
+                        let msg = format!(
+                            "round {round}: parts sent {} and {} values",
+                            v.len(),
+                            s.len()
+                        );
+                        sum = Err(msg);
+                    }
+                    Err(_) => {}
+                }
+            }
+            st[round].1 = Some(sum);
+            self.done.notify_all();
+        }
+        loop {
+            match &st[round].1 {
+                Some(Ok(sum)) => return Ok(sum.clone()),
+                Some(Err(e)) => return Err(MergeError::Read(e.clone())),
+                None => st = self.done.wait(st).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+/// The reduction a part's solve meets the others through.
+type Reduce<'a> = dyn FnMut(&[f64]) -> amalgam_core::error::Result<Vec<f64>> + 'a;
+
+/// One part's solve for [`gang_solve`]: `(part, b rows, x0 rows, reduce)`.
+type PartSolve<'a> =
+    dyn Fn(usize, &[f64], &[f64], &mut Reduce<'_>) -> Result<(Vec<f64>, CgReport)> + Sync + 'a;
+
+/// Solve a split system part by part, each part on its own thread meeting the others through
+/// a [`LocalGang`]: `solve_one(part, b_rows, x0_rows, reduce)` solves one part. Returns the
+/// solution (all rows) and each part's report.
+fn gang_solve(
+    n: usize,
+    b: &[f64],
+    x0: &[f64],
+    rows: &[usize],
+    solve_one: &PartSolve<'_>,
+) -> Result<(Vec<f64>, Vec<CgReport>)> {
+    let gang = LocalGang::new(rows.len());
+    let mut starts = vec![0usize];
+    for r in rows {
+        starts.push(starts.last().copied().unwrap_or(0) + r * n);
+    }
+    let results: Vec<Result<(Vec<f64>, CgReport)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..rows.len())
+            .map(|k| {
+                let (gang, starts) = (&gang, &starts);
+                sc.spawn(move || {
+                    let (lo, hi) = (starts[k], starts[k + 1]);
+                    let mut round = 0usize;
+                    let mut reduce = |v: &[f64]| {
+                        let r = gang.reduce(k, round, v);
+                        round += 1;
+                        r
+                    };
+                    solve_one(k, &b[lo..hi], &x0[lo..hi], &mut reduce)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CudaError::Invalid("a part's thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut x = Vec::with_capacity(b.len());
+    let mut reports = Vec::new();
+    for r in results {
+        let (xk, rep) = r?;
+        x.extend_from_slice(&xk);
+        reports.push(rep);
+    }
+    Ok((x, reports))
+}
+
+/// Parity rows of split solves against the whole GPU solve of the same system: parts through
+/// the host exchange, through the MaTS part solver with NCCL asked for (NCCL when there is a
+/// device per part, else `Reduce`), and one part through NCCL (one rank).
+fn split_rows(gpu: &Gpu) -> Result<Vec<Row>> {
+    use crate::accel::GpuSolver;
+    use amalgam_core::solve::cg::{DeviceSolver, SplitPart};
+    // Parts of 64 rows x 256 = one chunk each (the last shorter): the whole solve's slots.
+    let (n, rows) = (256usize, [64usize, 64, 32]);
+    let m: usize = rows.iter().sum();
+    let a = spd_system(21, n);
+    let b = Rng::vec(22, m * n);
+    let x0 = Rng::vec(23, m * n);
+    let opts = CgOptions {
+        rtol: 1e-10,
+        maxiter: 60,
+        ..CgOptions::default()
+    };
+    let (whole, wrep) = solve(gpu, &a, n, &b, m, Some(&x0), &opts)?;
+    let lens: Vec<usize> = rows.iter().map(|r| r * n).collect();
+    let row = |name: String, ms: f64, got: &[f64], reps: &[CgReport], how: &str| {
+        let same = got
+            .iter()
+            .zip(&whole)
+            .all(|(p, q)| p.to_bits() == q.to_bits());
+        let err = rel_err(got, &whole);
+        let steps = reps
+            .iter()
+            .all(|r| (r.exit_code, r.iterations) == (wrep.exit_code, wrep.iterations));
+        Row {
+            name,
+            ms,
+            rel_err: Some(if steps { err } else { f64::INFINITY }),
+            bitwise: Some(same && steps),
+            note: format!(
+                "{how}; against the whole GPU solve: {}; exit/iterations {}/{} (whole {}/{})",
+                if same {
+                    "bit-identical".to_string()
+                } else {
+                    format!("max rel err {err:.2e} (target <= 1e-6)")
+                },
+                reps.first().map_or(-1, |r| r.exit_code),
+                reps.first().map_or(0, |r| r.iterations),
+                wrep.exit_code,
+                wrep.iterations
+            ),
+            ..Default::default()
+        }
+    };
+    let mut out = Vec::new();
+
+    // Parts meeting through the host (the cluster's Reduce path).
+    let t = std::time::Instant::now();
+    let (x, reps) = gang_solve(n, &b, &x0, &rows, &|k, bk, xk, reduce| {
+        gpu.ctx.bind_to_thread().ctx("binding the context")?;
+        let slots = Slots::of(&lens, k)?;
+        let mut ex = Exchange::Host(reduce);
+        solve_part(
+            gpu,
+            &a,
+            n,
+            bk,
+            rows[k],
+            Some(xk),
+            &opts,
+            Some(slots),
+            &mut ex,
+        )
+    })?;
+    out.push(row(
+        format!("parity cg split {n}^2 x{m}, 3 parts via Reduce"),
+        t.elapsed().as_secs_f64() * 1e3,
+        &x,
+        &reps,
+        "each sum's partials through the host",
+    ));
+
+    // The MaTS part solver with NCCL asked for: NCCL with a device per part, else Reduce.
+    let devices = cudarc::driver::CudaContext::device_count().unwrap_or(1) as usize;
+    let nccl_why = crate::nccl::unavailable_reason();
+    let solver = GpuSolver::new(gpu).with_nccl(true);
+    let via = |parts: usize| match (&nccl_why, parts <= devices) {
+        (None, true) => "NCCL".to_string(),
+        (Some(why), _) => format!("Reduce ({why})"),
+        (None, false) => format!("Reduce ({parts} parts, {devices} device(s))"),
+    };
+    let part_solve = |k: usize,
+                      part_lens: &[usize],
+                      bk: &[f64],
+                      xk: &[f64],
+                      reduce: &mut dyn FnMut(&[f64]) -> amalgam_core::error::Result<Vec<f64>>|
+     -> Result<(Vec<f64>, CgReport)> {
+        let split = SplitPart {
+            part: k,
+            part_lens: part_lens.to_vec(),
+        };
+        let sys = DeviceSystem::Gram {
+            a: std::borrow::Cow::Borrowed(&a),
+            n,
+        };
+        let r = solver.solve_part(&sys, bk, xk, &opts, &split, reduce)?;
+        let x = r.x.clone();
+        Ok((x, report_of(&r)))
+    };
+    let t = std::time::Instant::now();
+    let (x, reps) = gang_solve(n, &b, &x0, &rows, &|k, bk, xk, reduce| {
+        part_solve(k, &lens, bk, xk, reduce)
+    })?;
+    out.push(row(
+        format!("parity cg split {n}^2 x{m}, 3 parts, NCCL asked"),
+        t.elapsed().as_secs_f64() * 1e3,
+        &x,
+        &reps,
+        &format!("MaTS part solver, sums through {}", via(3)),
+    ));
+
+    // One part, one rank: the NCCL path itself on any GPU.
+    let t = std::time::Instant::now();
+    let (x, reps) = gang_solve(n, &b, &x0, &[m], &|k, bk, xk, reduce| {
+        part_solve(k, &[m * n], bk, xk, reduce)
+    })?;
+    out.push(row(
+        format!("parity cg split {n}^2 x{m}, 1 part, NCCL asked"),
+        t.elapsed().as_secs_f64() * 1e3,
+        &x,
+        &reps,
+        &format!("MaTS part solver, one rank, sums through {}", via(1)),
+    ));
+    Ok(out)
+}
+
+/// Parity rows of the other MaTS operators against the CPU solver on the same system: a
+/// diagonal (`diagonal_fisher`, `identity`) and K-FAC's `Σ_i S_i·X·A_i` (two models).
+fn operator_rows(gpu: &Gpu) -> Result<Vec<Row>> {
+    use amalgam_core::linalg::matmul;
+    use amalgam_core::solve::cg::{cg, FnProblem};
+    let opts = CgOptions {
+        rtol: 0.0,
+        maxiter: 40,
+        ..CgOptions::default()
+    };
+    let mut out = Vec::new();
+    let mut row = |name: String, sys: &DeviceSystem<'_>, b: &[f64], x0: &[f64], cpu: CgResult| {
+        let t = std::time::Instant::now();
+        let r = solve_system(gpu, sys, b, Some(x0), &opts, None, &mut Exchange::Whole);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        out.push(match r {
+            Ok((x, rep)) => {
+                let err = rel_err(&x, &cpu.x);
+                let same = (rep.exit_code, rep.iterations) == (cpu.exit_code, cpu.iterations);
+                Row {
+                    name,
+                    ms,
+                    rel_err: Some(if same { err } else { f64::INFINITY }),
+                    bitwise: Some(same && x.iter().zip(&cpu.x).all(|(p, q)| p == q)),
+                    note: format!(
+                        "against the CPU solver: max rel err {err:.2e} (target <= 1e-6); \
+                         exit/iterations GPU {}/{} CPU {}/{}",
+                        rep.exit_code, rep.iterations, cpu.exit_code, cpu.iterations
+                    ),
+                    ..Default::default()
+                }
+            }
+            Err(e) => crate::check::failed(&name, &e),
+        });
+    };
+
+    // A diagonal system of 100000 unknowns.
+    let len = 100_000;
+    let f: Vec<f64> = Rng::vec(31, len).iter().map(|v| v.abs() + 0.1).collect();
+    let b = Rng::vec(32, len);
+    let x0 = Rng::vec(33, len);
+    let mut p = FnProblem::local(vec![len], |x: &[f64], y: &mut [f64]| {
+        for ((y, f), x) in y.iter_mut().zip(&f).zip(x) {
+            *y = f * x;
+        }
+        Ok(())
+    });
+    let cpu = cg(&mut p, Some(&x0), &b, &opts)?;
+    let sys = DeviceSystem::Diagonal {
+        f: std::borrow::Cow::Borrowed(&f),
+    };
+    row(format!("parity cg diagonal x{len}"), &sys, &b, &x0, cpu);
+
+    // K-FAC: 2 models, a 96 x 64 unknown.
+    let (m, n) = (96usize, 64usize);
+    let a: Vec<Vec<f64>> = (0..2).map(|i| spd_system(40 + i, n)).collect();
+    let s_f: Vec<Vec<f64>> = (0..2).map(|i| spd_system(50 + i, m)).collect();
+    let b = Rng::vec(34, m * n);
+    let x0 = Rng::vec(35, m * n);
+    let mut p = FnProblem::local(vec![m * n], |x: &[f64], y: &mut [f64]| {
+        y.iter_mut().for_each(|v| *v = 0.0);
+        for (ai, si) in a.iter().zip(&s_f) {
+            let t = matmul(si, m, m, x, n);
+            let sxa = matmul(&t, m, n, ai, n);
+            for (y, v) in y.iter_mut().zip(&sxa) {
+                *y += v;
+            }
+        }
+        Ok(())
+    });
+    let cpu = cg(&mut p, Some(&x0), &b, &opts)?;
+    let sys = DeviceSystem::Kfac {
+        a: &a,
+        s: &s_f,
+        out: m,
+        d: n,
+    };
+    row(
+        format!("parity cg kfac {m}x{n} x2 models"),
+        &sys,
+        &b,
+        &x0,
+        cpu,
+    );
+    Ok(out)
+}
+
+/// The report fields of a [`CgResult`].
+fn report_of(r: &CgResult) -> CgReport {
+    CgReport {
+        exit_code: r.exit_code,
+        iterations: r.iterations,
+        initial_residual: r.initial_residual,
+        final_residual: r.final_residual,
+        converged: r.converged,
+        stop: r.stop,
+        rhs_norm: r.rhs_norm,
+        tolerance: r.tolerance,
+        final_residual_is_true: r.final_residual_is_true,
+        matvecs: r.matvecs,
+        reductions: r.reductions,
+    }
+}
+
 /// The CG rows of `amalgam gpu-check`: parity against the CPU solver (n = 256, m = 32, 50
 /// steps, `tol = 0`; `rel_err` is `max |x_gpu − x_cpu| / max |x_cpu|`, target ≤ 1e-6) and the
 /// timing of 100 steps at n = m = 4096 against one DGEMM of the same shape (target: an
-/// iteration ≤ 1.5 DGEMMs).
+/// iteration ≤ 1.5 DGEMMs); split solves against the whole one; the K-FAC and diagonal operators.
 pub fn check_rows(gpu: &Gpu) -> Result<Vec<Row>> {
     let mut rows = vec![parity_row(gpu, 256, 32, 50)?];
+    rows.extend(split_rows(gpu)?);
+    rows.extend(operator_rows(gpu)?);
     rows.extend(timing_rows(gpu, 4096, 4096, 100)?);
     Ok(rows)
 }
@@ -1192,5 +1940,126 @@ mod tests {
             assert!(row.rel_err.unwrap() <= 1e-6, "{row:?}");
             assert!(row.note.starts_with("ok"), "{row:?}");
         });
+    }
+
+    #[test]
+    fn gpu_split_solves_match_the_whole_solve() {
+        with_gpu("cg::gpu_split_solves_match_the_whole_solve", |gpu| {
+            for row in split_rows(gpu).unwrap() {
+                assert!(row.rel_err.unwrap() <= 1e-6, "{row:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn gpu_operators_match_the_cpu_solver() {
+        with_gpu("cg::gpu_operators_match_the_cpu_solver", |gpu| {
+            for row in operator_rows(gpu).unwrap() {
+                assert!(row.rel_err.unwrap() <= 1e-6, "{row:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn system_shapes_are_checked() {
+        use std::borrow::Cow;
+        let a = vec![0.0; 9];
+        let g = DeviceSystem::Gram {
+            a: Cow::Borrowed(&a),
+            n: 3,
+        };
+        assert_eq!(system_shape(&g, 12).unwrap(), (3, 4));
+        assert!(system_shape(&g, 10).is_err());
+        let f = vec![1.0; 5];
+        let d = DeviceSystem::Diagonal {
+            f: Cow::Borrowed(&f),
+        };
+        assert_eq!(system_shape(&d, 5).unwrap(), (5, 1));
+        assert!(system_shape(&d, 6).is_err());
+        let (ai, si) = (vec![vec![0.0; 4]], vec![vec![0.0; 9]]);
+        let k = DeviceSystem::Kfac {
+            a: &ai,
+            s: &si,
+            out: 3,
+            d: 2,
+        };
+        assert_eq!(system_shape(&k, 6).unwrap(), (2, 3));
+        let e = system_shape(&k, 7).unwrap_err().to_string();
+        assert!(e.contains("K-FAC"), "{e}");
+    }
+
+    #[test]
+    fn slots_follow_the_parts_chunks() {
+        let c = CHUNK;
+        assert_eq!(
+            Slots::whole(2 * c + 1),
+            Slots {
+                offset: 0,
+                total: 3
+            }
+        );
+        let lens = [c, 2 * c, 5];
+        assert_eq!(
+            Slots::of(&lens, 0).unwrap(),
+            Slots {
+                offset: 0,
+                total: 4
+            }
+        );
+        assert_eq!(
+            Slots::of(&lens, 1).unwrap(),
+            Slots {
+                offset: 1,
+                total: 4
+            }
+        );
+        assert_eq!(
+            Slots::of(&lens, 2).unwrap(),
+            Slots {
+                offset: 3,
+                total: 4
+            }
+        );
+        // Chunk-aligned parts have the whole system's slots.
+        assert_eq!(Slots::whole(lens.iter().sum()).total, 4);
+        // Unaligned parts take a slot more than the whole system.
+        assert_eq!(Slots::of(&[c + 1, c - 1], 1).unwrap().total, 3);
+        assert!(Slots::of(&lens, 3).is_err());
+    }
+
+    #[test]
+    fn a_local_gang_adds_in_part_order() {
+        let gang = LocalGang::new(3);
+        let sums: Vec<Vec<f64>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..3)
+                .map(|k| {
+                    let gang = &gang;
+                    sc.spawn(move || {
+                        let mut v = vec![0.0; 3];
+                        v[k] = (k + 1) as f64;
+                        let a = gang.reduce(k, 0, &v).unwrap();
+                        let b = gang.reduce(k, 1, &[1e16, 1.0, -1e16][k..k + 1]).unwrap();
+                        [a, b].concat()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for s in sums {
+            // (0 + 1e16) + 1 rounds to 1e16; then − 1e16 gives 0: part order, not another.
+            assert_eq!(s, vec![1.0, 2.0, 3.0, 0.0]);
+        }
+        // Unequal lengths fail every part, none is left waiting.
+        let gang = LocalGang::new(2);
+        let errs: Vec<bool> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|k| {
+                    let gang = &gang;
+                    sc.spawn(move || gang.reduce(k, 0, &vec![1.0; k + 1]).is_err())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(errs, vec![true, true]);
     }
 }

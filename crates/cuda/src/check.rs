@@ -58,6 +58,9 @@ pub struct Problem {
     pub base: Vec<f32>,
     /// Model values.
     pub models: Vec<Vec<f32>>,
+    /// The tensor's shape (DELLA's rank groups): a vector or rows of [`GRAM_COLS`] unless set by
+    /// [`Problem::with_shape`].
+    pub shape: Vec<usize>,
 }
 
 impl Problem {
@@ -88,7 +91,20 @@ impl Problem {
             dtype,
             base,
             models,
+            shape: shape(n),
         }
+    }
+
+    /// The problem as a tensor of `shape` (its element count must be the problem's length).
+    pub fn with_shape(mut self, shape: Vec<usize>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            self.len(),
+            "shape {shape:?} for {} elements",
+            self.len()
+        );
+        self.shape = shape;
+        self
     }
 
     /// Elements per tensor.
@@ -169,7 +185,7 @@ impl Problem {
         }
         let job = TensorJob {
             name: CHECK_TENSOR.into(),
-            shape: shape(self.len()),
+            shape: self.shape.clone(),
             n_models: models.len(),
             has_base: case.has_base,
             block_elems: self.len(),
@@ -431,12 +447,25 @@ pub fn gram_cases(n_models: usize) -> Vec<Case> {
         .collect()
 }
 
-/// Run one case on the GPU.
+/// Run one case on the GPU (on a tensor of the checks' shape for its length).
 pub fn run_case(
     gpu: &Gpu,
     case: &Case,
     base: &DeviceTensor,
     models: &[DeviceTensor],
+    out: DType,
+) -> Result<DeviceTensor> {
+    run_case_shaped(gpu, case, base, models, &shape(base.len), out)
+}
+
+/// Run one case on the GPU on a tensor of `shape` (DELLA's rank groups; the Gram cases take
+/// rows of the checks' length).
+fn run_case_shaped(
+    gpu: &Gpu,
+    case: &Case,
+    base: &DeviceTensor,
+    models: &[DeviceTensor],
+    shape: &[usize],
     out: DType,
 ) -> Result<DeviceTensor> {
     match &case.plan {
@@ -447,8 +476,7 @@ pub fn run_case(
         }
         DevicePlan::Gta { opts, sparsify } => {
             let refs: Vec<&DeviceTensor> = models.iter().collect();
-            let spec =
-                GtaSpec::from_options(opts, CHECK_TENSOR, &shape(base.len), case.seed, sparsify);
+            let spec = GtaSpec::from_options(opts, CHECK_TENSOR, shape, case.seed, sparsify);
             merge::gta(gpu, base, &refs, &spec, out)
         }
         DevicePlan::Sce { select_topk } => {
@@ -486,27 +514,43 @@ pub fn run_case(
 
 /// Parity of every case on `p` against the CPU path: one row per case.
 pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
-    let (base, models) = p.upload(gpu)?;
-    let mut rows = Vec::new();
     let all = cases(p.models.len())
         .into_iter()
         .chain(gram_cases(p.models.len()))
         .chain(std::iter::once(p.model_scope_case()?));
-    for case in all {
-        if let DevicePlan::Gta { sparsify, .. } = &case.plan {
-            if !merge::gta_supports(gpu, sparsify, &shape(p.len())) {
-                // (DELLA's rank groups too long for the GPU: the CPU merges such tensors.)
-                continue;
-            }
-        }
+    parity_of(gpu, p, label, all)
+}
+
+/// Parity of `cases` on `p` (of shape `p.shape`) against the CPU path: one row per case; a
+/// failed row for a case the GPU does not take on this shape.
+fn parity_of(
+    gpu: &Gpu,
+    p: &Problem,
+    label: &str,
+    cases: impl IntoIterator<Item = Case>,
+) -> Result<Vec<Row>> {
+    let (base, models) = p.upload(gpu)?;
+    let mut rows = Vec::new();
+    for case in cases {
         let method = match &case.plan {
             DevicePlan::Gram { grouping, .. } => format!("{}/{grouping:?}", case.method),
             _ if !case.variant.is_empty() => format!("{}/{}", case.method, case.variant),
             _ => case.method.to_string(),
         };
         let name = format!("parity {method} {label}");
+        if let DevicePlan::Gta { sparsify, .. } = &case.plan {
+            if !merge::gta_supports(gpu, sparsify, &p.shape) {
+                rows.push(failed(
+                    &name,
+                    &format!("the GPU does not take shape {:?}", p.shape),
+                ));
+                continue;
+            }
+        }
         let cpu = p.cpu(&case)?;
-        let got = match run_case(gpu, &case, &base, &models, p.dtype).and_then(|t| t.bytes(gpu)) {
+        let got = match run_case_shaped(gpu, &case, &base, &models, &p.shape, p.dtype)
+            .and_then(|t| t.bytes(gpu))
+        {
             Ok(g) => g,
             Err(e) => {
                 rows.push(failed(&name, &e));
@@ -525,6 +569,36 @@ pub fn parity(gpu: &Gpu, p: &Problem, label: &str) -> Result<Vec<Row>> {
             },
             ..Default::default()
         });
+    }
+    Ok(rows)
+}
+
+/// The shapes of [`della_shape_parity`]: a 3-D tensor (strided groups along axis 1), rows
+/// longer than a shared-memory sort (sorted in segments), a long 1-D tensor, and a 3-D tensor
+/// with long strided groups.
+pub const DELLA_SHAPES: &[&[usize]] = &[&[6, 40, 7], &[3, 40_000], &[70_000], &[2, 20_000, 3]];
+
+/// DELLA's rank groups of every kind on the GPU against the CPU path, bit for bit: `della` and
+/// `della_linear` on each of [`DELLA_SHAPES`], in f32, bf16 and bf16 with many equal magnitudes.
+pub fn della_shape_parity(gpu: &Gpu, models: usize) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &shape in DELLA_SHAPES {
+        let n = shape.iter().product();
+        for (dtype, levels, kind) in [
+            (DType::F32, 0, ""),
+            (DType::Bf16, 0, ""),
+            (DType::Bf16, 6, " quantised"),
+        ] {
+            let p = Problem::new(n, models, dtype, 0.01, levels).with_shape(shape.to_vec());
+            let label = format!("{}{kind} {shape:?}", dtype.name());
+            let della = cases(models)
+                .into_iter()
+                .filter(|c| c.method.starts_with("della"));
+            match parity_of(gpu, &p, &label, della) {
+                Ok(v) => rows.extend(v),
+                Err(e) => rows.push(failed(&format!("parity della {label}"), &e)),
+            }
+        }
     }
     Ok(rows)
 }
@@ -767,7 +841,8 @@ pub fn convert(gpu: &Gpu, t: &DeviceTensor, out: DType) -> Result<DeviceTensor> 
 
 /// Parity checks of `gpu-check` and of the tests: every case on f32, bf16 and f16 data, on
 /// bf16 data with many equal magnitudes (TIES ties) through both selection paths, and on an odd
-/// length; conversion to each dtype; a non-finite input refused.
+/// length; DELLA on strided and long rank groups ([`della_shape_parity`]); conversion to each
+/// dtype; a non-finite input refused.
 pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let add = |rows: &mut Vec<Row>, label: &str, r: Result<Vec<Row>>| match r {
@@ -791,6 +866,7 @@ pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> 
     add(&mut rows, "exact", exact);
     let odd = Problem::new(1_000_003, models, DType::F32, 0.01, 0);
     add(&mut rows, "odd", parity(gpu, &odd, "f32 odd length"));
+    add(&mut rows, "della shapes", della_shape_parity(gpu, models));
     // Conversion, bit for bit against the `half` crate.
     let v: Vec<f32> = random(1 << 20, 99).iter().map(|x| x * 1000.0).collect();
     let t = DeviceTensor::from_f32(gpu, DType::F32, &v)?;
@@ -874,11 +950,11 @@ pub fn all_passed(rows: &[Row]) -> bool {
     })
 }
 
-/// A reader serving `inner`'s inputs and statistics, with MaTS's Gram systems solved by
+/// A reader serving `inner`'s inputs and statistics, with MaTS's systems solved by
 /// `solver`.
 struct SolverReader<'a> {
     inner: &'a MemReader,
-    solver: &'a dyn amalgam_core::solve::cg::GramSolver,
+    solver: &'a dyn amalgam_core::solve::cg::DeviceSolver,
 }
 
 impl amalgam_core::tensor::TensorReader for SolverReader<'_> {
@@ -909,7 +985,7 @@ impl amalgam_core::tensor::TensorReader for SolverReader<'_> {
         self.inner.read_stat(model, kind, range, out)
     }
 
-    fn gram_solver(&self) -> Option<&dyn amalgam_core::solve::cg::GramSolver> {
+    fn device_solver(&self) -> Option<&dyn amalgam_core::solve::cg::DeviceSolver> {
         Some(self.solver)
     }
 }
@@ -956,12 +1032,12 @@ pub fn mats_parity(gpu: &Gpu) -> Result<Vec<Row>> {
     let t = std::time::Instant::now();
     let cpu = merge_in_memory(m.as_ref(), &job, &reader)?;
     let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
-    let solver = crate::accel::GpuGramSolver::new(gpu);
+    let solver = crate::accel::GpuSolver::new(gpu);
     let dev = SolverReader {
         inner: &reader,
         solver: &solver,
     };
-    debug_assert!(dev.gram_solver().is_some());
+    debug_assert!(dev.device_solver().is_some());
     let t = std::time::Instant::now();
     let mut w = amalgam_core::tensor::MemWriter::default();
     m.merge(&job, &[], &dev, &mut w)?;
@@ -1020,6 +1096,35 @@ mod tests {
             .map(|(m, b)| (m - b).abs().to_bits())
             .collect();
         assert!(d.len() < 2000, "{} distinct magnitudes", d.len());
+    }
+
+    #[test]
+    fn della_shapes_are_valid() {
+        for &shape in DELLA_SHAPES {
+            let n: usize = shape.iter().product();
+            let groups = merge::della_group(shape, n, true).expect("a valid shape");
+            let small = merge::della_group(shape, n, false).expect("a valid shape");
+            assert!(groups.inner > 1 || small.segmented(), "{shape:?}");
+        }
+        // Strided, segmented (with and without the large shared memory) and both.
+        let g = |s: &[usize]| merge::della_group(s, s.iter().product(), true).unwrap();
+        assert!(g(DELLA_SHAPES[0]).inner > 1 && !g(DELLA_SHAPES[0]).segmented());
+        assert!(g(DELLA_SHAPES[1]).segmented() && g(DELLA_SHAPES[2]).segmented());
+        assert!(g(DELLA_SHAPES[3]).inner > 1 && g(DELLA_SHAPES[3]).segmented());
+    }
+
+    #[test]
+    fn gpu_della_shapes_match_cpu() {
+        with_gpu("gpu_della_shapes_match_cpu", |gpu| {
+            let rows = della_shape_parity(gpu, 3).expect("DELLA shape parity");
+            assert_eq!(
+                rows.len(),
+                DELLA_SHAPES.len() * 3 * 2,
+                "{}",
+                table(&rows, 1.0)
+            );
+            assert!(all_passed(&rows), "{}", table(&rows, 1.0));
+        });
     }
 
     #[test]

@@ -33,6 +33,14 @@ pub enum CudaError {
         /// The error.
         message: String,
     },
+    /// NCCL failed.
+    #[error("NCCL error in {what}: {message}")]
+    Nccl {
+        /// The operation.
+        what: String,
+        /// The error.
+        message: String,
+    },
     /// The operation's inputs do not fit what the kernels take.
     #[error("{0}")]
     Invalid(String),

@@ -9,7 +9,8 @@
 //!   (TIES with exact per-tensor magnitude selection, DARE with the CPU's Philox masks);
 //! - [`accel`]: the engine's accelerator: pinned, double-buffered transfers around the kernels;
 //! - [`gram`]: the Gram-based methods (SLERP family, Karcher mean) with the CPU's exact sums;
-//! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS;
+//! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS, split systems;
+//! - [`nccl`]: NCCL collectives for the parts of a split solve;
 //! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`.
 
 pub mod accel;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod gram;
 pub mod kernels;
 pub mod merge;
+pub mod nccl;
 pub mod sce;
 pub mod tensor;
 

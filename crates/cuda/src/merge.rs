@@ -1,6 +1,8 @@
 //! Merges on the device: linear / task arithmetic in one fused pass over all inputs, and the
-//! generalized task-arithmetic pipeline (task arithmetic, TIES, DARE linear and TIES) fused per
-//! element after an exact per-tensor magnitude selection.
+//! generalized task-arithmetic pipeline (task arithmetic, TIES, DARE linear and TIES,
+//! Breadcrumbs, DELLA) fused per element after an exact per-tensor magnitude selection. DELLA's
+//! per-group ranks come first, from sorts in shared memory: whole groups, or segments of long
+//! groups merged by binary searches, for rank groups of any shape (see [`DellaGroups`]).
 //!
 //! Both perform, per element, the f32 operations of the CPU path (`amalgam_core::methods::
 //! linear`, `gta::combine`) in the same order, with the kernels compiled with `--fmad=false`:
@@ -123,8 +125,9 @@ const MASK_OUTLIER: i32 = 3;
 const MASK_DELLA: i32 = 4;
 /// `GtaModel.order` of SCE's variance selection (`ORDER_VAR`).
 pub(crate) const ORDER_VAR: i32 = 2;
-/// Longest DELLA rank group sorted in shared memory (128 KiB of 8-byte keys; 4096 without the
-/// large shared memory opt-in).
+/// Longest DELLA rank group sorted whole in shared memory (128 KiB of 8-byte keys;
+/// [`DELLA_SMALL_GROUP`] without the large shared memory opt-in). Longer groups are sorted in
+/// segments of this length, whose ranks are then merged (see [`DellaGroups`]).
 pub const DELLA_MAX_GROUP: usize = 16384;
 /// `GtaModel.order` (`ORDER_*` in `merge.cu`).
 const ORDER_ASC: i32 = 1;
@@ -581,13 +584,17 @@ pub fn gta(
     let mut refs: Vec<&DeviceTensor> = vec![base];
     refs.extend(models.iter().copied());
     check_aligned(gpu, &refs)?;
-    // DELLA's ranks, one u32 per element of each ranked model (kept alive until the merge).
+    // DELLA's ranks, one u32 per element of each ranked model (kept alive until the merge),
+    // and for groups sorted in segments one scratch key buffer (u64 per element), shared by
+    // the models (ranked one after the other on the stream).
     let mut ranks: Vec<CudaSlice<u32>> = Vec::new();
+    let mut della_keys: Option<CudaSlice<u64>> = None;
+    let mut groups = None;
     if della.iter().any(|&d| d) {
-        let group = della_group(&spec.shape, n, gpu.big_smem).ok_or_else(|| {
+        let g = della_group(&spec.shape, n, gpu.big_smem).map_err(|e| {
             CudaError::Invalid(format!(
-                "tensor \"{}\" of shape {:?}: DELLA on the GPU ranks rows of at most {} elements",
-                spec.name, spec.shape, DELLA_MAX_GROUP
+                "tensor \"{}\" of shape {:?}: {e}",
+                spec.name, spec.shape
             ))
         })?;
         for (i, m) in host.iter_mut().enumerate() {
@@ -595,10 +602,16 @@ pub fn gta(
                 // SAFETY: `della_ranks` writes every element before the merge reads it.
                 let r = unsafe { s.alloc::<u32>(n.max(1)) }.ctx("allocating DELLA ranks")?;
                 m.aux = cudarc::driver::DevicePtr::device_ptr(&r, s).0;
-                m.group = group as u32;
+                m.group = g.c;
                 ranks.push(r);
             }
         }
+        if g.segmented() {
+            // SAFETY: `della_ranks` writes every key before it reads one.
+            let k = unsafe { s.alloc::<u64>(n.max(1)) }.ctx("allocating DELLA sort keys")?;
+            della_keys = Some(k);
+        }
+        groups = Some(g);
     }
     let mut d_models = s.clone_htod(&host).ctx("uploading the models")?;
     let timer = KernelTimer::start(gpu)?;
@@ -612,11 +625,21 @@ pub fn gta(
         }
         select_cuts(gpu, &mut d_models, &args, &select)?;
     }
-    let mut slot = 0;
-    for (i, &d) in della.iter().enumerate() {
-        if d {
-            della_ranks(gpu, &d_models, &args, i, host[i].group, &mut ranks[slot])?;
-            slot += 1;
+    if let Some(g) = &groups {
+        let mut slot = 0;
+        for (i, &d) in della.iter().enumerate() {
+            if d {
+                della_ranks(
+                    gpu,
+                    &d_models,
+                    &args,
+                    i,
+                    g,
+                    &mut ranks[slot],
+                    della_keys.as_mut(),
+                )?;
+                slot += 1;
+            }
         }
     }
     if outliers.iter().any(Option::is_some) {
@@ -871,41 +894,131 @@ pub(crate) fn select_cuts(
     Ok(())
 }
 
-/// The DELLA rank group length of a tensor of `shape` (`n` elements) that the GPU can rank:
-/// rows of a matrix or a whole 1-D tensor, at most [`DELLA_MAX_GROUP`] long (4096 without the
-/// large shared memory); `None` otherwise (the CPU ranks it).
-pub fn della_group(shape: &[usize], n: usize, big_smem: bool) -> Option<usize> {
-    let g = amalgam_core::methods::della::RankGroups::of(shape);
-    let most = if big_smem { DELLA_MAX_GROUP } else { 4096 };
-    (g.inner == 1 && g.c <= most && n.is_multiple_of(g.c)).then_some(g.c)
+/// How the GPU ranks a tensor's DELLA groups (mergekit's `della_magprune` ranks along axis 1:
+/// see `amalgam_core::methods::della::RankGroups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DellaGroups {
+    /// Group length (the shape's axis 1; a 1-D tensor's length; 1 for a scalar).
+    pub c: u32,
+    /// Stride between a group's elements (the product of the axes after 1; 1: rows).
+    pub inner: u64,
+    /// The most keys one block sorts in shared memory ([`DELLA_MAX_GROUP`], or
+    /// [`DELLA_SMALL_GROUP`] without the large shared memory opt-in): groups up to this long
+    /// are sorted whole, longer ones in segments of this many keys whose ranks are then merged
+    /// by binary searches.
+    pub seg: u32,
 }
 
-/// Whether [`gta`] takes `plan` on a tensor of `shape` (DELLA ranks only short enough rows).
+impl DellaGroups {
+    /// Whether groups are sorted in segments (longer than [`DellaGroups::seg`]): the ranking
+    /// then takes a scratch buffer of one u64 per element.
+    pub fn segmented(&self) -> bool {
+        self.c > self.seg
+    }
+
+    /// Segments per group (1 when sorted whole).
+    pub fn segments(&self) -> u32 {
+        self.c.div_ceil(self.seg)
+    }
+}
+
+/// Longest DELLA rank group sorted whole without the large shared memory opt-in (32 KiB of
+/// 8-byte keys; the default limit is 48 KiB).
+pub const DELLA_SMALL_GROUP: usize = 4096;
+
+/// The DELLA rank groups of a tensor of `shape` (`n` elements) as the GPU ranks them: any shape
+/// the CPU ranks (scalars, 1-D, rows of a matrix, axis 1 of an N-D tensor, whatever its group
+/// length). An error only where a group's positions do not fit the kernels' 32 bits, or when
+/// `n` is not the shape's element count.
+pub fn della_group(
+    shape: &[usize],
+    n: usize,
+    big_smem: bool,
+) -> std::result::Result<DellaGroups, String> {
+    let g = amalgam_core::methods::della::RankGroups::of(shape);
+    let c = u32::try_from(g.c).map_err(|_| {
+        format!(
+            "DELLA rank groups of {} elements (axis 1): the GPU ranks groups of at most {} \
+             (32-bit positions)",
+            g.c,
+            u32::MAX
+        )
+    })?;
+    let whole = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if whole != Some(n) || !n.is_multiple_of(g.slab()) {
+        return Err(format!(
+            "{n} elements do not make a tensor of shape {shape:?} (DELLA rank groups)"
+        ));
+    }
+    let seg = if big_smem {
+        DELLA_MAX_GROUP
+    } else {
+        DELLA_SMALL_GROUP
+    } as u32;
+    Ok(DellaGroups {
+        c,
+        inner: g.inner as u64,
+        seg,
+    })
+}
+
+/// Whether [`gta`] takes `plan` on a tensor of `shape` (DELLA: every shape [`della_group`]
+/// accepts).
 pub fn gta_supports(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) -> bool {
     let n = shape.iter().product::<usize>();
     !sparsify
         .iter()
         .any(|s| matches!(s, DeviceSparsify::Della { .. }))
-        || della_group(shape, n, gpu.big_smem).is_some()
+        || della_group(shape, n, gpu.big_smem).is_ok()
 }
 
-/// Model `model`'s DELLA ranks: each group of `group` elements sorted by (|δ|, index) in
-/// shared memory (`della_ranks`), 1-based rank per element into `ranks`.
+/// `della_ranks`'s modes (`DELLA_*` in `merge.cu`): a whole group per sort, ranks written.
+const DELLA_RANK: i32 = 0;
+/// Sorted segments written to the scratch keys.
+const DELLA_SEGMENTS: i32 = 1;
+/// Ranks from the sorted segments (binary searches).
+const DELLA_COUNT: i32 = 2;
+
+/// Model `model`'s DELLA ranks (1-based per element within its group, into `ranks`) by
+/// `della_ranks`: groups of at most `g.seg` elements sorted whole by (|δ| bits, position) in
+/// shared memory, several to a block when short (`DELLA_RANK`); longer groups sorted in
+/// segments of `g.seg` keys into `keys` (one u64 per element: [`DellaGroups::segmented`]),
+/// then each key's rank counted by binary searches in its group's other segments
+/// (`DELLA_SEGMENTS`, then `DELLA_COUNT`).
 fn della_ranks(
     gpu: &Gpu,
     d_models: &CudaSlice<GtaModel>,
     args: &GtaArgs,
     model: usize,
-    group: u32,
+    g: &DellaGroups,
     ranks: &mut CudaSlice<u32>,
+    keys: Option<&mut CudaSlice<u64>>,
 ) -> Result<()> {
-    let pow2 = group.next_power_of_two();
-    let rows = args.n / u64::from(group.max(1));
-    // Short rows are sorted several to a block (1024 keys at least).
+    let s = &gpu.stream;
+    let (c, inner, model) = (g.c.max(1), g.inner, model as i32);
+    let units = args.n / u64::from(c) * u64::from(g.segments());
+    let (mode, seg, pow2) = if g.segmented() {
+        (DELLA_SEGMENTS, g.seg, g.seg)
+    } else {
+        (DELLA_RANK, c, c.next_power_of_two())
+    };
+    let keys_ptr = match (&keys, g.segmented()) {
+        (Some(k), true) if k.len() as u64 >= args.n => {
+            cudarc::driver::DevicePtr::device_ptr(*k, s).0
+        }
+        (_, true) => {
+            return Err(CudaError::Invalid(
+                "internal error: segmented DELLA ranks without a key per element".into(),
+            ))
+        }
+        _ => 0u64,
+    };
+    // Short groups are sorted several to a block (1024 keys at least).
     let per = (1024 / pow2).max(1);
     let cfg = LaunchConfig {
         grid_dim: (
-            rows.div_ceil(u64::from(per))
+            units
+                .div_ceil(u64::from(per))
                 .clamp(1, u64::from(gpu.sms) * 8) as u32,
             1,
             1,
@@ -913,16 +1026,37 @@ fn della_ranks(
         block_dim: (1024, 1, 1),
         shared_mem_bytes: per * pow2 * 8,
     };
-    let model = model as i32;
-    let mut b = gpu.stream.launch_builder(gpu.function("della_ranks"));
+    let mut b = s.launch_builder(gpu.function("della_ranks"));
     b.arg(d_models)
         .arg(args)
         .arg(&model)
-        .arg(&group)
+        .arg(&c)
+        .arg(&inner)
+        .arg(&seg)
         .arg(&pow2)
-        .arg(ranks);
-    // SAFETY: argument types match `della_ranks`; ranks holds n elements.
+        .arg(&mode)
+        .arg(&mut *ranks)
+        .arg(&keys_ptr);
+    // SAFETY: argument types match `della_ranks`; ranks holds n elements, and keys too when
+    // segmented (checked above); a whole group's keys fit `per * pow2` shared keys, a
+    // segment's `pow2 = seg`.
     unsafe { b.launch(cfg) }.map_err(launch_err("della_ranks"))?;
+    if g.segmented() {
+        let mode = DELLA_COUNT;
+        let mut b = s.launch_builder(gpu.function("della_ranks"));
+        b.arg(d_models)
+            .arg(args)
+            .arg(&model)
+            .arg(&c)
+            .arg(&inner)
+            .arg(&seg)
+            .arg(&pow2)
+            .arg(&mode)
+            .arg(&mut *ranks)
+            .arg(&keys_ptr);
+        // SAFETY: as above; this mode takes no shared memory.
+        unsafe { b.launch(gpu.grid(args.n)) }.map_err(launch_err("della_ranks (count)"))?;
+    }
     mark(gpu, "della_ranks");
     Ok(())
 }
@@ -1070,4 +1204,270 @@ fn tie_round(
     unsafe { b.launch(chunk_grid(gpu, n_tchunks)) }.map_err(launch_err(ties))?;
     mark(gpu, "tie_pass");
     resolve(gpu, d_models, d_sel, args, fine, tie, n_tchunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amalgam_core::methods::della::RankGroups;
+
+    /// `della_ranks`'s key of task-vector value `d` at position `p` of its group.
+    fn key(d: f32, p: usize) -> u64 {
+        (u64::from(d.to_bits() & 0x7fff_ffff) << 32) | p as u64
+    }
+
+    /// The kernel's bitonic sort of one unit (`sk.len()` a power of two), step for step.
+    fn bitonic(sk: &mut [u64]) {
+        let pow2 = sk.len();
+        let mut k = 2;
+        while k <= pow2 {
+            let mut h = k >> 1;
+            while h > 0 {
+                for i in 0..pow2 {
+                    let o = i ^ h;
+                    if o > i && (sk[i] > sk[o]) == (i & k == 0) {
+                        sk.swap(i, o);
+                    }
+                }
+                h >>= 1;
+            }
+            k <<= 1;
+        }
+    }
+
+    /// `della_below`: the number of keys of the sorted `s` below `k` (a binary search).
+    fn below(s: &[u64], k: u64) -> u32 {
+        let (mut lo, mut hi) = (0usize, s.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if s[mid] < k {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo as u32
+    }
+
+    /// A host model of `della_ranks` on the task vector `d` with its index arithmetic: whole
+    /// groups sorted and ranked (`DELLA_RANK`), or segments sorted into the scratch keys
+    /// (`DELLA_SEGMENTS`), then rank = 1 + position in its segment + binary-search counts in
+    /// the group's other segments (`DELLA_COUNT`).
+    fn model_ranks(d: &[f32], g: &DellaGroups) -> Vec<u32> {
+        let n = d.len();
+        let (c, inner, seg) = (g.c as usize, g.inner as usize, g.seg as usize);
+        let elem = |grp: usize, p: usize| {
+            if inner == 1 {
+                grp * c + p
+            } else {
+                (grp / inner) * c * inner + p * inner + grp % inner
+            }
+        };
+        let mut ranks = vec![0u32; n];
+        let groups = n / c;
+        if !g.segmented() {
+            for grp in 0..groups {
+                let mut sk = vec![u64::MAX; c.next_power_of_two()];
+                for (p, k) in sk.iter_mut().enumerate().take(c) {
+                    *k = key(d[elem(grp, p)], p);
+                }
+                bitonic(&mut sk);
+                for (r, &k) in sk.iter().enumerate().take(c) {
+                    ranks[elem(grp, (k & 0xffff_ffff) as usize)] = r as u32 + 1;
+                }
+            }
+            return ranks;
+        }
+        let nseg = g.segments() as usize;
+        let mut keys = vec![0u64; n];
+        for u in 0..groups * nseg {
+            let (grp, s) = (u / nseg, u % nseg);
+            let mut sk = vec![u64::MAX; seg];
+            for (r, k) in sk.iter_mut().enumerate() {
+                let p = s * seg + r;
+                if p < c {
+                    *k = key(d[elem(grp, p)], p);
+                }
+            }
+            bitonic(&mut sk);
+            for (r, &k) in sk.iter().enumerate() {
+                let slot = s * seg + r;
+                if slot < c {
+                    keys[grp * c + slot] = k;
+                }
+            }
+        }
+        for t in 0..n {
+            let grp = t / c;
+            let w = t - grp * c;
+            let s = w / seg;
+            let k = keys[t];
+            let group = &keys[grp * c..(grp + 1) * c];
+            let mut rank = 1 + (w - s * seg) as u32;
+            for o in (0..nseg).filter(|&o| o != s) {
+                let lo = o * seg;
+                rank += below(&group[lo..(lo + seg).min(c)], k);
+            }
+            ranks[elem(grp, (k & 0xffff_ffff) as usize)] = rank;
+        }
+        ranks
+    }
+
+    /// The CPU's ranks (`della::ranks_of` per group of `RankGroups::of(shape)`): a stable sort
+    /// by |d|, ties in position order.
+    fn cpu_ranks(d: &[f32], shape: &[usize]) -> Vec<u32> {
+        let RankGroups { c, inner } = RankGroups::of(shape);
+        let mut ranks = vec![0u32; d.len()];
+        for (o, slab) in d.chunks(c * inner).enumerate() {
+            for j in 0..inner {
+                let mut order: Vec<usize> = (0..c).collect();
+                order.sort_by(|&a, &b| {
+                    slab[a * inner + j]
+                        .abs()
+                        .total_cmp(&slab[b * inner + j].abs())
+                });
+                for (pos, &k) in order.iter().enumerate() {
+                    ranks[o * c * inner + k * inner + j] = pos as u32 + 1;
+                }
+            }
+        }
+        ranks
+    }
+
+    /// Values with many equal magnitudes of both signs (±0 included).
+    fn tied_values(n: usize, salt: u64) -> Vec<f32> {
+        let mut s = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let level = (s >> 40) % 7;
+                let v = level as f32 * 0.125;
+                if (s >> 20) & 1 == 1 {
+                    -v
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segment_ranks_match_a_sort() {
+        let mut checked = 0;
+        for c in [1usize, 2, 3, 7, 16, 33, 100, 255, 1000] {
+            for shape in [vec![c], vec![3, c], vec![2, c, 3], vec![2, c, 1, 2]] {
+                let n: usize = shape.iter().product();
+                let d = tied_values(n, (c * 31 + shape.len()) as u64);
+                let want = cpu_ranks(&d, &shape);
+                for seg in [1u32, 2, 4, 8, 64, 4096] {
+                    let g = DellaGroups {
+                        seg,
+                        ..della_group(&shape, n, false).expect("a valid shape")
+                    };
+                    assert_eq!(
+                        model_ranks(&d, &g),
+                        want,
+                        "shape {shape:?}, segments of {seg}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        // The real segment lengths, on groups that are not a multiple of them.
+        for (shape, big) in [
+            (vec![10_000], false),
+            (vec![2, 9_000], false),
+            (vec![2, 5_000, 2], false),
+            (vec![40_000], true),
+        ] {
+            let n: usize = shape.iter().product();
+            let d = tied_values(n, n as u64);
+            let g = della_group(&shape, n, big).expect("a valid shape");
+            assert!(g.segmented(), "{shape:?}");
+            assert_eq!(model_ranks(&d, &g), cpu_ranks(&d, &shape), "{shape:?}");
+            checked += 1;
+        }
+        assert_eq!(checked, 9 * 4 * 6 + 4);
+    }
+
+    #[test]
+    fn della_groups_of_every_shape() {
+        let g = |shape: &[usize], big| della_group(shape, shape.iter().product(), big);
+        let ok = |shape: &[usize], big| g(shape, big).expect("a valid shape");
+        assert_eq!(
+            ok(&[], true),
+            DellaGroups {
+                c: 1,
+                inner: 1,
+                seg: DELLA_MAX_GROUP as u32
+            }
+        );
+        assert_eq!(
+            (ok(&[70_000], true).c, ok(&[70_000], true).inner),
+            (70_000, 1)
+        );
+        assert!(ok(&[70_000], true).segmented());
+        assert_eq!(ok(&[70_000], true).segments(), 5);
+        assert!(!ok(&[3, 16_384], true).segmented());
+        assert!(ok(&[3, 16_384], false).segmented());
+        assert_eq!(ok(&[3, 16_384], false).segments(), 4);
+        assert!(ok(&[3, 40_000], true).segmented());
+        let t = ok(&[6, 40, 7], true);
+        assert_eq!((t.c, t.inner, t.segmented()), (40, 7, false));
+        let t = ok(&[2, 3, 4, 5], false);
+        assert_eq!((t.c, t.inner, t.seg), (3, 20, DELLA_SMALL_GROUP as u32));
+        // Empty tensors.
+        assert!(g(&[0, 5], true).is_ok());
+        assert!(g(&[4, 0, 3], true).is_ok());
+        // Positions beyond 32 bits, and a length that is not the shape's.
+        let e = g(&[1, 1 << 32], true).expect_err("too long");
+        assert!(e.contains("32-bit"), "{e}");
+        assert!(della_group(&[3, 5], 16, true).is_err());
+        assert!(della_group(&[3, 5], 15, true).is_ok());
+    }
+
+    #[test]
+    fn kernel_constants_match_the_source() {
+        let src = include_str!("../kernels/merge.cu");
+        for (name, v) in [
+            ("MASK_NONE", MASK_NONE),
+            ("MASK_RANK", MASK_RANK),
+            ("MASK_DARE", MASK_DARE),
+            ("MASK_OUTLIER", MASK_OUTLIER),
+            ("MASK_DELLA", MASK_DELLA),
+            ("ORDER_ASC", ORDER_ASC),
+            ("ORDER_VAR", ORDER_VAR),
+            ("DELLA_RANK", DELLA_RANK),
+            ("DELLA_SEGMENTS", DELLA_SEGMENTS),
+            ("DELLA_COUNT", DELLA_COUNT),
+        ] {
+            assert!(src.contains(&format!("#define {name} {v}\n")), "{name}");
+        }
+        assert!(src.contains(&format!("#define L1_CHUNK {L1_CHUNK}\n")));
+        let select = include_str!("../kernels/select.cu");
+        for (name, v) in [
+            ("ST_DONE", ST_DONE as u64),
+            ("ST_MISSED", ST_MISSED as u64),
+            ("HBINS", HBINS as u64),
+            ("TIE_CHUNK", TIE_CHUNK),
+            ("SAMPLE_CHUNK", SAMPLE_CHUNK),
+        ] {
+            assert!(select.contains(&format!("#define {name} {v}\n")), "{name}");
+        }
+        // The argument list `della_ranks` is launched with.
+        let flat = src.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains(
+            "della_ranks(const GtaModel* models, GtaArgs a, int model, u32 c, u64 inner, \
+             u32 seg, u32 pow2, int mode, u32* ranks, u64* keys)"
+        ));
+        // Whole groups and segments are sorted as powers of two in the dynamic shared memory
+        // `device.rs` grants `della_ranks` (the default 48 KiB without the opt-in).
+        const {
+            assert!(DELLA_MAX_GROUP.is_power_of_two() && DELLA_SMALL_GROUP.is_power_of_two());
+            assert!(DELLA_MAX_GROUP * 8 == crate::device::SAMPLE_SMEM as usize);
+            assert!(DELLA_SMALL_GROUP * 8 <= 48 << 10);
+        }
+    }
 }

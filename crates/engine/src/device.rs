@@ -17,9 +17,9 @@ pub trait Accelerator: Send + Sync {
     /// The device, for messages (e.g. `cuda:0 NVIDIA H200`).
     fn describe(&self) -> String;
 
-    /// A solver of MaTS's dense Gram systems on this device (`None`, the default: the CPU
+    /// A solver of MaTS's systems on this device (`None`, the default: the CPU
     /// solves them).
-    fn gram_solver(&self) -> Option<std::sync::Arc<dyn amalgam_core::solve::cg::GramSolver>> {
+    fn device_solver(&self) -> Option<std::sync::Arc<dyn amalgam_core::solve::cg::DeviceSolver>> {
         None
     }
 

@@ -56,7 +56,7 @@ pub struct PlanReader<'a> {
     stats: &'a [Option<&'a StatsFile>],
     adapters: &'a [Option<&'a AdapterDelta>],
     extra: Option<&'a std::collections::BTreeMap<String, &'a Checkpoint>>,
-    gram_solver: Option<std::sync::Arc<dyn amalgam_core::solve::cg::GramSolver>>,
+    device_solver: Option<std::sync::Arc<dyn amalgam_core::solve::cg::DeviceSolver>>,
 }
 
 impl<'a> PlanReader<'a> {
@@ -74,7 +74,7 @@ impl<'a> PlanReader<'a> {
             stats: &[],
             adapters: &[],
             extra: None,
-            gram_solver: None,
+            device_solver: None,
         }
     }
 
@@ -88,12 +88,12 @@ impl<'a> PlanReader<'a> {
         self
     }
 
-    /// Solve MaTS's dense Gram systems on `solver` (the accelerator's), when given.
-    pub fn with_gram_solver(
+    /// Solve MaTS's systems on `solver` (the accelerator's), when given.
+    pub fn with_device_solver(
         mut self,
-        solver: Option<std::sync::Arc<dyn amalgam_core::solve::cg::GramSolver>>,
+        solver: Option<std::sync::Arc<dyn amalgam_core::solve::cg::DeviceSolver>>,
     ) -> Self {
-        self.gram_solver = solver;
+        self.device_solver = solver;
         self
     }
 
@@ -224,8 +224,8 @@ impl<'a> PlanReader<'a> {
 }
 
 impl TensorReader for PlanReader<'_> {
-    fn gram_solver(&self) -> Option<&dyn amalgam_core::solve::cg::GramSolver> {
-        self.gram_solver.as_deref()
+    fn device_solver(&self) -> Option<&dyn amalgam_core::solve::cg::DeviceSolver> {
+        self.device_solver.as_deref()
     }
 
     fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>, MergeError> {

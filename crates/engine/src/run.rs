@@ -378,7 +378,7 @@ pub fn merge_tensor_preloaded(
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
     let mut reader = extras.reader(t, ckpts, opts.allow_nonfinite);
     if let crate::device::Device::Accelerator(dev) = &opts.device {
-        reader = reader.with_gram_solver(dev.gram_solver());
+        reader = reader.with_device_solver(dev.device_solver());
         if let Some(plan) = method.device_plan_global(global) {
             if dev.merge(&plan, &job, &reader, writer, preloaded)? {
                 return Ok(Vec::new());

@@ -123,6 +123,12 @@ pub struct WorkerArgs {
     /// GPU the methods with device kernels run there, the rest on the CPU.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// How the parts of a split MaTS block (a gang, solved on this worker) sum their CG
+    /// partials: `grpc` through the coordinator's Reduce, or `nccl`, an all-reduce on this
+    /// worker's GPUs (needs --device cuda, libnccl, and one GPU per part, else the parts keep
+    /// grpc). Both give the same bits.
+    #[arg(long, value_name = "KIND", default_value = "grpc")]
+    pub collectives: crate::cmd::device::Collectives,
     /// Only read files under this directory (repeatable; compared after resolving `..` and
     /// symlinks). A job naming a file elsewhere is refused, except model checkpoints, which are
     /// streamed from the coordinator instead (see --stream-inputs). Default: no restriction.
@@ -428,7 +434,7 @@ pub fn run_submit(a: SubmitArgs, quiet: bool) -> Result<()> {
 
 /// Run `amalgam worker`.
 pub fn run_worker_cmd(a: WorkerArgs, quiet: bool) -> Result<()> {
-    let device = crate::cmd::device::open(&a.device)?;
+    let device = crate::cmd::device::open_with(&a.device, a.collectives)?;
     let token = read_token(&a.token_file)?;
     let roots = if a.allow_root.is_empty() {
         None

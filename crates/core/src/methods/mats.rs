@@ -71,8 +71,9 @@ use crate::methods::regmean::{alpha_param, linear_dims, read_square_stat, PANEL_
 use crate::methods::{GlobalStats, MergeMethod, MethodInfo, ShardClass};
 use crate::params::{Scalar, TensorParams};
 use crate::reduce::REDUCE_CHUNK;
-use crate::solve::cg::{cg, CgOptions, CgResult, FnProblem};
+use crate::solve::cg::{cg, CgOptions, CgResult, DeviceSystem, FnProblem};
 use crate::tensor::{Input, MemWriter, TensorJob, TensorReader, TensorWriter};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// Static facts about `mats`.
@@ -582,6 +583,20 @@ impl Mats {
         let (op, b) = self.assemble(job, reader)?;
         let x0 = self.initial(job, reader)?;
         let (lo, hi) = (rows.start * cols, rows.end * cols);
+        let opts = self.cg_options();
+        // A part on a device that solves it (the GPU's CG, the vectors kept on the device;
+        // its partials meet the other parts' through `reduce` or a device collective), when
+        // its rows need no other part's (not `kfac`, `ia3_block`).
+        if let (Some(dev), Some(sys)) = (reader.device_solver(), op.part_system(lo, hi)) {
+            let split = crate::solve::cg::SplitPart {
+                part,
+                part_lens: parts.iter().map(|r| r.len() * cols).collect(),
+            };
+            let res = dev
+                .solve_part(&sys, &b[lo..hi], &x0[lo..hi], &opts, &split, reduce)
+                .map_err(|e| linalg::name_tensor(e, &job.name))?;
+            return Ok((rows, res));
+        }
         let chunk = REDUCE_CHUNK;
         let slots: Vec<usize> = parts
             .iter()
@@ -627,12 +642,6 @@ impl Mats {
             matvec,
             reduce: sum,
         };
-        let opts = CgOptions {
-            rtol: self.rtol,
-            atol: self.atol,
-            maxiter: self.iterations,
-            ..CgOptions::default()
-        };
         let res = cg(&mut problem, Some(&x0[lo..hi]), &b[lo..hi], &opts)
             .map_err(|e| linalg::name_tensor(e, &job.name))?;
         Ok((rows, res))
@@ -646,20 +655,17 @@ impl Mats {
         job: &TensorJob,
         reader: &dyn TensorReader,
     ) -> Result<CgResult> {
-        let (rows, cols) = self.dims(job)?;
+        let (_, cols) = self.dims(job)?;
         let (op, b) = self.assemble(job, reader)?;
         let x0 = self.initial(job, reader)?;
         let parts = self.part_rows(job)?;
-        let opts = CgOptions {
-            rtol: self.rtol,
-            atol: self.atol,
-            maxiter: self.iterations,
-            ..CgOptions::default()
-        };
-        // An unsplit Gram block on a device that solves it (the GPU's CG).
-        if let (Operator::Gram { g, d }, Some(dev), 1) = (&op, reader.gram_solver(), parts.len()) {
+        let opts = self.cg_options();
+        // On a device that solves it (the GPU's CG), the block whole: one process holds every
+        // part, and the device's partials of parts starting at multiples of its chunk are
+        // those of the whole block.
+        if let Some(dev) = reader.device_solver() {
             return dev
-                .solve_gram(g, *d, &b, rows, &x0, &opts)
+                .solve(&op.device_system(b.len()), &b, &x0, &opts)
                 .map_err(|e| linalg::name_tensor(e, &job.name));
         }
         let lens: Vec<usize> = parts.iter().map(|r| r.len() * cols).collect();
@@ -671,6 +677,16 @@ impl Mats {
             Ok(())
         });
         cg(&mut problem, Some(&x0), &b, &opts).map_err(|e| linalg::name_tensor(e, &job.name))
+    }
+
+    /// The CG options of this block's solves.
+    fn cg_options(&self) -> CgOptions {
+        CgOptions {
+            rtol: self.rtol,
+            atol: self.atol,
+            maxiter: self.iterations,
+            ..CgOptions::default()
+        }
     }
 
     /// Row ranges of this block's parts: `cg_parts` when given (an even split), else the
@@ -912,6 +928,60 @@ enum Operator {
 }
 
 impl Operator {
+    /// The system a device solves for the whole block (`len` elements).
+    fn device_system(&self, len: usize) -> DeviceSystem<'_> {
+        match self {
+            Self::Scaled(c) => DeviceSystem::Diagonal {
+                f: Cow::Owned(vec![*c; len]),
+            },
+            Self::Diagonal(f) => DeviceSystem::Diagonal {
+                f: Cow::Borrowed(f),
+            },
+            Self::Gram { g, d } => DeviceSystem::Gram {
+                a: Cow::Borrowed(g),
+                n: *d,
+            },
+            Self::Kfac { a, s, out, d } => DeviceSystem::Kfac {
+                a,
+                s,
+                out: *out,
+                d: *d,
+            },
+            // x ↦ F x is the row vector x ↦ x·Fᵀ.
+            Self::Dense { f, d } => {
+                let mut ft = vec![0.0f64; d * d];
+                for i in 0..*d {
+                    for j in 0..*d {
+                        ft[j * d + i] = f[i * d + j];
+                    }
+                }
+                DeviceSystem::Gram {
+                    a: Cow::Owned(ft),
+                    n: *d,
+                }
+            }
+        }
+    }
+
+    /// The system of the elements `lo..hi` of a split block, when its rows need no other
+    /// part's values (`None` for `kfac` and `ia3_block`, whose products gather the whole
+    /// direction).
+    fn part_system(&self, lo: usize, hi: usize) -> Option<DeviceSystem<'_>> {
+        match self {
+            Self::Scaled(c) => Some(DeviceSystem::Diagonal {
+                f: Cow::Owned(vec![*c; hi - lo]),
+            }),
+            Self::Diagonal(f) => Some(DeviceSystem::Diagonal {
+                f: Cow::Borrowed(&f[lo..hi]),
+            }),
+            Self::Gram { g, d } => Some(DeviceSystem::Gram {
+                a: Cow::Borrowed(g),
+                n: *d,
+            }),
+            Self::Kfac { .. } | Self::Dense { .. } => None,
+        }
+    }
+
     /// Rows `rows` (of `cols` elements) of A·p, given the whole of `p`, computed in tiles of
     /// [`MATVEC_TILE_ROWS`] rows at global offsets (cut at `rows`' ends), in parallel.
     fn apply_rows(&self, p: &[f64], rows: Range<usize>, cols: usize) -> Vec<f64> {
@@ -1804,7 +1874,7 @@ mod tests {
     /// Run every part of a block on its own thread, meeting in an element-wise reduction
     /// summed in part order (what the cluster's Reduce RPC does); returns the reassembled x and
     /// the number of reductions each part made.
-    fn gang_solve(m: &Mats, j: &TensorJob, reader: &MemReader) -> (Vec<f64>, Vec<usize>) {
+    fn gang_solve(m: &Mats, j: &TensorJob, reader: &dyn TensorReader) -> (Vec<f64>, Vec<usize>) {
         use std::sync::{Condvar, Mutex};
         let parts = m.part_rows(j).unwrap().len();
         // Rounds: per round, the parts' vectors; the sum once all arrived.
@@ -1855,6 +1925,193 @@ mod tests {
             rounds.push(n);
         }
         (x, rounds)
+    }
+
+    /// A second device solver (this crate's CPU CG on the dense factor) standing where a GPU's
+    /// would, recording what `Mats` hands it: the plumbing from a block or part to a reader's
+    /// device solver.
+    #[derive(Debug, Default)]
+    struct RecordingGram {
+        calls: std::sync::Mutex<Vec<(Option<crate::solve::cg::SplitPart>, usize)>>,
+    }
+
+    impl RecordingGram {
+        /// `y = A(x)` on the CPU for the systems the tests hand over.
+        fn apply(sys: &DeviceSystem<'_>, x: &[f64], y: &mut [f64]) -> Result<()> {
+            match sys {
+                DeviceSystem::Gram { a, n } => {
+                    y.copy_from_slice(&linalg::matmul(x, x.len() / n, *n, a, *n));
+                }
+                DeviceSystem::Diagonal { f } => {
+                    for ((y, f), x) in y.iter_mut().zip(f.iter()).zip(x) {
+                        *y = f * x;
+                    }
+                }
+                DeviceSystem::Kfac { .. } => {
+                    return Err(MergeError::Read("kfac is not handed to a device".into()))
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl crate::solve::cg::DeviceSolver for RecordingGram {
+        fn solve(
+            &self,
+            sys: &DeviceSystem<'_>,
+            b: &[f64],
+            x0: &[f64],
+            opts: &CgOptions,
+        ) -> Result<CgResult> {
+            self.calls.lock().unwrap().push((None, b.len()));
+            let mut p = FnProblem::local(vec![b.len()], |x: &[f64], y: &mut [f64]| {
+                Self::apply(sys, x, y)
+            });
+            cg(&mut p, Some(x0), b, opts)
+        }
+
+        fn solve_part(
+            &self,
+            sys: &DeviceSystem<'_>,
+            b: &[f64],
+            x0: &[f64],
+            opts: &CgOptions,
+            split: &crate::solve::cg::SplitPart,
+            reduce: &mut dyn FnMut(&[f64]) -> Result<Vec<f64>>,
+        ) -> Result<CgResult> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((Some(split.clone()), b.len()));
+            let slots = |l: &[usize]| l.iter().map(|v| v.div_ceil(REDUCE_CHUNK)).sum::<usize>();
+            let offset = slots(&split.part_lens[..split.part]);
+            let total = slots(&split.part_lens);
+            let mut p = FnProblem {
+                parts: vec![b.len()],
+                matvec: |x: &[f64], y: &mut [f64]| Self::apply(sys, x, y),
+                reduce: |partials: &[f64]| {
+                    let mut v = vec![0.0; total];
+                    v[offset..offset + partials.len()].copy_from_slice(partials);
+                    Ok(crate::solve::cg::sum_in_order(&reduce(&v)?))
+                },
+            };
+            cg(&mut p, Some(x0), b, opts)
+        }
+    }
+
+    /// A reader offering `dev` as its device solver.
+    struct DeviceReader<'a> {
+        inner: &'a MemReader,
+        dev: &'a RecordingGram,
+    }
+
+    impl TensorReader for DeviceReader<'_> {
+        fn read(&self, input: Input, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+            self.inner.read(input, range, out)
+        }
+        fn stat_shape(&self, model: usize, kind: &str) -> Result<Option<Vec<usize>>> {
+            self.inner.stat_shape(model, kind)
+        }
+        fn read_stat(
+            &self,
+            model: usize,
+            kind: &str,
+            range: Range<usize>,
+            out: &mut [f32],
+        ) -> Result<()> {
+            self.inner.read_stat(model, kind, range, out)
+        }
+        fn device_solver(&self) -> Option<&dyn crate::solve::cg::DeviceSolver> {
+            Some(self.dev)
+        }
+    }
+
+    #[test]
+    fn gram_blocks_and_parts_go_to_the_readers_device_solver() {
+        let (out, d) = (300, 128);
+        let lin = linear_case(out, d, 2, false);
+        let j = job(&[out, d], 2, true, 4097);
+        let p = with(
+            with(params("gram", "task_arithmetic"), "iterations", 5.0),
+            "max_block_bytes",
+            1.0,
+        );
+        let m = Mats::from_params(&p, 2, true).unwrap();
+        let parts = m.part_rows(&j).unwrap();
+        assert_eq!(parts.len(), 3);
+        let (cpu, _) = gang_solve(&m, &j, &lin.reader);
+        let dev = RecordingGram::default();
+        let reader = DeviceReader {
+            inner: &lin.reader,
+            dev: &dev,
+        };
+        let (x, rounds) = gang_solve(&m, &j, &reader);
+        assert!(rel_diff(&x, &cpu) <= 1e-12, "{}", rel_diff(&x, &cpu));
+        assert!(rounds.iter().all(|n| *n == rounds[0]), "{rounds:?}");
+        let mut calls = dev.calls.lock().unwrap().clone();
+        calls.sort_by_key(|c| c.0.as_ref().map(|s| s.part));
+        let lens: Vec<usize> = parts.iter().map(|r| r.len() * d).collect();
+        assert_eq!(lens.iter().sum::<usize>(), out * d);
+        for (k, (split, b_len)) in calls.iter().enumerate() {
+            let split = split.as_ref().expect("a part solve");
+            assert_eq!((split.part, &split.part_lens), (k, &lens));
+            assert_eq!(*b_len, lens[k]);
+        }
+        assert_eq!(calls.len(), 3);
+
+        // In one process the device solves the block whole, whatever the parts.
+        dev.calls.lock().unwrap().clear();
+        let whole = m.solve_block(&j, &reader).unwrap();
+        assert_eq!(*dev.calls.lock().unwrap(), vec![(None, out * d)]);
+        assert!(rel_diff(&whole.x, &cpu) <= 1e-12);
+    }
+
+    #[test]
+    fn every_objective_goes_to_the_device_whole_and_kfac_parts_stay_on_the_cpu() {
+        let (out, d) = (300, 128);
+        let j = job(&[out, d], 2, true, 4097);
+        let dev = RecordingGram::default();
+        for objective in ["gram", "diagonal_fisher", "identity", "kfac"] {
+            let mut lin = linear_case(out, d, 2, objective == "kfac");
+            for i in 0..2 {
+                let f = rand_vec(30 + i as u64, out * d);
+                let f = f.into_iter().map(|v| v.abs() + 0.1).collect();
+                lin.reader
+                    .stats
+                    .insert((i, "fisher".into()), (vec![out, d], f));
+            }
+            let reader = DeviceReader {
+                inner: &lin.reader,
+                dev: &dev,
+            };
+            let p = with(params(objective, "task_arithmetic"), "iterations", 5.0);
+            let m = Mats::from_params(&p, 2, true).unwrap();
+            let cpu = m.solve_block(&j, &lin.reader).unwrap();
+            dev.calls.lock().unwrap().clear();
+            let got = m.solve_block(&j, &reader);
+            if objective == "kfac" {
+                // The stand-in refuses K-FAC: the device was asked, whole.
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains("kfac is not handed"), "{e}");
+            } else {
+                let got = got.unwrap();
+                assert!(rel_diff(&got.x, &cpu.x) <= 1e-12, "{objective}");
+                assert_eq!(got.iterations, cpu.iterations, "{objective}");
+            }
+            assert_eq!(
+                *dev.calls.lock().unwrap(),
+                vec![(None, out * d)],
+                "{objective}"
+            );
+            // Split parts: on the device except K-FAC's (they gather the direction).
+            let split = Mats::from_params(&with(p.clone(), "cg_parts", 3.0), 2, true).unwrap();
+            dev.calls.lock().unwrap().clear();
+            let (x, _) = gang_solve(&split, &j, &reader);
+            let (x_cpu, _) = gang_solve(&split, &j, &lin.reader);
+            assert!(rel_diff(&x, &x_cpu) <= 1e-12, "{objective}");
+            let n = dev.calls.lock().unwrap().len();
+            assert_eq!(n, if objective == "kfac" { 0 } else { 3 }, "{objective}");
+        }
     }
 
     #[test]

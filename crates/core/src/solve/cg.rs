@@ -248,21 +248,75 @@ impl CgStop {
     }
 }
 
-/// A device that solves the dense systems `X·A = B` of MaTS's `gram` objective with this
-/// module's CG (the same options, stopping rule, exit codes and iteration counts; inner
-/// products summed in another order, so results agree to rounding), e.g. a GPU keeping the
-/// vectors on the device for the whole solve.
-pub trait GramSolver: Send + Sync + std::fmt::Debug {
-    /// Solve `X·A = B` (`A` `n × n`, `B` and `X` `m × n`, row-major) from `x0` under `opts`.
-    fn solve_gram(
-        &self,
-        a: &[f64],
+/// A system MaTS hands a device ([`DeviceSolver`]): the operator of `A(X) = B`, the unknown `X`
+/// being the right-hand side's shape (row-major).
+#[derive(Debug, Clone)]
+pub enum DeviceSystem<'a> {
+    /// `X ↦ X·A`, `A` `n × n` row-major, `X` `m × n` (`gram`; `ia3_block` as `x ↦ x·Fᵀ`).
+    Gram {
+        /// The factor.
+        a: std::borrow::Cow<'a, [f64]>,
+        /// Its order.
         n: usize,
+    },
+    /// `x ↦ f ⊙ x` (`diagonal_fisher`; `identity` with every `f` the model count).
+    Diagonal {
+        /// One value per element of the unknown.
+        f: std::borrow::Cow<'a, [f64]>,
+    },
+    /// `X ↦ Σ_i S_i·X·A_i`, `S_i` `out × out`, `A_i` `d × d`, `X` `out × d` (`kfac`).
+    Kfac {
+        /// The input factors `A_i`.
+        a: &'a [Vec<f64>],
+        /// The output factors `S_i`.
+        s: &'a [Vec<f64>],
+        /// Rows of the unknown.
+        out: usize,
+        /// Columns of the unknown.
+        d: usize,
+    },
+}
+
+/// A device that solves MaTS's systems ([`DeviceSystem`]) with this module's CG (the same
+/// options, stopping rule, exit codes and iteration counts; inner products summed in another
+/// order, so results agree to rounding), e.g. a GPU keeping the vectors on the device for the
+/// whole solve.
+pub trait DeviceSolver: Send + Sync + std::fmt::Debug {
+    /// Solve `A(X) = B` (`b` and `x0` in the unknown's layout) from `x0` under `opts`.
+    fn solve(
+        &self,
+        sys: &DeviceSystem<'_>,
         b: &[f64],
-        m: usize,
         x0: &[f64],
         opts: &CgOptions,
     ) -> Result<CgResult>;
+
+    /// Solve part `split.part` of a split system: `b`, `x0` and the returned `x` are this
+    /// part's rows, and `sys` is the operator of those rows (a [`DeviceSystem::Gram`] factor is
+    /// the whole `n × n` one; a [`DeviceSystem::Diagonal`] holds the part's values). The inner
+    /// products meet the other parts' through `reduce`, which returns the element-wise sum over
+    /// all parts of equally long vectors (the cluster's reduction, as for
+    /// [`crate::methods::mats::Mats::solve_part`]), or through a device collective that the
+    /// parts set up with it. Every part makes the same sequence of `reduce` calls. The
+    /// residuals of the result are global.
+    fn solve_part(
+        &self,
+        sys: &DeviceSystem<'_>,
+        b: &[f64],
+        x0: &[f64],
+        opts: &CgOptions,
+        split: &SplitPart,
+        reduce: &mut dyn FnMut(&[f64]) -> Result<Vec<f64>>,
+    ) -> Result<CgResult>;
+}
+
+/// Where one part of a split block sits among its gang (for [`DeviceSolver::solve_part`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitPart {
+    /// This part's index, in global part order.
+    pub part: usize,
+    /// Every part's length in elements (its rows times the row length), in global part order.
+    pub part_lens: Vec<usize>,
 }
 
 /// The result of [`cg`].
