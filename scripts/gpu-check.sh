@@ -132,35 +132,43 @@ run)
             "$bin" merge mats.yaml --out gpu --device cuda --quiet
             echo secret-token >token
             port=7094
+            fail=0
             for kind in grpc nccl; do
                 "$bin" coordinator --config mats.yaml --out "worker-$kind" \
                     --listen 127.0.0.1:$port --token-file token --quiet &
+                cpid=$!
                 sleep 1
-                RUST_LOG=info "$bin" worker --coordinator http://127.0.0.1:$port \
+                # A failed worker must not leave the coordinator holding the log's pipe.
+                if ! RUST_LOG=info "$bin" worker --coordinator http://127.0.0.1:$port \
                     --token-file token --device cuda --collectives $kind \
-                    >"worker-$kind.log" 2>&1
-                wait
-                grep -E 'NCCL|Reduce \(not' "worker-$kind.log" | sort | uniq -c | head -5 || true
+                    >"worker-$kind.log" 2>&1; then
+                    echo "mats check: worker --collectives $kind FAILED"
+                    tail -20 "worker-$kind.log"
+                    kill "$cpid" 2>/dev/null || true
+                    fail=1
+                fi
+                wait "$cpid" || fail=1
+                grep -E 'NCCL' "worker-$kind.log" | head -5 || true
                 port=$((port + 1))
             done
-            for run in gpu worker-grpc worker-nccl; do
-                for f in cpu/*.safetensors; do
-                    if cmp -s "$f" "$run/$(basename "$f")"; then
-                        echo "mats check: $run $(basename "$f") byte-identical to the CPU merge"
-                    else
-                        echo "mats check: $run $(basename "$f") differs from the CPU merge"
-                    fi
+            [ "$fail" = 0 ]
+            # compare REF NAME RUN...: each RUN's files against REF's.
+            compare() {
+                ref=$1
+                name=$2
+                shift 2
+                for run in "$@"; do
+                    for f in "$ref"/*.safetensors; do
+                        if cmp -s "$f" "$run/$(basename "$f")"; then
+                            echo "mats check: $run $(basename "$f") byte-identical to $name"
+                        else
+                            echo "mats check: $run $(basename "$f") differs from $name"
+                        fi
+                    done
                 done
-            done
-            for f in gpu/*.safetensors; do
-                for run in worker-grpc worker-nccl; do
-                    if cmp -s "$f" "$run/$(basename "$f")"; then
-                        echo "mats check: $run $(basename "$f") byte-identical to merge --device cuda"
-                    else
-                        echo "mats check: $run $(basename "$f") differs from merge --device cuda"
-                    fi
-                done
-            done
+            }
+            compare cpu "the CPU merge" gpu worker-grpc worker-nccl
+            compare gpu "merge --device cuda" worker-grpc worker-nccl
             grep -h '"parts": *2' worker-grpc/solver_log.jsonl | head -3 || true
             echo "mats check: split blocks on a GPU worker ran (grpc and nccl)"
         ) 2>&1 | tee -a "$log" || rc=1

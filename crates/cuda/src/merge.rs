@@ -1026,23 +1026,7 @@ fn della_ranks(
         block_dim: (1024, 1, 1),
         shared_mem_bytes: per * pow2 * 8,
     };
-    let mut b = s.launch_builder(gpu.function("della_ranks"));
-    b.arg(d_models)
-        .arg(args)
-        .arg(&model)
-        .arg(&c)
-        .arg(&inner)
-        .arg(&seg)
-        .arg(&pow2)
-        .arg(&mode)
-        .arg(&mut *ranks)
-        .arg(&keys_ptr);
-    // SAFETY: argument types match `della_ranks`; ranks holds n elements, and keys too when
-    // segmented (checked above); a whole group's keys fit `per * pow2` shared keys, a
-    // segment's `pow2 = seg`.
-    unsafe { b.launch(cfg) }.map_err(launch_err("della_ranks"))?;
-    if g.segmented() {
-        let mode = DELLA_COUNT;
+    let launch = |mode: i32, cfg: LaunchConfig, ranks: &mut CudaSlice<u32>| -> Result<()> {
         let mut b = s.launch_builder(gpu.function("della_ranks"));
         b.arg(d_models)
             .arg(args)
@@ -1052,10 +1036,17 @@ fn della_ranks(
             .arg(&seg)
             .arg(&pow2)
             .arg(&mode)
-            .arg(&mut *ranks)
+            .arg(ranks)
             .arg(&keys_ptr);
-        // SAFETY: as above; this mode takes no shared memory.
-        unsafe { b.launch(gpu.grid(args.n)) }.map_err(launch_err("della_ranks (count)"))?;
+        // SAFETY: argument types match `della_ranks`; ranks holds n elements, and keys too when
+        // segmented (checked above); a whole group's keys fit `per * pow2` shared keys, a
+        // segment's `pow2 = seg`; the count mode takes no shared memory.
+        unsafe { b.launch(cfg) }.map_err(launch_err("della_ranks"))?;
+        Ok(())
+    };
+    launch(mode, cfg, ranks)?;
+    if g.segmented() {
+        launch(DELLA_COUNT, gpu.grid(args.n), ranks)?;
     }
     mark(gpu, "della_ranks");
     Ok(())
