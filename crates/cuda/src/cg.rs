@@ -341,25 +341,120 @@ fn gemm_rm(
     unsafe { blas.gemm(cfg, q, p, y) }.map_err(blas_err("cg: DGEMM"))
 }
 
-/// The operator of a device solve, on the device ([`CgSolver::solve`]).
+/// The operator of a device solve, on the device ([`CgSolver::solve`]). The solver's unknown
+/// is `m × n`: a part's rows of a split system.
 pub enum DeviceOp<'a> {
     /// `X ↦ X·A`, `A` `n × n` row-major (the solver's `n`).
     Gram(&'a CudaSlice<f64>),
     /// `x ↦ f ⊙ x`, one value per element.
     Diagonal(&'a CudaSlice<f64>),
-    /// `X ↦ Σ_i S_i·X·A_i` (`S_i` `m × m`, `A_i` `n × n`), summed in model order; `t` is an
-    /// `m × n` scratch matrix.
+    /// `x ↦ F·x` for a vector of `d` (the solver's unknown: `m` of its elements, `n = 1`): `f`
+    /// holds the unknown's `m` rows of `F` (`m × d`).
+    Dense {
+        /// The rows of `F`.
+        f: &'a CudaSlice<f64>,
+        /// The vector's length.
+        d: usize,
+        /// The whole vector, gathered from the parts (`None`: not split).
+        gather: Option<Gather>,
+    },
+    /// `X ↦ Σ_i S_i·X·A_i` for an `out × n` unknown (the solver's: `m` of its rows), summed in
+    /// model order: `s` holds the unknown's rows of each `S_i` (`m × out`), `a` the `A_i`
+    /// (`n × n`), `t` is `m × n` scratch.
     Kfac {
         /// The input factors `A_i`.
         a: &'a [CudaSlice<f64>],
-        /// The output factors `S_i`.
+        /// The rows of the output factors `S_i`.
         s: &'a [CudaSlice<f64>],
+        /// Rows of the whole unknown.
+        out: usize,
         /// Scratch for `S_i·X`.
         t: CudaSlice<f64>,
+        /// The whole direction, gathered from the parts (`None`: not split).
+        gather: Option<Gather>,
     },
 }
 
-/// `y = op(x)` for an unknown of `m × n`.
+/// The whole direction of a split system, gathered from its parts before each product of an
+/// operator that needs it (K-FAC, dense): each part writes its elements into `mine` (zero
+/// elsewhere), and the exchange sums the parts' `mine` into `all`.
+pub struct Gather {
+    start: usize,
+    mine: CudaSlice<f64>,
+    all: CudaSlice<f64>,
+}
+
+impl Gather {
+    /// Buffers for a part starting at element `slots.start` of `slots.elements`.
+    pub fn new(gpu: &Gpu, slots: &Slots) -> Result<Self> {
+        let what = "cg: allocating the gathered direction";
+        Ok(Gather {
+            start: slots.start,
+            mine: gpu.stream.alloc_zeros(slots.elements).ctx(what)?,
+            all: gpu.stream.alloc_zeros(slots.elements).ctx(what)?,
+        })
+    }
+
+    /// The whole direction from this part's `x`, through `ex`.
+    fn whole(
+        &mut self,
+        gpu: &Gpu,
+        x: &CudaSlice<f64>,
+        ex: &mut Exchange<'_>,
+    ) -> Result<&CudaSlice<f64>> {
+        let end = self.start + x.len();
+        if end > self.mine.len() {
+            return Err(CudaError::Invalid(format!(
+                "cg: a part of {} elements at {} of {}",
+                x.len(),
+                self.start,
+                self.mine.len()
+            )));
+        }
+        gpu.stream
+            .memcpy_dtod(x, &mut self.mine.slice_mut(self.start..end))
+            .ctx("cg: placing the part's direction")?;
+        exchange(gpu, ex, &self.mine, &mut self.all)?;
+        Ok(&self.all)
+    }
+}
+
+/// `all` = the parts' element-wise sum of `mine` through `ex` (through the host, or an NCCL
+/// all-reduce); an error for [`Exchange::Whole`], which has no other parts.
+fn exchange(
+    gpu: &Gpu,
+    ex: &mut Exchange<'_>,
+    mine: &CudaSlice<f64>,
+    all: &mut CudaSlice<f64>,
+) -> Result<()> {
+    match ex {
+        Exchange::Whole => Err(CudaError::Invalid(
+            "cg: an exchange in a solve that is not split".into(),
+        )),
+        Exchange::Host(f) => {
+            let mut host = vec![0.0f64; mine.len()];
+            gpu.stream
+                .memcpy_dtoh(mine, &mut host)
+                .ctx("cg: reading a vector to reduce")?;
+            gpu.sync()?;
+            let sum = f(&host).map_err(CudaError::Merge)?;
+            if sum.len() != host.len() {
+                return Err(CudaError::Invalid(format!(
+                    "cg: the reduction returned {} values, expected {}",
+                    sum.len(),
+                    host.len()
+                )));
+            }
+            gpu.stream
+                .memcpy_htod(&sum, all)
+                .ctx("cg: writing the reduced vector")
+        }
+        Exchange::Nccl(group) => group.all_reduce_sum(mine, all),
+    }
+}
+
+/// `y = op(x)` for an unknown of `m × n` (gathering the direction through `ex` when the
+/// operator needs the whole of it).
 fn apply(
     gpu: &Gpu,
     blas: &CudaBlas,
@@ -367,6 +462,7 @@ fn apply(
     (n, m): (usize, usize),
     x: &CudaSlice<f64>,
     y: &mut CudaSlice<f64>,
+    ex: &mut Exchange<'_>,
 ) -> Result<()> {
     match op {
         DeviceOp::Gram(a) => gemm(blas, n, m, a, x, y),
@@ -386,7 +482,20 @@ fn apply(
             unsafe { l.launch(gpu.grid(len)) }.ctx("launching cg_diag")?;
             Ok(())
         }
-        DeviceOp::Kfac { a, s, t } => {
+        DeviceOp::Dense { f, d, gather } => {
+            let p = match gather {
+                Some(g) => g.whole(gpu, x, ex)?,
+                None => x,
+            };
+            gemm_rm(blas, (n * m, *d, 1), f, p, 0.0, y)
+        }
+        DeviceOp::Kfac {
+            a,
+            s,
+            out,
+            t,
+            gather,
+        } => {
             if a.len() != s.len() || a.is_empty() {
                 return Err(CudaError::Invalid(format!(
                     "cg: K-FAC with {} input and {} output factors",
@@ -394,8 +503,12 @@ fn apply(
                     s.len()
                 )));
             }
+            let p = match gather {
+                Some(g) => g.whole(gpu, x, ex)?,
+                None => x,
+            };
             for (i, (ai, si)) in a.iter().zip(s.iter()).enumerate() {
-                gemm_rm(blas, (m, m, n), si, x, 0.0, t)?;
+                gemm_rm(blas, (m, *out, n), si, p, 0.0, t)?;
                 let beta = if i == 0 { 0.0 } else { 1.0 };
                 gemm_rm(blas, (m, n, n), t, ai, beta, y)?;
             }
@@ -477,6 +590,10 @@ pub struct Slots {
     pub offset: usize,
     /// Slots of all parts together.
     pub total: usize,
+    /// This part's first element in the whole unknown.
+    pub start: usize,
+    /// Elements of all parts together.
+    pub elements: usize,
 }
 
 impl Slots {
@@ -485,6 +602,8 @@ impl Slots {
         Slots {
             offset: 0,
             total: len.div_ceil(CHUNK),
+            start: 0,
+            elements: len,
         }
     }
 
@@ -500,6 +619,8 @@ impl Slots {
         Ok(Slots {
             offset: count(&lens[..part]),
             total: count(lens),
+            start: lens[..part].iter().sum(),
+            elements: lens.iter().sum(),
         })
     }
 }
@@ -587,12 +708,13 @@ impl CgSolver {
         match op {
             DeviceOp::Gram(a) => self.check_len("A", a, self.n * self.n),
             DeviceOp::Diagonal(f) => self.check_len("f", f, self.len),
-            DeviceOp::Kfac { a, s, t } => {
+            DeviceOp::Dense { f, d, .. } => self.check_len("F rows", f, self.len * d),
+            DeviceOp::Kfac { a, s, out, t, .. } => {
                 for ai in a.iter() {
                     self.check_len("A_i", ai, self.n * self.n)?;
                 }
                 for si in s.iter() {
-                    self.check_len("S_i", si, self.m * self.m)?;
+                    self.check_len("S_i rows", si, self.m * out)?;
                 }
                 self.check_len("scratch", t, self.len)
             }
@@ -674,31 +796,11 @@ impl CgSolver {
             shared_mem_bytes: 0,
         };
         let np = self.slots.total as u64;
-        let sums = match ex {
-            Exchange::Whole => &self.partials,
-            Exchange::Host(f) => {
-                let mut host = vec![0.0f64; self.slots.total];
-                gpu.stream
-                    .memcpy_dtoh(&self.partials, &mut host)
-                    .ctx("cg: reading the partials")?;
-                gpu.sync()?;
-                let all = f(&host).map_err(CudaError::Merge)?;
-                if all.len() != host.len() {
-                    return Err(CudaError::Invalid(format!(
-                        "cg: the reduction returned {} values, expected {}",
-                        all.len(),
-                        host.len()
-                    )));
-                }
-                gpu.stream
-                    .memcpy_htod(&all, &mut self.all)
-                    .ctx("cg: writing the summed partials")?;
-                &self.all
-            }
-            Exchange::Nccl(group) => {
-                group.all_reduce_sum(&self.partials, &mut self.all)?;
-                &self.all
-            }
+        let sums = if matches!(ex, Exchange::Whole) {
+            &self.partials
+        } else {
+            exchange(gpu, ex, &self.partials, &mut self.all)?;
+            &self.all
         };
         let mut l = gpu.stream.launch_builder(gpu.function("cg_reduce"));
         l.arg(sums).arg(&np).arg(&mut self.state).arg(&op).arg(&arg);
@@ -808,7 +910,7 @@ impl CgSolver {
             false
         };
         if x0_nonzero {
-            apply(gpu, &self.blas, op, (n, m), x, &mut self.r)?;
+            apply(gpu, &self.blas, op, (n, m), x, &mut self.r, ex)?;
             launch_residual(gpu, self.len, b, &mut self.r)?;
         } else {
             gpu.stream
@@ -867,7 +969,7 @@ impl CgSolver {
             // ρ = r·r (partials made by the previous update, or above for it = 0) and the test.
             self.reduce(gpu, ex, OP_RHO, k)?;
             self.direction(gpu, it == 0)?;
-            apply(gpu, &self.blas, op, (n, m), &self.p, &mut self.q)?;
+            apply(gpu, &self.blas, op, (n, m), &self.p, &mut self.q, ex)?;
             self.dot_pq(gpu)?;
             self.reduce(gpu, ex, OP_PQ, k)?;
             self.update(gpu, x)?;
@@ -925,7 +1027,7 @@ impl CgSolver {
         ex: &mut Exchange<'_>,
     ) -> Result<f64> {
         if opts.true_final_residual {
-            apply(gpu, &self.blas, op, (self.n, self.m), x, &mut self.q)?;
+            apply(gpu, &self.blas, op, (self.n, self.m), x, &mut self.q, ex)?;
             launch_residual(gpu, self.len, b, &mut self.q)?;
             self.dot_qq(gpu)?;
             self.read_sum(gpu, ex)
@@ -980,10 +1082,19 @@ pub fn solve_part(
     solve_system(gpu, &sys, b, x0, opts, slots, ex)
 }
 
-/// The unknown's shape `(n, m)` (`m` rows of `n`) of `sys` for a right-hand side of `len`
-/// values, after checking the operator's lengths.
-fn system_shape(sys: &DeviceSystem<'_>, len: usize) -> Result<(usize, usize)> {
+/// The solver's shape `(n, m)` (`m` rows of `n`) for `sys` and a right-hand side of `len`
+/// values (a part's, at `slots`, or the whole system's), after checking the operator's lengths.
+fn system_shape(
+    sys: &DeviceSystem<'_>,
+    len: usize,
+    slots: Option<&Slots>,
+) -> Result<(usize, usize)> {
     let bad = |what: String| Err(CudaError::Invalid(format!("cg: {what}")));
+    // The part's first element and the whole unknown's length.
+    let (start, whole) = slots.map_or((0, len), |s| (s.start, s.elements));
+    if start + len > whole {
+        return bad(format!("a part of {len} at {start} of {whole} elements"));
+    }
     match sys {
         DeviceSystem::Gram { a, n } => {
             if *n == 0 || Some(a.len()) != n.checked_mul(*n) || !len.is_multiple_of(*n) {
@@ -1000,28 +1111,41 @@ fn system_shape(sys: &DeviceSystem<'_>, len: usize) -> Result<(usize, usize)> {
             }
             Ok((len, 1))
         }
+        DeviceSystem::Dense { f, d } => {
+            if Some(f.len()) != d.checked_mul(*d) || whole != *d {
+                return bad(format!(
+                    "a dense {d}x{d} matrix of {} values for a vector of {whole}",
+                    f.len()
+                ));
+            }
+            Ok((1, len))
+        }
         DeviceSystem::Kfac { a, s, out, d } => {
             let ok = a.len() == s.len()
                 && !a.is_empty()
+                && *d > 0
                 && a.iter().all(|v| v.len() == d * d)
                 && s.iter().all(|v| v.len() == out * out)
-                && len == out * d;
+                && whole == out * d
+                && start.is_multiple_of(*d)
+                && len.is_multiple_of(*d);
             if !ok {
                 return bad(format!(
-                    "K-FAC factors ({} inputs, {} outputs) do not fit a {out}x{d} unknown of \
-                     {len} values",
+                    "K-FAC factors ({} inputs, {} outputs) do not fit {len} values at {start} of \
+                     a {out}x{d} unknown",
                     a.len(),
                     s.len()
                 ));
             }
-            Ok((*d, *out))
+            Ok((*d, len / d))
         }
     }
 }
 
 /// Solve `sys` (a MaTS system, [`DeviceSystem`]) by CG on the device from host data: `b` and
-/// `x0` (`None`: zeros) in the unknown's layout; for one part of a split system, `slots` and
-/// `ex` as [`solve_part`]'s. Returns the solution and the solve's report.
+/// `x0` (`None`: zeros) in the unknown's layout; for one part of a split system, its rows with
+/// `slots` and `ex` as [`solve_part`]'s (the products of K-FAC and dense systems gather the
+/// whole direction through `ex` too). Returns the solution and the solve's report.
 pub fn solve_system(
     gpu: &Gpu,
     sys: &DeviceSystem<'_>,
@@ -1049,7 +1173,7 @@ pub fn solve_system(
         }
         return Ok((Vec::new(), empty_report(opts, x0.is_some())));
     }
-    let (n, m) = system_shape(sys, b.len())?;
+    let (n, m) = system_shape(sys, b.len(), slots.as_ref())?;
     let mut solver = match slots {
         Some(slots) => CgSolver::new_part(gpu, n, m, slots)?,
         None => CgSolver::new(gpu, n, m)?,
@@ -1057,6 +1181,8 @@ pub fn solve_system(
     let s = &gpu.stream;
     let what = "cg: copying the system to the device";
     let up = |v: &[f64]| s.clone_htod(v).ctx(what);
+    let gather = || slots.as_ref().map(|sl| Gather::new(gpu, sl)).transpose();
+    let start = slots.map_or(0, |sl| sl.start);
     let b_d = up(b)?;
     let mut x_d = match x0 {
         Some(x0) => up(x0)?,
@@ -1073,14 +1199,33 @@ pub fn solve_system(
             let mut op = DeviceOp::Diagonal(&f_d);
             solver.solve(gpu, &mut op, &b_d, &mut x_d, x0.is_some(), opts, ex)?
         }
-        DeviceSystem::Kfac { a, s: outs, .. } => {
+        DeviceSystem::Dense { f, d } => {
+            // The part's rows of F.
+            let f_d = up(&f[start * d..(start + b.len()) * d])?;
+            let mut op = DeviceOp::Dense {
+                f: &f_d,
+                d: *d,
+                gather: gather()?,
+            };
+            solver.solve(gpu, &mut op, &b_d, &mut x_d, x0.is_some(), opts, ex)?
+        }
+        DeviceSystem::Kfac {
+            a, s: outs, out, d, ..
+        } => {
+            // The part's rows of each S_i.
+            let (r0, r1) = (start / d, (start + b.len()) / d);
             let a_d = a.iter().map(|v| up(v)).collect::<Result<Vec<_>>>()?;
-            let s_d = outs.iter().map(|v| up(v)).collect::<Result<Vec<_>>>()?;
+            let s_d = outs
+                .iter()
+                .map(|v| up(&v[r0 * out..r1 * out]))
+                .collect::<Result<Vec<_>>>()?;
             let t = s.alloc_zeros(b.len()).ctx(what)?;
             let mut op = DeviceOp::Kfac {
                 a: &a_d,
                 s: &s_d,
+                out: *out,
                 t,
+                gather: gather()?,
             };
             solver.solve(gpu, &mut op, &b_d, &mut x_d, x0.is_some(), opts, ex)?
         }
@@ -1573,7 +1718,8 @@ fn split_rows(gpu: &Gpu) -> Result<Vec<Row>> {
 }
 
 /// Parity rows of the other MaTS operators against the CPU solver on the same system: a
-/// diagonal (`diagonal_fisher`, `identity`) and K-FAC's `Σ_i S_i·X·A_i` (two models).
+/// diagonal (`diagonal_fisher`, `identity`), K-FAC's `Σ_i S_i·X·A_i` (two models) and a dense
+/// `F·x` (`ia3_block`), the last two also split in 3 parts gathering the direction.
 fn operator_rows(gpu: &Gpu) -> Result<Vec<Row>> {
     use amalgam_core::linalg::matmul;
     use amalgam_core::solve::cg::{cg, FnProblem};
@@ -1583,29 +1729,49 @@ fn operator_rows(gpu: &Gpu) -> Result<Vec<Row>> {
         ..CgOptions::default()
     };
     let mut out = Vec::new();
-    let mut row = |name: String, sys: &DeviceSystem<'_>, b: &[f64], x0: &[f64], cpu: CgResult| {
-        let t = std::time::Instant::now();
-        let r = solve_system(gpu, sys, b, Some(x0), &opts, None, &mut Exchange::Whole);
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        out.push(match r {
-            Ok((x, rep)) => {
-                let err = rel_err(&x, &cpu.x);
-                let same = (rep.exit_code, rep.iterations) == (cpu.exit_code, cpu.iterations);
-                Row {
-                    name,
-                    ms,
-                    rel_err: Some(if same { err } else { f64::INFINITY }),
-                    bitwise: Some(same && x.iter().zip(&cpu.x).all(|(p, q)| p == q)),
-                    note: format!(
-                        "against the CPU solver: max rel err {err:.2e} (target <= 1e-6); \
+    // A row from a solve (whole: one report; split: one per part) against the CPU's result.
+    let mut push =
+        |name: String, ms: f64, got: Result<(Vec<f64>, Vec<CgReport>)>, cpu: &CgResult| {
+            out.push(match got {
+                Ok((x, reps)) => {
+                    let err = rel_err(&x, &cpu.x);
+                    let same = reps
+                        .iter()
+                        .all(|r| (r.exit_code, r.iterations) == (cpu.exit_code, cpu.iterations));
+                    let rep = &reps[0];
+                    Row {
+                        name,
+                        ms,
+                        rel_err: Some(if same { err } else { f64::INFINITY }),
+                        bitwise: Some(same && x.iter().zip(&cpu.x).all(|(p, q)| p == q)),
+                        note: format!(
+                            "against the CPU solver: max rel err {err:.2e} (target <= 1e-6); \
                          exit/iterations GPU {}/{} CPU {}/{}",
-                        rep.exit_code, rep.iterations, cpu.exit_code, cpu.iterations
-                    ),
-                    ..Default::default()
+                            rep.exit_code, rep.iterations, cpu.exit_code, cpu.iterations
+                        ),
+                        ..Default::default()
+                    }
                 }
-            }
-            Err(e) => crate::check::failed(&name, &e),
+                Err(e) => crate::check::failed(&name, &e),
+            });
+        };
+    let whole = |sys: &DeviceSystem<'_>, b: &[f64], x0: &[f64]| {
+        let t = std::time::Instant::now();
+        let r = solve_system(gpu, sys, b, Some(x0), &opts, None, &mut Exchange::Whole)
+            .map(|(x, rep)| (x, vec![rep]));
+        (t.elapsed().as_secs_f64() * 1e3, r)
+    };
+    // Parts of `rows` rows of `cols`, meeting through the host.
+    let split = |sys: &DeviceSystem<'_>, b: &[f64], x0: &[f64], cols: usize, rows: &[usize]| {
+        let lens: Vec<usize> = rows.iter().map(|r| r * cols).collect();
+        let t = std::time::Instant::now();
+        let r = gang_solve(cols, b, x0, rows, &|k, bk, xk, reduce| {
+            gpu.ctx.bind_to_thread().ctx("binding the context")?;
+            let slots = Slots::of(&lens, k)?;
+            let mut ex = Exchange::Host(reduce);
+            solve_system(gpu, sys, bk, Some(xk), &opts, Some(slots), &mut ex)
         });
+        (t.elapsed().as_secs_f64() * 1e3, r)
     };
 
     // A diagonal system of 100000 unknowns.
@@ -1623,7 +1789,8 @@ fn operator_rows(gpu: &Gpu) -> Result<Vec<Row>> {
     let sys = DeviceSystem::Diagonal {
         f: std::borrow::Cow::Borrowed(&f),
     };
-    row(format!("parity cg diagonal x{len}"), &sys, &b, &x0, cpu);
+    let (ms, r) = whole(&sys, &b, &x0);
+    push(format!("parity cg diagonal x{len}"), ms, r, &cpu);
 
     // K-FAC: 2 models, a 96 x 64 unknown.
     let (m, n) = (96usize, 64usize);
@@ -1649,12 +1816,35 @@ fn operator_rows(gpu: &Gpu) -> Result<Vec<Row>> {
         out: m,
         d: n,
     };
-    row(
-        format!("parity cg kfac {m}x{n} x2 models"),
-        &sys,
-        &b,
-        &x0,
-        cpu,
+    let (ms, r) = whole(&sys, &b, &x0);
+    push(format!("parity cg kfac {m}x{n} x2 models"), ms, r, &cpu);
+    let (ms, r) = split(&sys, &b, &x0, n, &[32, 32, 32]);
+    push(
+        format!("parity cg kfac {m}x{n}, 3 parts via Reduce"),
+        ms,
+        r,
+        &cpu,
+    );
+
+    // Dense (ia3_block): x ↦ F x over a vector of 300.
+    let d = 300usize;
+    let f = spd_system(60, d);
+    let b = Rng::vec(36, d);
+    let x0 = Rng::vec(37, d);
+    let mut p = FnProblem::local(vec![d], |x: &[f64], y: &mut [f64]| {
+        y.copy_from_slice(&matmul(&f, d, d, x, 1));
+        Ok(())
+    });
+    let cpu = cg(&mut p, Some(&x0), &b, &opts)?;
+    let sys = DeviceSystem::Dense { f: &f, d };
+    let (ms, r) = whole(&sys, &b, &x0);
+    push(format!("parity cg dense {d}^2"), ms, r, &cpu);
+    let (ms, r) = split(&sys, &b, &x0, 1, &[100, 100, 100]);
+    push(
+        format!("parity cg dense {d}^2, 3 parts via Reduce"),
+        ms,
+        r,
+        &cpu,
     );
     Ok(out)
 }
@@ -1968,14 +2158,14 @@ mod tests {
             a: Cow::Borrowed(&a),
             n: 3,
         };
-        assert_eq!(system_shape(&g, 12).unwrap(), (3, 4));
-        assert!(system_shape(&g, 10).is_err());
+        assert_eq!(system_shape(&g, 12, None).unwrap(), (3, 4));
+        assert!(system_shape(&g, 10, None).is_err());
         let f = vec![1.0; 5];
         let d = DeviceSystem::Diagonal {
             f: Cow::Borrowed(&f),
         };
-        assert_eq!(system_shape(&d, 5).unwrap(), (5, 1));
-        assert!(system_shape(&d, 6).is_err());
+        assert_eq!(system_shape(&d, 5, None).unwrap(), (5, 1));
+        assert!(system_shape(&d, 6, None).is_err());
         let (ai, si) = (vec![vec![0.0; 4]], vec![vec![0.0; 9]]);
         let k = DeviceSystem::Kfac {
             a: &ai,
@@ -1983,43 +2173,38 @@ mod tests {
             out: 3,
             d: 2,
         };
-        assert_eq!(system_shape(&k, 6).unwrap(), (2, 3));
-        let e = system_shape(&k, 7).unwrap_err().to_string();
+        assert_eq!(system_shape(&k, 6, None).unwrap(), (2, 3));
+        // Part 1 of rows [1, 2] of the 3 x 2 unknown: its 2 rows.
+        let part = Slots::of(&[2, 4], 1).unwrap();
+        assert_eq!(system_shape(&k, 4, Some(&part)).unwrap(), (2, 2));
+        // A part that does not start at a row is refused.
+        let odd = Slots::of(&[3, 3], 1).unwrap();
+        assert!(system_shape(&k, 3, Some(&odd)).is_err());
+        let fd = vec![0.0; 16];
+        let dense = DeviceSystem::Dense { f: &fd, d: 4 };
+        assert_eq!(system_shape(&dense, 4, None).unwrap(), (1, 4));
+        let part = Slots::of(&[1, 3], 1).unwrap();
+        assert_eq!(system_shape(&dense, 3, Some(&part)).unwrap(), (1, 3));
+        assert!(system_shape(&dense, 5, None).is_err());
+        let e = system_shape(&k, 7, None).unwrap_err().to_string();
         assert!(e.contains("K-FAC"), "{e}");
     }
 
     #[test]
     fn slots_follow_the_parts_chunks() {
         let c = CHUNK;
-        assert_eq!(
-            Slots::whole(2 * c + 1),
-            Slots {
-                offset: 0,
-                total: 3
-            }
-        );
+        let sl = |offset, total, start, elements| Slots {
+            offset,
+            total,
+            start,
+            elements,
+        };
+        assert_eq!(Slots::whole(2 * c + 1), sl(0, 3, 0, 2 * c + 1));
         let lens = [c, 2 * c, 5];
-        assert_eq!(
-            Slots::of(&lens, 0).unwrap(),
-            Slots {
-                offset: 0,
-                total: 4
-            }
-        );
-        assert_eq!(
-            Slots::of(&lens, 1).unwrap(),
-            Slots {
-                offset: 1,
-                total: 4
-            }
-        );
-        assert_eq!(
-            Slots::of(&lens, 2).unwrap(),
-            Slots {
-                offset: 3,
-                total: 4
-            }
-        );
+        let all = 3 * c + 5;
+        assert_eq!(Slots::of(&lens, 0).unwrap(), sl(0, 4, 0, all));
+        assert_eq!(Slots::of(&lens, 1).unwrap(), sl(1, 4, c, all));
+        assert_eq!(Slots::of(&lens, 2).unwrap(), sl(3, 4, 3 * c, all));
         // Chunk-aligned parts have the whole system's slots.
         assert_eq!(Slots::whole(lens.iter().sum()).total, 4);
         // Unaligned parts take a slot more than the whole system.

@@ -585,9 +585,10 @@ impl Mats {
         let (lo, hi) = (rows.start * cols, rows.end * cols);
         let opts = self.cg_options();
         // A part on a device that solves it (the GPU's CG, the vectors kept on the device;
-        // its partials meet the other parts' through `reduce` or a device collective), when
-        // its rows need no other part's (not `kfac`, `ia3_block`).
-        if let (Some(dev), Some(sys)) = (reader.device_solver(), op.part_system(lo, hi)) {
+        // its partials, and the gathered directions of `kfac` and `ia3_block`, meet the other
+        // parts' through `reduce` or a device collective).
+        if let Some(dev) = reader.device_solver() {
+            let sys = op.part_system(lo, hi);
             let split = crate::solve::cg::SplitPart {
                 part,
                 part_lens: parts.iter().map(|r| r.len() * cols).collect(),
@@ -947,38 +948,22 @@ impl Operator {
                 out: *out,
                 d: *d,
             },
-            // x ↦ F x is the row vector x ↦ x·Fᵀ.
-            Self::Dense { f, d } => {
-                let mut ft = vec![0.0f64; d * d];
-                for i in 0..*d {
-                    for j in 0..*d {
-                        ft[j * d + i] = f[i * d + j];
-                    }
-                }
-                DeviceSystem::Gram {
-                    a: Cow::Owned(ft),
-                    n: *d,
-                }
-            }
+            Self::Dense { f, d } => DeviceSystem::Dense { f, d: *d },
         }
     }
 
-    /// The system of the elements `lo..hi` of a split block, when its rows need no other
-    /// part's values (`None` for `kfac` and `ia3_block`, whose products gather the whole
-    /// direction).
-    fn part_system(&self, lo: usize, hi: usize) -> Option<DeviceSystem<'_>> {
+    /// The system of the elements `lo..hi` of a split block: a diagonal's own values, else
+    /// the whole block's operator (the device gathers the direction for K-FAC and dense
+    /// products).
+    fn part_system(&self, lo: usize, hi: usize) -> DeviceSystem<'_> {
         match self {
-            Self::Scaled(c) => Some(DeviceSystem::Diagonal {
+            Self::Scaled(c) => DeviceSystem::Diagonal {
                 f: Cow::Owned(vec![*c; hi - lo]),
-            }),
-            Self::Diagonal(f) => Some(DeviceSystem::Diagonal {
+            },
+            Self::Diagonal(f) => DeviceSystem::Diagonal {
                 f: Cow::Borrowed(&f[lo..hi]),
-            }),
-            Self::Gram { g, d } => Some(DeviceSystem::Gram {
-                a: Cow::Borrowed(g),
-                n: *d,
-            }),
-            Self::Kfac { .. } | Self::Dense { .. } => None,
+            },
+            other => other.device_system(hi - lo),
         }
     }
 
@@ -1936,21 +1921,36 @@ mod tests {
     }
 
     impl RecordingGram {
-        /// `y = A(x)` on the CPU for the systems the tests hand over.
-        fn apply(sys: &DeviceSystem<'_>, x: &[f64], y: &mut [f64]) -> Result<()> {
-            match sys {
+        /// Elements `lo..hi` of `A(x)` on the CPU, given the whole direction `full` (a
+        /// diagonal holds the part's values only).
+        fn apply_rows(
+            sys: &DeviceSystem<'_>,
+            full: &[f64],
+            (lo, hi): (usize, usize),
+            y: &mut [f64],
+        ) -> Result<()> {
+            let v = match sys {
                 DeviceSystem::Gram { a, n } => {
-                    y.copy_from_slice(&linalg::matmul(x, x.len() / n, *n, a, *n));
+                    linalg::matmul(&full[lo..hi], (hi - lo) / n, *n, a, *n)
                 }
                 DeviceSystem::Diagonal { f } => {
-                    for ((y, f), x) in y.iter_mut().zip(f.iter()).zip(x) {
-                        *y = f * x;
+                    f.iter().zip(&full[lo..hi]).map(|(f, x)| f * x).collect()
+                }
+                DeviceSystem::Dense { f, d } => {
+                    linalg::matmul(&f[lo * d..hi * d], hi - lo, *d, full, 1)
+                }
+                DeviceSystem::Kfac { a, s, out, d } => {
+                    let (r0, r1) = (lo / d, hi / d);
+                    let mut y = vec![0.0; hi - lo];
+                    for (ai, si) in a.iter().zip(s.iter()) {
+                        let sp = linalg::matmul(&si[r0 * out..r1 * out], r1 - r0, *out, full, *d);
+                        let spa = linalg::matmul(&sp, r1 - r0, *d, ai, *d);
+                        y.iter_mut().zip(&spa).for_each(|(y, v)| *y += v);
                     }
+                    y
                 }
-                DeviceSystem::Kfac { .. } => {
-                    return Err(MergeError::Read("kfac is not handed to a device".into()))
-                }
-            }
+            };
+            y.copy_from_slice(&v);
             Ok(())
         }
     }
@@ -1965,7 +1965,7 @@ mod tests {
         ) -> Result<CgResult> {
             self.calls.lock().unwrap().push((None, b.len()));
             let mut p = FnProblem::local(vec![b.len()], |x: &[f64], y: &mut [f64]| {
-                Self::apply(sys, x, y)
+                Self::apply_rows(sys, x, (0, x.len()), y)
             });
             cg(&mut p, Some(x0), b, opts)
         }
@@ -1986,13 +1986,24 @@ mod tests {
             let slots = |l: &[usize]| l.iter().map(|v| v.div_ceil(REDUCE_CHUNK)).sum::<usize>();
             let offset = slots(&split.part_lens[..split.part]);
             let total = slots(&split.part_lens);
+            let lo: usize = split.part_lens[..split.part].iter().sum();
+            let (hi, numel) = (lo + b.len(), split.part_lens.iter().sum::<usize>());
+            let gather = matches!(sys, DeviceSystem::Kfac { .. } | DeviceSystem::Dense { .. });
+            let reduce = std::cell::RefCell::new(reduce);
             let mut p = FnProblem {
                 parts: vec![b.len()],
-                matvec: |x: &[f64], y: &mut [f64]| Self::apply(sys, x, y),
+                matvec: |x: &[f64], y: &mut [f64]| {
+                    let mut full = vec![0.0; numel];
+                    full[lo..hi].copy_from_slice(x);
+                    if gather {
+                        full = (reduce.borrow_mut())(&full)?;
+                    }
+                    Self::apply_rows(sys, &full, (lo, hi), y)
+                },
                 reduce: |partials: &[f64]| {
                     let mut v = vec![0.0; total];
                     v[offset..offset + partials.len()].copy_from_slice(partials);
-                    Ok(crate::solve::cg::sum_in_order(&reduce(&v)?))
+                    Ok(crate::solve::cg::sum_in_order(&(reduce.borrow_mut())(&v)?))
                 },
             };
             cg(&mut p, Some(x0), b, opts)
@@ -2067,50 +2078,51 @@ mod tests {
     }
 
     #[test]
-    fn every_objective_goes_to_the_device_whole_and_kfac_parts_stay_on_the_cpu() {
+    fn every_objective_goes_to_the_device_whole_and_in_parts() {
         let (out, d) = (300, 128);
-        let j = job(&[out, d], 2, true, 4097);
         let dev = RecordingGram::default();
-        for objective in ["gram", "diagonal_fisher", "identity", "kfac"] {
-            let mut lin = linear_case(out, d, 2, objective == "kfac");
-            for i in 0..2 {
-                let f = rand_vec(30 + i as u64, out * d);
-                let f = f.into_iter().map(|v| v.abs() + 0.1).collect();
-                lin.reader
-                    .stats
-                    .insert((i, "fisher".into()), (vec![out, d], f));
-            }
-            let reader = DeviceReader {
-                inner: &lin.reader,
+        for objective in ["gram", "diagonal_fisher", "identity", "kfac", "ia3_block"] {
+            let (shape, reader) = if objective == "ia3_block" {
+                // A 1-D (IA)^3 vector of 200 with 200 x 200 block Fishers.
+                let n = 200;
+                let models: Vec<Vec<f32>> = (1..3).map(|s| rand_vec(s, n)).collect();
+                let blocks: Vec<Vec<f32>> = (10..12).map(|s| gram(s, 2 * n, n)).collect();
+                let mut r = reader_with(&models, "fisher_block", &blocks, &[n, n]);
+                r.base = Some(vec![1.0; n]);
+                (vec![n], r)
+            } else {
+                let mut r = linear_case(out, d, 2, objective == "kfac").reader;
+                for i in 0..2 {
+                    let f = rand_vec(30 + i as u64, out * d);
+                    let f = f.into_iter().map(|v| v.abs() + 0.1).collect();
+                    r.stats.insert((i, "fisher".into()), (vec![out, d], f));
+                }
+                (vec![out, d], r)
+            };
+            let numel: usize = shape.iter().product();
+            let j = job(&shape, 2, true, 4097);
+            let on_dev = DeviceReader {
+                inner: &reader,
                 dev: &dev,
             };
             let p = with(params(objective, "task_arithmetic"), "iterations", 5.0);
             let m = Mats::from_params(&p, 2, true).unwrap();
-            let cpu = m.solve_block(&j, &lin.reader).unwrap();
+            let cpu = m.solve_block(&j, &reader).unwrap();
             dev.calls.lock().unwrap().clear();
-            let got = m.solve_block(&j, &reader);
-            if objective == "kfac" {
-                // The stand-in refuses K-FAC: the device was asked, whole.
-                let e = got.unwrap_err().to_string();
-                assert!(e.contains("kfac is not handed"), "{e}");
-            } else {
-                let got = got.unwrap();
-                assert!(rel_diff(&got.x, &cpu.x) <= 1e-12, "{objective}");
-                assert_eq!(got.iterations, cpu.iterations, "{objective}");
-            }
-            assert_eq!(
-                *dev.calls.lock().unwrap(),
-                vec![(None, out * d)],
-                "{objective}"
-            );
-            // Split parts: on the device except K-FAC's (they gather the direction).
+            let got = m.solve_block(&j, &on_dev).unwrap();
+            assert!(rel_diff(&got.x, &cpu.x) <= 1e-12, "{objective}");
+            assert_eq!(got.iterations, cpu.iterations, "{objective}");
+            let calls = dev.calls.lock().unwrap().clone();
+            assert_eq!(calls, vec![(None, numel)], "{objective}");
+            // Split parts, every one on the device (K-FAC and ia3_block gathering the
+            // direction through the reduction).
             let split = Mats::from_params(&with(p.clone(), "cg_parts", 3.0), 2, true).unwrap();
             dev.calls.lock().unwrap().clear();
-            let (x, _) = gang_solve(&split, &j, &reader);
-            let (x_cpu, _) = gang_solve(&split, &j, &lin.reader);
+            let (x, rounds) = gang_solve(&split, &j, &on_dev);
+            let (x_cpu, cpu_rounds) = gang_solve(&split, &j, &reader);
             assert!(rel_diff(&x, &x_cpu) <= 1e-12, "{objective}");
-            let n = dev.calls.lock().unwrap().len();
-            assert_eq!(n, if objective == "kfac" { 0 } else { 3 }, "{objective}");
+            assert_eq!(rounds, cpu_rounds, "{objective}");
+            assert_eq!(dev.calls.lock().unwrap().len(), 3, "{objective}");
         }
     }
 

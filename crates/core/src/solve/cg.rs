@@ -252,7 +252,7 @@ impl CgStop {
 /// being the right-hand side's shape (row-major).
 #[derive(Debug, Clone)]
 pub enum DeviceSystem<'a> {
-    /// `X ↦ X·A`, `A` `n × n` row-major, `X` `m × n` (`gram`; `ia3_block` as `x ↦ x·Fᵀ`).
+    /// `X ↦ X·A`, `A` `n × n` row-major, `X` `m × n` (`gram`).
     Gram {
         /// The factor.
         a: std::borrow::Cow<'a, [f64]>,
@@ -263,6 +263,13 @@ pub enum DeviceSystem<'a> {
     Diagonal {
         /// One value per element of the unknown.
         f: std::borrow::Cow<'a, [f64]>,
+    },
+    /// `x ↦ F·x`, `F` `d × d` row-major, `x` `d` long (`ia3_block`).
+    Dense {
+        /// The matrix.
+        f: &'a [f64],
+        /// Its order.
+        d: usize,
     },
     /// `X ↦ Σ_i S_i·X·A_i`, `S_i` `out × out`, `A_i` `d × d`, `X` `out × d` (`kfac`).
     Kfac {
@@ -292,10 +299,12 @@ pub trait DeviceSolver: Send + Sync + std::fmt::Debug {
     ) -> Result<CgResult>;
 
     /// Solve part `split.part` of a split system: `b`, `x0` and the returned `x` are this
-    /// part's rows, and `sys` is the operator of those rows (a [`DeviceSystem::Gram`] factor is
-    /// the whole `n × n` one; a [`DeviceSystem::Diagonal`] holds the part's values). The inner
-    /// products meet the other parts' through `reduce`, which returns the element-wise sum over
-    /// all parts of equally long vectors (the cluster's reduction, as for
+    /// part's rows (elements `lo..hi` of the unknown, from `split.part_lens`), and `sys` is the
+    /// operator: a [`DeviceSystem::Diagonal`] holds the part's values, the other systems are
+    /// the whole block's (the products of [`DeviceSystem::Kfac`] and [`DeviceSystem::Dense`]
+    /// need the whole direction: each product gathers it from the parts). The inner products
+    /// and the gathers meet the other parts' through `reduce`, which returns the element-wise
+    /// sum over all parts of equally long vectors (the cluster's reduction, as for
     /// [`crate::methods::mats::Mats::solve_part`]), or through a device collective that the
     /// parts set up with it. Every part makes the same sequence of `reduce` calls. The
     /// residuals of the result are global.
