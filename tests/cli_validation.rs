@@ -247,3 +247,22 @@ fn bad_index_entries() {
         "{e}"
     );
 }
+
+/// `worker --collectives nccl` needs GPUs: with `--device cpu` (the default) the worker stops
+/// before reaching the coordinator, naming both flags; an unknown kind lists the valid ones.
+#[test]
+fn worker_collectives_nccl_needs_a_gpu_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let url = "http://127.0.0.1:9";
+    let e = run_err(
+        d,
+        &["worker", "--coordinator", url, "--collectives", "nccl"],
+    );
+    assert!(
+        e.contains("--collectives nccl") && e.contains("--device cuda"),
+        "{e}"
+    );
+    let e = run_err(d, &["worker", "--coordinator", url, "--collectives", "mpi"]);
+    assert!(e.contains("grpc") && e.contains("nccl"), "{e}");
+}

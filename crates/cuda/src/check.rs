@@ -990,11 +990,25 @@ impl amalgam_core::tensor::TensorReader for SolverReader<'_> {
     }
 }
 
-/// MaTS (`gram` objective) merged with the device CG against the CPU's CG: 3 models of a
-/// `rows × cols` weight with random SPD Grams; the f32 outputs must agree to 1e-6 relative
-/// (the inner products are summed in another order, so bits may differ).
-pub fn mats_parity(gpu: &Gpu) -> Result<Vec<Row>> {
-    use amalgam_core::tensor::TensorReader as _;
+/// A random SPD `d × d` matrix as f32: `XᵀX / k + 1e-2·I` from `k = d + 8` random rows.
+fn spd_f32(d: usize, salt: u64) -> Vec<f32> {
+    let k = d + 8;
+    let x = random(k * d, salt);
+    let mut g = vec![0.0f32; d * d];
+    g.par_chunks_mut(d).enumerate().for_each(|(r, row)| {
+        for (c, v) in row.iter_mut().enumerate() {
+            let s: f64 = (0..k)
+                .map(|t| f64::from(x[t * d + r]) * f64::from(x[t * d + c]))
+                .sum();
+            *v = (s / k as f64 + if r == c { 1e-2 } else { 0.0 }) as f32;
+        }
+    });
+    g
+}
+
+/// The MaTS parity case: 3 models of a 512 × 256 weight with a base, and per model a random
+/// SPD Gram, a K-FAC output factor and a positive Fisher.
+fn mats_case() -> (MemReader, TensorJob) {
     let (rows, cols, n_models) = (512usize, 256usize, 3usize);
     let n = rows * cols;
     let mut reader = MemReader {
@@ -1003,24 +1017,21 @@ pub fn mats_parity(gpu: &Gpu) -> Result<Vec<Row>> {
         stats: Default::default(),
     };
     for i in 0..n_models {
-        // G = XᵀX / k + 1e-2·I from k random rows.
-        let k = cols + 8;
-        let x = random(k * cols, 100 + i as u64);
-        let mut g = vec![0.0f32; cols * cols];
-        for r in 0..cols {
-            for c in 0..cols {
-                let v: f64 = (0..k)
-                    .map(|t| f64::from(x[t * cols + r]) * f64::from(x[t * cols + c]))
-                    .sum();
-                g[r * cols + c] = (v / k as f64 + if r == c { 1e-2 } else { 0.0 }) as f32;
-            }
-        }
-        reader
-            .stats
-            .insert((i, "gram_in".into()), (vec![cols, cols], g));
+        let st = &mut reader.stats;
+        st.insert(
+            (i, "gram_in".into()),
+            (vec![cols, cols], spd_f32(cols, 100 + i as u64)),
+        );
+        st.insert(
+            (i, "kfac_out".into()),
+            (vec![rows, rows], spd_f32(rows, 200 + i as u64)),
+        );
+        let f = random(n, 300 + i as u64)
+            .iter()
+            .map(|v| v.abs() + 0.1)
+            .collect();
+        st.insert((i, "fisher".into()), (vec![rows, cols], f));
     }
-    let params = TensorParams::default().with_global("iterations", Scalar::Num(100.0));
-    let m = amalgam_core::methods::build("mats", &params, n_models, true)?;
     let job = TensorJob {
         name: "model.layers.0.mlp.up_proj.weight".into(),
         shape: vec![rows, cols],
@@ -1029,44 +1040,79 @@ pub fn mats_parity(gpu: &Gpu) -> Result<Vec<Row>> {
         block_elems: n,
         seed: 0,
     };
-    let t = std::time::Instant::now();
-    let cpu = merge_in_memory(m.as_ref(), &job, &reader)?;
-    let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
+    (reader, job)
+}
+
+/// MaTS's parameters for `objective` in the parity case (100 iterations).
+fn mats_params(objective: &str) -> TensorParams {
+    TensorParams::default()
+        .with_global("iterations", Scalar::Num(100.0))
+        .with_global("objective", Scalar::Str(objective.into()))
+}
+
+/// The objectives of [`mats_parity`].
+const MATS_OBJECTIVES: [&str; 3] = ["gram", "kfac", "diagonal_fisher"];
+
+/// MaTS merged with the device CG against the CPU's CG, per objective (`gram`, `kfac`,
+/// `diagonal_fisher`): 3 models of a 512 × 256 weight with random SPD Grams, K-FAC output
+/// factors and positive Fishers; the f32 outputs must agree to 1e-6 of their largest magnitude
+/// (the inner products are summed in another order, so bits may differ).
+pub fn mats_parity(gpu: &Gpu) -> Result<Vec<Row>> {
+    use amalgam_core::tensor::TensorReader as _;
+    let (reader, job) = mats_case();
+    let (rows, cols, n_models) = (job.shape[0], job.shape[1], job.n_models);
     let solver = crate::accel::GpuSolver::new(gpu);
     let dev = SolverReader {
         inner: &reader,
         solver: &solver,
     };
     debug_assert!(dev.device_solver().is_some());
-    let t = std::time::Instant::now();
-    let mut w = amalgam_core::tensor::MemWriter::default();
-    m.merge(&job, &[], &dev, &mut w)?;
-    let got = w.data;
-    let gpu_ms = t.elapsed().as_secs_f64() * 1e3;
-    let same = got
-        .iter()
-        .zip(&cpu)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
-    let err = got
-        .iter()
-        .zip(&cpu)
-        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs() / f64::from(b.abs()).max(1e-30))
-        .fold(0.0, f64::max);
-    Ok(vec![Row {
-        name: format!("parity mats gram, GPU CG {rows}x{cols} x{n_models}"),
-        ms: gpu_ms,
-        rel_err: Some(err),
-        bitwise: Some(same),
-        note: format!(
-            "{}; the whole merge, CPU {cpu_ms:.1} ms",
-            if same {
-                "bit-identical".to_string()
-            } else {
-                format!("max rel err {err:.2e} (target <= 1e-6)")
-            }
-        ),
-        ..Default::default()
-    }])
+    let mut out = Vec::new();
+    for objective in MATS_OBJECTIVES {
+        let m = amalgam_core::methods::build("mats", &mats_params(objective), n_models, true)?;
+        let t = std::time::Instant::now();
+        let cpu = merge_in_memory(m.as_ref(), &job, &reader)?;
+        let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = std::time::Instant::now();
+        let mut w = amalgam_core::tensor::MemWriter::default();
+        m.merge(&job, &[], &dev, &mut w)?;
+        let got = w.data;
+        let gpu_ms = t.elapsed().as_secs_f64() * 1e3;
+        let same = got
+            .iter()
+            .zip(&cpu)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        // max |gpu − cpu| / max |cpu| (an element near zero has no meaningful relative error).
+        let scale = cpu.iter().map(|v| f64::from(v.abs())).fold(0.0, f64::max);
+        let err = got
+            .iter()
+            .zip(&cpu)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+            .fold(0.0, f64::max)
+            / scale.max(1e-30);
+        let name = if objective == "gram" {
+            // The row's name of earlier runs, for comparisons.
+            format!("parity mats gram, GPU CG {rows}x{cols} x{n_models}")
+        } else {
+            format!("parity mats {objective}, GPU CG {rows}x{cols} x{n_models}")
+        };
+        out.push(Row {
+            name,
+            ms: gpu_ms,
+            rel_err: Some(err),
+            bitwise: Some(same),
+            note: format!(
+                "{}; the whole merge, CPU {cpu_ms:.1} ms",
+                if same {
+                    "bit-identical".to_string()
+                } else {
+                    format!("max rel err {err:.2e} (target <= 1e-6)")
+                }
+            ),
+            ..Default::default()
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1096,6 +1142,17 @@ mod tests {
             .map(|(m, b)| (m - b).abs().to_bits())
             .collect();
         assert!(d.len() < 2000, "{} distinct magnitudes", d.len());
+    }
+
+    #[test]
+    fn mats_case_merges_on_the_cpu_for_every_objective() {
+        let (reader, job) = mats_case();
+        for objective in MATS_OBJECTIVES {
+            let m = amalgam_core::methods::build("mats", &mats_params(objective), 3, true).unwrap();
+            let out = merge_in_memory(m.as_ref(), &job, &reader).unwrap();
+            assert_eq!(out.len(), job.numel(), "{objective}");
+            assert!(out.iter().all(|v| v.is_finite()), "{objective}");
+        }
     }
 
     #[test]
