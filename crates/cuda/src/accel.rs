@@ -9,7 +9,7 @@ use crate::error::{Ctx, CudaError};
 use crate::gram;
 use crate::merge::{self, GtaSpec};
 use crate::tensor::{DType, DeviceTensor};
-use amalgam_core::methods::device::{DeviceGrouping, DevicePlan, DeviceSparsify};
+use amalgam_core::methods::device::{DeviceGrouping, DevicePlan};
 use amalgam_core::solve::cg::{CgOptions, CgResult, DeviceSolver, DeviceSystem, SplitPart};
 use amalgam_core::tensor::{Input, TensorJob, TensorReader};
 use amalgam_core::MergeError;
@@ -287,13 +287,18 @@ impl GpuAccelerator {
 
     /// Whether the tensor's inputs, output and selection buffers fit the free device memory.
     fn fits(&self, plan: &DevicePlan, job: &TensorJob, inputs: usize) -> bool {
+        // DELLA's sort keys, or `None`: a shape the GPU does not rank.
+        let keys = match plan {
+            DevicePlan::Gta { sparsify, .. } => {
+                merge::della_key_bytes(&self.gpu, sparsify, &job.shape)
+            }
+            _ => Some(0),
+        };
+        let Some(keys) = keys else {
+            return false;
+        };
         match plan {
             DevicePlan::Gta { .. } | DevicePlan::Sce { .. } if job.n_models > merge::MAX_MODELS => {
-                return false
-            }
-            DevicePlan::Gta { sparsify, .. }
-                if !merge::gta_supports(&self.gpu, sparsify, &job.shape) =>
-            {
                 return false
             }
             DevicePlan::Gram {
@@ -310,20 +315,8 @@ impl GpuAccelerator {
             // DELLA's ranks.
             need += inputs as u64 * ((2 << 20) + n / 1024 + n * 4);
         }
-        if let DevicePlan::Gta { sparsify, .. } = plan {
-            // DELLA's sort keys of groups sorted in segments (one u64 per element, reused by
-            // every model).
-            let della = sparsify
-                .iter()
-                .any(|s| matches!(s, DeviceSparsify::Della { .. }));
-            let big_smem = self.gpu.big_smem;
-            if della
-                && merge::della_group(&job.shape, job.numel(), big_smem)
-                    .is_ok_and(|g| g.segmented())
-            {
-                need += n * 8;
-            }
-        }
+        // DELLA's sort keys of groups sorted in segments (reused by every model).
+        need += keys;
         match self.gpu.ctx.mem_get_info() {
             Ok((free, _)) => need + (256 << 20) < free as u64,
             Err(_) => false,

@@ -11,7 +11,7 @@
 //!
 //! # Split systems
 //!
-//! One part of a split block ([`solve_part`], [`solve_system`] with [`Slots`]) holds its rows
+//! One part of a split block ([`solve_system`] with [`Slots`]) holds its rows
 //! of `x`, `r`, `p`, `q`; its per-chunk partials sit in its own slots of a vector holding every
 //! part's, zero elsewhere, and before each sum an [`Exchange`] makes that vector the parts'
 //! element-wise sum (the coordinator's `Reduce` through the host, or an NCCL all-reduce on the
@@ -467,14 +467,8 @@ fn apply(
     match op {
         DeviceOp::Gram(a) => gemm(blas, n, m, a, x, y),
         DeviceOp::Diagonal(f) => {
+            // The lengths were checked once per solve (`CgSolver::check_op`).
             let len = (n * m) as u64;
-            if f.len() != n * m {
-                return Err(CudaError::Invalid(format!(
-                    "cg: a diagonal of {} values for {} unknowns",
-                    f.len(),
-                    n * m
-                )));
-            }
             let mut l = gpu.stream.launch_builder(gpu.function("cg_diag"));
             l.arg(&**f).arg(x).arg(&mut *y).arg(&len);
             // SAFETY: cg_diag(const double*, const double*, double*, u64): all hold `len`
@@ -496,13 +490,6 @@ fn apply(
             t,
             gather,
         } => {
-            if a.len() != s.len() || a.is_empty() {
-                return Err(CudaError::Invalid(format!(
-                    "cg: K-FAC with {} input and {} output factors",
-                    a.len(),
-                    s.len()
-                )));
-            }
             let p = match gather {
                 Some(g) => g.whole(gpu, x, ex)?,
                 None => x,
@@ -710,6 +697,13 @@ impl CgSolver {
             DeviceOp::Diagonal(f) => self.check_len("f", f, self.len),
             DeviceOp::Dense { f, d, .. } => self.check_len("F rows", f, self.len * d),
             DeviceOp::Kfac { a, s, out, t, .. } => {
+                if a.len() != s.len() || a.is_empty() {
+                    return Err(CudaError::Invalid(format!(
+                        "cg: K-FAC with {} input and {} output factors",
+                        a.len(),
+                        s.len()
+                    )));
+                }
                 for ai in a.iter() {
                     self.check_len("A_i", ai, self.n * self.n)?;
                 }
@@ -1055,31 +1049,12 @@ pub fn solve(
     x0: Option<&[f64]>,
     opts: &CgOptions,
 ) -> Result<(Vec<f64>, CgReport)> {
-    solve_part(gpu, a, n, b, m, x0, opts, None, &mut Exchange::Whole)
-}
-
-/// [`solve`] for one part of a split system: `b`, `x0` and the solution are the part's `m`
-/// rows, its partials sit at `slots` ([`Slots::of`]; `None`: the whole system) and meet the
-/// other parts' through `ex` before each sum. Every part of a split must call this with the
-/// same `a`, `n` and options.
-#[allow(clippy::too_many_arguments)]
-pub fn solve_part(
-    gpu: &Gpu,
-    a: &[f64],
-    n: usize,
-    b: &[f64],
-    m: usize,
-    x0: Option<&[f64]>,
-    opts: &CgOptions,
-    slots: Option<Slots>,
-    ex: &mut Exchange<'_>,
-) -> Result<(Vec<f64>, CgReport)> {
     check_lengths(a.len(), n, b.len(), m, x0.map(<[f64]>::len))?;
     let sys = DeviceSystem::Gram {
         a: std::borrow::Cow::Borrowed(a),
         n,
     };
-    solve_system(gpu, &sys, b, x0, opts, slots, ex)
+    solve_system(gpu, &sys, b, x0, opts, None, &mut Exchange::Whole)
 }
 
 /// The solver's shape `(n, m)` (`m` rows of `n`) for `sys` and a right-hand side of `len`
@@ -1143,9 +1118,10 @@ fn system_shape(
 }
 
 /// Solve `sys` (a MaTS system, [`DeviceSystem`]) by CG on the device from host data: `b` and
-/// `x0` (`None`: zeros) in the unknown's layout; for one part of a split system, its rows with
-/// `slots` and `ex` as [`solve_part`]'s (the products of K-FAC and dense systems gather the
-/// whole direction through `ex` too). Returns the solution and the solve's report.
+/// `x0` (`None`: zeros) in the unknown's layout; for one part of a split system, its rows,
+/// its `slots` ([`Slots::of`]) and `ex` meeting the other parts before each sum (the products
+/// of K-FAC and dense systems gather the whole direction through `ex` too; every part calls
+/// this with the same system and options). Returns the solution and the solve's report.
 pub fn solve_system(
     gpu: &Gpu,
     sys: &DeviceSystem<'_>,
@@ -1643,17 +1619,11 @@ fn split_rows(gpu: &Gpu) -> Result<Vec<Row>> {
         gpu.ctx.bind_to_thread().ctx("binding the context")?;
         let slots = Slots::of(&lens, k)?;
         let mut ex = Exchange::Host(reduce);
-        solve_part(
-            gpu,
-            &a,
+        let sys = DeviceSystem::Gram {
+            a: std::borrow::Cow::Borrowed(&a),
             n,
-            bk,
-            rows[k],
-            Some(xk),
-            &opts,
-            Some(slots),
-            &mut ex,
-        )
+        };
+        solve_system(gpu, &sys, bk, Some(xk), &opts, Some(slots), &mut ex)
     })?;
     out.push(row(
         format!("parity cg split {n}^2 x{m}, 3 parts via Reduce"),

@@ -965,11 +965,22 @@ pub fn della_group(
 /// Whether [`gta`] takes `plan` on a tensor of `shape` (DELLA: every shape [`della_group`]
 /// accepts).
 pub fn gta_supports(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) -> bool {
-    let n = shape.iter().product::<usize>();
-    !sparsify
+    della_key_bytes(gpu, sparsify, shape).is_some()
+}
+
+/// Device bytes of DELLA's sort keys for a tensor of `shape`: one u64 per element when its
+/// groups are sorted in segments ([`DellaGroups::segmented`]; the buffer serves every model),
+/// else 0 (no DELLA, or groups sorted whole); `None` when the GPU cannot rank the tensor.
+pub fn della_key_bytes(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) -> Option<u64> {
+    let della = sparsify
         .iter()
-        .any(|s| matches!(s, DeviceSparsify::Della { .. }))
-        || della_group(shape, n, gpu.big_smem).is_ok()
+        .any(|s| matches!(s, DeviceSparsify::Della { .. }));
+    if !della {
+        return Some(0);
+    }
+    let n = shape.iter().product::<usize>();
+    let g = della_group(shape, n, gpu.big_smem).ok()?;
+    Some(if g.segmented() { n as u64 * 8 } else { 0 })
 }
 
 /// `della_ranks`'s modes (`DELLA_*` in `merge.cu`): a whole group per sort, ranks written.
