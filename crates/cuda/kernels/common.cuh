@@ -13,11 +13,16 @@ typedef long long i64;
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
+#ifdef AMALGAM_HOST_EMU
+// The host emulator (`crates/cuda/emu`) converts in software.
+__device__ __forceinline__ float f16_to_f32(u16 h) { return emu_f16_to_f32(h); }
+#else
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+#endif
 
 // Round to nearest even, quiet NaN as the `half` crate does (`bf16::from_f32`).
 __device__ __forceinline__ u16 f32_to_bf16(float f) {
@@ -27,11 +32,15 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(r >> 16);
 }
 
+#ifdef AMALGAM_HOST_EMU
+__device__ __forceinline__ u16 f32_to_f16(float f) { return emu_f32_to_f16(f); }
+#else
 __device__ __forceinline__ u16 f32_to_f16(float f) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 __device__ __forceinline__ float load_elem(const void* p, int dt, u64 i) {
     if (dt == DT_F32) return ((const float*)p)[i];
@@ -156,6 +165,11 @@ __device__ __forceinline__ u32 philox_word0(u32 c0, u32 c1, u32 c2, u32 c3, u32 
     }
     return c0;
 }
+
+// The kernel's dynamic shared memory as an array of T (the host emulator provides its own).
+#ifndef AMALGAM_HOST_EMU
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 // Grid-stride loop bounds.
 #define GRID_STRIDE(i, n) \

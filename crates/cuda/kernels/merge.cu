@@ -588,7 +588,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         della_count(a.n, c, inner, seg, ranks, keys);
         return;
     }
-    extern __shared__ u64 sk[];
+    DYNAMIC_SHARED(u64, sk);
     const GtaModel m = models[model];
     u64 groups = a.n / c;
     u32 nseg = (u32)(((u64)c + seg - 1) / seg);  // 1 in DELLA_RANK (seg = c)

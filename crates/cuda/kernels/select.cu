@@ -173,7 +173,7 @@ extern "C" __global__ void sample_hist(const GtaModel* models, const SelModel* s
 // 4 chunks (blockDim.x == 1024), y over models; each block adds its counts to hist at the end.
 extern "C" __global__ void sample_hist_smem(const GtaModel* models, const SelModel* sel,
                                             GtaArgs a, u64 stride, u64 n_chunks, u32* hist) {
-    extern __shared__ u32 sh[];
+    DYNAMIC_SHARED(u32, sh);
     int i = blockIdx.y;
     if (!sel[i].active) return;
     for (int k = threadIdx.x; k < 32768; k += blockDim.x) sh[k] = 0;

@@ -654,3 +654,91 @@ impl DeviceSolver for GpuSolver {
         Ok(report.into_result(x))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amalgam_core::config::parse_config;
+    use amalgam_engine::device::Device;
+    use amalgam_engine::inputs::open_and_plan;
+    use amalgam_engine::run::{execute, MergeOptions, NoProgress};
+    use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
+
+    /// Whole checkpoints merged by the engine with the GPU accelerator (pinned double-buffered
+    /// uploads, the preload thread, the kernels, the downloads) and on the CPU: the same bytes,
+    /// for methods of every kernel family, with every tensor merged on the device.
+    #[test]
+    fn gpu_accelerated_merges_write_the_cpus_bytes() {
+        crate::device::with_gpu("gpu_accelerated_merges_write_the_cpus_bytes", |_| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let spec = SynthSpec::tiny();
+            for (i, name) in ["base", "a", "b"].iter().enumerate() {
+                let v = SynthValues {
+                    base_seed: 3,
+                    delta_seed: 50 + i as u64,
+                    delta_scale: if i == 0 { 0.0 } else { 0.01 },
+                    delta_density: 1.0,
+                };
+                write_model(&dir.path().join(name), &spec, &v, 1 << 30, true).expect("model");
+            }
+            let acc = Arc::new(GpuAccelerator::open(0).expect("accelerator"));
+            let models = "models:\n  - model: a\n    parameters: {weight: 1.0, density: 0.4}\n  \
+                          - model: b\n    parameters: {weight: 0.5, density: 0.6}\n";
+            for method in [
+                "linear",
+                "task_arithmetic",
+                "ties",
+                "dare_ties",
+                "della",
+                "breadcrumbs",
+            ] {
+                let base = if method == "linear" {
+                    ""
+                } else {
+                    "base_model: base\n"
+                };
+                let extra = if method == "della" {
+                    "parameters: {epsilon: 0.1}\n"
+                } else {
+                    ""
+                };
+                let yaml = format!("merge_method: {method}\n{base}{extra}random_seed: 5\n{models}");
+                let (config, _) = parse_config(&yaml, true).expect("config");
+                let (inputs, plan) = open_and_plan(&config, Some(dir.path())).expect("plan");
+                let run = |out: &str, device: Device| {
+                    let opts = MergeOptions {
+                        out_dir: dir.path().join(format!("{method}-{out}")),
+                        memory_budget: 1 << 30,
+                        out_shard_size: 5_000_000_000,
+                        overwrite: false,
+                        allow_nonfinite: false,
+                        device,
+                    };
+                    execute(
+                        &config,
+                        &plan,
+                        &inputs,
+                        Some(dir.path()),
+                        &opts,
+                        &NoProgress,
+                    )
+                    .expect("merge");
+                    std::fs::read(opts.out_dir.join("model.safetensors")).expect("output")
+                };
+                let before = acc.stats().tensors;
+                let cpu = run("cpu", Device::Cpu);
+                let gpu = run("gpu", Device::Accelerator(acc.clone()));
+                assert!(
+                    cpu == gpu,
+                    "{method}: the GPU's checkpoint differs from the CPU's"
+                );
+                let merged = plan.tensors.iter().filter(|t| !t.copy_raw).count() as u64;
+                assert_eq!(
+                    acc.stats().tensors - before,
+                    merged,
+                    "{method}: every merged tensor goes to the GPU"
+                );
+            }
+        });
+    }
+}

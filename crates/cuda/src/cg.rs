@@ -1566,7 +1566,7 @@ fn gang_solve(
 /// Parity rows of split solves against the whole GPU solve of the same system: parts through
 /// the host exchange, through the MaTS part solver with NCCL asked for (NCCL when there is a
 /// device per part, else `Reduce`), and one part through NCCL (one rank).
-fn split_rows(gpu: &Gpu) -> Result<Vec<Row>> {
+pub(crate) fn split_rows(gpu: &Gpu) -> Result<Vec<Row>> {
     use crate::accel::GpuSolver;
     use amalgam_core::solve::cg::{DeviceSolver, SplitPart};
     // Parts of 64 rows x 256 = one chunk each (the last shorter): the whole solve's slots.

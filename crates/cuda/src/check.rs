@@ -864,7 +864,7 @@ pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> 
     let exact = parity(gpu, &ties, "bf16 quantised, exact path");
     merge::force_exact_selection(false);
     add(&mut rows, "exact", exact);
-    let odd = Problem::new(1_000_003, models, DType::F32, 0.01, 0);
+    let odd = Problem::new((elems / 8).max(4096) | 3, models, DType::F32, 0.01, 0);
     add(&mut rows, "odd", parity(gpu, &odd, "f32 odd length"));
     add(&mut rows, "della shapes", della_shape_parity(gpu, models));
     // Conversion, bit for bit against the `half` crate.
@@ -1185,9 +1185,22 @@ mod tests {
     }
 
     #[test]
+    fn gpu_mats_merges_match_the_cpu() {
+        with_gpu("gpu_mats_merges_match_the_cpu", |gpu| {
+            let rows = mats_parity(gpu).expect("MaTS parity");
+            assert_eq!(rows.len(), MATS_OBJECTIVES.len());
+            assert!(all_passed(&rows), "{}", table(&rows, 1.0));
+        });
+    }
+
+    #[test]
     fn gpu_matches_cpu_bit_for_bit() {
         with_gpu("gpu_matches_cpu_bit_for_bit", |gpu| {
-            let rows = parity_suite(gpu, 1 << 18, 3).expect("parity suite");
+            // Smaller on the host emulator (`emu::device_tests`), which runs a kernel's threads
+            // one after another.
+            let emulated = std::env::var_os("AMALGAM_EMU_DEVICE_RUN").is_some();
+            let elems = if emulated { 1 << 15 } else { 1 << 18 };
+            let rows = parity_suite(gpu, elems, 3).expect("parity suite");
             let bad: Vec<&Row> = rows
                 .iter()
                 .filter(|r| !all_passed(std::slice::from_ref(*r)))

@@ -64,10 +64,26 @@ struct Loaded {
     functions: HashMap<&'static str, CudaFunction>,
 }
 
-/// Loaded programs by device ordinal: NVRTC runs once per process and device.
+/// Loaded programs by device ordinal (each compiled once per architecture: `ptx_for`).
 fn cache() -> &'static Mutex<HashMap<usize, Arc<Loaded>>> {
     static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Loaded>>>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The program compiled for `arch`: NVRTC runs once per process and architecture, whatever
+/// the number of devices.
+fn ptx_for(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    static PTX: OnceLock<Mutex<HashMap<&'static str, cudarc::nvrtc::Ptx>>> = OnceLock::new();
+    let mut c = PTX
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = c.get(arch) {
+        return Ok(p.clone());
+    }
+    let p = kernels::compile(arch)?;
+    c.insert(arch, p.clone());
+    Ok(p)
 }
 
 impl Gpu {
@@ -102,7 +118,7 @@ impl Gpu {
             match c.get(&ordinal) {
                 Some(m) => m.clone(),
                 None => {
-                    let ptx = kernels::compile(kernels::arch_for(cc.0, cc.1))?;
+                    let ptx = ptx_for(kernels::arch_for(cc.0, cc.1))?;
                     let module = ctx.load_module(ptx).ctx("loading the kernels")?;
                     let mut functions = HashMap::new();
                     for &k in kernels::KERNELS.iter().chain(crate::cg::KERNELS) {
@@ -156,13 +172,7 @@ impl Gpu {
     /// A grid-stride launch over `n` items: 256 threads per block, at most 8 blocks per
     /// multiprocessor.
     pub fn grid(&self, n: u64) -> cudarc::driver::LaunchConfig {
-        let threads = 256u64;
-        let blocks = n.div_ceil(threads).clamp(1, u64::from(self.sms) * 8);
-        cudarc::driver::LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        grid_for(n, self.sms)
     }
 
     /// Wait for the compute stream.
@@ -179,5 +189,17 @@ pub fn with_gpu(test: &str, f: impl FnOnce(&Gpu)) {
             Ok(g) => f(&g),
             Err(e) => panic!("{test}: a GPU is present but could not be opened: {e}"),
         },
+    }
+}
+
+/// Blocks of 256 threads over `n` items, at most 8 per multiprocessor of `sms` (grid-stride
+/// kernels).
+pub(crate) fn grid_for(n: u64, sms: u32) -> cudarc::driver::LaunchConfig {
+    let threads = 256u64;
+    let blocks = n.div_ceil(threads).clamp(1, u64::from(sms) * 8);
+    cudarc::driver::LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
     }
 }

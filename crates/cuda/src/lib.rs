@@ -11,12 +11,16 @@
 //! - [`gram`]: the Gram-based methods (SLERP family, Karcher mean) with the CPU's exact sums;
 //! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS, split systems;
 //! - [`nccl`]: NCCL collectives for the parts of a split solve;
-//! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`.
+//! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`;
+//! - `emu` (tests only): the kernels and an emulated driver on the CPU, so that the GPU tests
+//!   run without a GPU (`crates/cuda/emu`).
 
 pub mod accel;
 pub mod cg;
 pub mod check;
 pub mod device;
+#[cfg(test)]
+mod emu;
 pub mod error;
 pub mod gram;
 pub mod kernels;

@@ -92,18 +92,18 @@ unsafe impl DeviceRepr for GtaArgs {}
 /// Selection state of one model (`struct SelModel` in `select.cu`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-struct SelModel {
-    p: u64,
-    before: u64,
-    srank: u64,
-    less: u64,
-    cut: u64,
-    lo: u32,
-    hi: u32,
-    guess: u32,
-    key: u32,
-    active: i32,
-    state: i32,
+pub(crate) struct SelModel {
+    pub(crate) p: u64,
+    pub(crate) before: u64,
+    pub(crate) srank: u64,
+    pub(crate) less: u64,
+    pub(crate) cut: u64,
+    pub(crate) lo: u32,
+    pub(crate) hi: u32,
+    pub(crate) guess: u32,
+    pub(crate) key: u32,
+    pub(crate) active: i32,
+    pub(crate) state: i32,
 }
 
 // SAFETY: plain `repr(C)` data with the layout of `struct SelModel`.
@@ -112,8 +112,11 @@ unsafe impl DeviceRepr for SelModel {}
 unsafe impl ValidAsZeroBits for SelModel {}
 
 /// `SelModel.state` values (`ST_*` in `select.cu`).
-const ST_DONE: i32 = 1;
-const ST_MISSED: i32 = 3;
+pub(crate) const ST_DONE: i32 = 1;
+/// K was not the sample's guess: its per-chunk counts are taken again.
+#[cfg(test)]
+pub(crate) const ST_TIES: i32 = 2;
+pub(crate) const ST_MISSED: i32 = 3;
 
 /// Most models the pipeline kernels take (more merge on the CPU).
 pub const MAX_MODELS: usize = 16;
@@ -130,17 +133,17 @@ pub(crate) const ORDER_VAR: i32 = 2;
 /// segments of this length, whose ranks are then merged (see [`DellaGroups`]).
 pub const DELLA_MAX_GROUP: usize = 16384;
 /// `GtaModel.order` (`ORDER_*` in `merge.cu`).
-const ORDER_ASC: i32 = 1;
+pub(crate) const ORDER_ASC: i32 = 1;
 /// Bins of a 16-bit histogram (`HBINS`).
-const HBINS: usize = 1 << 16;
+pub(crate) const HBINS: usize = 1 << 16;
 /// Bins of the full-resolution bracket histogram (`FINE_BINS`).
-const FINE_BINS: usize = 4 << 16;
+pub(crate) const FINE_BINS: usize = 4 << 16;
 /// Elements per tie-count chunk (`TIE_CHUNK`).
-const TIE_CHUNK: u64 = 4096;
+pub(crate) const TIE_CHUNK: u64 = 4096;
 /// Elements of one sample chunk (`SAMPLE_CHUNK`).
-const SAMPLE_CHUNK: u64 = 256;
+pub(crate) const SAMPLE_CHUNK: u64 = 256;
 /// Sample chunks aimed at (about 1M sampled elements per model).
-const SAMPLE_CHUNKS: u64 = 1 << 12;
+pub(crate) const SAMPLE_CHUNKS: u64 = 1 << 12;
 /// Elements per L1 partial (`L1_CHUNK`).
 const L1_CHUNK: u64 = 65536;
 
@@ -794,12 +797,11 @@ pub(crate) fn select_cuts(
         shared_mem_bytes: 0,
     };
     if !force {
-        let chunks_total = n.div_ceil(SAMPLE_CHUNK);
-        let stride = (chunks_total / SAMPLE_CHUNKS).max(1);
-        let n_chunks = chunks_total.div_ceil(stride);
-        let sampled: u64 = (0..n_chunks)
-            .map(|c| (n - c * stride * SAMPLE_CHUNK).min(SAMPLE_CHUNK))
-            .sum();
+        let Sample {
+            stride,
+            n_chunks,
+            sampled,
+        } = Sample::of(n, SAMPLE_CHUNKS);
         let cfg = LaunchConfig {
             grid_dim: (
                 n_chunks.min(u64::from(gpu.sms) * 16) as u32,
@@ -894,6 +896,32 @@ pub(crate) fn select_cuts(
     Ok(())
 }
 
+/// The sample of `select_cuts`: every `stride`-th chunk of [`SAMPLE_CHUNK`] elements,
+/// `n_chunks` chunks of `sampled` elements in all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sample {
+    pub(crate) stride: u64,
+    pub(crate) n_chunks: u64,
+    pub(crate) sampled: u64,
+}
+
+impl Sample {
+    /// About `chunks` chunks of `n` elements (every chunk when there are fewer).
+    pub(crate) fn of(n: u64, chunks: u64) -> Self {
+        let chunks_total = n.div_ceil(SAMPLE_CHUNK);
+        let stride = (chunks_total / chunks).max(1);
+        let n_chunks = chunks_total.div_ceil(stride);
+        let sampled = (0..n_chunks)
+            .map(|c| (n - c * stride * SAMPLE_CHUNK).min(SAMPLE_CHUNK))
+            .sum();
+        Self {
+            stride,
+            n_chunks,
+            sampled,
+        }
+    }
+}
+
 /// How the GPU ranks a tensor's DELLA groups (mergekit's `della_magprune` ranks along axis 1:
 /// see `amalgam_core::methods::della::RankGroups`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -984,11 +1012,11 @@ pub fn della_key_bytes(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) 
 }
 
 /// `della_ranks`'s modes (`DELLA_*` in `merge.cu`): a whole group per sort, ranks written.
-const DELLA_RANK: i32 = 0;
+pub(crate) const DELLA_RANK: i32 = 0;
 /// Sorted segments written to the scratch keys.
-const DELLA_SEGMENTS: i32 = 1;
+pub(crate) const DELLA_SEGMENTS: i32 = 1;
 /// Ranks from the sorted segments (binary searches).
-const DELLA_COUNT: i32 = 2;
+pub(crate) const DELLA_COUNT: i32 = 2;
 
 /// Model `model`'s DELLA ranks (1-based per element within its group, into `ranks`) by
 /// `della_ranks`: groups of at most `g.seg` elements sorted whole by (|δ| bits, position) in
@@ -1006,13 +1034,8 @@ fn della_ranks(
     keys: Option<&mut CudaSlice<u64>>,
 ) -> Result<()> {
     let s = &gpu.stream;
-    let (c, inner, model) = (g.c.max(1), g.inner, model as i32);
-    let units = args.n / u64::from(c) * u64::from(g.segments());
-    let (mode, seg, pow2) = if g.segmented() {
-        (DELLA_SEGMENTS, g.seg, g.seg)
-    } else {
-        (DELLA_RANK, c, c.next_power_of_two())
-    };
+    let plan = DellaLaunch::of(args.n, g, gpu.sms);
+    let model = model as i32;
     let keys_ptr = match (&keys, g.segmented()) {
         (Some(k), true) if k.len() as u64 >= args.n => {
             cudarc::driver::DevicePtr::device_ptr(*k, s).0
@@ -1024,28 +1047,15 @@ fn della_ranks(
         }
         _ => 0u64,
     };
-    // Short groups are sorted several to a block (1024 keys at least).
-    let per = (1024 / pow2).max(1);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            units
-                .div_ceil(u64::from(per))
-                .clamp(1, u64::from(gpu.sms) * 8) as u32,
-            1,
-            1,
-        ),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: per * pow2 * 8,
-    };
     let launch = |mode: i32, cfg: LaunchConfig, ranks: &mut CudaSlice<u32>| -> Result<()> {
         let mut b = s.launch_builder(gpu.function("della_ranks"));
         b.arg(d_models)
             .arg(args)
             .arg(&model)
-            .arg(&c)
-            .arg(&inner)
-            .arg(&seg)
-            .arg(&pow2)
+            .arg(&plan.c)
+            .arg(&plan.inner)
+            .arg(&plan.seg)
+            .arg(&plan.pow2)
             .arg(&mode)
             .arg(ranks)
             .arg(&keys_ptr);
@@ -1055,12 +1065,66 @@ fn della_ranks(
         unsafe { b.launch(cfg) }.map_err(launch_err("della_ranks"))?;
         Ok(())
     };
-    launch(mode, cfg, ranks)?;
-    if g.segmented() {
-        launch(DELLA_COUNT, gpu.grid(args.n), ranks)?;
+    launch(plan.mode, plan.sort, ranks)?;
+    if let Some(count) = plan.count {
+        launch(DELLA_COUNT, count, ranks)?;
     }
     mark(gpu, "della_ranks");
     Ok(())
+}
+
+/// The launches of `della_ranks` for one model's tensor of `n` elements in groups `g` on a
+/// device of `sms` multiprocessors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DellaLaunch {
+    /// Group length (at least 1).
+    pub(crate) c: u32,
+    /// Stride between a group's elements.
+    pub(crate) inner: u64,
+    /// Keys per sorted unit (the group, or a segment of it).
+    pub(crate) seg: u32,
+    /// Keys per unit in shared memory (`seg` rounded up to a power of two).
+    pub(crate) pow2: u32,
+    /// The sorting launch's mode (`DELLA_RANK` or `DELLA_SEGMENTS`).
+    pub(crate) mode: i32,
+    /// The sorting launch.
+    pub(crate) sort: LaunchConfig,
+    /// The counting launch (`DELLA_COUNT`) after a segmented sort.
+    pub(crate) count: Option<LaunchConfig>,
+}
+
+impl DellaLaunch {
+    /// The launches for `n` elements in groups `g` on `sms` multiprocessors.
+    pub(crate) fn of(n: u64, g: &DellaGroups, sms: u32) -> Self {
+        let (c, inner) = (g.c.max(1), g.inner);
+        let units = n / u64::from(c) * u64::from(g.segments());
+        let (mode, seg, pow2) = if g.segmented() {
+            (DELLA_SEGMENTS, g.seg, g.seg)
+        } else {
+            (DELLA_RANK, c, c.next_power_of_two())
+        };
+        // Short groups are sorted several to a block (1024 keys at least).
+        let per = (1024 / pow2).max(1);
+        let sort = LaunchConfig {
+            grid_dim: (
+                units.div_ceil(u64::from(per)).clamp(1, u64::from(sms) * 8) as u32,
+                1,
+                1,
+            ),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: per * pow2 * 8,
+        };
+        let count = g.segmented().then(|| crate::device::grid_for(n, sms));
+        Self {
+            c,
+            inner,
+            seg,
+            pow2,
+            mode,
+            sort,
+            count,
+        }
+    }
 }
 
 /// Breadcrumbs' two cuts per model (`outliers[i]`: the positions `[lo, hi)` kept of the
@@ -1135,7 +1199,7 @@ fn count_and_resolve(
 }
 
 /// The `bracket_pass` / `tie_pass` instance for the args' model count and slot orders.
-fn counting_kernel(pass: &str, args: &GtaArgs) -> String {
+pub(crate) fn counting_kernel(pass: &str, args: &GtaArgs) -> String {
     let size = match args.n_models {
         0..=4 => 4,
         5..=8 => 8,
@@ -1147,8 +1211,13 @@ fn counting_kernel(pass: &str, args: &GtaArgs) -> String {
 
 /// Blocks of 256 threads over the TIE_CHUNK chunks.
 fn chunk_grid(gpu: &Gpu, n_tchunks: u64) -> LaunchConfig {
+    chunk_grid_for(n_tchunks, gpu.sms)
+}
+
+/// [`chunk_grid`] on a device of `sms` multiprocessors.
+pub(crate) fn chunk_grid_for(n_tchunks: u64, sms: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n_tchunks.min(u64::from(gpu.sms) * 8) as u32, 1, 1),
+        grid_dim: (n_tchunks.min(u64::from(sms) * 8) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }

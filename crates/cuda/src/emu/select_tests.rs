@@ -1,0 +1,383 @@
+//! The exact magnitude selection of TIES and breadcrumbs (`select.cu`: sample, bracket pass,
+//! resolve, tie pass, the exact fallback) on the emulator, launched in `select_cuts`' order,
+//! against a sort of every element's (key, index).
+
+use super::della_tests::Mix;
+use super::{arg, dims, Buf, Emu};
+use crate::device::{grid_for, SAMPLE_SMEM};
+use crate::merge::{
+    chunk_grid_for, counting_kernel, GtaArgs, GtaModel, Sample, SelModel, FINE_BINS, HBINS,
+    ORDER_ASC, SAMPLE_CHUNK, ST_DONE, ST_MISSED, ST_TIES, TIE_CHUNK,
+};
+use std::ffi::c_void;
+
+const SMS: u32 = 2;
+
+/// How one selection is run.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// Chunks of the sample (`SAMPLE_CHUNKS` on a device; fewer here to sample sparsely).
+    chunks: u64,
+    /// The high-bits sample histogram in shared memory (`sample_hist_smem`).
+    smem: bool,
+    /// Straight to the exact path (`force_exact_selection`).
+    force: bool,
+}
+
+/// What happened on the way.
+#[derive(Debug, Default)]
+struct Paths {
+    ties: bool,
+    missed: bool,
+}
+
+/// Device buffers of one selection.
+struct Bufs {
+    models: Buf,
+    sel: Buf,
+    hist: Buf,
+    fine: Buf,
+    tie: Buf,
+}
+
+fn launch(
+    emu: &Emu,
+    name: &str,
+    cfg: ((u32, u32, u32), (u32, u32, u32), usize),
+    args: &mut [*mut c_void],
+) {
+    // SAFETY: every caller passes the kernel's parameters in order, with buffers of the sizes
+    // `select_cuts` allocates.
+    unsafe { emu.launch(name, cfg.0, cfg.1, cfg.2, args) };
+}
+
+fn per_model(n_models: usize) -> ((u32, u32, u32), (u32, u32, u32), usize) {
+    ((n_models as u32, 1, 1), (1024, 1, 1), 0)
+}
+
+/// `count_and_resolve`: the counting pass, `resolve`, the tie pass and `resolve` again.
+fn count_and_resolve(emu: &Emu, b: &mut Bufs, a: &mut GtaArgs, n_tchunks: u64, paths: &mut Paths) {
+    let n_models = a.n_models as usize;
+    let (mp, sp, fp, tp) = (b.models.ptr(), b.sel.ptr(), b.fine.ptr(), b.tie.ptr());
+    let nt = n_tchunks;
+    let grid = dims(&chunk_grid_for(n_tchunks, SMS));
+    let pass = counting_kernel("bracket_pass", a);
+    launch(
+        emu,
+        &pass,
+        grid,
+        &mut [arg(&mp), arg(&sp), arg(&*a), arg(&fp), arg(&tp), arg(&nt)],
+    );
+    let resolve = |a: &mut GtaArgs| {
+        let mut args = [arg(&mp), arg(&sp), arg(&*a), arg(&fp), arg(&tp), arg(&nt)];
+        launch(emu, "resolve", per_model(n_models), &mut args);
+    };
+    resolve(a);
+    let sel: Vec<SelModel> = b.sel.read_structs(n_models);
+    paths.ties |= sel.iter().any(|s| s.active == 1 && s.state == ST_TIES);
+    let ties = counting_kernel("tie_pass", a);
+    launch(
+        emu,
+        &ties,
+        grid,
+        &mut [arg(&mp), arg(&sp), arg(&*a), arg(&tp), arg(&nt)],
+    );
+    resolve(a);
+}
+
+/// The cuts of `select_cuts` for `models` (their inputs already in place) over `a`.
+fn select(
+    emu: &Emu,
+    models: &[GtaModel],
+    a: &mut GtaArgs,
+    select: &[Option<u64>],
+    run: Run,
+    paths: &mut Paths,
+) -> Vec<u64> {
+    let n = a.n;
+    let n_models = models.len();
+    let sel: Vec<SelModel> = select
+        .iter()
+        .map(|k| SelModel {
+            p: k.unwrap_or(0),
+            active: i32::from(k.is_some()),
+            state: if run.force { ST_MISSED } else { 0 },
+            ..Default::default()
+        })
+        .collect();
+    let n_tchunks = n.div_ceil(TIE_CHUNK).max(1);
+    let mut b = Bufs {
+        models: Buf::of_structs(models),
+        sel: Buf::of_structs(&sel),
+        hist: Buf::zeros(4 * n_models * HBINS),
+        fine: Buf::zeros(4 * n_models * FINE_BINS),
+        tie: Buf::zeros(4 * n_models * n_tchunks as usize),
+    };
+    let (mp, sp, mut hp) = (b.models.ptr(), b.sel.ptr(), b.hist.ptr());
+    if !run.force {
+        let Sample {
+            stride,
+            n_chunks,
+            sampled,
+        } = Sample::of(n, run.chunks);
+        for lo_pass in [0i32, 1] {
+            if lo_pass == 1 {
+                b.hist = Buf::zeros(4 * n_models * HBINS);
+                hp = b.hist.ptr();
+            }
+            if lo_pass == 0 && run.smem {
+                let cfg = (
+                    (
+                        n_chunks.div_ceil(4).min(u64::from(SMS)) as u32,
+                        n_models as u32,
+                        1,
+                    ),
+                    (1024, 1, 1),
+                    SAMPLE_SMEM as usize,
+                );
+                let mut args = [
+                    arg(&mp),
+                    arg(&sp),
+                    arg(&*a),
+                    arg(&stride),
+                    arg(&n_chunks),
+                    arg(&hp),
+                ];
+                launch(emu, "sample_hist_smem", cfg, &mut args);
+            } else {
+                let cfg = (
+                    (n_chunks.min(u64::from(SMS) * 16) as u32, n_models as u32, 1),
+                    (SAMPLE_CHUNK as u32, 1, 1),
+                    0,
+                );
+                let mut args = [
+                    arg(&mp),
+                    arg(&sp),
+                    arg(&*a),
+                    arg(&stride),
+                    arg(&n_chunks),
+                    arg(&lo_pass),
+                    arg(&hp),
+                ];
+                launch(emu, "sample_hist", cfg, &mut args);
+            }
+            if lo_pass == 0 {
+                let mut args = [arg(&sp), arg(&hp), arg(&n), arg(&sampled)];
+                launch(emu, "sample_pick", per_model(n_models), &mut args);
+            } else {
+                launch(
+                    emu,
+                    "sample_pick_lo",
+                    per_model(n_models),
+                    &mut [arg(&sp), arg(&hp)],
+                );
+            }
+        }
+        count_and_resolve(emu, &mut b, a, n_tchunks, paths);
+    }
+    let now: Vec<SelModel> = b.sel.read_structs(n_models);
+    if now.iter().any(|m| m.active == 1 && m.state == ST_MISSED) {
+        paths.missed |= !run.force;
+        b.hist = Buf::zeros(4 * n_models * HBINS);
+        hp = b.hist.ptr();
+        launch(
+            emu,
+            "full_hist",
+            dims(&grid_for(n, SMS)),
+            &mut [arg(&mp), arg(&sp), arg(&*a), arg(&hp)],
+        );
+        launch(
+            emu,
+            "full_pick",
+            per_model(n_models),
+            &mut [arg(&sp), arg(&hp)],
+        );
+        b.fine = Buf::zeros(4 * n_models * FINE_BINS);
+        count_and_resolve(emu, &mut b, a, n_tchunks, paths);
+    }
+    let now: Vec<SelModel> = b.sel.read_structs(n_models);
+    for (i, s) in now.iter().enumerate() {
+        assert!(
+            s.active == 0 || s.state == ST_DONE,
+            "model {i}: state {}",
+            s.state
+        );
+    }
+    let out: Vec<GtaModel> = b.models.read_structs(n_models);
+    out.iter().map(|m| m.cut).collect()
+}
+
+/// f32 of an element stored as `dt` (0 f32, 2 bf16).
+fn stored(v: f32, dt: i32) -> f32 {
+    if dt == 2 {
+        half::bf16::from_f32(v).to_f32()
+    } else {
+        v
+    }
+}
+
+/// The encoded bytes of `v` as `dt`.
+fn encode(v: &[f32], dt: i32) -> Buf {
+    if dt == 2 {
+        let h: Vec<u16> = v
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        Buf::of(&h)
+    } else {
+        Buf::of(v)
+    }
+}
+
+/// One case: models' values, the base, each model's kept count, its order; checks that exactly
+/// p composites (key << 32 | index) fall below each cut, the keys computed here in f32 from the
+/// stored values.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    emu: &Emu,
+    xs: &[Vec<f32>],
+    base: &[f32],
+    dt: i32,
+    ps: &[Option<u64>],
+    order: i32,
+    run: Run,
+    paths: &mut Paths,
+    what: &str,
+) {
+    let n = base.len();
+    let mut bb = encode(base, dt);
+    let mut inputs: Vec<Buf> = xs.iter().map(|x| encode(x, dt)).collect();
+    let models: Vec<GtaModel> = inputs
+        .iter_mut()
+        .map(|b| GtaModel {
+            ptr: b.ptr(),
+            dt,
+            order,
+            ..Default::default()
+        })
+        .collect();
+    let mut a = GtaArgs {
+        base: bb.ptr(),
+        n: n as u64,
+        base_dt: dt,
+        n_models: xs.len() as i32,
+        any_order: i32::from(order != 0),
+        ..Default::default()
+    };
+    let cuts = select(emu, &models, &mut a, ps, run, paths);
+    for (i, (x, p)) in xs.iter().zip(ps).enumerate() {
+        let Some(p) = *p else { continue };
+        let below = (0..n)
+            .filter(|&j| {
+                let m = (stored(x[j], dt) - stored(base[j], dt)).to_bits() & 0x7fff_ffff;
+                let key = if order == ORDER_ASC {
+                    m | 0x8000_0000
+                } else {
+                    !m
+                };
+                (u64::from(key) << 32 | j as u64) < cuts[i]
+            })
+            .count() as u64;
+        assert_eq!(
+            below, p,
+            "{what}: model {i} keeps {below} elements, not {p} ({run:?})"
+        );
+    }
+}
+
+#[test]
+fn exact_selection_keeps_exactly_p_in_every_path() {
+    let Some(emu) = Emu::get() else { return };
+    let mut mix = Mix(11);
+    let mut paths = Paths::default();
+    let dense = Run {
+        chunks: 1 << 12,
+        smem: false,
+        force: false,
+    };
+    let sparse = Run {
+        chunks: 6,
+        smem: false,
+        force: false,
+    };
+    let n = 3 * TIE_CHUNK as usize * 3 + 77;
+    let base = mix.values(n, None);
+    // f32, distinct magnitudes: every sampling, the shared-memory histogram, the exact path.
+    let xs: Vec<Vec<f32>> = (0..3).map(|_| mix.values(n, None)).collect();
+    let ps = [Some(n as u64 / 5), None, Some(n as u64 - 3)];
+    for run in [
+        dense,
+        sparse,
+        Run {
+            smem: true,
+            ..sparse
+        },
+        Run {
+            force: true,
+            ..dense
+        },
+    ] {
+        check(emu, &xs, &base, 0, &ps, 0, run, &mut paths, "f32");
+    }
+    // bf16 with few magnitudes: K is shared by many elements, the index decides.
+    let xs: Vec<Vec<f32>> = (0..2).map(|_| mix.values(n, Some(9))).collect();
+    let zero = vec![0.0f32; n];
+    let ps = [Some(n as u64 / 3), Some(n as u64 / 2 + 1)];
+    for run in [
+        dense,
+        sparse,
+        Run {
+            force: true,
+            ..dense
+        },
+    ] {
+        check(emu, &xs, &zero, 2, &ps, 0, run, &mut paths, "bf16 ties");
+    }
+    // Breadcrumbs' ascending order (the `_any` kernels), five models (the 8-model instances).
+    let xs: Vec<Vec<f32>> = (0..5).map(|_| mix.values(n, None)).collect();
+    let ps: Vec<Option<u64>> = (0..5).map(|i| Some(n as u64 / 7 * (i + 1))).collect();
+    for run in [dense, sparse] {
+        check(
+            emu,
+            &xs,
+            &base,
+            0,
+            &ps,
+            ORDER_ASC,
+            run,
+            &mut paths,
+            "ascending, 5 models",
+        );
+    }
+    // A sample that misleads: the sampled chunks (every stride-th) hold the smallest values.
+    let stride = Sample::of(n as u64, sparse.chunks).stride as usize;
+    let chunk = SAMPLE_CHUNK as usize;
+    let x: Vec<f32> = mix
+        .values(n, None)
+        .iter()
+        .enumerate()
+        .map(|(j, v)| {
+            if (j / chunk).is_multiple_of(stride) {
+                v * 1e-3
+            } else {
+                *v + v.signum()
+            }
+        })
+        .collect();
+    check(
+        emu,
+        &[x],
+        &zero,
+        0,
+        &[Some(n as u64 / 10)],
+        0,
+        sparse,
+        &mut paths,
+        "misleading sample",
+    );
+    assert!(
+        paths.ties,
+        "no case took the tie pass (K other than the sample's guess)"
+    );
+    assert!(paths.missed, "no case missed the sample's bracket");
+}
