@@ -10,6 +10,12 @@
 #   run(command="scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=480)
 #
 # Extra arguments after `run` go to `amalgam gpu-check` (e.g. --reps 5 --e2e-layers 0).
+#
+#   scripts/gpu-check.sh emulate # here, after `build`: the `run` half on emulated devices
+#                                # (crates/cuda/emu: the kernels and libcuda/cuBLAS/NCCL on the
+#                                # CPU, 2 devices), small sizes, no CG timings or end-to-end
+#                                # models: a check of this script and the binary before device
+#                                # time is spent, not of a GPU (its figures mean nothing)
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-run}
@@ -31,6 +37,16 @@ build)
     rm -rf .gpu/mats/dry
     ls -l .gpu/amalgam
     du -sh .gpu
+    ;;
+emulate)
+    set -e
+    cd "$here"
+    emu=/tmp/amalgam-emu-driver
+    AMALGAM_EMU_DRIVER_OUT=$emu \
+        cargo test -q -p amalgam-cuda --lib emu::device_tests::driver_for_the_gpu_check
+    nvrtc=${AMALGAM_NVRTC_DIR:-$HOME/.cache/amalgam-nvrtc}/nvidia/cu13/lib
+    export AMALGAM_EMU_DEVICES=2 LD_LIBRARY_PATH="$emu:$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    exec "$0" run --elems 262144 --parity-elems 65536 --reps 2 --e2e-layers 0 --skip-cg "$@"
     ;;
 run)
     bin="$here/.gpu/amalgam"
@@ -176,7 +192,7 @@ run)
     exit $rc
     ;;
 *)
-    echo "usage: $0 build|run [gpu-check args]"
+    echo "usage: $0 build|run|emulate [gpu-check args]"
     exit 2
     ;;
 esac

@@ -48,6 +48,14 @@ static int devices() {
     return n > 0 ? n : 1;
 }
 
+// Shared memory a block may opt in to: `AMALGAM_EMU_SMEM_OPTIN` bytes (default 227 KiB, as an
+// H100's; below 128 KiB the backend takes its small-shared-memory paths).
+static int smem_optin() {
+    const char* s = getenv("AMALGAM_EMU_SMEM_OPTIN");
+    int n = s ? atoi(s) : 227 << 10;
+    return n >= (48 << 10) ? n : 48 << 10;
+}
+
 static int sms() {
     const char* s = getenv("AMALGAM_EMU_SMS");
     int n = s ? atoi(s) : 2;
@@ -105,7 +113,7 @@ API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 16: *v = sms(); break;          // multiprocessors
         case 75: *v = 9; break;              // compute capability
         case 76: *v = 0; break;
-        case 97: *v = 227 << 10; break;      // shared memory per block, opt-in
+        case 97: *v = smem_optin(); break;   // shared memory per block, opt-in
         case 115: *v = 0; break;             // memory pools: no (cuMemAlloc)
         default: *v = 0;
     }
@@ -197,7 +205,9 @@ API CUresult cuMemFree_v2(CUdeviceptr p) {
 }
 API CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 API CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
-    *free_b = (size_t)6 << 30;
+    // `AMALGAM_EMU_FREE_BYTES`: the free memory reported (default 6 GiB).
+    const char* f = getenv("AMALGAM_EMU_FREE_BYTES");
+    *free_b = f ? (size_t)strtoull(f, nullptr, 10) : (size_t)6 << 30;
     *total = (size_t)8 << 30;
     return OK;
 }
@@ -269,7 +279,7 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
                             unsigned by, unsigned bz, unsigned smem, void*, void** params,
                             void**) {
     Function* fn = (Function*)f;
-    if (smem > (227u << 10)) return INVALID;
+    if (smem > (unsigned)smem_optin()) return INVALID;
     // One launch at a time (the emulator's state is global): the parts of a split solve launch
     // from their own threads.
     static std::mutex launches;

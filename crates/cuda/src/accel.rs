@@ -565,6 +565,7 @@ impl GpuSolver {
             return Ok(None);
         };
         let group = nccl::Group::join(&gpu, part, parts, &id)?;
+        tracing::info!(part, parts, "split block: the parts meet through NCCL");
         Ok(Some((gpu, group)))
     }
 }
@@ -656,13 +657,73 @@ impl DeviceSolver for GpuSolver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use amalgam_core::config::parse_config;
     use amalgam_engine::device::Device;
     use amalgam_engine::inputs::open_and_plan;
     use amalgam_engine::run::{execute, MergeOptions, NoProgress};
     use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
+    use std::path::Path;
+
+    /// A tiny synthetic family in `dir`: `base`, `a` and `b` (f32, about 0.1M parameters).
+    pub(crate) fn write_family(dir: &Path) {
+        let spec = SynthSpec::tiny();
+        for (i, name) in ["base", "a", "b"].iter().enumerate() {
+            let v = SynthValues {
+                base_seed: 3,
+                delta_seed: 50 + i as u64,
+                delta_scale: if i == 0 { 0.0 } else { 0.01 },
+                delta_density: 1.0,
+            };
+            write_model(&dir.join(name), &spec, &v, 1 << 30, true).expect("model");
+        }
+    }
+
+    /// The config of `method` over [`write_family`]'s models.
+    pub(crate) fn family_config(method: &str) -> String {
+        let base = if method == "linear" {
+            ""
+        } else {
+            "base_model: base\n"
+        };
+        let extra = if method == "della" {
+            "parameters: {epsilon: 0.1}\n"
+        } else {
+            ""
+        };
+        format!(
+            "merge_method: {method}\n{base}{extra}random_seed: 5\nmodels:\n  \
+             - model: a\n    parameters: {{weight: 1.0, density: 0.4}}\n  \
+             - model: b\n    parameters: {{weight: 0.5, density: 0.6}}\n"
+        )
+    }
+
+    /// Merge `yaml` over the models in `dir` into `dir/out` on `device`: the checkpoint's bytes
+    /// and the number of tensors merged (not copied).
+    pub(crate) fn merge_family(
+        dir: &Path,
+        yaml: &str,
+        out: &str,
+        device: Device,
+    ) -> (Vec<u8>, u64) {
+        let (config, _) = parse_config(yaml, true).expect("config");
+        let (inputs, plan) = open_and_plan(&config, Some(dir)).expect("plan");
+        let opts = MergeOptions {
+            out_dir: dir.join(out),
+            memory_budget: 1 << 30,
+            out_shard_size: 5_000_000_000,
+            overwrite: false,
+            allow_nonfinite: false,
+            device,
+        };
+        execute(&config, &plan, &inputs, Some(dir), &opts, &NoProgress).expect("merge");
+        let merged = plan.tensors.iter().filter(|t| !t.copy_raw).count() as u64;
+        (
+            std::fs::read(opts.out_dir.join("model.safetensors")).expect("output"),
+            merged,
+        )
+    }
 
     /// Whole checkpoints merged by the engine with the GPU accelerator (pinned double-buffered
     /// uploads, the preload thread, the kernels, the downloads) and on the CPU: the same bytes,
@@ -671,19 +732,8 @@ mod tests {
     fn gpu_accelerated_merges_write_the_cpus_bytes() {
         crate::device::with_gpu("gpu_accelerated_merges_write_the_cpus_bytes", |_| {
             let dir = tempfile::tempdir().expect("tempdir");
-            let spec = SynthSpec::tiny();
-            for (i, name) in ["base", "a", "b"].iter().enumerate() {
-                let v = SynthValues {
-                    base_seed: 3,
-                    delta_seed: 50 + i as u64,
-                    delta_scale: if i == 0 { 0.0 } else { 0.01 },
-                    delta_density: 1.0,
-                };
-                write_model(&dir.path().join(name), &spec, &v, 1 << 30, true).expect("model");
-            }
+            write_family(dir.path());
             let acc = Arc::new(GpuAccelerator::open(0).expect("accelerator"));
-            let models = "models:\n  - model: a\n    parameters: {weight: 1.0, density: 0.4}\n  \
-                          - model: b\n    parameters: {weight: 0.5, density: 0.6}\n";
             for method in [
                 "linear",
                 "task_arithmetic",
@@ -692,47 +742,20 @@ mod tests {
                 "della",
                 "breadcrumbs",
             ] {
-                let base = if method == "linear" {
-                    ""
-                } else {
-                    "base_model: base\n"
-                };
-                let extra = if method == "della" {
-                    "parameters: {epsilon: 0.1}\n"
-                } else {
-                    ""
-                };
-                let yaml = format!("merge_method: {method}\n{base}{extra}random_seed: 5\n{models}");
-                let (config, _) = parse_config(&yaml, true).expect("config");
-                let (inputs, plan) = open_and_plan(&config, Some(dir.path())).expect("plan");
-                let run = |out: &str, device: Device| {
-                    let opts = MergeOptions {
-                        out_dir: dir.path().join(format!("{method}-{out}")),
-                        memory_budget: 1 << 30,
-                        out_shard_size: 5_000_000_000,
-                        overwrite: false,
-                        allow_nonfinite: false,
-                        device,
-                    };
-                    execute(
-                        &config,
-                        &plan,
-                        &inputs,
-                        Some(dir.path()),
-                        &opts,
-                        &NoProgress,
-                    )
-                    .expect("merge");
-                    std::fs::read(opts.out_dir.join("model.safetensors")).expect("output")
-                };
+                let yaml = family_config(method);
                 let before = acc.stats().tensors;
-                let cpu = run("cpu", Device::Cpu);
-                let gpu = run("gpu", Device::Accelerator(acc.clone()));
+                let (cpu, _) =
+                    merge_family(dir.path(), &yaml, &format!("{method}-cpu"), Device::Cpu);
+                let (gpu, merged) = merge_family(
+                    dir.path(),
+                    &yaml,
+                    &format!("{method}-gpu"),
+                    Device::Accelerator(acc.clone()),
+                );
                 assert!(
                     cpu == gpu,
                     "{method}: the GPU's checkpoint differs from the CPU's"
                 );
-                let merged = plan.tensors.iter().filter(|t| !t.copy_raw).count() as u64;
                 assert_eq!(
                     acc.stats().tensors - before,
                     merged,

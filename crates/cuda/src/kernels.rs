@@ -5,6 +5,10 @@
 //! `cuda_fp16.h`). Options: `--fmad=false`, so that `a * b + c` is a multiply then an add as
 //! on the CPU, which keeps the elementwise kernels bit-identical to the CPU path; IEEE division
 //! and square root (NVRTC's defaults).
+//!
+//! The same source is also compiled by the host's C++ compiler for the tests' emulator
+//! (`crates/cuda/emu/host_emu.h` defines the CUDA built-ins it uses; a kernel that needs
+//! another one adds it there, and `DYNAMIC_SHARED` stands for `extern __shared__`).
 
 use crate::error::{CudaError, Result};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};

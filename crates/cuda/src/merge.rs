@@ -1012,9 +1012,9 @@ pub fn della_key_bytes(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) 
 }
 
 /// `della_ranks`'s modes (`DELLA_*` in `merge.cu`): a whole group per sort, ranks written.
-pub(crate) const DELLA_RANK: i32 = 0;
+const DELLA_RANK: i32 = 0;
 /// Sorted segments written to the scratch keys.
-pub(crate) const DELLA_SEGMENTS: i32 = 1;
+const DELLA_SEGMENTS: i32 = 1;
 /// Ranks from the sorted segments (binary searches).
 pub(crate) const DELLA_COUNT: i32 = 2;
 

@@ -14,7 +14,8 @@ use std::process::Command;
 /// Set in the child process that runs on the emulated device.
 const INNER: &str = "AMALGAM_EMU_DEVICE_RUN";
 
-/// Emulated devices: one per part of the 3-part split solves, so that they take NCCL.
+/// Emulated devices of the first run: one per part of the 3-part split solves, so that they
+/// take NCCL.
 const DEVICES: usize = 3;
 
 /// The GPU tests of the child process: every test with this in its name.
@@ -31,23 +32,59 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
         return;
     }
     let Some(dir) = driver_dir() else { return };
+    // Three devices with an H100's shared memory; then one with 48 KiB (the backend's
+    // small-shared-memory paths: the sample histogram in global memory, DELLA's segments of
+    // 4096 keys) for the merge parity tests.
+    child(
+        &dir,
+        &[FILTER],
+        &[("AMALGAM_EMU_DEVICES", &DEVICES.to_string())],
+        8,
+    );
+    child(
+        &dir,
+        &[
+            "check::tests::gpu_della_shapes",
+            "check::tests::gpu_matches_cpu_bit",
+        ],
+        &[("AMALGAM_EMU_SMEM_OPTIN", "49152")],
+        2,
+    );
+    // Free memory for some of the tiny family's tensors and not others.
+    child(
+        &dir,
+        &["emu::device_tests::gpu_tensors_beyond_free_memory"],
+        &[("AMALGAM_EMU_FREE_BYTES", &TIGHT_FREE.to_string())],
+        1,
+    );
+}
+
+/// Free device memory of the third run: the accelerator keeps 256 MiB spare and takes a
+/// 2-model `linear` tensor of n elements when 12·n bytes fit in the rest: the MLP weights
+/// (11264 elements) do, the embeddings (16384) do not.
+const TIGHT_FREE: u64 = (256 << 20) + 150_000;
+
+/// Run this test binary's tests matching `args` in a child process on the emulated devices
+/// (`env` set), expecting at least `least` of them to pass and none to skip.
+fn child(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)], least: usize) {
     let path = match std::env::var("LD_LIBRARY_PATH") {
         Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
         _ => dir.display().to_string(),
     };
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([FILTER, "--nocapture", "--test-threads", "1"])
+        .args(args)
+        .args(["--nocapture", "--test-threads", "1"])
         .env("LD_LIBRARY_PATH", path)
-        .env("AMALGAM_EMU_DEVICES", DEVICES.to_string())
+        .envs(env.iter().copied())
         .env(INNER, "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}\n{stderr}");
+    eprintln!("{env:?}:\n{stdout}\n{stderr}");
     assert!(
         out.status.success(),
-        "a GPU test failed on the emulated device"
+        "a GPU test failed on the emulated device ({env:?})"
     );
     assert!(
         !stderr.contains("skipped"),
@@ -58,7 +95,7 @@ fn the_gpu_tests_pass_on_the_emulated_device() {
         .find_map(|l| l.strip_prefix("test result: ok. "))
         .and_then(|l| l.split(' ').next()?.parse::<usize>().ok());
     assert!(
-        passed.unwrap_or(0) >= 8,
+        passed.unwrap_or(0) >= least,
         "too few GPU tests ran: {passed:?}"
     );
 }
@@ -128,4 +165,27 @@ fn driver_for_the_gpu_check() {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink("libcuda.so", &link).unwrap();
     }
+}
+
+/// In the child process with [`TIGHT_FREE`] bytes free, the tensors that do not fit merge on
+/// the CPU in the same run and the checkpoint is the CPU's (a no-op elsewhere).
+#[test]
+fn gpu_tensors_beyond_free_memory_merge_on_the_cpu() {
+    if std::env::var_os(INNER).is_none() || std::env::var_os("AMALGAM_EMU_FREE_BYTES").is_none() {
+        return;
+    }
+    use crate::accel::tests::{family_config, merge_family, write_family};
+    use amalgam_engine::device::Device;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_family(dir.path());
+    let acc = std::sync::Arc::new(crate::accel::GpuAccelerator::open(0).expect("accelerator"));
+    let yaml = family_config("linear");
+    let (cpu, _) = merge_family(dir.path(), &yaml, "cpu", Device::Cpu);
+    let (gpu, merged) = merge_family(dir.path(), &yaml, "gpu", Device::Accelerator(acc.clone()));
+    assert!(cpu == gpu, "the checkpoint differs from the CPU's");
+    let on_gpu = acc.stats().tensors;
+    assert!(
+        on_gpu > 0 && on_gpu < merged,
+        "{on_gpu} of {merged} tensors on the GPU"
+    );
 }
