@@ -663,24 +663,9 @@ pub(crate) mod tests {
     use amalgam_engine::device::Device;
     use amalgam_engine::inputs::open_and_plan;
     use amalgam_engine::run::{execute, MergeOptions, NoProgress};
-    use amalgam_engine::synth::{write_model, SynthSpec, SynthValues};
     use std::path::Path;
 
-    /// A tiny synthetic family in `dir`: `base`, `a` and `b` (f32, about 0.1M parameters).
-    pub(crate) fn write_family(dir: &Path) {
-        let spec = SynthSpec::tiny();
-        for (i, name) in ["base", "a", "b"].iter().enumerate() {
-            let v = SynthValues {
-                base_seed: 3,
-                delta_seed: 50 + i as u64,
-                delta_scale: if i == 0 { 0.0 } else { 0.01 },
-                delta_density: 1.0,
-            };
-            write_model(&dir.join(name), &spec, &v, 1 << 30, true).expect("model");
-        }
-    }
-
-    /// The config of `method` over [`write_family`]'s models.
+    /// The config of `method` over `synth::write_tiny_family`'s models.
     pub(crate) fn family_config(method: &str) -> String {
         let base = if method == "linear" {
             ""
@@ -732,7 +717,7 @@ pub(crate) mod tests {
     fn gpu_accelerated_merges_write_the_cpus_bytes() {
         crate::device::with_gpu("gpu_accelerated_merges_write_the_cpus_bytes", |_| {
             let dir = tempfile::tempdir().expect("tempdir");
-            write_family(dir.path());
+            amalgam_engine::synth::write_tiny_family(dir.path()).expect("models");
             let acc = Arc::new(GpuAccelerator::open(0).expect("accelerator"));
             for method in [
                 "linear",

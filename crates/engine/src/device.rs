@@ -81,7 +81,7 @@ mod tests {
     use super::*;
     use crate::inputs::open_and_plan;
     use crate::run::{execute, MergeOptions, NoProgress};
-    use crate::synth::{write_model, SynthSpec, SynthValues};
+    use crate::synth::write_tiny_family;
     use amalgam_core::config::parse_config;
     use std::sync::{Arc, Mutex};
 
@@ -129,16 +129,7 @@ mod tests {
     #[test]
     fn preloads_reach_their_own_tensor_and_the_output_is_the_cpus() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spec = SynthSpec::tiny();
-        for (i, name) in ["base", "a", "b"].iter().enumerate() {
-            let v = SynthValues {
-                base_seed: 3,
-                delta_seed: 50 + i as u64,
-                delta_scale: if i == 0 { 0.0 } else { 0.01 },
-                delta_density: 1.0,
-            };
-            write_model(&dir.path().join(name), &spec, &v, 1 << 30, true).expect("model");
-        }
+        write_tiny_family(dir.path()).expect("models");
         let yaml = "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1.0, density: 0.5}\n  - model: b\n    parameters: {weight: 0.5, density: 0.5}\n";
         let (config, _) = parse_config(yaml, true).expect("config");
         let (inputs, plan) = open_and_plan(&config, Some(dir.path())).expect("plan");

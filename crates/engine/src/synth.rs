@@ -266,3 +266,19 @@ pub fn write_model(
     amalgam_io::write_text_atomic(&dir.join("config.json"), &spec.config_json())?;
     Ok(())
 }
+
+/// A tiny family for tests in `dir`: `base`, `a` and `b` ([`SynthSpec::tiny`], f32), the
+/// fine-tunes the base plus dense deltas of scale 0.01.
+pub fn write_tiny_family(dir: &Path) -> Result<(), EngineError> {
+    let spec = SynthSpec::tiny();
+    for (i, name) in ["base", "a", "b"].iter().enumerate() {
+        let v = SynthValues {
+            base_seed: 3,
+            delta_seed: 50 + i as u64,
+            delta_scale: if i == 0 { 0.0 } else { 0.01 },
+            delta_density: 1.0,
+        };
+        write_model(&dir.join(name), &spec, &v, 1 << 30, true)?;
+    }
+    Ok(())
+}

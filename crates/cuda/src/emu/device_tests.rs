@@ -174,10 +174,10 @@ fn gpu_tensors_beyond_free_memory_merge_on_the_cpu() {
     if std::env::var_os(INNER).is_none() || std::env::var_os("AMALGAM_EMU_FREE_BYTES").is_none() {
         return;
     }
-    use crate::accel::tests::{family_config, merge_family, write_family};
+    use crate::accel::tests::{family_config, merge_family};
     use amalgam_engine::device::Device;
     let dir = tempfile::tempdir().expect("tempdir");
-    write_family(dir.path());
+    amalgam_engine::synth::write_tiny_family(dir.path()).expect("models");
     let acc = std::sync::Arc::new(crate::accel::GpuAccelerator::open(0).expect("accelerator"));
     let yaml = family_config("linear");
     let (cpu, _) = merge_family(dir.path(), &yaml, "cpu", Device::Cpu);
