@@ -375,6 +375,29 @@ fn exact_selection_keeps_exactly_p_in_every_path() {
         &mut paths,
         "misleading sample",
     );
+    // Keys on bin boundaries: |d| with the low 16 bits all ones has a key whose low 16 bits are
+    // zero, so the bracket's lower bound (a whole high bin) is itself a key of many elements.
+    let x: Vec<f32> = (0..n)
+        .map(|_| {
+            let r = mix.next();
+            let high = 0x3c00_0000 + (((r >> 20) % 24) << 16) as u32;
+            f32::from_bits(high | 0xffff | (r as u32 & 0x8000_0000))
+        })
+        .collect();
+    for run in [dense, sparse] {
+        let ps = [Some(n as u64 / 3)];
+        check(
+            emu,
+            std::slice::from_ref(&x),
+            &zero,
+            0,
+            &ps,
+            0,
+            run,
+            &mut paths,
+            "keys on bin boundaries",
+        );
+    }
     assert!(
         paths.ties,
         "no case took the tie pass (K other than the sample's guess)"
