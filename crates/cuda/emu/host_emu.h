@@ -338,6 +338,7 @@ static inline void __syncthreads() { emu::sync_block(); }
 static inline unsigned __ballot_sync(unsigned mask, int pred) {
     return (unsigned)emu::warp_op(emu::OP_BALLOT, mask, pred ? 1 : 0, 0);
 }
+static inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 template <class T>
 static inline T __shfl_sync(unsigned mask, T v, int src) {
     return emu::of_bits<T>(emu::warp_op(emu::OP_SHFL, mask, emu::bits_of(v), src));

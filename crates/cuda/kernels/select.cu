@@ -10,10 +10,13 @@
 // 2. `bracket_pass`: one pass over every element counting keys below `lo`, histogramming the
 //    keys inside [lo, hi] at full resolution, and counting per TIE_CHUNK chunk the keys equal to
 //    `guess`.
+//    It also lists (key, index) of the elements inside the bracket whose key is within
+//    CAND_SPAN of the guess (the candidates, `cand`).
 // 3. `resolve`: the exact key K at position p and the number of keys below it; when some but
-//    not all elements with key K come before p, the index of the (p - less)-th of them from the
-//    per-chunk counts and one chunk's scan. If K is not the guess, `tie_pass` counts K per chunk
-//    and `resolve` runs again. If p is outside the bracket (the sample misled), the host takes
+//    not all elements with key K come before p, the index of the (p - less)-th of them: from
+//    the per-chunk counts and one chunk's scan when K is the guess, from the candidates when
+//    they hold every element of K (K near the guess, the list not overflowed, at most 1024
+//    elements). Otherwise `tie_pass` counts K per chunk and `resolve` runs again. If p is outside the bracket (the sample misled), the host takes
 //    the whole key range through `full_hist` / `full_pick` and runs 2-3 again.
 //
 // The result, written to `GtaModel.cut`, is the composite (K << 32 | I): an element is kept
@@ -24,6 +27,8 @@
 #define FINE_SPAN 4
 #define FINE_BINS (FINE_SPAN * HBINS)
 #define TIE_CHUNK 4096
+// Candidates: keys within CAND_SPAN of the guess (the sample's error is a few thousand keys).
+#define CAND_SPAN 16384u
 
 #define ST_PENDING 0
 #define ST_DONE 1
@@ -74,10 +79,8 @@ __device__ __forceinline__ u32 model_key(const GtaModel* models, int i, const Gt
     return order_key(load_elem((const void*)models[i].ptr, models[i].dt, j) - b, models[i].order);
 }
 
-// Add 1 to h[bin] for every lane with `valid`, one atomic per distinct bin in the warp. Every
-// lane of the warp must call it.
-__device__ __forceinline__ void agg_add(u32* h, u32 bin, bool valid) {
-    unsigned act = __ballot_sync(0xffffffffu, valid);
+// `agg_add` with the warp's ballot of `valid` already taken (act).
+__device__ __forceinline__ void agg_add_act(u32* h, u32 bin, bool valid, unsigned act) {
     if (!valid) return;
     if (__popc(act) == 1) {
         atomicAdd(h + bin, 1u);
@@ -85,6 +88,30 @@ __device__ __forceinline__ void agg_add(u32* h, u32 bin, bool valid) {
     }
     unsigned peers = __match_any_sync(act, bin);
     if ((int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(h + bin, (u32)__popc(peers));
+}
+
+// Add 1 to h[bin] for every lane with `valid`, one atomic per distinct bin in the warp. Every
+// lane of the warp must call it.
+__device__ __forceinline__ void agg_add(u32* h, u32 bin, bool valid) {
+    unsigned act = __ballot_sync(0xffffffffu, valid);
+    if (act != 0) agg_add_act(h, bin, valid, act);
+}
+
+// Append `entry` to list[0..cap) for every lane with `c`, one atomic on *count per warp; *count
+// goes on past cap (the entries beyond it are dropped), so a reader sees the overflow. Every
+// lane of the warp must call it.
+__device__ __forceinline__ void agg_append(u64* list, u32* count, u32 cap, u64 entry, bool c) {
+    unsigned m = __ballot_sync(0xffffffffu, c);
+    if (m == 0) return;
+    int lane = threadIdx.x & 31;
+    int leader = __ffs(m) - 1;
+    u32 base = 0;
+    if (lane == leader) base = atomicAdd(count, (u32)__popc(m));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    if (c) {
+        u32 at = base + (u32)__popc(m & ((1u << lane) - 1u));
+        if (at < cap) list[at] = entry;
+    }
 }
 
 // Block-wide (1024 threads) search in counts h[0..nbins) for position r: the bin holding it
@@ -245,12 +272,21 @@ __device__ __forceinline__ void loade(const void* p, int dt, u64 j, float* v) {
 // guess's per-chunk counts; else ST_TIES models and their per-chunk counts of the guess alone.
 // ANY: the slots may use any order (ascending magnitudes, SCE's variance); else every slot is
 // ORDER_DESC (TIES), without the per-slot order test.
+//
+// The per-element work is kept small and free of branches on shared-memory values (which the
+// compiler cannot prove uniform, so it would guard every warp vote): each slot's bracket, width
+// and guess sit in registers, a slot that is not counted gets an empty bracket (lo 0, width 0)
+// and guess 0 (every key has its top bit set, so none is 0), and the counts below lo and of the
+// guess are per-thread, summed over the warp once per chunk (the guess's) or per block (below).
+// Candidates (`counting`, a model with a guess): the elements inside the bracket with a key
+// within CAND_SPAN of the guess, listed in cand[i * cand_cap ...] (count in cand_n[i]); found
+// only on the rare branch of a warp with an element inside a bracket.
 template <int MAXN, bool ANY>
 __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels, SelModel* sel,
                                            const GtaArgs& a, u32* fine, u32* tie, u64 n_tchunks,
-                                           bool counting) {
+                                           u64* cand, u32* cand_n, u32 cand_cap, bool counting) {
     __shared__ GtaModel models[MAXN];
-    __shared__ u32 eq[MAXN], s_lo[MAXN], s_hi[MAXN], s_g[MAXN];
+    __shared__ u32 eq[MAXN], s_lo[MAXN], s_w[MAXN], s_g[MAXN];
     __shared__ int s_on[MAXN];
     __shared__ int any, s_var;
     int n_models = a.n_models;
@@ -258,8 +294,8 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
     for (int i = threadIdx.x; i < MAXN; i += blockDim.x) {
         int on = i < n_models && sel[i].active && sel[i].state == want;
         s_on[i] = on;
-        s_lo[i] = on ? sel[i].lo : 0;
-        s_hi[i] = on ? sel[i].hi : 0;
+        s_lo[i] = on && counting ? sel[i].lo : 0;
+        s_w[i] = on && counting ? sel[i].hi - sel[i].lo + 1 : 0;
         s_g[i] = on ? sel[i].guess : 0;
         eq[i] = 0;
         if (i < n_models) models[i] = gmodels[i];
@@ -277,17 +313,29 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
     if (!any) return;
     const bool var = ANY && s_var;
     int ord[MAXN];
+    bool load[MAXN];
+    u32 lo[MAXN], wd[MAXN], gs[MAXN];
+    u32* fh[MAXN];
+    unsigned cand_on = 0;  // bit i: list model i's candidates
 #pragma unroll
-    for (int i = 0; i < MAXN; i++) ord[i] = ANY && i < n_models ? models[i].order : ORDER_DESC;
+    for (int i = 0; i < MAXN; i++) {
+        if (counting && s_g[i] != 0 && s_w[i] != 0) cand_on |= 1u << i;
+        ord[i] = ANY && i < n_models ? models[i].order : ORDER_DESC;
+        load[i] = i < n_models && (s_on[i] || var);
+        lo[i] = s_lo[i];
+        wd[i] = s_w[i];
+        gs[i] = s_g[i];
+        fh[i] = counting ? fine + (u64)i * FINE_BINS : 0;
+    }
     int lane = threadIdx.x & 31;
-    // Per-warp counts in registers (the same in every lane), added up once per chunk / block.
-    u64 below_w[MAXN];
+    // This thread's keys below lo: at most 16 per chunk, n / 256 in all (no overflow).
+    u32 below_t[MAXN];
 #pragma unroll
-    for (int i = 0; i < MAXN; i++) below_w[i] = 0;
+    for (int i = 0; i < MAXN; i++) below_t[i] = 0;
     for (u64 c = blockIdx.x; c < n_tchunks; c += gridDim.x) {
-        u32 eq_w[MAXN];
+        u32 eq_t[MAXN];
 #pragma unroll
-        for (int i = 0; i < MAXN; i++) eq_w[i] = 0;
+        for (int i = 0; i < MAXN; i++) eq_t[i] = 0;
         // E consecutive elements per thread (4 up to 4 models: 16- or 8-byte loads; else 2);
         // counts ignore order.
         const int E = MAXN <= 4 ? 4 : 2;
@@ -300,9 +348,11 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
             if (in0) loade<E>((const void*)a.base, a.base_dt, j0, b);
             float x[MAXN][E];
 #pragma unroll
-            for (int i = 0; i < MAXN; i++)
-                if (i < n_models && (s_on[i] || var) && in0)
-                    loade<E>((const void*)models[i].ptr, models[i].dt, j0, x[i]);
+            for (int i = 0; i < MAXN; i++) {
+#pragma unroll
+                for (int h = 0; h < E; h++) x[i][h] = 0.0f;
+                if (load[i] && in0) loade<E>((const void*)models[i].ptr, models[i].dt, j0, x[i]);
+            }
 #pragma unroll
             for (int h = 0; h < E; h++) {
                 bool in = j0 + h < a.n;
@@ -313,30 +363,40 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
                     for (int i = 0; i < MAXN; i++) d[i] = i < n_models ? x[i][h] - b[h] : 0.0f;
                     vkey = var_key_of(d, n_models < MAXN ? n_models : MAXN);
                 }
+                // Every slot, without a branch: one past n_models counts nothing (empty
+                // bracket, guess 0).
 #pragma unroll
                 for (int i = 0; i < MAXN; i++) {
-                    if (i < n_models && s_on[i]) {
-                        u32 key = !in                 ? 0xffffffffu
-                                  : !ANY                ? mag_key(x[i][h] - b[h])
-                                  : ord[i] == ORDER_VAR ? vkey
-                                                        : order_key(x[i][h] - b[h], ord[i]);
-                        eq_w[i] += __popc(__ballot_sync(0xffffffffu, in && key == s_g[i]));
-                        if (counting) {
-                            u32 lo = s_lo[i], hi = s_hi[i];
-                            below_w[i] += __popc(__ballot_sync(0xffffffffu, in && key < lo));
-                            // Keys equal to the guess are counted per chunk (eq_w) and
-                            // added to the histogram by `resolve`: no atomics on a hot bin.
-                            bool inside = in && key >= lo && key <= hi && key != s_g[i];
-                            agg_add(fine + (u64)i * FINE_BINS, inside ? key - lo : 0, inside);
+                    u32 key = !ANY                ? mag_key(x[i][h] - b[h])
+                              : ord[i] == ORDER_VAR ? vkey
+                                                    : order_key(x[i][h] - b[h], ord[i]);
+                    eq_t[i] += (in && key == gs[i]) ? 1u : 0u;
+                    if (counting) {
+                        below_t[i] += (in && key < lo[i]) ? 1u : 0u;
+                        // Keys equal to the guess are counted per chunk (eq_t) and added to
+                        // the histogram by `resolve`: no atomics on a hot bin.
+                        u32 off = key - lo[i];
+                        bool inside = in && off < wd[i] && key != gs[i];
+                        unsigned act = __ballot_sync(0xffffffffu, inside);
+                        if (act != 0) {  // the warp's (rare) branch
+                            bool c = inside && (cand_on >> i & 1u) &&
+                                     key - gs[i] + CAND_SPAN <= 2u * CAND_SPAN;
+                            u64 j = j0 + h;
+                            agg_append(cand + (u64)i * cand_cap, cand_n + i, cand_cap,
+                                       ((u64)key << 32) | j, c);
+                            agg_add_act(fh[i], off, inside, act);
                         }
                     }
                 }
             }
         }
-        if (lane == 0) {
 #pragma unroll
-            for (int i = 0; i < MAXN; i++)
-                if (i < n_models && s_on[i] && eq_w[i]) atomicAdd(&eq[i], eq_w[i]);
+        for (int i = 0; i < MAXN; i++) {
+            if (i < n_models && __any_sync(0xffffffffu, eq_t[i] != 0)) {
+                u32 e = eq_t[i];
+                for (int off = 16; off > 0; off >>= 1) e += __shfl_down_sync(0xffffffffu, e, off);
+                if (lane == 0 && e) atomicAdd(&eq[i], e);
+            }
         }
         __syncthreads();
         for (int i = threadIdx.x; i < n_models && i < MAXN; i += blockDim.x) {
@@ -345,43 +405,58 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
         }
         __syncthreads();
     }
-    if (counting && lane == 0) {
+    if (counting) {
 #pragma unroll
-        for (int i = 0; i < MAXN; i++)
-            if (i < n_models && s_on[i] && below_w[i])
-                atomicAdd((unsigned long long*)&sel[i].before, (unsigned long long)below_w[i]);
+        for (int i = 0; i < MAXN; i++) {
+            if (i < n_models) {
+                u64 v = below_t[i];
+                for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+                if (lane == 0 && v)
+                    atomicAdd((unsigned long long*)&sel[i].before, (unsigned long long)v);
+            }
+        }
     }
 }
 
 // Every element of the models in ST_PENDING: keys below lo counted, keys in [lo, hi]
 // histogrammed (fine: [n_models][FINE_BINS]), keys equal to the guess counted per chunk
-// (tie: [n_models][n_tchunks]). Blocks take whole TIE_CHUNK chunks; blockDim.x == 256.
+// (tie: [n_models][n_tchunks]), candidates listed (cand: [n_models][cand_cap], counts in
+// cand_n, zeroed by the caller). Blocks take whole TIE_CHUNK chunks; blockDim.x == 256.
 // tie_pass_*: per-chunk counts of key == guess for the models in ST_TIES (guess = their K).
 // `_any` instances: slots in any order (see count_body).
-#define COUNT_INSTANCE(N, ANY, SUFFIX)                                                       \
-    extern "C" __global__ void bracket_pass##SUFFIX##_##N(const GtaModel* models,            \
-                                                          SelModel* sel, GtaArgs a,          \
-                                                          u32* fine, u32* tie,               \
-                                                          u64 n_tchunks) {                   \
-        count_body<N, ANY>(models, sel, a, fine, tie, n_tchunks, true);                      \
+// MINB, MINT: blocks of 256 threads per multiprocessor that the registers of bracket_pass and
+// tie_pass must allow (the occupancy that the per-thread counts would otherwise take away;
+// each as high as compiles without spills).
+#define COUNT_INSTANCE(N, ANY, SUFFIX, MINB, MINT)                                           \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                  \
+        bracket_pass##SUFFIX##_##N(const GtaModel* models, SelModel* sel, GtaArgs a,         \
+                                   u32* fine, u32* tie, u64 n_tchunks, u64* cand,            \
+                                   u32* cand_n, u32 cand_cap) {                              \
+        count_body<N, ANY>(models, sel, a, fine, tie, n_tchunks, cand, cand_n, cand_cap,     \
+                           true);                                                            \
     }                                                                                        \
-    extern "C" __global__ void tie_pass##SUFFIX##_##N(const GtaModel* models, SelModel* sel, \
-                                                      GtaArgs a, u32* tie, u64 n_tchunks) {  \
-        count_body<N, ANY>(models, sel, a, 0, tie, n_tchunks, false);                        \
+    extern "C" __global__ void __launch_bounds__(256, MINT)                                  \
+        tie_pass##SUFFIX##_##N(const GtaModel* models, SelModel* sel, GtaArgs a, u32* tie,   \
+                               u64 n_tchunks) {                                              \
+        count_body<N, ANY>(models, sel, a, 0, tie, n_tchunks, 0, 0, 0, false);               \
     }
-COUNT_INSTANCE(4, false, )
-COUNT_INSTANCE(8, false, )
-COUNT_INSTANCE(16, false, )
-COUNT_INSTANCE(4, true, _any)
-COUNT_INSTANCE(8, true, _any)
-COUNT_INSTANCE(16, true, _any)
+COUNT_INSTANCE(4, false, , 5, 4)
+COUNT_INSTANCE(8, false, , 3, 3)
+COUNT_INSTANCE(16, false, , 2, 2)
+COUNT_INSTANCE(4, true, _any, 3, 3)
+COUNT_INSTANCE(8, true, _any, 2, 2)
+COUNT_INSTANCE(16, true, _any, 1, 1)
 
-// One block (1024 threads) per model in ST_PENDING or ST_TIES: K, then the cut.
+// One block (1024 threads) per model in ST_PENDING or ST_TIES: K, then the cut. `cand`,
+// `cand_n`: the bracket pass's candidates (looked at for models in ST_PENDING only).
 extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, u32* fine,
-                                   const u32* tie, u64 n_tchunks) {
+                                   const u32* tie, u64 n_tchunks, const u64* cand,
+                                   const u32* cand_n, u32 cand_cap) {
     __shared__ int flags[1024];
     __shared__ u64 found;
     __shared__ u64 red[1024];
+    __shared__ u32 kidx[1024];
+    __shared__ u32 kn;
     int i = blockIdx.x;
     int t = threadIdx.x;
     SelModel s = sel[i];
@@ -425,6 +500,46 @@ extern "C" __global__ void resolve(GtaModel* models, SelModel* sel, GtaArgs a, u
         return;
     }
     if (K != s.guess) {
+        // The r-th element of K from the candidates, when they hold all of K's elements:
+        // every element of K is inside the bracket (K is in it and is not the guess), so it was
+        // listed if K is within CAND_SPAN of the guess and the list did not overflow.
+        u32 m = f[b];
+        if (cand != 0 && s.state == ST_PENDING && s.guess != 0 && m <= 1024 &&
+            K - s.guess + CAND_SPAN <= 2u * CAND_SPAN && cand_n[i] <= cand_cap) {
+            const u64* list = cand + (u64)i * cand_cap;
+            u32 len = cand_n[i];
+            if (t == 0) {
+                kn = 0;
+                found = ~0ull;
+            }
+            __syncthreads();
+            for (u32 e = t; e < len; e += 1024) {
+                u64 v = list[e];
+                if ((u32)(v >> 32) == K) {
+                    u32 at = atomicAdd(&kn, 1u);
+                    if (at < 1024) kidx[at] = (u32)v;
+                }
+            }
+            __syncthreads();
+            if (kn == m) {
+                // The element with exactly r of K's indices below its own.
+                if ((u32)t < m) {
+                    u32 mine = kidx[t], below_me = 0;
+                    for (u32 u = 0; u < m; u++) below_me += kidx[u] < mine ? 1u : 0u;
+                    if (below_me == r) found = mine;
+                }
+                __syncthreads();
+                if (t == 0 && found != ~0ull) {
+                    sel[i].key = K;
+                    sel[i].less = less;
+                    sel[i].cut = (((u64)K) << 32) | found;
+                    models[i].cut = sel[i].cut;
+                    sel[i].state = ST_DONE;
+                }
+                if (found != ~0ull) return;
+            }
+            __syncthreads();
+        }
         if (t == 0) {
             sel[i].key = K;
             sel[i].less = less;

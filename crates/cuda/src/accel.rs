@@ -311,9 +311,10 @@ impl GpuAccelerator {
         let n = job.numel() as u64;
         let mut need = (inputs as u64 + 1) * n * 4;
         if matches!(plan, DevicePlan::Gta { .. } | DevicePlan::Sce { .. }) {
-            // The selection's histograms (1.25 MiB per model), per-chunk tie counts and
-            // DELLA's ranks.
-            need += inputs as u64 * ((2 << 20) + n / 1024 + n * 4);
+            // The selection's histograms (1.25 MiB per model), per-chunk tie counts,
+            // candidates and DELLA's ranks.
+            let cands = u64::from(merge::cand_cap(n)) * 8;
+            need += inputs as u64 * ((2 << 20) + n / 1024 + cands + n * 4);
         }
         // DELLA's sort keys of groups sorted in segments (reused by every model).
         need += keys;

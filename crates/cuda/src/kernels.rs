@@ -120,22 +120,34 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// An error unless libnvrtc can be loaded.
+pub(crate) fn require_nvrtc() -> Result<()> {
+    if nvrtc_present() {
+        return Ok(());
+    }
+    Err(CudaError::Unavailable(
+        "the NVRTC library (libnvrtc.so) was not found; install the CUDA toolkit or the \
+         `nvidia-cuda-nvrtc` wheel and add its lib folder to LD_LIBRARY_PATH"
+            .into(),
+    ))
+}
+
+/// NVRTC options of every compilation: the CPU's f32 arithmetic (no contraction into fused
+/// multiply-adds, IEEE division and square root, denormals kept).
+pub const FLAGS: &[&str] = &[
+    "--fmad=false",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+    "--ftz=false",
+    "--std=c++17",
+];
+
 /// Compile the program to PTX for `arch` (e.g. `compute_90`).
 pub fn compile(arch: &'static str) -> Result<Ptx> {
-    if !nvrtc_present() {
-        return Err(CudaError::Unavailable(
-            "the NVRTC library (libnvrtc.so) was not found; install the CUDA toolkit or the \
-             `nvidia-cuda-nvrtc` wheel and add its lib folder to LD_LIBRARY_PATH"
-                .into(),
-        ));
-    }
+    require_nvrtc()?;
     let opts = CompileOptions {
-        fmad: Some(false),
-        prec_div: Some(true),
-        prec_sqrt: Some(true),
-        ftz: Some(false),
         arch: Some(arch),
-        options: vec!["--std=c++17".into()],
+        options: FLAGS.iter().map(|f| f.to_string()).collect(),
         ..Default::default()
     };
     compile_ptx_with_opts(program(), opts).map_err(|e| CudaError::Compile {

@@ -11,6 +11,7 @@
 //! - [`gram`]: the Gram-based methods (SLERP family, Karcher mean) with the CPU's exact sums;
 //! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS, split systems;
 //! - [`nccl`]: NCCL collectives for the parts of a split solve;
+//! - [`occupancy`]: each kernel's registers (from a cubin, without a GPU) and what they allow;
 //! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`;
 //! - `emu` (tests only): the kernels and an emulated driver on the CPU, so that the GPU tests
 //!   run without a GPU (`crates/cuda/emu`).
@@ -26,6 +27,7 @@ pub mod gram;
 pub mod kernels;
 pub mod merge;
 pub mod nccl;
+pub mod occupancy;
 pub mod sce;
 pub mod tensor;
 

@@ -783,48 +783,21 @@ pub(crate) fn select_cuts(
     let mut hist = s
         .alloc_zeros::<u32>(n_models * HBINS)
         .ctx("allocating histograms")?;
-    let mut fine = s
-        .alloc_zeros::<u32>(n_models * FINE_BINS)
-        .ctx("allocating histograms")?;
-    let n_tchunks = n.div_ceil(TIE_CHUNK).max(1);
-    let mut tie = s
-        .alloc_zeros::<u32>(n_models * n_tchunks as usize)
-        .ctx("allocating tie counts")?;
+    let sample = Sample::of(n, SAMPLE_CHUNKS);
+    let mut bufs = SelBufs::alloc(gpu, n_models, n, sample.n_chunks)?;
     mark(gpu, "alloc");
-    let per_model = |grid: u32| LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let plan = bufs.launch;
     if !force {
         let Sample {
             stride,
             n_chunks,
             sampled,
-        } = Sample::of(n, SAMPLE_CHUNKS);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                n_chunks.min(u64::from(gpu.sms) * 16) as u32,
-                n_models as u32,
-                1,
-            ),
-            block_dim: (SAMPLE_CHUNK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        } = sample;
         for lo_pass in [0i32, 1] {
             if lo_pass == 1 {
                 s.memset_zeros(&mut hist).ctx("clearing histograms")?;
             }
             if lo_pass == 0 && gpu.big_smem {
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        n_chunks.div_ceil(4).min(u64::from(gpu.sms)) as u32,
-                        n_models as u32,
-                        1,
-                    ),
-                    block_dim: (1024, 1, 1),
-                    shared_mem_bytes: crate::device::SAMPLE_SMEM,
-                };
                 let mut b = s.launch_builder(gpu.function("sample_hist_smem"));
                 b.arg(&*d_models)
                     .arg(&d_sel)
@@ -833,7 +806,7 @@ pub(crate) fn select_cuts(
                     .arg(&n_chunks)
                     .arg(&mut hist);
                 // SAFETY: argument types match `sample_hist_smem`; hist holds n_models * HBINS.
-                unsafe { b.launch(cfg) }.map_err(launch_err("sample_hist_smem"))?;
+                unsafe { b.launch(plan.sample_smem) }.map_err(launch_err("sample_hist_smem"))?;
             } else {
                 let mut b = s.launch_builder(gpu.function("sample_hist"));
                 b.arg(&*d_models)
@@ -844,27 +817,23 @@ pub(crate) fn select_cuts(
                     .arg(&lo_pass)
                     .arg(&mut hist);
                 // SAFETY: argument types match `sample_hist`; hist holds n_models * HBINS counts.
-                unsafe { b.launch(cfg) }.map_err(launch_err("sample_hist"))?;
+                unsafe { b.launch(plan.sample) }.map_err(launch_err("sample_hist"))?;
             }
             mark(gpu, "sample_hist");
             if lo_pass == 0 {
                 let mut b = s.launch_builder(gpu.function("sample_pick"));
                 b.arg(&mut d_sel).arg(&hist).arg(&n).arg(&sampled);
                 // SAFETY: argument types match `sample_pick`.
-                unsafe { b.launch(per_model(n_models as u32)) }
-                    .map_err(launch_err("sample_pick"))?;
+                unsafe { b.launch(plan.per_model) }.map_err(launch_err("sample_pick"))?;
             } else {
                 let mut b = s.launch_builder(gpu.function("sample_pick_lo"));
                 b.arg(&mut d_sel).arg(&hist);
                 // SAFETY: argument types match `sample_pick_lo`.
-                unsafe { b.launch(per_model(n_models as u32)) }
-                    .map_err(launch_err("sample_pick_lo"))?;
+                unsafe { b.launch(plan.per_model) }.map_err(launch_err("sample_pick_lo"))?;
             }
             mark(gpu, "sample_pick");
         }
-        count_and_resolve(
-            gpu, d_models, &mut d_sel, args, &mut fine, &mut tie, n_tchunks,
-        )?;
+        count_and_resolve(gpu, d_models, &mut d_sel, args, &mut bufs)?;
     }
     let mut now = s.clone_dtoh(&d_sel).ctx("reading selection state")?;
     gpu.sync()?;
@@ -875,15 +844,15 @@ pub(crate) fn select_cuts(
         let mut b = s.launch_builder(gpu.function("full_hist"));
         b.arg(&*d_models).arg(&d_sel).arg(args).arg(&mut hist);
         // SAFETY: argument types match `full_hist`.
-        unsafe { b.launch(gpu.grid(n)) }.map_err(launch_err("full_hist"))?;
+        unsafe { b.launch(plan.full) }.map_err(launch_err("full_hist"))?;
         let mut b = s.launch_builder(gpu.function("full_pick"));
         b.arg(&mut d_sel).arg(&hist);
         // SAFETY: argument types match `full_pick`.
-        unsafe { b.launch(per_model(n_models as u32)) }.map_err(launch_err("full_pick"))?;
-        s.memset_zeros(&mut fine).ctx("clearing histograms")?;
-        count_and_resolve(
-            gpu, d_models, &mut d_sel, args, &mut fine, &mut tie, n_tchunks,
-        )?;
+        unsafe { b.launch(plan.per_model) }.map_err(launch_err("full_pick"))?;
+        s.memset_zeros(&mut bufs.fine).ctx("clearing histograms")?;
+        s.memset_zeros(&mut bufs.cand_n)
+            .ctx("clearing candidate counts")?;
+        count_and_resolve(gpu, d_models, &mut d_sel, args, &mut bufs)?;
         now = s.clone_dtoh(&d_sel).ctx("reading selection state")?;
         gpu.sync()?;
     }
@@ -1170,16 +1139,116 @@ fn outlier_cuts(
     Ok(())
 }
 
-/// The counting pass, the resolution, the tie counts of a K that was not the guess, and the
-/// resolution again.
+/// The device buffers of one selection, and its launches: the fine histograms, the per-chunk
+/// tie counts and the candidates (`select.cu`).
+struct SelBufs {
+    /// `[n_models][FINE_BINS]` counts of the keys inside each bracket.
+    fine: CudaSlice<u32>,
+    /// `[n_models][n_tchunks]` counts of the guess (or K) per chunk.
+    tie: CudaSlice<u32>,
+    /// `[n_models][cand_cap]` candidates, `(key << 32) | index`.
+    cand: CudaSlice<u64>,
+    /// Candidates listed per model (past `cand_cap` when the list overflowed).
+    cand_n: CudaSlice<u32>,
+    /// Candidates one model's list holds.
+    cand_cap: u32,
+    /// The selection's launches.
+    launch: SelectLaunch,
+}
+
+impl SelBufs {
+    /// Zeroed buffers for `n_models` models of `n` elements sampled in `sample_chunks` chunks.
+    fn alloc(gpu: &Gpu, n_models: usize, n: u64, sample_chunks: u64) -> Result<Self> {
+        let s = &gpu.stream;
+        let launch = SelectLaunch::of(n, n_models, sample_chunks, gpu.sms);
+        let cand_cap = cand_cap(n);
+        Ok(Self {
+            fine: s
+                .alloc_zeros::<u32>(n_models * FINE_BINS)
+                .ctx("allocating histograms")?,
+            tie: s
+                .alloc_zeros::<u32>(n_models * launch.n_tchunks as usize)
+                .ctx("allocating tie counts")?,
+            cand: s
+                .alloc_zeros::<u64>(n_models * cand_cap as usize)
+                .ctx("allocating candidates")?,
+            cand_n: s
+                .alloc_zeros::<u32>(n_models)
+                .ctx("allocating candidate counts")?,
+            cand_cap,
+            launch,
+        })
+    }
+}
+
+/// The launch shapes of one selection ([`select_cuts`]; the emulator's selection test launches
+/// the same).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SelectLaunch {
+    /// TIE_CHUNK chunks of the tensor.
+    pub(crate) n_tchunks: u64,
+    /// `sample_hist`: the sample's chunks (x, at most 16 blocks per multiprocessor) by models
+    /// (y), a chunk per block.
+    pub(crate) sample: LaunchConfig,
+    /// `sample_hist_smem`: blocks of 4 sample chunks in shared memory (x, at most one per
+    /// multiprocessor) by models (y).
+    pub(crate) sample_smem: LaunchConfig,
+    /// `sample_pick`, `sample_pick_lo`, `resolve`, `full_pick`: a block of 1024 per model.
+    pub(crate) per_model: LaunchConfig,
+    /// `bracket_pass`, `tie_pass`: blocks of 256 over the TIE_CHUNK chunks, at most 8 per
+    /// multiprocessor.
+    pub(crate) count: LaunchConfig,
+    /// `full_hist`: a grid-stride launch over the elements.
+    pub(crate) full: LaunchConfig,
+}
+
+impl SelectLaunch {
+    /// The launches for `n_models` models of `n` elements, `sample_chunks` of them sampled, on
+    /// `sms` multiprocessors.
+    pub(crate) fn of(n: u64, n_models: usize, sample_chunks: u64, sms: u32) -> Self {
+        let n_tchunks = n.div_ceil(TIE_CHUNK).max(1);
+        let sms64 = u64::from(sms);
+        let block = |x: u64, y: usize, threads: u32, smem: u32| LaunchConfig {
+            grid_dim: (x as u32, y as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        Self {
+            n_tchunks,
+            sample: block(
+                sample_chunks.min(sms64 * 16),
+                n_models,
+                SAMPLE_CHUNK as u32,
+                0,
+            ),
+            sample_smem: block(
+                sample_chunks.div_ceil(4).min(sms64),
+                n_models,
+                1024,
+                crate::device::SAMPLE_SMEM,
+            ),
+            per_model: block(n_models as u64, 1, 1024, 0),
+            count: block(n_tchunks.min(sms64 * 8), 1, 256, 0),
+            full: crate::device::grid_for(n, sms),
+        }
+    }
+}
+
+/// Candidates listed per model for a tensor of `n` elements: the keys within CAND_SPAN of the
+/// guess hold n / 600 to n / 300 elements of normal f32 task vectors cut at 20-50%; a list
+/// that overflows (data with fewer distinct keys) falls back to the tie pass.
+pub(crate) fn cand_cap(n: u64) -> u32 {
+    (n / 128 + 4096).min(u64::from(u32::MAX)) as u32
+}
+
+/// The counting pass, the resolution, the tie counts of a K that was not the guess (unless the
+/// candidates held it), and the resolution again.
 fn count_and_resolve(
     gpu: &Gpu,
     d_models: &mut CudaSlice<GtaModel>,
     d_sel: &mut CudaSlice<SelModel>,
     args: &GtaArgs,
-    fine: &mut CudaSlice<u32>,
-    tie: &mut CudaSlice<u32>,
-    n_tchunks: u64,
+    bufs: &mut SelBufs,
 ) -> Result<()> {
     let s = &gpu.stream;
     let pass = counting_kernel("bracket_pass", args);
@@ -1188,14 +1257,17 @@ fn count_and_resolve(
     b.arg(&*d_models)
         .arg(&mut *d_sel)
         .arg(args)
-        .arg(&mut *fine)
-        .arg(&mut *tie)
-        .arg(&n_tchunks);
-    // SAFETY: argument types match `bracket_pass`; fine and tie hold n_models rows.
-    unsafe { b.launch(chunk_grid(gpu, n_tchunks)) }.map_err(launch_err(pass))?;
+        .arg(&mut bufs.fine)
+        .arg(&mut bufs.tie)
+        .arg(&bufs.launch.n_tchunks)
+        .arg(&mut bufs.cand)
+        .arg(&mut bufs.cand_n)
+        .arg(&bufs.cand_cap);
+    // SAFETY: argument types match `bracket_pass`; fine, tie and cand hold n_models rows.
+    unsafe { b.launch(bufs.launch.count) }.map_err(launch_err(pass))?;
     mark(gpu, "bracket_pass");
-    resolve(gpu, d_models, d_sel, args, fine, tie, n_tchunks)?;
-    tie_round(gpu, d_models, d_sel, args, fine, tie, n_tchunks)
+    resolve(gpu, d_models, d_sel, args, bufs)?;
+    tie_round(gpu, d_models, d_sel, args, bufs)
 }
 
 /// The `bracket_pass` / `tie_pass` instance for the args' model count and slot orders.
@@ -1209,46 +1281,26 @@ pub(crate) fn counting_kernel(pass: &str, args: &GtaArgs) -> String {
     format!("{pass}{any}_{size}")
 }
 
-/// Blocks of 256 threads over the TIE_CHUNK chunks.
-fn chunk_grid(gpu: &Gpu, n_tchunks: u64) -> LaunchConfig {
-    chunk_grid_for(n_tchunks, gpu.sms)
-}
-
-/// [`chunk_grid`] on a device of `sms` multiprocessors.
-pub(crate) fn chunk_grid_for(n_tchunks: u64, sms: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n_tchunks.min(u64::from(sms) * 8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// `resolve`: K and the cut of every model in ST_PENDING or ST_TIES.
 fn resolve(
     gpu: &Gpu,
     d_models: &mut CudaSlice<GtaModel>,
     d_sel: &mut CudaSlice<SelModel>,
     args: &GtaArgs,
-    fine: &mut CudaSlice<u32>,
-    tie: &CudaSlice<u32>,
-    n_tchunks: u64,
+    bufs: &mut SelBufs,
 ) -> Result<()> {
     let mut b = gpu.stream.launch_builder(gpu.function("resolve"));
     b.arg(&mut *d_models)
         .arg(&mut *d_sel)
         .arg(args)
-        .arg(&mut *fine)
-        .arg(tie)
-        .arg(&n_tchunks);
+        .arg(&mut bufs.fine)
+        .arg(&bufs.tie)
+        .arg(&bufs.launch.n_tchunks)
+        .arg(&bufs.cand)
+        .arg(&bufs.cand_n)
+        .arg(&bufs.cand_cap);
     // SAFETY: argument types match `resolve`.
-    unsafe {
-        b.launch(LaunchConfig {
-            grid_dim: (args.n_models as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(launch_err("resolve"))?;
+    unsafe { b.launch(bufs.launch.per_model) }.map_err(launch_err("resolve"))?;
     mark(gpu, "resolve");
     Ok(())
 }
@@ -1259,9 +1311,7 @@ fn tie_round(
     d_models: &mut CudaSlice<GtaModel>,
     d_sel: &mut CudaSlice<SelModel>,
     args: &GtaArgs,
-    fine: &mut CudaSlice<u32>,
-    tie: &mut CudaSlice<u32>,
-    n_tchunks: u64,
+    bufs: &mut SelBufs,
 ) -> Result<()> {
     let ties = counting_kernel("tie_pass", args);
     let ties = ties.as_str();
@@ -1269,12 +1319,12 @@ fn tie_round(
     b.arg(&*d_models)
         .arg(&*d_sel)
         .arg(args)
-        .arg(&mut *tie)
-        .arg(&n_tchunks);
+        .arg(&mut bufs.tie)
+        .arg(&bufs.launch.n_tchunks);
     // SAFETY: argument types match `tie_pass`.
-    unsafe { b.launch(chunk_grid(gpu, n_tchunks)) }.map_err(launch_err(ties))?;
+    unsafe { b.launch(bufs.launch.count) }.map_err(launch_err(ties))?;
     mark(gpu, "tie_pass");
-    resolve(gpu, d_models, d_sel, args, fine, tie, n_tchunks)
+    resolve(gpu, d_models, d_sel, args, bufs)
 }
 
 #[cfg(test)]

@@ -1,14 +1,14 @@
 //! The exact magnitude selection of TIES and breadcrumbs (`select.cu`: sample, bracket pass,
-//! resolve, tie pass, the exact fallback) on the emulator, launched in `select_cuts`' order,
-//! against a sort of every element's (key, index).
+//! resolve, tie pass, the exact fallback) on the emulator, launched in `select_cuts`' order and
+//! shapes (`SelectLaunch`), against a sort of every element's (key, index).
 
 use super::della_tests::Mix;
 use super::{arg, dims, Buf, Emu};
-use crate::device::{grid_for, SAMPLE_SMEM};
 use crate::merge::{
-    chunk_grid_for, counting_kernel, GtaArgs, GtaModel, Sample, SelModel, FINE_BINS, HBINS,
+    cand_cap, counting_kernel, GtaArgs, GtaModel, Sample, SelModel, SelectLaunch, FINE_BINS, HBINS,
     ORDER_ASC, SAMPLE_CHUNK, ST_DONE, ST_MISSED, ST_TIES, TIE_CHUNK,
 };
+use cudarc::driver::LaunchConfig;
 use std::ffi::c_void;
 
 const SMS: u32 = 2;
@@ -22,6 +22,8 @@ struct Run {
     smem: bool,
     /// Straight to the exact path (`force_exact_selection`).
     force: bool,
+    /// Candidates per model (`cand_cap` of the length when `None`).
+    cap: Option<u32>,
 }
 
 /// What happened on the way.
@@ -29,6 +31,8 @@ struct Run {
 struct Paths {
     ties: bool,
     missed: bool,
+    /// K was not the guess, and the candidates held its elements.
+    listed: bool,
 }
 
 /// Device buffers of one selection.
@@ -38,48 +42,53 @@ struct Bufs {
     hist: Buf,
     fine: Buf,
     tie: Buf,
+    cand: Buf,
+    cap: u32,
+    plan: SelectLaunch,
 }
 
-fn launch(
-    emu: &Emu,
-    name: &str,
-    cfg: ((u32, u32, u32), (u32, u32, u32), usize),
-    args: &mut [*mut c_void],
-) {
+fn launch(emu: &Emu, name: &str, cfg: &LaunchConfig, args: &mut [*mut c_void]) {
+    let (grid, block, smem) = dims(cfg);
     // SAFETY: every caller passes the kernel's parameters in order, with buffers of the sizes
     // `select_cuts` allocates.
-    unsafe { emu.launch(name, cfg.0, cfg.1, cfg.2, args) };
-}
-
-fn per_model(n_models: usize) -> ((u32, u32, u32), (u32, u32, u32), usize) {
-    ((n_models as u32, 1, 1), (1024, 1, 1), 0)
+    unsafe { emu.launch(name, grid, block, smem, args) };
 }
 
 /// `count_and_resolve`: the counting pass, `resolve`, the tie pass and `resolve` again.
-fn count_and_resolve(emu: &Emu, b: &mut Bufs, a: &mut GtaArgs, n_tchunks: u64, paths: &mut Paths) {
+fn count_and_resolve(emu: &Emu, b: &mut Bufs, a: &mut GtaArgs, paths: &mut Paths) {
     let n_models = a.n_models as usize;
     let (mp, sp, fp, tp) = (b.models.ptr(), b.sel.ptr(), b.fine.ptr(), b.tie.ptr());
-    let nt = n_tchunks;
-    let grid = dims(&chunk_grid_for(n_tchunks, SMS));
-    let pass = counting_kernel("bracket_pass", a);
-    launch(
-        emu,
-        &pass,
-        grid,
-        &mut [arg(&mp), arg(&sp), arg(&*a), arg(&fp), arg(&tp), arg(&nt)],
-    );
-    let resolve = |a: &mut GtaArgs| {
-        let mut args = [arg(&mp), arg(&sp), arg(&*a), arg(&fp), arg(&tp), arg(&nt)];
-        launch(emu, "resolve", per_model(n_models), &mut args);
+    let mut counts = Buf::zeros(4 * n_models);
+    let (cp, np, cap) = (b.cand.ptr(), counts.ptr(), b.cap);
+    let (nt, plan) = (b.plan.n_tchunks, b.plan);
+    // `bracket_pass` and `resolve` take the same arguments.
+    let with_all = |name: &str, cfg: &LaunchConfig, a: &mut GtaArgs| {
+        let mut args = [
+            arg(&mp),
+            arg(&sp),
+            arg(&*a),
+            arg(&fp),
+            arg(&tp),
+            arg(&nt),
+            arg(&cp),
+            arg(&np),
+            arg(&cap),
+        ];
+        launch(emu, name, cfg, &mut args);
     };
+    with_all(&counting_kernel("bracket_pass", a), &plan.count, a);
+    let resolve = |a: &mut GtaArgs| with_all("resolve", &plan.per_model, a);
     resolve(a);
     let sel: Vec<SelModel> = b.sel.read_structs(n_models);
     paths.ties |= sel.iter().any(|s| s.active == 1 && s.state == ST_TIES);
+    paths.listed |= sel
+        .iter()
+        .any(|s| s.active == 1 && s.state == ST_DONE && s.key != s.guess && s.less != s.p);
     let ties = counting_kernel("tie_pass", a);
     launch(
         emu,
         &ties,
-        grid,
+        &plan.count,
         &mut [arg(&mp), arg(&sp), arg(&*a), arg(&tp), arg(&nt)],
     );
     resolve(a);
@@ -105,13 +114,18 @@ fn select(
             ..Default::default()
         })
         .collect();
-    let n_tchunks = n.div_ceil(TIE_CHUNK).max(1);
+    let sample = Sample::of(n, run.chunks);
+    let plan = SelectLaunch::of(n, n_models, sample.n_chunks, SMS);
+    let cap = run.cap.unwrap_or_else(|| cand_cap(n));
     let mut b = Bufs {
         models: Buf::of_structs(models),
         sel: Buf::of_structs(&sel),
         hist: Buf::zeros(4 * n_models * HBINS),
         fine: Buf::zeros(4 * n_models * FINE_BINS),
-        tie: Buf::zeros(4 * n_models * n_tchunks as usize),
+        tie: Buf::zeros(4 * n_models * plan.n_tchunks as usize),
+        cand: Buf::zeros(8 * n_models * cap as usize),
+        cap,
+        plan,
     };
     let (mp, sp, mut hp) = (b.models.ptr(), b.sel.ptr(), b.hist.ptr());
     if !run.force {
@@ -119,22 +133,13 @@ fn select(
             stride,
             n_chunks,
             sampled,
-        } = Sample::of(n, run.chunks);
+        } = sample;
         for lo_pass in [0i32, 1] {
             if lo_pass == 1 {
                 b.hist = Buf::zeros(4 * n_models * HBINS);
                 hp = b.hist.ptr();
             }
             if lo_pass == 0 && run.smem {
-                let cfg = (
-                    (
-                        n_chunks.div_ceil(4).min(u64::from(SMS)) as u32,
-                        n_models as u32,
-                        1,
-                    ),
-                    (1024, 1, 1),
-                    SAMPLE_SMEM as usize,
-                );
                 let mut args = [
                     arg(&mp),
                     arg(&sp),
@@ -143,13 +148,8 @@ fn select(
                     arg(&n_chunks),
                     arg(&hp),
                 ];
-                launch(emu, "sample_hist_smem", cfg, &mut args);
+                launch(emu, "sample_hist_smem", &plan.sample_smem, &mut args);
             } else {
-                let cfg = (
-                    (n_chunks.min(u64::from(SMS) * 16) as u32, n_models as u32, 1),
-                    (SAMPLE_CHUNK as u32, 1, 1),
-                    0,
-                );
                 let mut args = [
                     arg(&mp),
                     arg(&sp),
@@ -159,21 +159,21 @@ fn select(
                     arg(&lo_pass),
                     arg(&hp),
                 ];
-                launch(emu, "sample_hist", cfg, &mut args);
+                launch(emu, "sample_hist", &plan.sample, &mut args);
             }
             if lo_pass == 0 {
                 let mut args = [arg(&sp), arg(&hp), arg(&n), arg(&sampled)];
-                launch(emu, "sample_pick", per_model(n_models), &mut args);
+                launch(emu, "sample_pick", &plan.per_model, &mut args);
             } else {
                 launch(
                     emu,
                     "sample_pick_lo",
-                    per_model(n_models),
+                    &plan.per_model,
                     &mut [arg(&sp), arg(&hp)],
                 );
             }
         }
-        count_and_resolve(emu, &mut b, a, n_tchunks, paths);
+        count_and_resolve(emu, &mut b, a, paths);
     }
     let now: Vec<SelModel> = b.sel.read_structs(n_models);
     if now.iter().any(|m| m.active == 1 && m.state == ST_MISSED) {
@@ -183,17 +183,12 @@ fn select(
         launch(
             emu,
             "full_hist",
-            dims(&grid_for(n, SMS)),
+            &plan.full,
             &mut [arg(&mp), arg(&sp), arg(&*a), arg(&hp)],
         );
-        launch(
-            emu,
-            "full_pick",
-            per_model(n_models),
-            &mut [arg(&sp), arg(&hp)],
-        );
+        launch(emu, "full_pick", &plan.per_model, &mut [arg(&sp), arg(&hp)]);
         b.fine = Buf::zeros(4 * n_models * FINE_BINS);
-        count_and_resolve(emu, &mut b, a, n_tchunks, paths);
+        count_and_resolve(emu, &mut b, a, paths);
     }
     let now: Vec<SelModel> = b.sel.read_structs(n_models);
     for (i, s) in now.iter().enumerate() {
@@ -294,11 +289,13 @@ fn exact_selection_keeps_exactly_p_in_every_path() {
         chunks: 1 << 12,
         smem: false,
         force: false,
+        cap: None,
     };
     let sparse = Run {
         chunks: 6,
         smem: false,
         force: false,
+        cap: None,
     };
     let n = 3 * TIE_CHUNK as usize * 3 + 77;
     let base = mix.values(n, None);
@@ -398,6 +395,42 @@ fn exact_selection_keeps_exactly_p_in_every_path() {
             "keys on bin boundaries",
         );
     }
+    // f32 keys shared by a few elements each (4000 magnitudes 128 ulps apart): K is not
+    // the sparse sample's guess and is near it, so the candidates hold its elements; with a
+    // list of one entry they overflow, and the tie pass finds them.
+    let x: Vec<f32> = (0..n)
+        .map(|_| {
+            let r = mix.next();
+            let m = 0x3f80_0000 + 128 * ((r >> 24) % 4000) as u32;
+            f32::from_bits(m | (r as u32 & 0x8000_0000))
+        })
+        .collect();
+    for run in [
+        sparse,
+        Run {
+            cap: Some(1),
+            ..sparse
+        },
+        dense,
+    ] {
+        for p in [n as u64 / 5, n as u64 / 2 + 3] {
+            check(
+                emu,
+                std::slice::from_ref(&x),
+                &zero,
+                0,
+                &[Some(p)],
+                0,
+                run,
+                &mut paths,
+                "shared keys",
+            );
+        }
+    }
+    assert!(
+        paths.listed,
+        "no case found K's elements among the candidates"
+    );
     assert!(
         paths.ties,
         "no case took the tie pass (K other than the sample's guess)"
