@@ -330,6 +330,16 @@ fn exact_selection_keeps_exactly_p_in_every_path() {
     ] {
         check(emu, &xs, &zero, 2, &ps, 0, run, &mut paths, "bf16 ties");
     }
+    // TIES with 6 and 9 models (the 8- and 16-model instances), one of them not selected.
+    for count in [6usize, 9] {
+        let xs: Vec<Vec<f32>> = (0..count).map(|_| mix.values(n, None)).collect();
+        let ps: Vec<Option<u64>> = (0..count)
+            .map(|i| (i != 2).then_some(n as u64 / 11 * (i as u64 + 1)))
+            .collect();
+        for run in [dense, sparse] {
+            check(emu, &xs, &base, 0, &ps, 0, run, &mut paths, "many models");
+        }
+    }
     // Breadcrumbs' ascending order (the `_any` kernels), five models (the 8-model instances).
     let xs: Vec<Vec<f32>> = (0..5).map(|_| mix.values(n, None)).collect();
     let ps: Vec<Option<u64>> = (0..5).map(|i| Some(n as u64 / 7 * (i + 1))).collect();
