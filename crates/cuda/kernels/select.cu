@@ -8,16 +8,16 @@
 //    bins around the target quantile, with a wide margin; `sample_hist_lo` / `sample_pick_lo`
 //    refine the sample's own key at the target (`guess`).
 // 2. `bracket_pass`: one pass over every element counting keys below `lo`, histogramming the
-//    keys inside [lo, hi] at full resolution, and counting per TIE_CHUNK chunk the keys equal to
-//    `guess`.
-//    It also lists (key, index) of the elements inside the bracket whose key is within
+//    keys inside [lo, hi] at full resolution, counting per TIE_CHUNK chunk the keys equal to
+//    `guess`, and listing (key, index) of the elements inside the bracket whose key is within
 //    CAND_SPAN of the guess (the candidates, `cand`).
 // 3. `resolve`: the exact key K at position p and the number of keys below it; when some but
 //    not all elements with key K come before p, the index of the (p - less)-th of them: from
 //    the per-chunk counts and one chunk's scan when K is the guess, from the candidates when
 //    they hold every element of K (K near the guess, the list not overflowed, at most 1024
-//    elements). Otherwise `tie_pass` counts K per chunk and `resolve` runs again. If p is outside the bracket (the sample misled), the host takes
-//    the whole key range through `full_hist` / `full_pick` and runs 2-3 again.
+//    elements). Otherwise `tie_pass` counts K per chunk and `resolve` runs again. If p is
+//    outside the bracket (the sample misled), the host takes the whole key range through
+//    `full_hist` / `full_pick` and runs 2-3 again.
 //
 // The result, written to `GtaModel.cut`, is the composite (K << 32 | I): an element is kept
 // when (key << 32 | index) < cut.

@@ -905,6 +905,30 @@ pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> 
     Ok(rows)
 }
 
+/// The registers of the hot kernels as the driver compiled them for this device, and the blocks
+/// of 256 threads they allow per multiprocessor, against the budgets the occupancy test holds
+/// NVRTC's sm_90 code to (informational rows: the device's compiler may allocate otherwise).
+pub fn register_rows(gpu: &Gpu) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &(k, min) in crate::occupancy::BUDGETS {
+        let regs = gpu
+            .function(k)
+            .num_regs()
+            .ctx(&format!("reading the registers of {k}"))?;
+        let regs = u32::try_from(regs).unwrap_or(0);
+        let blocks = crate::occupancy::blocks_per_sm(regs, 256);
+        rows.push(Row {
+            name: format!("registers {k}"),
+            note: format!(
+                "{regs} per thread: {blocks} blocks of 256 per SM (sm_90 budget: {min}{})",
+                if blocks < min { ", BELOW" } else { "" }
+            ),
+            ..Default::default()
+        });
+    }
+    Ok(rows)
+}
+
 /// The table `gpu-check` prints: GB/s and percent of the copy bandwidth where bytes are known,
 /// TFLOP/s where flops are.
 pub fn table(rows: &[Row], copy_gbs: f64) -> String {
@@ -1189,6 +1213,22 @@ mod tests {
         with_gpu("gpu_mats_merges_match_the_cpu", |gpu| {
             let rows = mats_parity(gpu).expect("MaTS parity");
             assert_eq!(rows.len(), MATS_OBJECTIVES.len());
+            assert!(all_passed(&rows), "{}", table(&rows, 1.0));
+        });
+    }
+
+    #[test]
+    fn gpu_register_rows_cover_the_budgets() {
+        with_gpu("gpu_register_rows_cover_the_budgets", |gpu| {
+            let rows = register_rows(gpu).expect("reading registers");
+            let names: Vec<String> = crate::occupancy::BUDGETS
+                .iter()
+                .map(|(k, _)| format!("registers {k}"))
+                .collect();
+            assert_eq!(
+                rows.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                names
+            );
             assert!(all_passed(&rows), "{}", table(&rows, 1.0));
         });
     }

@@ -131,6 +131,7 @@ mod imp {
             .iter()
             .find(|r| r.name.starts_with("H2D pinned") && r.ms > 0.0)
             .map_or(0.0, |r| r.bytes / r.ms / 1e6);
+        step(&mut rows, "registers", || check::register_rows(&gpu));
         step(&mut rows, "parity", || {
             check::parity_suite(&gpu, opts.parity_elems, opts.models)
         });
