@@ -105,25 +105,70 @@ __device__ __forceinline__ void store8(void* p, int dt, u64 g, const float v[8])
     }
 }
 
+// The raw bits of E consecutive elements Eg..Eg+E-1 (E = 2, 4 or 8; the base pointer is
+// aligned to 4E bytes): 4-byte elements fill w[0..E), 2-byte ones w[0..E/2). A kernel fetches
+// every input before it decodes any, so that all the loads are in flight together: decoding in
+// the branch that loads (per input, on its encoding) makes the compiler wait there for the data
+// before it issues the next input's load. HALF: the caller knows the encoding is f16 or bf16
+// (no f32 path, whose registers would count).
+template <int E>
+struct Raw {
+    u32 w[E];
+};
+
+template <int E, bool HALF = false>
+__device__ __forceinline__ void fetch(const void* p, int dt, u64 g, Raw<E>& r) {
+    if (!HALF && dt == DT_F32) {
+        if (E == 8) {
+            const uint4* q = (const uint4*)p + 2 * g;
+            uint4 a = q[0], b = q[1];
+            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w;
+            r.w[4 % E] = b.x; r.w[5 % E] = b.y; r.w[6 % E] = b.z; r.w[7 % E] = b.w;
+        } else if (E == 4) {
+            uint4 a = ((const uint4*)p)[g];
+            r.w[0] = a.x; r.w[1 % E] = a.y; r.w[2 % E] = a.z; r.w[3 % E] = a.w;
+        } else {
+            uint2 a = ((const uint2*)p)[g];
+            r.w[0] = a.x; r.w[1] = a.y;
+        }
+    } else {
+        if (E == 8) {
+            uint4 a = ((const uint4*)p)[g];
+            r.w[0] = a.x; r.w[1] = a.y; r.w[2] = a.z; r.w[3] = a.w;
+        } else if (E == 4) {
+            uint2 a = ((const uint2*)p)[g];
+            r.w[0] = a.x; r.w[1] = a.y;
+        } else {
+            r.w[0] = ((const u32*)p)[g];
+        }
+    }
+}
+
+template <int E, bool HALF = false>
+__device__ __forceinline__ void decode(const Raw<E>& r, int dt, float* v) {
+    // One branch per input, not per element.
+    if (!HALF && dt == DT_F32) {
+#pragma unroll
+        for (int k = 0; k < E; k++) v[k] = __uint_as_float(r.w[k]);
+    } else if (dt == DT_BF16) {
+#pragma unroll
+        for (int k = 0; k < E / 2; k++) {
+            v[2 * k] = __uint_as_float(r.w[k] << 16);
+            v[2 * k + 1] = __uint_as_float(r.w[k] & 0xffff0000u);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < E / 2; k++) {
+            v[2 * k] = f16_to_f32((u16)(r.w[k] & 0xffffu));
+            v[2 * k + 1] = f16_to_f32((u16)(r.w[k] >> 16));
+        }
+    }
+}
+
 // Record the lowest flat index of a non-finite input value per input slot, as ~index in a
 // zero-initialised slot (so the largest value wins).
 __device__ __forceinline__ void note_nonfinite(u64* bad, int slot, float v, u64 idx) {
     if (!isfinite(v)) atomicMax((unsigned long long*)(bad + slot), (unsigned long long)~idx);
-}
-
-// Load elements j and j+1 (j even; the allocation is padded to 16 bytes, so j+1 may be one past
-// the end).
-__device__ __forceinline__ void load2(const void* p, int dt, u64 j, float v[2]) {
-    if (dt == DT_F32) {
-        float2 a = *(const float2*)((const float*)p + j);
-        v[0] = a.x;
-        v[1] = a.y;
-    } else {
-        u32 w = *(const u32*)((const u16*)p + j);
-        u16 lo = (u16)(w & 0xffffu), hi = (u16)(w >> 16);
-        v[0] = dt == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-        v[1] = dt == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
-    }
 }
 
 // Load 4 consecutive elements 4g..4g+3 (the base pointer is 16-byte aligned).

@@ -11,18 +11,30 @@ struct LinInput {
     int dt;
 };
 
+// The inputs of `linear_merge_2/4/8`, passed by value: in the kernel's parameter space they
+// are operands of the loop's instructions, not registers or loads (layout shared with
+// `amalgam_cuda::merge::LinTable`). Unused slots repeat input 0.
+#define LIN_TABLE 8
+struct LinTable {
+    LinInput in[LIN_TABLE];
+};
+static_assert(sizeof(LinTable) == 128, "LinTable's layout is shared with merge.rs");
+
 // The elements from `from` to n (fewer than 8) of `linear_merge_*`, one per thread of the
-// grid's first threads.
-__device__ __forceinline__ void linear_tail(const LinInput* __restrict__ in, int n_in, int has_div,
-                                            float div, u64 n, u64 from, void* out, int out_dt,
-                                            u64* bad) {
+// grid's first threads; `in` is a `LinInput[n_in]` (MAXN 0: any count, else at most MAXN).
+template <int MAXN, class In>
+__device__ __forceinline__ void linear_tail(const In& in, int n_in, int has_div, float div, u64 n,
+                                            u64 from, void* out, int out_dt, u64* bad) {
     u64 j = from + (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j < n) {
         float acc = 0.0f;
-        for (int i = 0; i < n_in; i++) {
-            float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
-            note_nonfinite(bad, i, v, j);
-            acc += v * in[i].w;
+#pragma unroll
+        for (int i = 0; i < (MAXN ? MAXN : n_in); i++) {
+            if (i < n_in) {
+                float v = load_elem((const void*)in[i].ptr, in[i].dt, j);
+                note_nonfinite(bad, i, v, j);
+                acc += v * in[i].w;
+            }
         }
         if (has_div) acc /= div;
         store_elem(out, out_dt, j, acc);
@@ -34,23 +46,28 @@ __device__ __forceinline__ void linear_tail(const LinInput* __restrict__ in, int
 // non-finite (inf * 0 and inf - inf are NaN), so only non-finite outputs are traced back to
 // their inputs. (16 elements per thread for 2-byte inputs measured slower on an H200.)
 template <int MAXN>
-__device__ __forceinline__ void linear_body(const LinInput* __restrict__ in, int n_in, int has_div,
-                                            float div, u64 n, void* out, int out_dt, u64* bad) {
+__device__ __forceinline__ void linear_body(const LinTable& t, int n_in, int has_div, float div,
+                                            u64 n, void* out, int out_dt, u64* bad) {
     u64 groups = n / 8;
     GRID_STRIDE(g, groups) {
-        float v[MAXN][8];
+        // Every slot is loaded (unused ones read input 0 again), so that no load waits on a
+        // predicate.
+        Raw<8> r[MAXN];
 #pragma unroll
-        for (int i = 0; i < MAXN; i++)
-            if (i < n_in) load8((const void*)in[i].ptr, in[i].dt, g, v[i]);
+        for (int i = 0; i < MAXN; i++) fetch<8>((const void*)t.in[i].ptr, t.in[i].dt, g, r[i]);
+        // Each input decoded as it is added (and again to trace a non-finite output), so that
+        // only the raw words stay in registers.
         float acc[8];
 #pragma unroll
         for (int k = 0; k < 8; k++) acc[k] = 0.0f;
 #pragma unroll
         for (int i = 0; i < MAXN; i++) {
             if (i < n_in) {
-                float wi = in[i].w;
+                float v[8];
+                decode<8>(r[i], t.in[i].dt, v);
+                float wi = t.in[i].w;
 #pragma unroll
-                for (int k = 0; k < 8; k++) acc[k] += v[i][k] * wi;
+                for (int k = 0; k < 8; k++) acc[k] += v[k] * wi;
             }
         }
         if (has_div) {
@@ -62,21 +79,24 @@ __device__ __forceinline__ void linear_body(const LinInput* __restrict__ in, int
         for (int k = 0; k < 8; k++) all &= isfinite(acc[k]);
         if (!all) {
 #pragma unroll
-            for (int i = 0; i < MAXN; i++)
-                if (i < n_in)
+            for (int i = 0; i < MAXN; i++) {
+                if (i < n_in) {
+                    float v[8];
+                    decode<8>(r[i], t.in[i].dt, v);
 #pragma unroll
-                    for (int k = 0; k < 8; k++) note_nonfinite(bad, i, v[i][k], 8 * g + k);
+                    for (int k = 0; k < 8; k++) note_nonfinite(bad, i, v[k], 8 * g + k);
+                }
+            }
         }
         store8(out, out_dt, g, acc);
     }
-    linear_tail(in, n_in, has_div, div, n, groups * 8, out, out_dt, bad);
+    linear_tail<MAXN>(t.in, n_in, has_div, div, n, groups * 8, out, out_dt, bad);
 }
 
 #define LINEAR_INSTANCE(N)                                                                   \
-    extern "C" __global__ void linear_merge_##N(const LinInput* in, int n_in, int has_div,   \
-                                                float div, u64 n, void* out, int out_dt,     \
-                                                u64* bad) {                                  \
-        linear_body<N>(in, n_in, has_div, div, n, out, out_dt, bad);                         \
+    extern "C" __global__ void linear_merge_##N(LinTable t, int n_in, int has_div, float div, \
+                                                u64 n, void* out, int out_dt, u64* bad) {    \
+        linear_body<N>(t, n_in, has_div, div, n, out, out_dt, bad);                          \
     }
 LINEAR_INSTANCE(2)
 LINEAR_INSTANCE(4)
@@ -106,7 +126,7 @@ extern "C" __global__ void linear_merge_any(const LinInput* in, int n_in, int ha
         }
         store8(out, out_dt, g, acc);
     }
-    linear_tail(in, n_in, has_div, div, n, groups * 8, out, out_dt, bad);
+    linear_tail<0>(in, n_in, has_div, div, n, groups * 8, out, out_dt, bad);
 }
 
 // One model of the pipeline (layout shared with `amalgam_cuda::merge::GtaModel`).
@@ -369,50 +389,72 @@ __device__ __forceinline__ float fast_value(float d, u64 j, u32 ck, u32 cj, u64 
     return (d * f) * w;
 }
 
-template <int MAXN, int MODE, int V>
-__device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const GtaArgs& a) {
+// The host's part of each model for `gta_fast`, passed by value (layout shared with
+// `amalgam_cuda::merge::FastTable`): in the kernel's parameter space these are operands of the
+// loop's instructions, not registers, which leaves registers for every input's loads to be in
+// flight together. Unused slots read the base (`ptr`, `dt`) and are otherwise zero.
+struct FastModel {
+    u64 ptr;    // the model's tensor
+    u64 thr;    // DARE: keep when the Philox word is below this (2^32: keep all)
+    float w;    // weight
+    float f;    // L1 rescale factor (1 when none)
+    float sc;   // DARE: factor of kept entries (1 without DARE)
+    int dt;     // encoding
+    u32 k0, k1; // Philox key
+};
+#define FAST_TABLE 8
+struct FastTable {
+    FastModel m[FAST_TABLE];
+};
+static_assert(sizeof(FastTable) == 320, "FastTable's layout is shared with merge.rs");
+
+template <int MAXN, int MODE, int V, bool HALF>
+__device__ __forceinline__ void gta_fast(const FastTable& t, const GtaModel* __restrict__ gm,
+                                         const GtaArgs& a) {
     int n_models = a.n_models;
-    u64 ptr[MAXN], thr[MAXN];
     u32 ck[MAXN], cj[MAXN];  // the cut's key and index halves (MODE_RANK: n < 2^32)
-    int dt[MAXN];
-    float w[MAXN], f[MAXN], sc[MAXN];
-    u32 k0[MAXN], k1[MAXN];
+    float w[MAXN];
 #pragma unroll
     for (int i = 0; i < MAXN; i++) {
-        if (i < n_models) {
-            ptr[i] = gm[i].ptr;
-            dt[i] = gm[i].dt;
-            w[i] = gm[i].weight;
-            f[i] = gm[i].factor;
-            bool rank = gm[i].mask == MASK_RANK, dare = gm[i].mask == MASK_DARE;
-            u64 cut = rank ? gm[i].cut : ~0ull;
-            ck[i] = (u32)(cut >> 32);
-            cj[i] = (u32)cut;
-            thr[i] = dare ? gm[i].threshold : (1ull << 32);
-            sc[i] = dare ? gm[i].scale : 1.0f;
-            k0[i] = gm[i].k0;
-            k1[i] = gm[i].k1;
-        } else {
-            w[i] = 0.0f;
-        }
+        w[i] = t.m[i].w;
+        // The cuts are the selection's, on the device.
+        u64 cut = MODE == MODE_RANK && i < n_models && gm[i].mask == MASK_RANK ? gm[i].cut : ~0ull;
+        ck[i] = (u32)(cut >> 32);
+        cj[i] = (u32)cut;
     }
     u64* bad = (u64*)a.bad;
     u64 groups = a.n / V;
     u32 h0 = (u32)a.name_hash, h1 = (u32)(a.name_hash >> 32);
     GRID_STRIDE(g, groups) {
+        // Every slot is loaded (unused ones read the base again), so that no load waits on a
+        // predicate: with them, the compiler delayed the last load past the first use.
         float b[V];
-        loadv<V>((const void*)a.base, a.base_dt, g, b);
         float x[MAXN][V];
+        if constexpr (HALF) {
+            // f16/bf16 inputs only: every input fetched, then decoded (`fetch`).
+            Raw<V> rb, r[MAXN];
+            fetch<V, true>((const void*)a.base, a.base_dt, g, rb);
 #pragma unroll
-        for (int i = 0; i < MAXN; i++)
-            if (i < n_models) loadv<V>((const void*)ptr[i], dt[i], g, x[i]);
+            for (int i = 0; i < MAXN; i++)
+                fetch<V, true>((const void*)t.m[i].ptr, t.m[i].dt, g, r[i]);
+            decode<V, true>(rb, a.base_dt, b);
+#pragma unroll
+            for (int i = 0; i < MAXN; i++) decode<V, true>(r[i], t.m[i].dt, x[i]);
+        } else {
+            // f32 inputs (or a mix): f32 loads need no decoding, so they are all in flight
+            // together as they are; fetching first would cost registers (5 to 4 blocks per
+            // multiprocessor for gta_plain_4).
+            loadv<V>((const void*)a.base, a.base_dt, g, b);
+#pragma unroll
+            for (int i = 0; i < MAXN; i++) loadv<V>((const void*)t.m[i].ptr, t.m[i].dt, g, x[i]);
+        }
         u32 ex = 0;
 #pragma unroll
         for (int k = 0; k < V; k++) {
             ex = max(ex, exp_bits(b[k]));
 #pragma unroll
             for (int i = 0; i < MAXN; i++)
-                if (i < n_models) ex = max(ex, exp_bits(x[i][k]));
+                ex = max(ex, exp_bits(x[i][k]));
         }
         if (ex == 0x7f800000u) {
 #pragma unroll
@@ -431,8 +473,9 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
                 if (i < n_models) {
-                    v[i] = fast_value<MODE>(x[i][k] - b[k], j, ck[i], cj[i], thr[i], sc[i],
-                                            k0[i], k1[i], h0, h1, f[i], w[i]);
+                    v[i] = fast_value<MODE>(x[i][k] - b[k], j, ck[i], cj[i], t.m[i].thr,
+                                            t.m[i].sc, t.m[i].k0, t.m[i].k1, h0, h1, t.m[i].f,
+                                            w[i]);
                 }
             }
             o[k] = gta_mix<MAXN>(w, a, v, b[k]);
@@ -448,32 +491,38 @@ __device__ __forceinline__ void gta_fast(const GtaModel* __restrict__ gm, const 
 #pragma unroll
         for (int i = 0; i < MAXN; i++) {
             if (i < n_models) {
-                float x = load_elem((const void*)ptr[i], dt[i], j);
+                float x = load_elem((const void*)t.m[i].ptr, t.m[i].dt, j);
                 note_nonfinite(bad, 1 + i, x, j);
-                v[i] = fast_value<MODE>(x - b, j, ck[i], cj[i], thr[i], sc[i], k0[i], k1[i], h0,
-                                        h1, f[i], w[i]);
+                v[i] = fast_value<MODE>(x - b, j, ck[i], cj[i], t.m[i].thr, t.m[i].sc, t.m[i].k0,
+                                        t.m[i].k1, h0, h1, t.m[i].f, w[i]);
             }
         }
         store_elem((void*)a.out, a.out_dt, j, gta_mix<MAXN>(w, a, v, b));
     }
 }
 
-// `_v8` instances: 8 elements per thread (16-byte loads of 2-byte inputs), up to 4 models.
-#define FAST_INSTANCE(N, V, SUFFIX)                                                          \
-    extern "C" __global__ void gta_plain_##N##SUFFIX(const GtaModel* m, GtaArgs a) {         \
-        gta_fast<N, MODE_NONE, V>(m, a);                                                     \
+// Instances by the largest model count they take (N), V elements per thread; HALF: f16/bf16
+// inputs only (`_v8`: 8 elements per thread, 16-byte loads, up to 4 models; `_h`: 4 elements
+// per thread, up to 8 models, where 8 per thread would hold too many decoded values).
+#define FAST_INSTANCE(N, V, HALF, SUFFIX)                                                    \
+    extern "C" __global__ void gta_plain_##N##SUFFIX(FastTable t, const GtaModel* m,         \
+                                                     GtaArgs a) {                            \
+        gta_fast<N, MODE_NONE, V, HALF>(t, m, a);                                            \
     }                                                                                        \
-    extern "C" __global__ void gta_rank_##N##SUFFIX(const GtaModel* m, GtaArgs a) {          \
-        gta_fast<N, MODE_RANK, V>(m, a);                                                     \
+    extern "C" __global__ void gta_rank_##N##SUFFIX(FastTable t, const GtaModel* m,          \
+                                                    GtaArgs a) {                             \
+        gta_fast<N, MODE_RANK, V, HALF>(t, m, a);                                            \
     }                                                                                        \
-    extern "C" __global__ void gta_dare_##N##SUFFIX(const GtaModel* m, GtaArgs a) {          \
-        gta_fast<N, MODE_DARE, V>(m, a);                                                     \
+    extern "C" __global__ void gta_dare_##N##SUFFIX(FastTable t, const GtaModel* m,          \
+                                                    GtaArgs a) {                             \
+        gta_fast<N, MODE_DARE, V, HALF>(t, m, a);                                            \
     }
-FAST_INSTANCE(2, 4, )
-FAST_INSTANCE(4, 4, )
-FAST_INSTANCE(8, 4, )
-FAST_INSTANCE(2, 8, _v8)
-FAST_INSTANCE(4, 8, _v8)
+FAST_INSTANCE(2, 4, false, )
+FAST_INSTANCE(4, 4, false, )
+FAST_INSTANCE(8, 4, false, )
+FAST_INSTANCE(2, 8, true, _v8)
+FAST_INSTANCE(4, 8, true, _v8)
+FAST_INSTANCE(8, 4, true, _h)
 
 // Instances by the largest model count they accept (the caller picks the smallest that fits).
 // (4 elements per thread, as merge.rs launches them.)

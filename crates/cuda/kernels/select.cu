@@ -256,17 +256,6 @@ extern "C" __global__ void sample_pick_lo(SelModel* sel, const u32* hist) {
     if (threadIdx.x == 0 && b < HBINS) sel[i].guess |= (u32)b;
 }
 
-// Elements j..j+E-1 (j a multiple of E; allocations are padded to 16 bytes, so the group may
-// run past the end).
-template <int E>
-__device__ __forceinline__ void loade(const void* p, int dt, u64 j, float* v) {
-    if (E == 4) {
-        load4(p, dt, j / 4, v);
-    } else {
-        load2(p, dt, j, v);
-    }
-}
-
 // Shared by bracket_pass and tie_pass: per element, every selected model's value loaded first,
 // then its key. `counting`: ST_PENDING models, counts below lo, the fine histogram and the
 // guess's per-chunk counts; else ST_TIES models and their per-chunk counts of the guess alone.
@@ -342,17 +331,23 @@ __device__ __forceinline__ void count_body(const GtaModel* __restrict__ gmodels,
         for (u64 j0 = c * TIE_CHUNK + E * threadIdx.x; j0 < (c + 1) * TIE_CHUNK;
              j0 += E * blockDim.x) {
             bool in0 = j0 < a.n;
-            float b[E];
+            // Every input fetched, then decoded (`fetch`); allocations are padded to 16 bytes,
+            // so a group may run past the end.
+            Raw<E> rb, r[MAXN];
 #pragma unroll
-            for (int h = 0; h < E; h++) b[h] = 0.0f;
-            if (in0) loade<E>((const void*)a.base, a.base_dt, j0, b);
-            float x[MAXN][E];
+            for (int h = 0; h < E; h++) rb.w[h] = 0;
+            if (in0) fetch<E>((const void*)a.base, a.base_dt, j0 / E, rb);
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
 #pragma unroll
-                for (int h = 0; h < E; h++) x[i][h] = 0.0f;
-                if (load[i] && in0) loade<E>((const void*)models[i].ptr, models[i].dt, j0, x[i]);
+                for (int h = 0; h < E; h++) r[i].w[h] = 0;
+                if (load[i] && in0) fetch<E>((const void*)models[i].ptr, models[i].dt, j0 / E, r[i]);
             }
+            float b[E];
+            decode<E>(rb, a.base_dt, b);
+            float x[MAXN][E];
+#pragma unroll
+            for (int i = 0; i < MAXN; i++) decode<E>(r[i], models[i].dt, x[i]);
 #pragma unroll
             for (int h = 0; h < E; h++) {
                 bool in = j0 + h < a.n;

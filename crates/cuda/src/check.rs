@@ -767,7 +767,8 @@ pub fn timings(gpu: &Gpu, opts: &CheckOptions, dtype: DType, copy_gbs: f64) -> R
         }
     }
     if dtype.size() == 2 {
-        // Task arithmetic and TIES with 4 elements per thread (8-byte loads), for comparison.
+        // Task arithmetic and TIES on the general instances (4 elements per thread, 8-byte
+        // loads, each input decoded as it is loaded), for comparison.
         merge::narrow_loads(true);
         let mut list = Vec::new();
         for case in cases(opts.models).into_iter().skip(1).take(2) {
@@ -840,8 +841,8 @@ pub fn convert(gpu: &Gpu, t: &DeviceTensor, out: DType) -> Result<DeviceTensor> 
 }
 
 /// Parity checks of `gpu-check` and of the tests: every case on f32, bf16 and f16 data, on
-/// bf16 data with many equal magnitudes (TIES ties) through both selection paths, and on an odd
-/// length; DELLA on strided and long rank groups ([`della_shape_parity`]); conversion to each
+/// bf16 data with many equal magnitudes (TIES ties) through both selection paths, on an odd
+/// length, and with six models (bf16 and f32); DELLA on strided and long rank groups ([`della_shape_parity`]); conversion to each
 /// dtype; a non-finite input refused.
 pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
@@ -866,6 +867,12 @@ pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> 
     add(&mut rows, "exact", exact);
     let odd = Problem::new((elems / 8).max(4096) | 3, models, DType::F32, 0.01, 0);
     add(&mut rows, "odd", parity(gpu, &odd, "f32 odd length"));
+    // Six models: the 8-model instances, with unused slots (bf16: the f16/bf16 `_h` ones).
+    for dtype in [DType::Bf16, DType::F32] {
+        let many = Problem::new(elems / 8, 6, dtype, 0.01, 0);
+        let label = format!("{} 6 models", dtype.name());
+        add(&mut rows, &label, parity(gpu, &many, &label));
+    }
     add(&mut rows, "della shapes", della_shape_parity(gpu, models));
     // Conversion, bit for bit against the `half` crate.
     let v: Vec<f32> = random(1 << 20, 99).iter().map(|x| x * 1000.0).collect();

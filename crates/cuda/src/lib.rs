@@ -12,6 +12,8 @@
 //! - [`cg`]: conjugate gradient kept on the device, matvecs through cuBLAS, split systems;
 //! - [`nccl`]: NCCL collectives for the parts of a split solve;
 //! - [`occupancy`]: each kernel's registers (from a cubin, without a GPU) and what they allow;
+//! - [`load_order`]: whether a kernel's main loop has all its loads in flight together (from
+//!   the cubin's SASS, without a GPU);
 //! - [`check`]: parity against the CPU path and the figures table of `amalgam gpu-check`;
 //! - `emu` (tests only): the kernels and an emulated driver on the CPU, so that the GPU tests
 //!   run without a GPU (`crates/cuda/emu`).
@@ -25,6 +27,7 @@ mod emu;
 pub mod error;
 pub mod gram;
 pub mod kernels;
+pub mod load_order;
 pub mod merge;
 pub mod nccl;
 pub mod occupancy;

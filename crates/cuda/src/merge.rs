@@ -64,6 +64,88 @@ struct LinInput {
 // SAFETY: plain `repr(C)` data with the layout of `struct LinInput`.
 unsafe impl DeviceRepr for LinInput {}
 
+/// Slots of [`LinTable`] (`LIN_TABLE`).
+const LIN_TABLE: usize = 8;
+
+/// The inputs of `linear_merge_2/4/8`, passed by value (`struct LinTable` in `merge.cu`); the
+/// unused slots repeat input 0, which the kernels load but do not add.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct LinTable {
+    inputs: [LinInput; LIN_TABLE],
+}
+
+// SAFETY: plain `repr(C)` data with the layout of `struct LinTable`.
+unsafe impl DeviceRepr for LinTable {}
+const _: () = assert!(std::mem::size_of::<LinTable>() == 128);
+
+impl LinTable {
+    /// `table` (1 to [`LIN_TABLE`] inputs) padded with its first input.
+    fn padded(table: &[LinInput]) -> LinTable {
+        LinTable {
+            inputs: std::array::from_fn(|i| table.get(i).copied().unwrap_or(table[0])),
+        }
+    }
+}
+
+/// Slots of [`FastTable`] (`FAST_TABLE`).
+const FAST_TABLE: usize = 8;
+
+/// One model of the specialised pipeline kernels, as the host knows it (`struct FastModel` in
+/// `merge.cu`); the selection's cuts stay on the device, in [`GtaModel::cut`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct FastModel {
+    ptr: u64,
+    thr: u64,
+    w: f32,
+    f: f32,
+    sc: f32,
+    dt: i32,
+    k0: u32,
+    k1: u32,
+}
+
+/// The models of `gta_plain/rank/dare_*`, passed by value (`struct FastTable` in `merge.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FastTable {
+    models: [FastModel; FAST_TABLE],
+}
+
+// SAFETY: plain `repr(C)` data with the layout of `struct FastTable`.
+unsafe impl DeviceRepr for FastTable {}
+const _: () = assert!(std::mem::size_of::<FastTable>() == 320);
+
+impl FastTable {
+    /// The table of `models` (at most [`FAST_TABLE`]) with their rescale `factors`; unused
+    /// slots read the base (`args.base`), which the kernels load but do not add.
+    fn new(models: &[GtaModel], factors: &[f32], args: &GtaArgs) -> FastTable {
+        FastTable {
+            models: std::array::from_fn(|i| match models.get(i) {
+                Some(m) => {
+                    let dare = m.mask == MASK_DARE;
+                    FastModel {
+                        ptr: m.ptr,
+                        thr: if dare { m.threshold } else { 1 << 32 },
+                        w: m.weight,
+                        f: factors[i],
+                        sc: if dare { m.scale } else { 1.0 },
+                        dt: m.dt,
+                        k0: m.k0,
+                        k1: m.k1,
+                    }
+                }
+                None => FastModel {
+                    ptr: args.base,
+                    dt: args.base_dt,
+                    ..FastModel::default()
+                },
+            }),
+        }
+    }
+}
+
 /// The pipeline's per-tensor arguments (`struct GtaArgs` in `merge.cu`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -150,8 +232,9 @@ const L1_CHUNK: u64 = 65536;
 static FORCE_EXACT: AtomicBool = AtomicBool::new(false);
 static NARROW_LOADS: AtomicBool = AtomicBool::new(false);
 
-/// Keep 2-byte inputs on the pipeline's 4 elements per thread (8-byte loads) instead of the
-/// `_v8` instances' 8 (16-byte loads): for `gpu-check`, which times both.
+/// Keep 2-byte inputs on the pipeline's general instances (4 elements per thread, 8-byte loads,
+/// each input decoded as it is loaded) instead of the f16/bf16 ones (`_v8`, `_h`): for
+/// `gpu-check`, which times both.
 pub fn narrow_loads(on: bool) {
     NARROW_LOADS.store(on, Ordering::Relaxed);
 }
@@ -396,7 +479,6 @@ pub fn linear(
             dt: t.dtype.code(),
         })
         .collect();
-    let d_in = s.clone_htod(&table).ctx("uploading the inputs table")?;
     let mut bad = bad_flags(gpu, inputs.len())?;
     let (n_in, has_div, div) = (
         inputs.len() as i32,
@@ -410,10 +492,19 @@ pub fn linear(
         5..=8 => "linear_merge_8",
         _ => "linear_merge_any",
     };
+    // Up to 8 inputs travel in the launch's parameters; more in a device table.
+    let d_in = match kernel {
+        "linear_merge_any" => Some(s.clone_htod(&table).ctx("uploading the inputs table")?),
+        _ => None,
+    };
+    let by_value = LinTable::padded(&table);
     let timer = KernelTimer::start(gpu)?;
     let mut b = s.launch_builder(gpu.function(kernel));
-    b.arg(&d_in)
-        .arg(&n_in)
+    match &d_in {
+        Some(d) => b.arg(d),
+        None => b.arg(&by_value),
+    };
+    b.arg(&n_in)
         .arg(&has_div)
         .arg(&div)
         .arg(&nn)
@@ -655,13 +746,15 @@ pub fn gta(
         outlier_cuts(gpu, &mut d_models, &args, &outliers)?;
     }
     mark(gpu, "select");
+    let mut factors: Vec<f32> = host.iter().map(|m| m.factor).collect();
     if spec.rescale && host.iter().any(|m| m.mask != MASK_NONE) {
-        let factors = l1_factors(gpu, &d_models, &args, n_models)?;
+        let l1 = l1_factors(gpu, &d_models, &args, n_models)?;
         let mut cur = s.clone_dtoh(&d_models).ctx("reading the models")?;
         gpu.sync()?;
-        for (m, f) in cur.iter_mut().zip(factors) {
+        for ((m, f), slot) in cur.iter_mut().zip(l1).zip(&mut factors) {
             if m.mask != MASK_NONE {
                 m.factor = f;
+                *slot = f;
             }
         }
         d_models = s.clone_htod(&cur).ctx("uploading the models")?;
@@ -687,21 +780,31 @@ pub fn gta(
         5..=8 => 8,
         _ => 16,
     };
-    // 2-byte base and models, up to 4 models: 8 elements per thread (16-byte loads).
-    let v8 = mode.is_some() && size <= 4 && wide(&refs);
+    // The specialised kernels: one mask kind, up to 8 models; with a 2-byte base and models,
+    // the instances for f16/bf16 alone (`_v8`: up to 4 models, 8 elements per thread, 16-byte
+    // loads; `_h`: up to 8 models, 4 per thread).
+    let fast = mode.is_some() && size <= FAST_TABLE;
+    let half = fast && wide(&refs);
+    let v8 = half && size <= 4;
     let kernel = match mode {
         // (Rank masks come from the selection, which takes fewer than 2^32 elements, as the
         // specialised kernels' 32-bit index compare needs.)
         Some(m) if v8 => format!("gta_{m}_{size}_v8"),
-        Some(m) if size <= 8 => format!("gta_{m}_{size}"),
+        Some(m) if half => format!("gta_{m}_{size}_h"),
+        Some(m) if fast => format!("gta_{m}_{size}"),
         _ => format!("gta_merge_{size}"),
     };
     let kernel = kernel.as_str();
     let vec = if v8 { 8u64 } else { 4 };
     let cfg = gpu.grid((n as u64 / vec).max(1));
+    let table = FastTable::new(&host, &factors, &args);
     let mut b = s.launch_builder(gpu.function(kernel));
+    if fast {
+        b.arg(&table);
+    }
     b.arg(&d_models).arg(&args);
-    // SAFETY: `GtaModel`/`GtaArgs` match the kernel's structs; every pointer covers `n`.
+    // SAFETY: `FastTable`/`GtaModel`/`GtaArgs` match the kernel's structs (the specialised
+    // kernels take the table first); every pointer covers `n`.
     unsafe { b.launch(cfg) }.map_err(launch_err(kernel))?;
     mark(gpu, "merge");
     timer.stop(gpu)?;
