@@ -396,6 +396,7 @@ __device__ __forceinline__ float fast_value(float d, u64 j, u32 ck, u32 cj, u64 
 struct FastModel {
     u64 ptr;    // the model's tensor
     u64 thr;    // DARE: keep when the Philox word is below this (2^32: keep all)
+    u64 cut;    // TIES: keep when (key << 32 | index) < cut (all ones: keep all)
     float w;    // weight
     float f;    // L1 rescale factor (1 when none)
     float sc;   // DARE: factor of kept entries (1 without DARE)
@@ -406,19 +407,20 @@ struct FastModel {
 struct FastTable {
     FastModel m[FAST_TABLE];
 };
-static_assert(sizeof(FastTable) == 320, "FastTable's layout is shared with merge.rs");
+static_assert(sizeof(FastTable) == 384, "FastTable's layout is shared with merge.rs");
 
 template <int MAXN, int MODE, int V, bool HALF>
-__device__ __forceinline__ void gta_fast(const FastTable& t, const GtaModel* __restrict__ gm,
-                                         const GtaArgs& a) {
+__device__ __forceinline__ void gta_fast(const FastTable& t, const GtaArgs& a) {
     int n_models = a.n_models;
-    u32 ck[MAXN], cj[MAXN];  // the cut's key and index halves (MODE_RANK: n < 2^32)
+    // The cut's key and index halves (MODE_RANK: n < 2^32). (Read from the device's models
+    // instead, into uniform registers, they made the compiler issue `gta_rank_8_h`'s loads one
+    // after another's use.)
+    u32 ck[MAXN], cj[MAXN];
     float w[MAXN];
 #pragma unroll
     for (int i = 0; i < MAXN; i++) {
         w[i] = t.m[i].w;
-        // The cuts are the selection's, on the device.
-        u64 cut = MODE == MODE_RANK && i < n_models && gm[i].mask == MASK_RANK ? gm[i].cut : ~0ull;
+        u64 cut = MODE == MODE_RANK ? t.m[i].cut : ~0ull;
         ck[i] = (u32)(cut >> 32);
         cj[i] = (u32)cut;
     }
@@ -505,17 +507,14 @@ __device__ __forceinline__ void gta_fast(const FastTable& t, const GtaModel* __r
 // inputs only (`_v8`: 8 elements per thread, 16-byte loads, up to 4 models; `_h`: 4 elements
 // per thread, up to 8 models, where 8 per thread would hold too many decoded values).
 #define FAST_INSTANCE(N, V, HALF, SUFFIX)                                                    \
-    extern "C" __global__ void gta_plain_##N##SUFFIX(FastTable t, const GtaModel* m,         \
-                                                     GtaArgs a) {                            \
-        gta_fast<N, MODE_NONE, V, HALF>(t, m, a);                                            \
+    extern "C" __global__ void gta_plain_##N##SUFFIX(FastTable t, GtaArgs a) {                \
+        gta_fast<N, MODE_NONE, V, HALF>(t, a);                                               \
     }                                                                                        \
-    extern "C" __global__ void gta_rank_##N##SUFFIX(FastTable t, const GtaModel* m,          \
-                                                    GtaArgs a) {                             \
-        gta_fast<N, MODE_RANK, V, HALF>(t, m, a);                                            \
+    extern "C" __global__ void gta_rank_##N##SUFFIX(FastTable t, GtaArgs a) {                 \
+        gta_fast<N, MODE_RANK, V, HALF>(t, a);                                               \
     }                                                                                        \
-    extern "C" __global__ void gta_dare_##N##SUFFIX(FastTable t, const GtaModel* m,          \
-                                                    GtaArgs a) {                             \
-        gta_fast<N, MODE_DARE, V, HALF>(t, m, a);                                            \
+    extern "C" __global__ void gta_dare_##N##SUFFIX(FastTable t, GtaArgs a) {                 \
+        gta_fast<N, MODE_DARE, V, HALF>(t, a);                                               \
     }
 FAST_INSTANCE(2, 4, false, )
 FAST_INSTANCE(4, 4, false, )

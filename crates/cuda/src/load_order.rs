@@ -22,6 +22,7 @@ pub const LOADS_FIRST: &[&str] = &[
     "gta_rank_4_v8",
     "gta_dare_4_v8",
     "gta_plain_8_h",
+    "gta_rank_8_h",
     "gta_dare_8_h",
     "bracket_pass_4",
     "bracket_pass_8",

@@ -91,13 +91,13 @@ impl LinTable {
 /// Slots of [`FastTable`] (`FAST_TABLE`).
 const FAST_TABLE: usize = 8;
 
-/// One model of the specialised pipeline kernels, as the host knows it (`struct FastModel` in
-/// `merge.cu`); the selection's cuts stay on the device, in [`GtaModel::cut`].
+/// One model of the specialised pipeline kernels (`struct FastModel` in `merge.cu`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct FastModel {
     ptr: u64,
     thr: u64,
+    cut: u64,
     w: f32,
     f: f32,
     sc: f32,
@@ -115,12 +115,13 @@ struct FastTable {
 
 // SAFETY: plain `repr(C)` data with the layout of `struct FastTable`.
 unsafe impl DeviceRepr for FastTable {}
-const _: () = assert!(std::mem::size_of::<FastTable>() == 320);
+const _: () = assert!(std::mem::size_of::<FastTable>() == 384);
 
 impl FastTable {
-    /// The table of `models` (at most [`FAST_TABLE`]) with their rescale `factors`; unused
-    /// slots read the base (`args.base`), which the kernels load but do not add.
-    fn new(models: &[GtaModel], factors: &[f32], args: &GtaArgs) -> FastTable {
+    /// The table of `models` (at most [`FAST_TABLE`]) with their rescale `factors` and the
+    /// selection's `cuts` (per model; read for the models with a rank mask); unused slots read
+    /// the base (`args.base`), which the kernels load but do not add.
+    fn new(models: &[GtaModel], factors: &[f32], cuts: &[u64], args: &GtaArgs) -> FastTable {
         FastTable {
             models: std::array::from_fn(|i| match models.get(i) {
                 Some(m) => {
@@ -128,6 +129,11 @@ impl FastTable {
                     FastModel {
                         ptr: m.ptr,
                         thr: if dare { m.threshold } else { 1 << 32 },
+                        cut: if m.mask == MASK_RANK {
+                            cuts[i]
+                        } else {
+                            u64::MAX
+                        },
                         w: m.weight,
                         f: factors[i],
                         sc: if dare { m.scale } else { 1.0 },
@@ -708,6 +714,8 @@ pub fn gta(
         groups = Some(g);
     }
     let mut d_models = s.clone_htod(&host).ctx("uploading the models")?;
+    // The selection's cuts per model (also in `d_models`), for the specialised kernels.
+    let mut cuts = vec![u64::MAX; n_models];
     let timer = KernelTimer::start(gpu)?;
     phases_begin(gpu);
     if select.iter().any(Option::is_some) {
@@ -717,7 +725,7 @@ pub fn gta(
                 spec.name
             )));
         }
-        select_cuts(gpu, &mut d_models, &args, &select)?;
+        cuts = select_cuts(gpu, &mut d_models, &args, &select)?;
     }
     if let Some(g) = &groups {
         let mut slot = 0;
@@ -797,14 +805,16 @@ pub fn gta(
     let kernel = kernel.as_str();
     let vec = if v8 { 8u64 } else { 4 };
     let cfg = gpu.grid((n as u64 / vec).max(1));
-    let table = FastTable::new(&host, &factors, &args);
+    let table = FastTable::new(&host, &factors, &cuts, &args);
     let mut b = s.launch_builder(gpu.function(kernel));
     if fast {
         b.arg(&table);
+    } else {
+        b.arg(&d_models);
     }
-    b.arg(&d_models).arg(&args);
+    b.arg(&args);
     // SAFETY: `FastTable`/`GtaModel`/`GtaArgs` match the kernel's structs (the specialised
-    // kernels take the table first); every pointer covers `n`.
+    // kernels take the table, the others the device's models); every pointer covers `n`.
     unsafe { b.launch(cfg) }.map_err(launch_err(kernel))?;
     mark(gpu, "merge");
     timer.stop(gpu)?;
@@ -862,13 +872,14 @@ fn l1_factors(
 /// Exact TIES cuts for the models with `Some(k)` in `select`, written into `d_models[i].cut`
 /// on the device (see `select.cu`): a sampled bracket, one counting pass, the resolution of K
 /// and of its ties; a model whose bracket misses its target goes through the exact path (the
-/// whole key range).
+/// whole key range). Returns the cuts as the host read them back (per model; meaningful for
+/// the selected ones).
 pub(crate) fn select_cuts(
     gpu: &Gpu,
     d_models: &mut CudaSlice<GtaModel>,
     args: &GtaArgs,
     select: &[Option<u64>],
-) -> Result<()> {
+) -> Result<Vec<u64>> {
     let s = &gpu.stream;
     let n_models = select.len();
     let n = args.n;
@@ -965,7 +976,7 @@ pub(crate) fn select_cuts(
             now[i].state
         )));
     }
-    Ok(())
+    Ok(now.iter().map(|m| m.cut).collect())
 }
 
 /// The sample of `select_cuts`: every `stride`-th chunk of [`SAMPLE_CHUNK`] elements,
