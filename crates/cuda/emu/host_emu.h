@@ -2,8 +2,8 @@
 // a GPU (`amalgam_cuda::emu`): the kernel sources are compiled by the host's C++ compiler after
 // this header, and a launch runs the grid's blocks one after another, each block's threads as
 // cooperative fibers on one OS thread. `__syncthreads` and the warp intrinsics
-// (`__ballot_sync`, `__any_sync`, `__shfl*_sync`, `__match_any_sync`) switch to the scheduler,
-// which releases a barrier when every live thread of the block waits at it and a warp operation
+// (`__ballot_sync`, `__any_sync`, `__shfl*_sync`, `__match_any_sync`, `__syncwarp`) switch to
+// the scheduler, which releases a barrier when every live thread of the block waits at it and a warp operation
 // when every lane named in its mask waits at one with that mask. `__shared__` variables are
 // static (blocks never overlap), atomics are plain read-modify-writes (one thread runs at a time).
 //
@@ -339,6 +339,7 @@ static inline unsigned __ballot_sync(unsigned mask, int pred) {
     return (unsigned)emu::warp_op(emu::OP_BALLOT, mask, pred ? 1 : 0, 0);
 }
 static inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)__ballot_sync(mask, 1); }
 template <class T>
 static inline T __shfl_sync(unsigned mask, T v, int src) {
     return emu::of_bits<T>(emu::warp_op(emu::OP_SHFL, mask, emu::bits_of(v), src));

@@ -219,3 +219,13 @@ __device__ __forceinline__ u32 philox_word0(u32 c0, u32 c1, u32 c2, u32 c3, u32 
 // Grid-stride loop bounds.
 #define GRID_STRIDE(i, n) \
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+
+// Warp-stride loop bounds: each warp of the grid takes w = its index, then steps by the grid's
+// warps (warp-uniform: every lane of a warp runs the same iterations).
+#define WARP_STRIDE(w, n)                                                   \
+    for (u64 w = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < (n); \
+         w += ((u64)gridDim.x * blockDim.x) >> 5)
+
+// Threads per block of the warp-per-segment sums (sce_sq, gram_seq): their shared tiles hold
+// SEQ_WARPS warps.
+#define SEQ_WARPS 8

@@ -38,42 +38,85 @@ __device__ __forceinline__ void gram_load(const GramInput* in, const GramArgs& a
     }
 }
 
-// Pair sums over segments, one thread per segment, each summed sequentially in element order
+// Adds element k of the shared tile to this lane's pair sums.
+template <int H>
+__device__ __forceinline__ void gram_step(const float (*t)[33], const int* pi, const int* pk,
+                                          const bool* has, int k, double* acc) {
+#pragma unroll
+    for (int h = 0; h < H; h++)
+        if (has[h]) acc[h] += (double)t[pi[h]][k] * (double)t[pk[h]][k];
+}
+
+// Pair sums over segments, one warp per segment, each summed sequentially in element order
 // from 0.0 in f64, exactly as the CPU does: a whole-tensor segment is a `ChunkedSum` chunk
 // (REDUCE_CHUNK elements; the host then adds the segments in order), a per-row segment is a
-// row. out[segment * P + p], p numbering the pairs (i <= k) of N in row-major order.
+// row. out[segment * P + p], p numbering the pairs (i <= k) of N in row-major order. The lanes
+// load 32 consecutive elements at a time (coalesced) into shared memory; lane p (and p + 32)
+// then adds its pair's 32 products in element order. Blocks of 32 * SEQ_WARPS threads.
 template <int N>
 __device__ __forceinline__ void gram_seq(const GramInput* in, GramArgs a, u64 seg_len,
                                          double* out) {
     const int P = N * (N + 1) / 2;
+    const int H = (P + 31) / 32;  // pairs per lane
+    // [input][element of the tile], padded so that the lanes' reads of rows i and k fall in
+    // distinct banks (or read one word together).
+    __shared__ float tiles[SEQ_WARPS][N][33];
     int n_in = a.n_in;
-    u64 segs = (a.n + seg_len - 1) / seg_len;
-    GRID_STRIDE(t, segs) {
-        double acc[P];
+    int lane = threadIdx.x & 31;
+    float(*t)[33] = tiles[threadIdx.x >> 5];
+    // This lane's pairs (pi[h], pk[h]), h = 0..H-1: pair lane + 32 h, if both are inputs.
+    int pi[H], pk[H];
+    bool has[H];
 #pragma unroll
-        for (int p = 0; p < P; p++) acc[p] = 0.0;
-        u64 hi = (t + 1) * seg_len < a.n ? (t + 1) * seg_len : a.n;
-        for (u64 j = t * seg_len; j < hi; j++) {
-            float x[N];
-            gram_load<N>(in, a, j, x);
-            int p = 0;
-#pragma unroll
-            for (int i = 0; i < N; i++) {
-#pragma unroll
-                for (int k = i; k < N; k++) {
-                    if (i < n_in && k < n_in) acc[p] += (double)x[i] * (double)x[k];
-                    p++;
+    for (int h = 0; h < H; h++) {
+        int p = lane + 32 * h, q = 0;
+        pi[h] = 0;
+        pk[h] = 0;
+        for (int i = 0; i < N; i++)
+            for (int k = i; k < N; k++, q++)
+                if (q == p) {
+                    pi[h] = i;
+                    pk[h] = k;
                 }
+        has[h] = p < P && pk[h] < n_in;
+    }
+    u64 segs = (a.n + seg_len - 1) / seg_len;
+    WARP_STRIDE(s, segs) {
+        u64 lo = s * seg_len;
+        u64 hi = lo + seg_len < a.n ? lo + seg_len : a.n;
+        double acc[H];
+#pragma unroll
+        for (int h = 0; h < H; h++) acc[h] = 0.0;
+        for (u64 j0 = lo; j0 < hi; j0 += 32) {
+            u64 j = j0 + lane;
+            if (j < hi) {
+                float x[N];
+                gram_load<N>(in, a, j, x);
+#pragma unroll
+                for (int i = 0; i < N; i++)
+                    if (i < n_in) t[i][lane] = x[i];
             }
+            __syncwarp();
+            int cnt = hi - j0 < 32 ? (int)(hi - j0) : 32;
+            // The element loop outside the pairs' loop, which unrolls whole so acc stays in
+            // registers (each pair still adds in element order).
+            if (cnt == 32) {
+#pragma unroll
+                for (int k = 0; k < 32; k++) gram_step<H>(t, pi, pk, has, k, acc);
+            } else {
+                for (int k = 0; k < cnt; k++) gram_step<H>(t, pi, pk, has, k, acc);
+            }
+            __syncwarp();
         }
 #pragma unroll
-        for (int p = 0; p < P; p++) out[t * P + p] = acc[p];
+        for (int h = 0; h < H; h++)
+            if (lane + 32 * h < P) out[s * P + lane + 32 * h] = acc[h];
     }
 }
 
 #define GRAM_INSTANCE(N)                                                                     \
-    extern "C" __global__ void gram_seq_##N(const GramInput* in, GramArgs a, u64 seg_len,    \
-                                            double* out) {                                   \
+    extern "C" __global__ void __launch_bounds__(32 * SEQ_WARPS)                             \
+        gram_seq_##N(const GramInput* in, GramArgs a, u64 seg_len, double* out) {            \
         gram_seq<N>(in, a, seg_len, out);                                                    \
     }
 GRAM_INSTANCE(2)

@@ -36,35 +36,53 @@ __device__ __forceinline__ void sce_nonzero_body(const GtaModel* m, GtaArgs a,
     if ((threadIdx.x & 31) == 0 && c) atomicAdd(count, (unsigned long long)c);
 }
 
-// One thread per REDUCE_CHUNK chunk: per model, the selected squared task-vector values summed
-// sequentially in f64 from 0 (`ChunkedSum`), into partials[chunk * n_models + i]. Non-finite
-// inputs are noted (slot 0 the base, 1 + i model i).
+// One warp per REDUCE_CHUNK chunk: per model, the selected squared task-vector values summed
+// sequentially in f64 from 0 (`ChunkedSum`), into partials[chunk * n_models + i]. The lanes
+// load 32 consecutive elements at a time (coalesced) and leave their f64 products in shared
+// memory; lane i then adds model i's 32 products in element order, so every sum is the CPU's
+// sequence of additions (an unselected element adds +0.0, as on the CPU). Non-finite inputs are
+// noted (slot 0 the base, 1 + i model i). Blocks of 32 * SEQ_WARPS threads.
 template <int MAXN>
 __device__ __forceinline__ void sce_sq_body(const GtaModel* m, GtaArgs a, int sel, u64 chunk,
                                             double* partials) {
+    // [model][element of the tile], padded so that lane i's reads of row i and the lanes'
+    // writes of one row each fall in distinct banks.
+    __shared__ double tiles[SEQ_WARPS][MAXN][33];
     int n = a.n_models;
     u64* bad = (u64*)a.bad;
+    int lane = threadIdx.x & 31;
+    double(*t)[33] = tiles[threadIdx.x >> 5];
     u64 chunks = (a.n + chunk - 1) / chunk;
-    GRID_STRIDE(c, chunks) {
-        double acc[MAXN];
+    WARP_STRIDE(c, chunks) {
+        u64 lo = c * chunk;
+        u64 hi = lo + chunk < a.n ? lo + chunk : a.n;
+        double acc = 0.0;
+        for (u64 j0 = lo; j0 < hi; j0 += 32) {
+            u64 j = j0 + lane;
+            if (j < hi) {
+                float b, d[MAXN];
+                bool on = sce_load<MAXN>(m, a, sel, j, &b, d);
+                note_nonfinite(bad, 0, b, j);
 #pragma unroll
-        for (int i = 0; i < MAXN; i++) acc[i] = 0.0;
-        u64 hi = (c + 1) * chunk < a.n ? (c + 1) * chunk : a.n;
-        for (u64 j = c * chunk; j < hi; j++) {
-            float b, d[MAXN];
-            bool on = sce_load<MAXN>(m, a, sel, j, &b, d);
-            note_nonfinite(bad, 0, b, j);
-#pragma unroll
-            for (int i = 0; i < MAXN; i++) {
-                if (i < n) {
-                    note_nonfinite(bad, 1 + i, load_elem((const void*)m[i].ptr, m[i].dt, j), j);
-                    if (on) acc[i] += (double)d[i] * (double)d[i];
+                for (int i = 0; i < MAXN; i++) {
+                    if (i < n) {
+                        note_nonfinite(bad, 1 + i, load_elem((const void*)m[i].ptr, m[i].dt, j), j);
+                        t[i][lane] = on ? (double)d[i] * (double)d[i] : 0.0;
+                    }
                 }
             }
-        }
+            __syncwarp();
+            if (lane < n) {
+                if (hi - j0 >= 32) {
 #pragma unroll
-        for (int i = 0; i < MAXN; i++)
-            if (i < n) partials[c * n + i] = acc[i];
+                    for (int k = 0; k < 32; k++) acc += t[lane][k];
+                } else {
+                    for (int k = 0; k < (int)(hi - j0); k++) acc += t[lane][k];
+                }
+            }
+            __syncwarp();
+        }
+        if (lane < n) partials[c * n + lane] = acc;
     }
 }
 
@@ -102,8 +120,8 @@ __device__ __forceinline__ void sce_merge_body(const GtaModel* m, GtaArgs a, int
                                                unsigned long long* count) {                  \
         sce_nonzero_body<N>(m, a, count);                                                    \
     }                                                                                        \
-    extern "C" __global__ void sce_sq_##N(const GtaModel* m, GtaArgs a, int sel, u64 chunk,  \
-                                          double* partials) {                                \
+    extern "C" __global__ void __launch_bounds__(32 * SEQ_WARPS)                         \
+        sce_sq_##N(const GtaModel* m, GtaArgs a, int sel, u64 chunk, double* partials) {     \
         sce_sq_body<N>(m, a, sel, chunk, partials);                                          \
     }                                                                                        \
     extern "C" __global__ void sce_merge_##N(const GtaModel* m, GtaArgs a, int sel) {        \

@@ -351,10 +351,7 @@ pub fn cases(n_models: usize) -> Vec<Case> {
                 .with_model_values("density", &dens)
                 .with_global("rescale_mode", Scalar::Str("inverse_density".into())),
         ),
-        (
-            "sce",
-            TensorParams::default().with_global("select_topk", Scalar::Num(0.3)),
-        ),
+        ("sce", sce_params()),
         ("della", della.clone()),
         (
             "della_linear",
@@ -370,6 +367,11 @@ pub fn cases(n_models: usize) -> Vec<Case> {
                 .expect("the checked methods have device plans")
         })
         .collect()
+}
+
+/// SCE's parameters in the checked cases: the top 30% of variances kept.
+fn sce_params() -> TensorParams {
+    TensorParams::default().with_global("select_topk", Scalar::Num(0.3))
 }
 
 /// A case of `method` on `n_models` models (and the base when `has_base`), or `None` when the
@@ -458,8 +460,7 @@ pub fn run_case(
     run_case_shaped(gpu, case, base, models, &shape(base.len), out)
 }
 
-/// Run one case on the GPU on a tensor of `shape` (DELLA's rank groups; the Gram cases take
-/// rows of the checks' length).
+/// Run one case on the GPU on a tensor of `shape` (DELLA's rank groups, the Gram cases' rows).
 fn run_case_shaped(
     gpu: &Gpu,
     case: &Case,
@@ -502,7 +503,8 @@ fn run_case_shaped(
                 &refs,
                 b,
                 *grouping,
-                cols(base.len),
+                // As `TensorJob::cols`: the last dimension.
+                shape.last().map_or(1, |&c| c.max(1)),
                 coefficients,
                 *combine,
                 out,
@@ -597,6 +599,36 @@ pub fn della_shape_parity(gpu: &Gpu, models: usize) -> Result<Vec<Row>> {
             match parity_of(gpu, &p, &label, della) {
                 Ok(v) => rows.extend(v),
                 Err(e) => rows.push(failed(&format!("parity della {label}"), &e)),
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// The shapes and model counts of [`sum_shape_parity`]: more than two reduction chunks with a
+/// partial last chunk and tile (one warp per chunk), rows of 61 (partial tiles of per-row
+/// sums), and eight models (Gram pairs beyond the warp's 32 lanes).
+pub const SUM_SHAPES: &[(&[usize], usize)] = &[
+    (&[2 * amalgam_core::reduce::REDUCE_CHUNK + 61], 3),
+    (&[37, 61], 3),
+    (&[9, 256], 8),
+];
+
+/// The f64 sums that run one warp per segment, in element order (`sce`'s weights, the Gram
+/// methods' pair sums, whole and per row), on the GPU against the CPU path, bit for bit, on
+/// each of [`SUM_SHAPES`] in f32 and bf16.
+pub fn sum_shape_parity(gpu: &Gpu) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &(shape, models) in SUM_SHAPES {
+        let n = shape.iter().product();
+        for dtype in [DType::F32, DType::Bf16] {
+            let p = Problem::new(n, models, dtype, 0.01, 0).with_shape(shape.to_vec());
+            let label = format!("{} {shape:?} x{models}", dtype.name());
+            let sce = case("sce", sce_params(), models, true, 1234).expect("SCE has a device plan");
+            let sums = std::iter::once(sce).chain(gram_cases(models));
+            match parity_of(gpu, &p, &label, sums) {
+                Ok(v) => rows.extend(v),
+                Err(e) => rows.push(failed(&format!("parity sums {label}"), &e)),
             }
         }
     }
@@ -842,8 +874,9 @@ pub fn convert(gpu: &Gpu, t: &DeviceTensor, out: DType) -> Result<DeviceTensor> 
 
 /// Parity checks of `gpu-check` and of the tests: every case on f32, bf16 and f16 data, on
 /// bf16 data with many equal magnitudes (TIES ties) through both selection paths, on an odd
-/// length, and with six models (bf16 and f32); DELLA on strided and long rank groups ([`della_shape_parity`]); conversion to each
-/// dtype; a non-finite input refused.
+/// length, and with six models (bf16 and f32); DELLA on strided and long rank groups
+/// ([`della_shape_parity`]); the per-segment sums on their shapes ([`sum_shape_parity`]);
+/// conversion to each dtype; a non-finite input refused.
 pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let add = |rows: &mut Vec<Row>, label: &str, r: Result<Vec<Row>>| match r {
@@ -874,6 +907,7 @@ pub fn parity_suite(gpu: &Gpu, elems: usize, models: usize) -> Result<Vec<Row>> 
         add(&mut rows, &label, parity(gpu, &many, &label));
     }
     add(&mut rows, "della shapes", della_shape_parity(gpu, models));
+    add(&mut rows, "sum shapes", sum_shape_parity(gpu));
     // Conversion, bit for bit against the `half` crate.
     let v: Vec<f32> = random(1 << 20, 99).iter().map(|x| x * 1000.0).collect();
     let t = DeviceTensor::from_f32(gpu, DType::F32, &v)?;

@@ -121,8 +121,9 @@ pub fn gram_merge(
     let seg = seg_len as u64;
     let mut b = s.launch_builder(gpu.function(&kernel));
     b.arg(&d_in).arg(&args).arg(&seg).arg(&mut sums);
-    // SAFETY: argument types match `gram_seq_*`; sums holds segs * pairs values.
-    unsafe { b.launch(gpu.grid(segs as u64)) }.ctx("launching gram_seq")?;
+    // SAFETY: argument types match `gram_seq_*`; sums holds segs * pairs values; one warp per
+    // segment, in blocks of 256 threads (the kernel's shared tiles).
+    unsafe { b.launch(gpu.grid(32 * segs as u64)) }.ctx("launching gram_seq")?;
     let host = s.clone_dtoh(&sums).ctx("reading pair sums")?;
     merge::check_bad(gpu, &bad, allow_nonfinite)?;
     let slot = |i: usize, k: usize| i * width - i * (i.saturating_sub(1)) / 2 + (k - i);

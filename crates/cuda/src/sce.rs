@@ -1,7 +1,8 @@
 //! SCE on the GPU (`amalgam_core::methods::sce`, methods.md §19): the variance selection
 //! through the exact selection of [`crate::merge`] (slot 0 keyed by the variance across models),
-//! the weights from per-chunk f64 sums of the masked squared task vectors (summed on the host in
-//! chunk order, as `ChunkedSum`), then one merge pass (`sce.cu`). Bit-identical to the CPU.
+//! the weights from per-chunk f64 sums of the masked squared task vectors (one warp per chunk,
+//! each summed in element order; the chunks added on the host in chunk order, as
+//! `ChunkedSum`), then one merge pass (`sce.cu`). Bit-identical to the CPU.
 
 use crate::device::Gpu;
 use crate::error::{Ctx, CudaError, Result};
@@ -115,8 +116,9 @@ pub fn sce(
         .arg(&sel)
         .arg(&chunk)
         .arg(&mut partials);
-    // SAFETY: argument types match `sce_sq_*`; partials hold chunks * n_models values.
-    unsafe { b.launch(gpu.grid(chunks as u64)) }.ctx("launching sce_sq")?;
+    // SAFETY: argument types match `sce_sq_*`; partials hold chunks * n_models values; one warp
+    // per chunk, in blocks of 256 threads (the kernel's shared tiles).
+    unsafe { b.launch(gpu.grid(32 * chunks as u64)) }.ctx("launching sce_sq")?;
     let sums = s.clone_dtoh(&partials).ctx("reading partial sums")?;
     merge::check_bad(gpu, &bad, allow_nonfinite)?;
     let w: Vec<f64> = (0..n_models)
