@@ -205,9 +205,11 @@ impl MetricsServer {
         format!("http://{}/metrics", self.addr)
     }
 
-    /// Stops listening.
-    pub fn shutdown(self) {
+    /// Stops listening: returns once the listener is closed (a connection attempt after it is
+    /// refused), not merely asked to close.
+    pub async fn shutdown(mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -436,6 +438,7 @@ mod tests {
             r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\n"),
             "{r}"
         );
-        m.shutdown();
+        m.shutdown().await;
+        assert!(TcpStream::connect(addr).await.is_err(), "still listening");
     }
 }

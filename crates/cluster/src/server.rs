@@ -817,7 +817,7 @@ impl ServerHandle {
     /// Stops accepting calls, waits up to `grace` for calls in flight, then aborts the rest.
     pub async fn shutdown(mut self, grace: Duration) -> Result<()> {
         if let Some(m) = self.metrics.take() {
-            m.shutdown();
+            m.shutdown().await;
         }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
