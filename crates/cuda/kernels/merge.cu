@@ -577,8 +577,8 @@ extern "C" __global__ void convert(const void* in, int in_dt, void* out, int out
 // position p is at flat index o * c * inner + p * inner + t (inner = 1: rows, g * c + p).
 // One kernel entry point, three modes (DELLA_*):
 //  - DELLA_RANK (c <= seg): each group sorted whole by a bitonic sort of `pow2` keys in dynamic
-//    shared memory, ranks[j] = 1 + its position in the order. A block sorts blockDim.x / pow2
-//    groups at once when groups are shorter than the block.
+//    shared memory, ranks[j] = 1 + its position in the order. A block sorts 2 * blockDim.x /
+//    pow2 groups at once when groups are shorter than that (every thread compares a pair).
 //  - DELLA_SEGMENTS (c > seg, seg = pow2): each group cut into segments of seg positions (the
 //    last one shorter when seg does not divide c), each sorted alone the same way, the key at
 //    sorted position i of segment s written to keys[g * c + s * seg + i].
@@ -641,16 +641,18 @@ extern "C" __global__ void __launch_bounds__(1024)
     u64 groups = a.n / c;
     u32 nseg = (u32)(((u64)c + seg - 1) / seg);  // 1 in DELLA_RANK (seg = c)
     u64 units = groups * nseg;                    // (group, segment) pairs, each sorted alone
-    u32 per = pow2 < blockDim.x ? blockDim.x / pow2 : 1;  // units per step
-    u32 total = per * pow2;                                 // keys in shared memory
+    u32 span = 2 * blockDim.x;                         // keys a step sorts at least
+    u32 per = pow2 < span ? span / pow2 : 1;           // units per step
+    u32 total = per * pow2;                            // keys in shared memory
+    u32 lp = __ffs(pow2) - 1, lq = __ffs(per) - 1;     // both powers of two
     // Thread e takes key r of unit q: r = e % pow2 for rows (consecutive threads read
     // consecutive elements of a row); across the units (q = e % per) for strided groups, whose
     // consecutive groups are adjacent in memory.
     bool rows = inner == 1;
     for (u64 u0 = (u64)blockIdx.x * per; u0 < units; u0 += (u64)gridDim.x * per) {
         for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
-            u32 q = rows ? e / pow2 : e % per;
-            u32 r = rows ? e % pow2 : e / per;
+            u32 q = rows ? e >> lp : e & (per - 1);
+            u32 r = rows ? e & (pow2 - 1) : e >> lq;
             u64 u = u0 + q;
             u64 g = nseg == 1 ? u : u / nseg;
             u64 p = (u64)(nseg == 1 ? 0u : (u32)(u - g * nseg)) * seg + r;  // position in group
@@ -664,28 +666,25 @@ extern "C" __global__ void __launch_bounds__(1024)
             sk[q * pow2 + r] = v;
         }
         __syncthreads();
+        // Bitonic stages: thread t compares pair t of total / 2, keys i and i + h (i has bit h
+        // clear), ascending where bit k of i's position in its unit is clear (k = pow2: all).
         for (u32 k = 2; k <= pow2; k <<= 1) {
+            u32 dir = k & (pow2 - 1);
             for (u32 h = k >> 1; h > 0; h >>= 1) {
-                for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
-                    u32 i = e % pow2;
-                    u32 o = i ^ h;
-                    if (o > i) {
-                        u32 f = e - i + o;
-                        u64 x = sk[e], y = sk[f];
-                        bool up = (i & k) == 0;
-                        if ((x > y) == up) {
-                            sk[e] = y;
-                            sk[f] = x;
-                        }
-                    }
+                for (u32 t = threadIdx.x; t < total / 2; t += blockDim.x) {
+                    u32 i = ((t & ~(h - 1)) << 1) | (t & (h - 1));
+                    u64 x = sk[i], y = sk[i + h];
+                    bool swap = (x > y) == ((i & dir) == 0);  // out of this pair's order
+                    sk[i] = swap ? y : x;
+                    sk[i + h] = swap ? x : y;
                 }
                 __syncthreads();
             }
         }
         // Padding keys (all ones) sort last: sorted position r < the unit's length is a key.
         for (u32 e = threadIdx.x; e < total; e += blockDim.x) {
-            u32 q = rows ? e / pow2 : e % per;
-            u32 r = rows ? e % pow2 : e / per;
+            u32 q = rows ? e >> lp : e & (per - 1);
+            u32 r = rows ? e & (pow2 - 1) : e >> lq;
             u64 u = u0 + q;
             u64 g = nseg == 1 ? u : u / nseg;
             u64 slot = (u64)(nseg == 1 ? 0u : (u32)(u - g * nseg)) * seg + r;

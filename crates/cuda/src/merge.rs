@@ -1094,6 +1094,9 @@ pub fn della_key_bytes(gpu: &Gpu, sparsify: &[DeviceSparsify], shape: &[usize]) 
     Some(if g.segmented() { n as u64 * 8 } else { 0 })
 }
 
+/// Threads per block of `della_ranks`' sorts (its launch bounds).
+const DELLA_THREADS: u32 = 1024;
+
 /// `della_ranks`'s modes (`DELLA_*` in `merge.cu`): a whole group per sort, ranks written.
 const DELLA_RANK: i32 = 0;
 /// Sorted segments written to the scratch keys.
@@ -1186,15 +1189,16 @@ impl DellaLaunch {
         } else {
             (DELLA_RANK, c, c.next_power_of_two())
         };
-        // Short groups are sorted several to a block (1024 keys at least).
-        let per = (1024 / pow2).max(1);
+        // Short groups are sorted several to a block: 2048 keys at least, a pair per thread
+        // (`della_ranks` takes the same count from its block size).
+        let per = (2 * DELLA_THREADS / pow2).max(1);
         let sort = LaunchConfig {
             grid_dim: (
                 units.div_ceil(u64::from(per)).clamp(1, u64::from(sms) * 8) as u32,
                 1,
                 1,
             ),
-            block_dim: (1024, 1, 1),
+            block_dim: (DELLA_THREADS, 1, 1),
             shared_mem_bytes: per * pow2 * 8,
         };
         let count = g.segmented().then(|| crate::device::grid_for(n, sms));
@@ -1697,6 +1701,8 @@ mod tests {
             "della_ranks(const GtaModel* models, GtaArgs a, int model, u32 c, u64 inner, \
              u32 seg, u32 pow2, int mode, u32* ranks, u64* keys)"
         ));
+        // Its block size, which its shared keys per step follow (`DellaLaunch::of`).
+        assert!(flat.contains(&format!("__launch_bounds__({DELLA_THREADS}) della_ranks(")));
         // Whole groups and segments are sorted as powers of two in the dynamic shared memory
         // `device.rs` grants `della_ranks` (the default 48 KiB without the opt-in).
         const {
