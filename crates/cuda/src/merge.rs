@@ -1460,12 +1460,14 @@ mod tests {
         let pow2 = sk.len();
         let mut k = 2;
         while k <= pow2 {
+            let dir = k & (pow2 - 1);
             let mut h = k >> 1;
             while h > 0 {
-                for i in 0..pow2 {
-                    let o = i ^ h;
-                    if o > i && (sk[i] > sk[o]) == (i & k == 0) {
-                        sk.swap(i, o);
+                // Pair t: keys i (bit h clear) and i + h.
+                for t in 0..pow2 / 2 {
+                    let i = ((t & !(h - 1)) << 1) | (t & (h - 1));
+                    if (sk[i] > sk[i + h]) == (i & dir == 0) {
+                        sk.swap(i, i + h);
                     }
                 }
                 h >>= 1;
