@@ -226,6 +226,7 @@ __device__ __forceinline__ u32 philox_word0(u32 c0, u32 c1, u32 c2, u32 c3, u32 
     for (u64 w = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < (n); \
          w += ((u64)gridDim.x * blockDim.x) >> 5)
 
-// Threads per block of the warp-per-segment sums (sce_sq, gram_seq): their shared tiles hold
-// SEQ_WARPS warps.
+// Warps per block of the warp-per-segment sums (sce_sq, gram_seq), whose shared tiles hold
+// SEQ_WARPS warps: the host's grid_for blocks (`device::GRID_THREADS` / 32; a test keeps them
+// equal).
 #define SEQ_WARPS 8

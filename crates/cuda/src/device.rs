@@ -192,10 +192,14 @@ pub fn with_gpu(test: &str, f: impl FnOnce(&Gpu)) {
     }
 }
 
-/// Blocks of 256 threads over `n` items, at most 8 per multiprocessor of `sms` (grid-stride
-/// kernels).
+/// Threads per block of [`grid_for`]'s launches (the warp-per-segment sums' shared tiles hold
+/// `SEQ_WARPS` = this / 32 warps).
+pub(crate) const GRID_THREADS: u64 = 256;
+
+/// Blocks of [`GRID_THREADS`] threads over `n` items, at most 8 per multiprocessor of `sms`
+/// (grid-stride kernels).
 pub(crate) fn grid_for(n: u64, sms: u32) -> cudarc::driver::LaunchConfig {
-    let threads = 256u64;
+    let threads = GRID_THREADS;
     let blocks = n.div_ceil(threads).clamp(1, u64::from(sms) * 8);
     cudarc::driver::LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),

@@ -163,6 +163,14 @@ pub fn compile(arch: &'static str) -> Result<Ptx> {
 mod tests {
     use super::*;
 
+    /// The warp-per-segment sums (`sce_sq_*`, `gram_seq_*`) index their shared tiles by the
+    /// warp within the block: the block `grid_for` launches must hold exactly SEQ_WARPS warps.
+    #[test]
+    fn seq_warps_match_the_grid_block() {
+        let want = format!("#define SEQ_WARPS {}\n", crate::device::GRID_THREADS / 32);
+        assert!(program().contains(&want), "{want}");
+    }
+
     /// CI: every kernel compiles (no GPU needed, only libnvrtc). Skips with a reason otherwise,
     /// unless `AMALGAM_REQUIRE_NVRTC` is set (as `.ci/run` sets it): then a missing NVRTC fails.
     #[test]
