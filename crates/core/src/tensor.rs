@@ -38,6 +38,12 @@ pub struct TensorJob {
     pub seed: u64,
 }
 
+/// Row length of a tensor of `shape`: the last dimension (1-D tensors are one row; scalars
+/// one element; an empty last dimension counts 1).
+pub fn row_len(shape: &[usize]) -> usize {
+    shape.last().map_or(1, |&c| c.max(1))
+}
+
 impl TensorJob {
     /// Total number of elements.
     pub fn numel(&self) -> usize {
@@ -46,10 +52,7 @@ impl TensorJob {
 
     /// Row length: the last dimension (1-D tensors are one row; scalars one element).
     pub fn cols(&self) -> usize {
-        match self.shape.len() {
-            0 => 1,
-            n => self.shape[n - 1].max(1),
-        }
+        row_len(&self.shape)
     }
 
     /// Number of rows (product of all but the last dimension).

@@ -3,9 +3,10 @@
 // this header, and a launch runs the grid's blocks one after another, each block's threads as
 // cooperative fibers on one OS thread. `__syncthreads` and the warp intrinsics
 // (`__ballot_sync`, `__any_sync`, `__shfl*_sync`, `__match_any_sync`, `__syncwarp`) switch to
-// the scheduler, which releases a barrier when every live thread of the block waits at it and a warp operation
-// when every lane named in its mask waits at one with that mask. `__shared__` variables are
-// static (blocks never overlap), atomics are plain read-modify-writes (one thread runs at a time).
+// the scheduler, which releases a barrier when every live thread of the block waits at it and a
+// warp operation when every lane named in its mask waits at one with that mask. `__shared__`
+// variables are static (blocks never overlap), atomics are plain read-modify-writes (one thread
+// runs at a time).
 //
 // This checks the kernels' logic (indexing, synchronisation, selection, sorting), not their
 // speed, and not what only a device shows (memory model, occupancy, real rounding of the f16

@@ -503,8 +503,7 @@ fn run_case_shaped(
                 &refs,
                 b,
                 *grouping,
-                // As `TensorJob::cols`: the last dimension.
-                shape.last().map_or(1, |&c| c.max(1)),
+                amalgam_core::tensor::row_len(shape),
                 coefficients,
                 *combine,
                 out,
