@@ -371,7 +371,7 @@ impl TensorReader for PlanReader<'_> {
                 .map_err(|e| MergeError::Read(e.to_string()))?,
         }
         if let Some(u) = update {
-            let cols = self.plan.shape.last().copied().unwrap_or(1).max(1);
+            let cols = amalgam_core::tensor::row_len(&self.plan.shape);
             u.apply(range, cols, out);
         }
         if !self.allow_nonfinite {
