@@ -185,6 +185,55 @@ fn unknown_keys_warn_and_strict_refuses() {
     assert!(final_outputs(&d.join("out2")).is_empty());
 }
 
+/// A parameter the method does not use (here a misspelt `weight`) is a warning, and with
+/// `--strict` an error naming it, for a direct merge, an embedded cluster and a coordinator.
+#[test]
+fn unused_parameters_warn_and_strict_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 2, &[]);
+    let cfg = write(
+        d,
+        "w.yaml",
+        &LIN2.replace(
+            "{weight: 1.0}\n  - model: ft2",
+            "{weight: 1.0, wieght: 2}\n  - model: ft2",
+        ),
+    );
+    assert!(std::fs::read_to_string(d.join("w.yaml"))
+        .unwrap()
+        .contains("wieght"));
+    let out = run(d, &["merge", &cfg, "--out", "out"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`wieght`") && err.contains("warning"), "{err}");
+    for extra in [&[][..], &["--workers", "2"][..]] {
+        let mut args = vec!["merge", &cfg, "--out", "out2", "--strict"];
+        args.extend_from_slice(extra);
+        let e = run_err(d, &args);
+        assert!(
+            e.contains("`wieght`") && e.contains("linear") && e.contains("w.yaml"),
+            "{extra:?}: {e}"
+        );
+        assert!(final_outputs(&d.join("out2")).is_empty());
+    }
+    let e = run_err(
+        d,
+        &[
+            "coordinator",
+            "--config",
+            &cfg,
+            "--out",
+            "out3",
+            "--strict",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(e.contains("`wieght`"), "{e}");
+    assert!(final_outputs(&d.join("out3")).is_empty());
+}
+
 #[test]
 fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let tmp = tempfile::tempdir().unwrap();

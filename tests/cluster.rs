@@ -201,6 +201,33 @@ fn a_serving_coordinator_runs_submitted_jobs_one_after_another() {
         ],
     );
     assert!(err.contains("ft9"), "{err}");
+    // With --strict, a parameter the method does not use (misspelt) is refused by the service.
+    let typo = write(
+        d,
+        "typo.yaml",
+        &TIES.replace(
+            "parameters: {normalize: true}",
+            "parameters: {normalise: true}",
+        ),
+    );
+    assert!(std::fs::read_to_string(d.join("typo.yaml"))
+        .unwrap()
+        .contains("normalise"));
+    let err = run_err(
+        d,
+        &[
+            "submit",
+            &typo,
+            "--out",
+            "out-typo",
+            "--coordinator",
+            &url,
+            "--token-file",
+            "token",
+            "--strict",
+        ],
+    );
+    assert!(err.contains("`normalise`"), "{err}");
     // The service goes on: the same config again, into a new directory.
     let mut c = submit(&ties, "out-again");
     c.line_with("merged");

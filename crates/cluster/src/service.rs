@@ -233,6 +233,11 @@ impl JobHost for ServiceHost {
             n => n,
         };
         let job = prepare_job(config, req.config_yaml, Some(config_dir), opts, shard_bytes)?;
+        if req.strict {
+            if let Some(e) = job.plan.strict_error() {
+                return Err(ClusterError::Config(format!("the submitted config: {e}")));
+            }
+        }
         let (tx, rx) = oneshot::channel();
         let mut st = lock(&self.state);
         st.submitted += 1;

@@ -96,6 +96,28 @@ pub struct Plan {
     pub out_layers: Option<usize>,
     /// Remarks for the user (parameters the method does not use, ignored keys).
     pub warnings: Vec<String>,
+    /// Parameters the config gives that the method does not use (often a misspelling), sorted.
+    pub unused_parameters: Vec<String>,
+}
+
+impl Plan {
+    /// The error `--strict` gives for parameters the method does not use, if there are any.
+    pub fn strict_error(&self) -> Option<String> {
+        if self.unused_parameters.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = self
+            .unused_parameters
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect();
+        Some(format!(
+            "merge method `{}` does not use the parameter(s) {} (strict mode refuses them: \
+             check their spelling with `amalgam methods`, or remove them)",
+            self.method,
+            names.join(", ")
+        ))
+    }
 }
 
 /// A tensor name split around its layer index.
@@ -664,6 +686,7 @@ pub fn plan(config: &MergeConfig, lookup: &dyn ModelLookup) -> Result<Plan, Merg
         seed: config.random_seed.unwrap_or(0),
         out_layers: has_layers.then_some(out_layer),
         warnings,
+        unused_parameters: p.unused.into_iter().collect(),
     })
 }
 

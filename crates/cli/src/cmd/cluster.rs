@@ -228,8 +228,10 @@ pub fn prepare(
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .or_else(|| std::env::current_dir().ok());
-    prepare_job(config, text, dir, opts, shard_size)
-        .with_context(|| format!("planning {}", config_path.display()))
+    let job = prepare_job(config, text, dir, opts, shard_size)
+        .with_context(|| format!("planning {}", config_path.display()))?;
+    super::merge::report_plan(&job.plan, config_path, strict, quiet)?;
+    Ok(job)
 }
 
 fn server_tls(a: &CoordinatorArgs) -> Result<Option<ServerTls>> {

@@ -209,7 +209,7 @@ mod imp {
             format!("merge_method: ties\nbase_model: base\nmodels:\n{models}"),
         )?;
         let config = crate::cmd::merge::load_config(&cfg_path, false, true)?;
-        let (inputs_h, plan) = crate::cmd::merge::prepare(&config, &cfg_path, true)?;
+        let (inputs_h, plan) = crate::cmd::merge::prepare(&config, &cfg_path, false, true)?;
         let mut rows = Vec::new();
         let mut outs = Vec::new();
         for (label, device) in [

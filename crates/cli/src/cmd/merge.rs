@@ -63,7 +63,8 @@ pub struct RunArgs {
     /// Accept NaN or Inf values in the inputs instead of refusing them.
     #[arg(long)]
     pub allow_nonfinite: bool,
-    /// Treat unknown config keys as errors instead of warnings.
+    /// Treat unknown config keys, and parameters the merge method does not use, as errors
+    /// instead of warnings.
     #[arg(long)]
     pub strict: bool,
 }
@@ -107,17 +108,33 @@ pub fn load_config(path: &Path, strict: bool, quiet: bool) -> Result<MergeConfig
     Ok(config)
 }
 
-/// Open inputs and plan.
-pub fn prepare(config: &MergeConfig, config_path: &Path, quiet: bool) -> Result<(Inputs, Plan)> {
+/// Open inputs and plan; with `strict`, parameters the method does not use are an error.
+pub fn prepare(
+    config: &MergeConfig,
+    config_path: &Path,
+    strict: bool,
+    quiet: bool,
+) -> Result<(Inputs, Plan)> {
     let dir = config_path.parent().filter(|p| !p.as_os_str().is_empty());
     let (inputs, plan) = open_and_plan(config, dir)
         .with_context(|| format!("planning {}", config_path.display()))?;
+    report_plan(&plan, config_path, strict, quiet)?;
+    Ok((inputs, plan))
+}
+
+/// Prints the plan's warnings, or with `strict` refuses parameters the method does not use.
+pub fn report_plan(plan: &Plan, config_path: &Path, strict: bool, quiet: bool) -> Result<()> {
+    if strict {
+        if let Some(e) = plan.strict_error() {
+            bail!("config {}: {e}", config_path.display());
+        }
+    }
     if !quiet {
         for w in &plan.warnings {
             eprintln!("warning: {}: {w}", config_path.display());
         }
     }
-    Ok((inputs, plan))
+    Ok(())
 }
 
 fn print_dry_run(config: &MergeConfig, plan: &Plan, args: &MergeArgs) -> Result<()> {
@@ -251,7 +268,7 @@ pub fn run(args: MergeArgs, quiet: bool) -> Result<()> {
             .context("setting the thread count")?;
     }
     let config = load_config(&args.config, args.run.strict, quiet)?;
-    let (inputs, plan) = prepare(&config, &args.config, quiet)?;
+    let (inputs, plan) = prepare(&config, &args.config, args.run.strict, quiet)?;
     if args.dry_run {
         return print_dry_run(&config, &plan, &args);
     }
