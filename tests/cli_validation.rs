@@ -234,6 +234,31 @@ fn unused_parameters_warn_and_strict_refuses() {
     assert!(final_outputs(&d.join("out3")).is_empty());
 }
 
+/// A missing per-model `weight` names the model's path; where it is the base model that a
+/// method merges with the others (mergekit's `linear` with `base_model`), it says so.
+#[test]
+fn a_missing_weight_names_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 2, &[]);
+    let cfg = write(d, "l.yaml", &format!("{LIN2}base_model: base\n"));
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(
+        e.contains("`weight`") && e.contains("model base (the base model"),
+        "{e}"
+    );
+    assert_no_output(d);
+    let cfg = write(
+        d,
+        "t.yaml",
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0}\n  - model: ft2\n    parameters: {density: 0.5}\n",
+    );
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(e.contains("`weight`") && e.contains("for model ft2"), "{e}");
+    assert!(!e.contains("base model"), "{e}");
+    assert_no_output(d);
+}
+
 #[test]
 fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let tmp = tempfile::tempdir().unwrap();

@@ -2,6 +2,10 @@
 
 use thiserror::Error;
 
+fn model_suffix(model: Option<usize>) -> String {
+    model.map_or_else(String::new, |i| format!(" for model #{i}"))
+}
+
 /// An error raised while merging one tensor or building a method.
 #[derive(Debug, Error)]
 pub enum MergeError {
@@ -14,14 +18,14 @@ pub enum MergeError {
         message: String,
     },
     /// A required parameter is missing.
-    #[error("parameter `{key}` is required by merge method `{method}`{model}")]
+    #[error("parameter `{key}` is required by merge method `{method}`{}", model_suffix(*model))]
     MissingParameter {
         /// The config key.
         key: String,
         /// The method that needs it.
         method: String,
-        /// ` for model X` or empty.
-        model: String,
+        /// The model (its position among the method's inputs) that lacks a per-model parameter.
+        model: Option<usize>,
     },
     /// The method cannot run with this set of inputs.
     #[error("merge method `{method}`: {message}")]

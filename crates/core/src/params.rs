@@ -110,7 +110,7 @@ impl TensorParams {
                     .ok_or_else(|| MergeError::MissingParameter {
                         key: key.into(),
                         method: method.into(),
-                        model: format!(" for model #{i}"),
+                        model: Some(i),
                     })
             })
             .collect()

@@ -520,6 +520,27 @@ impl Planner<'_> {
                         key,
                         message: format!("{message} (tensor \"{out_name}\")"),
                     },
+                    MergeError::MissingParameter {
+                        key,
+                        method,
+                        model: Some(i),
+                    } if i < models.len() => {
+                        let name = &self.models[models[i].model];
+                        let role = if base_ref.as_ref() == Some(name) {
+                            format!(
+                                " (the base model: `{method}` merges it with the others, so list \
+                                 it under `models:` with its own `{key}`)"
+                            )
+                        } else {
+                            String::new()
+                        };
+                        MergeError::BadParameter {
+                            key,
+                            message: format!(
+                                "merge method `{method}` needs it for model {name}{role}"
+                            ),
+                        }
+                    }
                     other => other,
                 },
             )?;

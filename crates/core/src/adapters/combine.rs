@@ -273,7 +273,7 @@ fn op_for(opts: &CombineOptions) -> Result<MergeOp> {
         let d = opts.density.ok_or_else(|| MergeError::MissingParameter {
             key: "density".to_string(),
             method: c.name().to_string(),
-            model: String::new(),
+            model: None,
         })?;
         check_density(d)?;
         d

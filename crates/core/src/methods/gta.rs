@@ -134,7 +134,7 @@ impl GtaOptions {
                     .ok_or_else(|| MergeError::MissingParameter {
                         key: "weight".into(),
                         method: method.into(),
-                        model: format!(" for model #{i}"),
+                        model: Some(i),
                     })?;
             if !w.is_finite() {
                 return Err(MergeError::BadParameter {

@@ -56,7 +56,7 @@ impl Nearswap {
             .ok_or_else(|| MergeError::MissingParameter {
                 key: "t".into(),
                 method: "nearswap".into(),
-                model: String::new(),
+                model: None,
             })?;
         if t.is_nan() {
             return Err(MergeError::BadParameter {

@@ -90,7 +90,7 @@ impl Slerp {
             .ok_or_else(|| MergeError::MissingParameter {
                 key: "t".into(),
                 method: "slerp".into(),
-                model: String::new(),
+                model: None,
             })?;
         if !t.is_finite() {
             return Err(MergeError::BadParameter {
