@@ -357,6 +357,22 @@ fn tokenizer_source_permutes_embeddings() {
         }
     }
     assert!(file_names(&d.join("out")).contains(&"tokenizer.json".to_string()));
+    // `base` with no base_model names the first model, as in mergekit: the same merge.
+    let cfg = write(
+        d,
+        "tok_base.yaml",
+        &std::fs::read_to_string(d.join("tok.yaml"))
+            .unwrap()
+            .replace("tokenizer_source: ft1", "tokenizer_source: base"),
+    );
+    run_ok(d, &["merge", &cfg, "--out", "out_base", "--quiet"]);
+    for f in ["model.safetensors", "tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(d.join("out").join(f)).unwrap(),
+            std::fs::read(d.join("out_base").join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }
 
 #[test]

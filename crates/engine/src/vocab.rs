@@ -109,13 +109,10 @@ pub fn prepare_vocabularies(
             })
         }
         Some(TokenizerSource::Base) => {
-            config
-                .base_model
-                .clone()
-                .ok_or_else(|| EngineError::Config {
-                    key: "tokenizer_source".into(),
-                    message: "`base` needs `base_model`".into(),
-                })?
+            config.tokenizer_base().ok_or_else(|| EngineError::Config {
+                key: "tokenizer_source".into(),
+                message: "`base` needs a model: the config names none".into(),
+            })?
         }
         Some(TokenizerSource::Model(m)) => m,
     };
@@ -173,13 +170,10 @@ pub fn build_vocab_map(
 ) -> Result<VocabMap, EngineError> {
     let target_ref = match chosen_source(config) {
         Some(TokenizerSource::Model(m)) => m,
-        _ => config
-            .base_model
-            .clone()
-            .ok_or_else(|| EngineError::Config {
-                key: "tokenizer_source".into(),
-                message: "`base` needs `base_model`".into(),
-            })?,
+        _ => config.tokenizer_base().ok_or_else(|| EngineError::Config {
+            key: "tokenizer_source".into(),
+            message: "`base` needs a model: the config names none".into(),
+        })?,
     };
     let target = &vocabs[&target_ref];
     let base_idx = plan
