@@ -572,6 +572,24 @@ fn adapter_merge_errors_name_the_file_and_module() {
     .unwrap();
     let e = run_err(d, &["merge-adapters", "t.yaml", "--out", "t-out"]);
     assert!(e.contains("combination_type"), "{e}");
+    std::fs::write(
+        d.join("x.yaml"),
+        "combination_type: cat\nadapters:\n  - adapter: a1\n",
+    )
+    .unwrap();
+    let e = run_err(d, &["merge-adapters", "x.yaml", "--out", "x-out"]);
+    assert!(e.contains("unknown key `adapter`"), "{e}");
+    // An input adapter's directory is refused as the output, even with --overwrite.
+    let before = std::fs::read(d.join("a1/adapter_model.safetensors")).unwrap();
+    let e = run_err(
+        d,
+        &["merge-adapters", "u.yaml", "--out", "a1", "--overwrite"],
+    );
+    assert!(e.contains("an input of this merge"), "{e}");
+    assert_eq!(
+        std::fs::read(d.join("a1/adapter_model.safetensors")).unwrap(),
+        before
+    );
 }
 
 /// Write `tensors` (name, shape, f32 values) as a one-file checkpoint into `dir`.

@@ -259,6 +259,51 @@ fn a_missing_weight_names_the_model() {
     assert_no_output(d);
 }
 
+/// An output directory that holds an input (a model directory, or the directory of a
+/// single-file model) is refused even with `--overwrite`, in a direct and an embedded-cluster
+/// merge, and the input is left as it was; an output path that is a file is refused once,
+/// without the operating system's message twice.
+#[test]
+fn an_output_directory_holding_an_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 2, &[]);
+    let cfg = write(d, "l.yaml", LIN2);
+    let before = std::fs::read(d.join("ft1/model.safetensors")).unwrap();
+    for extra in [&[][..], &["--workers", "2"][..]] {
+        let mut args = vec!["merge", &cfg, "--out", "ft1", "--overwrite"];
+        args.extend_from_slice(extra);
+        let e = run_err(d, &args);
+        assert!(e.contains("holds ft1") && e.contains("an input"), "{e}");
+        assert_eq!(
+            std::fs::read(d.join("ft1/model.safetensors")).unwrap(),
+            before
+        );
+    }
+    // Single-file models in the working directory, merged into it.
+    std::fs::copy(d.join("ft1/model.safetensors"), d.join("a.safetensors")).unwrap();
+    std::fs::copy(d.join("ft2/model.safetensors"), d.join("b.safetensors")).unwrap();
+    let cfg = write(
+        d,
+        "s.yaml",
+        &LIN2
+            .replace("model: ft1", "model: a.safetensors")
+            .replace("model: ft2", "model: b.safetensors"),
+    );
+    let e = run_err(d, &["merge", &cfg, "--out", ".", "--overwrite"]);
+    assert!(e.contains("a.safetensors"), "{e}");
+    assert_eq!(std::fs::read(d.join("a.safetensors")).unwrap(), before);
+
+    std::fs::write(d.join("afile"), "x").unwrap();
+    let cfg = write(d, "l.yaml", LIN2);
+    let e = run_err(d, &["merge", &cfg, "--out", "afile"]);
+    assert!(e.contains("afile: exists and is not a directory"), "{e}");
+    assert_eq!(e.matches("os error").count(), 0, "{e}");
+    // A directory that cannot be created names the OS error once.
+    let e = run_err(d, &["merge", &cfg, "--out", "afile/sub"]);
+    assert_eq!(e.matches("os error").count(), 1, "{e}");
+}
+
 #[test]
 fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let tmp = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 
 mod cmd;
 mod progress;
+mod report;
 mod size;
 
 use clap::{Parser, Subcommand};
@@ -111,7 +112,7 @@ fn main() {
         Command::GpuCheck(a) => cmd::gpu_check::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", report::error_text(&e));
         std::process::exit(1);
     }
 }

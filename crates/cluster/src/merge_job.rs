@@ -338,6 +338,8 @@ pub fn prepare_job(
         None => None,
     };
     let (inputs, plan) = open_and_plan(&config, config_dir.as_deref()).map_err(engine_err)?;
+    amalgam_engine::inputs::check_output_dir(&config, config_dir.as_deref(), &opts.out_dir)
+        .map_err(engine_err)?;
     // Every tensor's sources are checked here, before any worker starts.
     run::plan_checkpoints(&plan, &inputs).map_err(engine_err)?;
     run::resolve_chat_template(&config, &inputs).map_err(engine_err)?;

@@ -27,6 +27,14 @@ pub enum EngineError {
         /// What is wrong.
         message: String,
     },
+    /// The output directory holds one of the merge's inputs.
+    #[error("{}: the output directory holds {}, an input of this merge; choose another output directory (writing there would replace or remove it)", dir.display(), input.display())]
+    OutputHoldsInput {
+        /// The output directory.
+        dir: std::path::PathBuf,
+        /// The input found there (a model, adapter or statistics file).
+        input: std::path::PathBuf,
+    },
     /// The memory budget is too small for the plan.
     #[error("--memory-budget {budget} bytes is too small: {message}")]
     Budget {

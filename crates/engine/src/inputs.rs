@@ -97,6 +97,44 @@ pub fn referenced_paths(
     Ok(out)
 }
 
+/// Refuses an output directory that holds an input of the merge (a model directory, the
+/// directory of a model, adapter or statistics file): the writer replaces the checkpoint files
+/// it finds there (with `--overwrite`), which would destroy the input.
+pub fn check_output_dir(
+    config: &MergeConfig,
+    config_dir: Option<&Path>,
+    out_dir: &Path,
+) -> Result<(), EngineError> {
+    refuse_output_holding(out_dir, referenced_paths(config, config_dir)?)
+}
+
+/// Refuses `out_dir` when it is one of `inputs` (directories) or the directory of one (files).
+pub fn refuse_output_holding(
+    out_dir: &Path,
+    inputs: impl IntoIterator<Item = PathBuf>,
+) -> Result<(), EngineError> {
+    let Ok(out) = std::fs::canonicalize(out_dir) else {
+        return Ok(()); // not there yet: it holds nothing
+    };
+    for input in inputs {
+        let dir = if input.is_dir() {
+            Some(input.clone())
+        } else {
+            input.parent().map(|p| match p.as_os_str().is_empty() {
+                true => PathBuf::from("."),
+                false => p.to_path_buf(),
+            })
+        };
+        if dir.and_then(|d| std::fs::canonicalize(d).ok()).as_ref() == Some(&out) {
+            return Err(EngineError::OutputHoldsInput {
+                dir: out_dir.to_path_buf(),
+                input,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Resolve an extra checkpoint path (MaTS's `init`), with an error naming the key.
 fn resolve_extra_path(path: &str, config_dir: Option<&Path>) -> Result<PathBuf, EngineError> {
     resolve_model_path(path, config_dir).map_err(|_| EngineError::Config {

@@ -448,6 +448,7 @@ pub fn execute(
             message: format!("the minimum is {} MiB", budget::MIN_BUDGET >> 20),
         });
     }
+    crate::inputs::check_output_dir(config, config_dir, &opts.out_dir)?;
     let ckpts = plan_checkpoints(plan, inputs)?;
     resolve_chat_template(config, inputs)?;
     check_whole_tensor_needs(plan, opts.memory_budget)?;

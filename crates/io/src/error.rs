@@ -210,6 +210,12 @@ pub enum IoError {
         /// The first checkpoint file found there.
         found: String,
     },
+    /// The output path exists and is not a directory.
+    #[error("{}: exists and is not a directory; the output is a directory (created if missing)", path.display())]
+    OutputNotDirectory {
+        /// The output path.
+        path: PathBuf,
+    },
     /// The output layout is unusable.
     #[error("output layout: {reason}")]
     InvalidLayout {

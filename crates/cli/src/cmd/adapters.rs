@@ -112,7 +112,7 @@ fn run_job(
         return Ok(run_local(spec, out, overwrite, work.shard_size, &bar)?);
     };
     // Refuse an existing adapter before the global pass and the workers, as run_local does.
-    check_out(out, overwrite)?;
+    check_out(out, overwrite, spec)?;
     let host = Arc::new(AdapterHost::new(spec, work.shard_size, &bar)?);
     let h = Arc::clone(&host);
     serve_until_done(Arc::clone(&host), &served, quiet, move || h.progress())?;

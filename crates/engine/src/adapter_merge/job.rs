@@ -536,7 +536,7 @@ pub fn run_local(
     shard_bytes: u64,
     progress: &dyn Progress,
 ) -> Result<AdapterSummary, EngineError> {
-    check_out(out, overwrite)?;
+    check_out(out, overwrite, spec)?;
     let mut task = AdapterTask::open(spec)?;
     task.run_global(progress)?;
     let total: u64 = task.units().iter().map(|u| u.in_bytes).sum();

@@ -361,8 +361,9 @@ fn parse_entries(v: &Value) -> Result<Vec<AdapterEntry>, EngineError> {
                             return Err(cfg_err(
                                 "adapters",
                                 format!(
-                                    "entry {i}: unknown key {k:?}; use `path`, `weight` and \
-                                     `statistics`"
+                                    "entry {i}: unknown key `{}`; use `path`, `weight` and \
+                                     `statistics`",
+                                    k.as_str().map_or_else(|| format!("{k:?}"), str::to_string)
                                 ),
                             ))
                         }
@@ -400,8 +401,16 @@ pub struct AdapterSummary {
 }
 
 /// Refuse an output directory that already holds an adapter (before any work), unless
-/// `overwrite`.
-pub fn check_out(out: &Path, overwrite: bool) -> Result<(), EngineError> {
+/// `overwrite`, and one that holds an adapter or statistics file the job reads (writing there
+/// would replace it).
+pub fn check_out(
+    out: &Path,
+    overwrite: bool,
+    spec: &job::AdapterJobSpec,
+) -> Result<(), EngineError> {
+    if let job::AdapterJobSpec::Merge { .. } = spec {
+        crate::inputs::refuse_output_holding(out, spec.paths())?;
+    }
     if overwrite {
         return Ok(());
     }

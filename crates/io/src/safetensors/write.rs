@@ -226,6 +226,11 @@ impl CheckpointWriter {
     /// with `overwrite` the old files are removed only by a successful [`finish`](Self::finish).
     pub fn create(out_dir: &Path, layout: OutputLayout, overwrite: bool) -> Result<Self, IoError> {
         layout.validate(out_dir)?;
+        if out_dir.exists() && !out_dir.is_dir() {
+            return Err(IoError::OutputNotDirectory {
+                path: out_dir.to_path_buf(),
+            });
+        }
         if !overwrite {
             if let Some(found) = existing_checkpoint(out_dir)?.into_iter().next() {
                 return Err(IoError::OutputExists {
