@@ -304,6 +304,88 @@ fn an_output_directory_holding_an_input_is_refused() {
     assert_eq!(e.matches("os error").count(), 1, "{e}");
 }
 
+/// Files whose name marks them unfinished (`.NAME.partial`, staging and spill directories).
+fn unfinished(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM in the middle of a merge, in one process or with embedded
+/// workers: the process exits with status 130, says so, and leaves neither a final nor an
+/// unfinished file in the output directory.
+#[test]
+fn an_interrupted_merge_removes_its_unfinished_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // About 70 MB per model: the merge takes long enough to be caught writing.
+    tiny_family(
+        d,
+        2,
+        &[
+            "--hidden",
+            "512",
+            "--intermediate",
+            "1408",
+            "--layers",
+            "6",
+            "--vocab",
+            "8000",
+        ],
+    );
+    let cfg = write(
+        d,
+        "t.yaml",
+        "merge_method: della\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}\n  - model: ft2\n    parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}\n",
+    );
+    let cases: [(&str, &[&str]); 3] =
+        [("-INT", &[]), ("-TERM", &[]), ("-INT", &["--workers", "2"])];
+    for (i, (signal, extra)) in cases.into_iter().enumerate() {
+        let out = d.join(format!("out{i}"));
+        let mut child = amalgam()
+            .current_dir(d)
+            .args([
+                "merge",
+                &cfg,
+                "--out",
+                out.to_str().unwrap(),
+                "--threads",
+                "1",
+            ])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while unfinished(&out).is_empty() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{signal} {extra:?}: the merge ended before it was seen writing"
+            );
+            assert!(std::time::Instant::now() < deadline, "no output started");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let pid = child.id().to_string();
+        let st = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let res = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(130), "{signal} {extra:?}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert_eq!(unfinished(&out), Vec::<String>::new(), "{signal} {extra:?}");
+        assert!(final_outputs(&out).is_empty(), "{signal} {extra:?}");
+    }
+}
+
 #[test]
 fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let tmp = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 mod cmd;
+mod interrupt;
 mod progress;
 mod report;
 mod size;
@@ -93,6 +94,7 @@ fn main() {
         .with_target(false)
         .init();
     let quiet = cli.quiet;
+    interrupt::install();
     let result = match cli.command {
         Command::Merge(a) => cmd::merge::run(a, quiet),
         Command::MergeAdapters(a) => cmd::adapters::run_merge(a, quiet),
@@ -101,7 +103,7 @@ fn main() {
         Command::Methods => cmd::methods::run(),
         Command::Demo(a) => cmd::demo::run(a, quiet),
         Command::Bench(a) => cmd::bench::run(a),
-        Command::Generate(a) => cmd::generate::run(a),
+        Command::Generate(a) => cmd::generate::run(a, quiet),
         Command::Eval(a) => cmd::eval::run(a, quiet),
         Command::Stats(a) => cmd::stats::run(a, quiet),
         Command::Study(a) => cmd::study::run(a, quiet),

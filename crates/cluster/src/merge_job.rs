@@ -477,7 +477,13 @@ impl MergeHost {
             std::fs::remove_dir_all(&all).map_err(|e| ClusterError::io(&all, e))?;
         }
         let spill = all.join(&crate::server::plan_hash(&host.shards())[..16]);
-        std::fs::create_dir_all(&spill).map_err(|e| ClusterError::io(&spill, e))?;
+        let create = || std::fs::create_dir_all(&spill).map_err(|e| ClusterError::io(&spill, e));
+        if resume {
+            create()?;
+        } else {
+            // Nothing resumes from it: an interrupted run removes it (`amalgam_io::stage`).
+            amalgam_io::stage(&all, create)?;
+        }
         let inputs = job
             .inputs
             .checkpoints
@@ -706,6 +712,7 @@ impl MergeHost {
         if let Some(all) = self.spill.parent() {
             // Only when no other plan's results are left in it.
             let _ = std::fs::remove_dir(all);
+            amalgam_io::unstage(all);
         }
     }
 }

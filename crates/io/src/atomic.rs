@@ -2,11 +2,55 @@
 //! rename. A killed process leaves only `.NAME.partial` files, never a half-written file
 //! under its final name.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::IoError;
+
+/// This process's unfinished outputs (temporary files and staging directories), for
+/// [`remove_staged_and_exit`].
+static STAGED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn staged_set() -> MutexGuard<'static, BTreeSet<PathBuf>> {
+    STAGED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Creates a temporary file or staging directory with `create`, recording `path` as unfinished
+/// output. Recording and creating happen under one lock, so an interrupt that removes the staged
+/// paths never misses one being created.
+pub fn stage<T>(path: &Path, create: impl FnOnce() -> T) -> T {
+    let mut set = staged_set();
+    set.insert(path.to_path_buf());
+    create()
+}
+
+/// Forgets `path`: it was renamed into place or removed.
+pub fn unstage(path: &Path) {
+    staged_set().remove(path);
+}
+
+/// For an interrupt (Ctrl-C) handler: removes every unfinished output this process has staged,
+/// calls `report` with the paths removed, and exits with `code`, holding the lock so that no
+/// other thread creates another one meanwhile. Finished files are never touched.
+pub fn remove_staged_and_exit(code: i32, report: impl FnOnce(&[PathBuf])) -> ! {
+    let set = staged_set();
+    let mut removed = Vec::new();
+    for p in set.iter() {
+        let gone = if p.is_dir() {
+            std::fs::remove_dir_all(p).is_ok()
+        } else {
+            std::fs::remove_file(p).is_ok()
+        };
+        if gone {
+            removed.push(p.clone());
+        }
+    }
+    report(&removed);
+    std::process::exit(code)
+}
 
 /// The temporary name used while writing `path`: `.NAME.partial` in the same directory.
 pub fn temp_path(path: &Path) -> PathBuf {
@@ -26,7 +70,8 @@ pub fn write_text_atomic(path: &Path, text: &str) -> Result<(), IoError> {
 pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| IoError::io(&tmp, "create", e))?;
+        let mut f =
+            stage(&tmp, || File::create(&tmp)).map_err(|e| IoError::io(&tmp, "create", e))?;
         f.write_all(bytes)
             .map_err(|e| IoError::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| IoError::io(&tmp, "fsync", e))?;
@@ -36,6 +81,7 @@ pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoErro
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    unstage(&tmp);
     result
 }
 

@@ -54,16 +54,18 @@ pub fn copy_files(from: &Path, to: &Path, names: &[&str]) -> Result<Vec<PathBuf>
         let tmp = temp_path(&dst);
         let result = (|| {
             let mut r = File::open(&src).map_err(|e| IoError::io(&src, "open", e))?;
-            let mut w = File::create(&tmp).map_err(|e| IoError::io(&tmp, "create", e))?;
+            let mut w = atomic::stage(&tmp, || File::create(&tmp))
+                .map_err(|e| IoError::io(&tmp, "create", e))?;
             std::io::copy(&mut r, &mut w).map_err(|e| IoError::io(&tmp, "copy", e))?;
             w.sync_all().map_err(|e| IoError::io(&tmp, "fsync", e))?;
             drop(w);
             atomic::rename(&tmp, &dst)
         })();
-        if let Err(e) = result {
+        if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
         }
+        atomic::unstage(&tmp);
+        result?;
         written.push(dst);
     }
     Ok(written)

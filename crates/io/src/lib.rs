@@ -45,7 +45,7 @@ pub mod peft;
 pub mod safetensors;
 pub mod stats;
 
-pub use atomic::{temp_path, write_text_atomic};
+pub use atomic::{remove_staged_and_exit, stage, temp_path, unstage, write_text_atomic};
 pub use aux_files::{copy_aux_files, copy_files, read_vocab, AUX_FILES, TOKENIZER_FILES};
 pub use dtype::{encode_f32, DType};
 pub use error::IoError;

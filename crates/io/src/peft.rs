@@ -1230,7 +1230,9 @@ impl AdapterWriter {
                     .collect(),
             }],
         };
-        let inner = CheckpointWriter::create(&staging, layout, true)?;
+        let inner = atomic::stage(&staging, || {
+            CheckpointWriter::create(&staging, layout, true)
+        })?;
         Ok(AdapterWriter {
             dir: dir.to_path_buf(),
             staging,
@@ -1309,6 +1311,7 @@ impl Drop for AdapterWriter {
         if self.staging.exists() {
             let _ = std::fs::remove_dir_all(&self.staging);
         }
+        atomic::unstage(&self.staging);
     }
 }
 

@@ -892,8 +892,10 @@ impl StatsWriter {
                 shape: k.shape.clone(),
             })
             .collect();
-        let inner = CheckpointWriter::create(&staging, OutputLayout::plan(tensors, 0), true)?
-            .with_metadata(meta.entries());
+        let inner = atomic::stage(&staging, || {
+            CheckpointWriter::create(&staging, OutputLayout::plan(tensors, 0), true)
+        })?
+        .with_metadata(meta.entries());
         Ok(StatsWriter {
             target: path.to_path_buf(),
             staging,
@@ -997,6 +999,7 @@ impl Drop for StatsWriter {
         if self.staging.exists() {
             let _ = std::fs::remove_dir_all(&self.staging);
         }
+        atomic::unstage(&self.staging);
     }
 }
 

@@ -60,7 +60,7 @@ pub struct GenerateArgs {
 }
 
 /// Run `amalgam generate`.
-pub fn run(a: GenerateArgs) -> Result<()> {
+pub fn run(a: GenerateArgs, quiet: bool) -> Result<()> {
     if let Some(from) = &a.from {
         perturb_model(
             from,
@@ -71,13 +71,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             a.overwrite,
         )
         .with_context(|| format!("perturbing {}", from.display()))?;
-        println!(
-            "wrote {} ({} + {} x uniform noise, seed {})",
-            a.dir.display(),
-            from.display(),
-            a.delta_scale,
-            a.delta_seed
-        );
+        if !quiet {
+            println!(
+                "wrote {} ({} + {} x uniform noise, seed {})",
+                a.dir.display(),
+                from.display(),
+                a.delta_scale,
+                a.delta_seed
+            );
+        }
         return Ok(());
     }
     let dtype = DType::from_config_name(&a.dtype)
@@ -102,6 +104,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         delta_density: a.delta_density,
     };
     write_model(&a.dir, &spec, &values, a.shard_size, a.overwrite)?;
-    println!("wrote {} ({} parameters)", a.dir.display(), spec.params());
+    if !quiet {
+        println!("wrote {} ({} parameters)", a.dir.display(), spec.params());
+    }
     Ok(())
 }

@@ -327,7 +327,7 @@ impl CheckpointWriter {
         let header = header::serialize(&metadata, &entries);
         let tmp = temp_path(&self.file_path(file));
         self.temps.push(tmp.clone());
-        let mut out = FileSink::create(&tmp)?;
+        let mut out = atomic::stage(&tmp, || FileSink::create(&tmp))?;
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         self.out = Some(out);
@@ -483,6 +483,7 @@ impl CheckpointWriter {
             .collect();
         for (tmp, fin) in self.temps.clone().iter().zip(&finals) {
             atomic::rename(tmp, fin)?;
+            atomic::unstage(tmp);
         }
         self.temps.clear();
 
@@ -549,6 +550,7 @@ impl Drop for CheckpointWriter {
         drop(self.out.take());
         for t in self.temps.drain(..) {
             let _ = std::fs::remove_file(&t);
+            atomic::unstage(&t);
         }
     }
 }
