@@ -386,6 +386,29 @@ fn an_interrupted_merge_removes_its_unfinished_files() {
     }
 }
 
+/// Vocabulary tensors of different sizes point at `tokenizer_source`; any other shape
+/// mismatch says the architectures differ. Both name the models and the tensor.
+#[test]
+fn a_vocabulary_size_mismatch_points_at_tokenizer_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    generate(d, "ft1", &["--vocab", "300"]);
+    generate(d, "ft2", &["--vocab", "256", "--delta-scale", "0.1"]);
+    let cfg = write(d, "l.yaml", LIN2);
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(
+        e.contains("embed_tokens") && e.contains("ft2") && e.contains("tokenizer_source"),
+        "{e}"
+    );
+    generate(d, "ft2", &["--hidden", "32", "--heads", "2"]);
+    let e = run_err(d, &["merge", &cfg, "--out", "out"]);
+    assert!(
+        e.contains("one architecture") && !e.contains("tokenizer_source"),
+        "{e}"
+    );
+    assert_no_output(d);
+}
+
 #[test]
 fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let tmp = tempfile::tempdir().unwrap();

@@ -402,10 +402,19 @@ impl Planner<'_> {
             let m = self.lookup.model(&src.model)?;
             let tensor = self.find(m, name, &src.model)?;
             if tensor.shape != first.shape {
+                let vocab_only = crate::tensor::is_vocab_tensor(name, &tensor.shape)
+                    && crate::tensor::is_vocab_tensor(name, &first.shape)
+                    && tensor.shape[1..] == first.shape[1..];
+                let advice = if vocab_only {
+                    "the models' vocabularies differ: set `tokenizer_source` (`base` or a model \
+                     path) to re-index the vocabulary tensors to one tokenizer"
+                } else {
+                    "all inputs must share one architecture"
+                };
                 return Err(MergeError::BadInputs {
                     method: method.clone(),
                     message: format!(
-                        "{}: tensor \"{name}\" is {:?} but {} has {:?} for \"{}\"; all inputs must share one architecture",
+                        "{}: tensor \"{name}\" is {:?} but {} has {:?} for \"{}\"; {advice}",
                         src.model, tensor.shape, inputs[0].0.model, first.shape, inputs[0].1
                     ),
                 });

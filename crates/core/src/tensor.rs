@@ -44,6 +44,15 @@ pub fn row_len(shape: &[usize]) -> usize {
     shape.last().map_or(1, |&c| c.max(1))
 }
 
+/// Whether a tensor is indexed by token id along axis 0.
+pub fn is_vocab_tensor(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && (name.contains("embed_tokens")
+            || name == "lm_head.weight"
+            || name.ends_with(".wte.weight")
+            || name.contains("word_embeddings"))
+}
+
 impl TensorJob {
     /// Total number of elements.
     pub fn numel(&self) -> usize {

@@ -56,14 +56,7 @@ pub struct VocabMap {
 /// Every model's vocabulary: token string per id (`None` for unused ids).
 pub type Vocabularies = BTreeMap<ModelRef, Vec<Option<String>>>;
 
-/// Whether a tensor is indexed by token id along axis 0.
-pub fn is_vocab_tensor(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2
-        && (name.contains("embed_tokens")
-            || name == "lm_head.weight"
-            || name.ends_with(".wte.weight")
-            || name.contains("word_embeddings"))
-}
+pub use amalgam_core::tensor::is_vocab_tensor;
 
 fn chosen_source(config: &MergeConfig) -> Option<TokenizerSource> {
     config
