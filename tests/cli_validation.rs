@@ -409,6 +409,53 @@ fn a_vocabulary_size_mismatch_points_at_tokenizer_source() {
     assert_no_output(d);
 }
 
+/// A merged value that float16 cannot hold (it would be written as infinity) is refused,
+/// naming the tensor and the dtype, in a direct and an embedded-cluster merge; bfloat16 holds
+/// it; `--allow-nonfinite` writes it.
+#[test]
+fn a_merged_value_overflowing_the_output_dtype_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_family(d, 1, &[]);
+    // Task vectors of about 0.01 times 1e7: far above float16's 65504.
+    let ta = "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1.0e7}\n";
+    let cfg = write(d, "h.yaml", &format!("{ta}dtype: float16\n"));
+    for extra in [&[][..], &["--workers", "2"][..]] {
+        let mut args = vec!["merge", &cfg, "--out", "out"];
+        args.extend_from_slice(extra);
+        let e = run_err(d, &args);
+        assert!(
+            e.contains("tensor \"") && e.contains("does not fit float16"),
+            "{extra:?}: {e}"
+        );
+        assert_no_output(d);
+    }
+    let cfg_b = write(d, "b.yaml", &format!("{ta}dtype: bfloat16\n"));
+    run_ok(d, &["merge", &cfg_b, "--out", "out_b", "--quiet"]);
+    let out_b = load_dir(&d.join("out_b"));
+    assert!(out_b
+        .values()
+        .all(|t| t.values.iter().all(|v| v.is_finite())));
+    assert!(out_b
+        .values()
+        .any(|t| t.values.iter().any(|v| v.abs() > 65504.0)));
+    run_ok(
+        d,
+        &[
+            "merge",
+            &cfg,
+            "--out",
+            "out_h",
+            "--quiet",
+            "--allow-nonfinite",
+        ],
+    );
+    let out_h = load_dir(&d.join("out_h"));
+    assert!(out_h
+        .values()
+        .any(|t| t.values.iter().any(|v| v.is_infinite())));
+}
+
 #[test]
 fn non_float_tensors_copied_by_passthrough_refused_otherwise() {
     let tmp = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@
 //! - [`inputs`]: resolves the config's model paths and opens (and validates) every checkpoint;
 //! - [`reader`]: a [`amalgam_core::tensor::TensorReader`] over memory-mapped inputs for one
 //!   planned tensor, with the non-finite check;
+//! - [`finite`]: the non-finite scans of inputs and of merged values;
 //! - [`budget`]: how many elements a method may hold per buffer under `--memory-budget`, and the
 //!   dry run's peak estimate;
 //! - [`run`]: executes a plan (global passes, then every tensor in order) into a
@@ -20,6 +21,7 @@ pub mod budget;
 pub mod card;
 pub mod device;
 pub mod error;
+pub mod finite;
 pub mod inputs;
 pub mod reader;
 pub mod run;

@@ -1,48 +1,21 @@
 //! A [`TensorReader`] over memory-mapped checkpoints for one planned tensor.
 
 use crate::adapter::AdapterDelta;
+use crate::finite::first_non_finite;
 use crate::vocab::{is_vocab_tensor, DefaultRow, RowSource, VocabMap};
 use amalgam_core::plan::{TensorPlan, TensorSource};
 use amalgam_core::raw::{RawBlock, RawDtype};
 use amalgam_core::tensor::{Input, TensorReader};
 use amalgam_core::MergeError;
 use amalgam_io::{Checkpoint, StatKind, StatsFile};
-use rayon::prelude::*;
 use std::ops::Range;
 
-/// Elements per parallel work item of the non-finite scan.
-const SCAN_CHUNK: usize = 1 << 15;
-
-/// Index of the first non-finite value: a branch-free (vectorisable) test per chunk, chunks in
-/// parallel, and a search only inside a chunk that fails it.
 /// The error for a non-finite input value, naming the file, tensor and element.
 fn non_finite(file: &str, tensor: &str, value: f32, index: usize) -> MergeError {
     MergeError::Read(format!(
         "{file}: tensor \"{tensor}\" holds a non-finite value ({value}) at element {index}; \
          fix the input or pass --allow-nonfinite"
     ))
-}
-
-fn first_non_finite(v: &[f32]) -> Option<usize> {
-    let bad = |c: &[f32]| {
-        !c.iter().fold(true, |ok, x| {
-            ok & (x.to_bits() & 0x7F80_0000 != 0x7F80_0000)
-        })
-    };
-    let find = |(i, c): (usize, &[f32])| {
-        if bad(c) {
-            c.iter()
-                .position(|x| !x.is_finite())
-                .map(|k| i * SCAN_CHUNK + k)
-        } else {
-            None
-        }
-    };
-    if v.len() < 2 * SCAN_CHUNK {
-        v.chunks(SCAN_CHUNK).enumerate().find_map(find)
-    } else {
-        v.par_chunks(SCAN_CHUNK).enumerate().find_map_first(find)
-    }
 }
 
 /// Reads the inputs of one [`TensorPlan`], converting to f32 and rejecting non-finite values

@@ -377,6 +377,14 @@ pub fn merge_tensor_preloaded(
     let method = build_method(t)?;
     let job = job_for(t, method.as_ref(), seed, opts.memory_budget);
     let mut reader = extras.reader(t, ckpts, opts.allow_nonfinite);
+    // Inputs were checked finite: a value that is not finite in the output is refused.
+    let mut checked;
+    let writer: &mut dyn TensorOut = if opts.allow_nonfinite {
+        writer
+    } else {
+        checked = crate::finite::FiniteOut::new(writer, &t.name);
+        &mut checked
+    };
     if let crate::device::Device::Accelerator(dev) = &opts.device {
         reader = reader.with_device_solver(dev.device_solver());
         if let Some(plan) = method.device_plan_global(global) {
