@@ -1,14 +1,14 @@
 //! How an error reaches the terminal.
 
 /// The error and its causes joined by ": ", leaving out a cause whose text the message before it
-/// already ends with (many errors print their source themselves, so `{:#}` said it twice).
+/// already holds (many errors print their source themselves, so `{:#}` said it twice).
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
         if out.is_empty() {
             out = text;
-        } else if !out.ends_with(&text) {
+        } else if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
@@ -45,5 +45,14 @@ mod tests {
         );
         let plain = anyhow::anyhow!("disk full").context("writing out");
         assert_eq!(error_text(&plain), "writing out: disk full");
+        // A source printed inside its parent's message, not at its end (as tonic's errors do).
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(Wraps(inner)).context(
+            "cannot connect: transport error: out: create directory failed: refused (retrying)",
+        );
+        assert_eq!(
+            error_text(&e),
+            "cannot connect: transport error: out: create directory failed: refused (retrying)"
+        );
     }
 }
