@@ -2,7 +2,7 @@
 //! generated two-task suite, linear and task arithmetic (a λ grid, one bad value) at 2 and 3
 //! models; the CSV checked against merges run directly, the plots decoded, resuming checked.
 
-use crate::common::{run_ok, start_service, start_workers, write_model_stats};
+use crate::common::{run_err, run_ok, start_service, start_workers, write_model_stats};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -343,4 +343,20 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
     for col in ["held_in", "held_out", "task:colours", "task:facts"] {
         assert_eq!(rows4[i][col], rows[i][col], "{col} through the coordinator");
     }
+
+    // A suite task that cannot be read fails the study before any merge, naming the file.
+    std::fs::write(
+        d.join("suite_missing.yaml"),
+        "tasks:\n  - {name: colours, path: colours.jsonl, format: jsonl, split: held_in}\n  - {name: gone, path: gone.jsonl, format: jsonl, split: held_out}\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(d.join("study.yaml")).unwrap();
+    std::fs::write(
+        d.join("study_missing.yaml"),
+        text.replace("suite: suite.yaml", "suite: suite_missing.yaml"),
+    )
+    .unwrap();
+    let e = run_err(d, &["study", "study_missing.yaml", "--out", "out_missing"]);
+    assert!(e.contains("gone.jsonl"), "{e}");
+    assert!(!d.join("out_missing").exists());
 }

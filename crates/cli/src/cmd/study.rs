@@ -87,6 +87,12 @@ pub fn run(a: StudyArgs, quiet: bool) -> Result<()> {
         println!("{} merges, {done} done", jobs.len());
         return Ok(());
     }
+    // Every merge is evaluated on the suite: a task file that cannot be read would fail each
+    // of them, so it is an error now, before any merge.
+    let suite = amalgam_eval::suite::Suite::load(&study.evaluation.suite)
+        .with_context(|| format!("the study's evaluation suite ({})", a.study.display()))?;
+    amalgam_eval::suite::PreparedSuite::prepare(&suite)
+        .with_context(|| format!("the study's evaluation suite ({})", a.study.display()))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut exec = ChildExecutor {
         exe: std::env::current_exe().context("locating the amalgam binary")?,
