@@ -28,7 +28,7 @@ pub enum EngineError {
         message: String,
     },
     /// The output directory holds one of the merge's inputs.
-    #[error("{}: the output directory holds {}, an input of this merge; choose another output directory (writing there would replace or remove it)", dir.display(), input.display())]
+    #[error("{}: the output directory is or holds {}, an input of this merge; choose another output directory (writing there would replace or remove it)", dir.display(), input.display())]
     OutputHoldsInput {
         /// The output directory.
         dir: std::path::PathBuf,
