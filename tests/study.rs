@@ -344,6 +344,65 @@ fn a_study_runs_resumes_and_matches_direct_merges() {
         assert_eq!(rows4[i][col], rows[i][col], "{col} through the coordinator");
     }
 
+    // SIGTERM to the study mid-way: it stops its child, exits 130 and records no failure for
+    // the interrupted merge; run again, it finishes with the first run's scores.
+    let mut child = crate::common::amalgam()
+        .current_dir(d)
+        .args(["study", "study.yaml", "--out", "out_int", "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let runs = d.join("out_int/runs");
+    let records = || {
+        std::fs::read_dir(&runs)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.ends_with(".json") && !n.ends_with(".eval.json")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while records() < 2 {
+        assert!(child.try_wait().unwrap().is_none(), "the study ended first");
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for e in std::fs::read_dir(&runs).unwrap().filter_map(|e| e.ok()) {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.ends_with(".json") && !n.ends_with(".eval.json") {
+            let rec: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap();
+            let bad = rec["hyperparameters"] == "lambda=bad";
+            assert_eq!(rec["status"] == "ok", !bad, "{n}: {rec}");
+        }
+    }
+    let again = run_ok(d, &["study", "study.yaml", "--out", "out_int"]);
+    assert!(again.contains(", 3 failed in all"), "{again}");
+    let rows_int = read_csv(&d.join("out_int/results.csv"));
+    assert_eq!(rows_int.len(), rows.len());
+    for (a, b) in rows_int.iter().zip(&rows) {
+        for col in ["key", "status", "held_in", "held_out"] {
+            assert_eq!(a[col], b[col], "{col} after an interrupted run");
+        }
+    }
+
     // A suite task that cannot be read fails the study before any merge, naming the file.
     std::fs::write(
         d.join("suite_missing.yaml"),

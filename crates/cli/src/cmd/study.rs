@@ -155,6 +155,7 @@ fn run_child(exe: &Path, args: &[&std::ffi::OsStr], log: &Path) -> Result<u64> {
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
     let pid = child.id() as libc::pid_t;
+    let tracked = crate::interrupt::TrackedChild::new(pid);
     let mut status: libc::c_int = 0;
     // SAFETY: rusage is plain data; zeroed is a valid value for it.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -171,6 +172,11 @@ fn run_child(exe: &Path, args: &[&std::ffi::OsStr], log: &Path) -> Result<u64> {
     }
     // `child` was reaped by wait4 above; dropping it neither waits nor kills.
     drop(child);
+    drop(tracked);
+    // Interrupted with the whole run: not a failure to record (this process is exiting).
+    if crate::interrupt::ended_by_interrupt(status) {
+        crate::interrupt::wait_if_interrupted();
+    }
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         let how = if libc::WIFEXITED(status) {
             format!("exit status {}", libc::WEXITSTATUS(status))
