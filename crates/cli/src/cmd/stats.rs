@@ -22,7 +22,9 @@ use std::time::Instant;
 #[command(
     after_help = "Examples:\n  amalgam stats --model ft1/ --data train.jsonl --kind fisher --out ft1.fisher.safetensors\n  amalgam stats --model ft1/ --data train.jsonl --kind gram --examples 1000 --out ft1.gram.safetensors\n  amalgam stats --model base/ --adapter ia3-ft1/ --data train.jsonl --kind ia3-block --out ia3-ft1.stats.safetensors\n\n\
 DATA is JSONL: {\"input\": ..., \"target\": ...} (the loss is the mean NLL of the target tokens given\n\
-the input) or {\"text\": ...} (every token after BOS). One example per batch, as the MaTS reference.\n\
+the input), a rank-classification task's {\"input\", \"choices\", \"label\"} (the target is the\n\
+correct choice) or {\"text\": ...} (every token after BOS). One example per batch, as the MaTS\n\
+reference.\n\
 Name the output in the merge config as the model's `statistics:`."
 )]
 pub struct StatsArgs {

@@ -266,7 +266,13 @@ impl MergeMethod for RegMean {
                     .map_err(|e| match e {
                         MergeError::Numeric { tensor, message } => MergeError::Numeric {
                             tensor,
-                            message: format!("{message} (regmean `ridge` is {})", self.ridge),
+                            message: format!(
+                                "{message} (regmean `ridge` is {}), or scale the off-diagonal \
+                                 entries with `alpha` below 1 (the paper's experiments use 0.9 \
+                                 and 0.1); Gram matrices from fewer examples than the layer's \
+                                 inputs are singular",
+                                self.ridge
+                            ),
                         },
                         other => other,
                     })?,

@@ -9,6 +9,9 @@
 //!   `ctx + enc_without_special(target)` instead (the same fallback as [`crate::score`]);
 //! - `{"text": ..}`: the loss is the NLL of every token of the text after the BOS, i.e. an
 //!   input `""` with the text as target.
+//! - `{"input": .., "choices": [..], "label": k}` (a rank-classification task's line, as
+//!   `amalgam eval` reads it): the pair of the input and its correct choice, `choices[k]`, so
+//!   the statistics can come from the task data the merge is evaluated on.
 //!
 //! An empty context is the BOS (a Llama tokenizer adds it); with a tokenizer that adds none,
 //! the BOS (else EOS) id is put in front, as lm-eval's prefix token. Examples longer than the
@@ -110,13 +113,27 @@ pub fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<StatsExample>> {
                 )),
             }
         };
-        let ex = match (string("input")?, string("target")?, string("text")?) {
+        let target = match (string("target")?, obj.get("choices")) {
+            (None, Some(choices)) => Some(
+                labelled_choice(choices, obj.get("label"))
+                    .map_err(|(field, msg)| err(field, msg))?,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    ".choices",
+                    "give either \"target\" or \"choices\" with \"label\", not both".into(),
+                ))
+            }
+            (target, None) => target,
+        };
+        let ex = match (string("input")?, target, string("text")?) {
             (Some(input), Some(target), None) => StatsExample::Pair { input, target },
             (None, None, Some(text)) => StatsExample::Text { text },
             (Some(_), None, None) => {
                 return Err(err(
                     ".target",
-                    "missing (an \"input\" needs a \"target\")".into(),
+                    "missing (an \"input\" needs a \"target\", or \"choices\" and a \"label\")"
+                        .into(),
                 ))
             }
             (None, Some(_), None) => {
@@ -128,7 +145,9 @@ pub fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<StatsExample>> {
             (None, None, None) => {
                 return Err(err(
                     "",
-                    "expected {\"input\", \"target\"} or {\"text\"}".to_string(),
+                    "expected {\"input\", \"target\"}, {\"input\", \"choices\", \"label\"} or \
+                     {\"text\"}"
+                        .to_string(),
                 ))
             }
             _ => {
@@ -141,6 +160,39 @@ pub fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<StatsExample>> {
         out.push(ex);
     }
     Ok(out)
+}
+
+/// The correct choice of a rank-classification line: `choices[label]`; the error names the
+/// field at fault.
+fn labelled_choice(
+    choices: &Value,
+    label: Option<&Value>,
+) -> std::result::Result<String, (&'static str, String)> {
+    let Value::Array(list) = choices else {
+        return Err((
+            ".choices",
+            format!("expected a list of strings, found {choices}"),
+        ));
+    };
+    let Some(label) = label else {
+        return Err((".label", "missing (\"choices\" need a \"label\")".into()));
+    };
+    let k = label
+        .as_u64()
+        .filter(|&k| (k as usize) < list.len())
+        .ok_or_else(|| {
+            (
+                ".label",
+                format!(
+                    "expected the index of the correct choice (0 to {}), found {label}",
+                    list.len().saturating_sub(1)
+                ),
+            )
+        })?;
+    match &list[k as usize] {
+        Value::String(s) => Ok(s.clone()),
+        other => Err((".choices", format!("expected strings, found {other}"))),
+    }
 }
 
 /// Tokenizes one example with `encode(text, add_special_tokens)`; `prefix` is the id put in
@@ -237,6 +289,49 @@ mod tests {
         assert!(e.to_string().contains("line 1.input"), "{e}");
         assert!(parse_jsonl(p, "[1]").is_err());
         assert!(parse_jsonl(p, "{\"text\":\"a\",\"input\":\"b\",\"target\":\"c\"}").is_err());
+    }
+
+    #[test]
+    fn a_rank_classification_line_is_its_input_and_correct_choice() {
+        let p = Path::new("task.jsonl");
+        let v = parse_jsonl(
+            p,
+            "{\"input\":\"Grass is\",\"choices\":[\" purple\",\" green\"],\"label\":1}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            vec![StatsExample::Pair {
+                input: "Grass is".into(),
+                target: " green".into()
+            }]
+        );
+        for (line, field) in [
+            (
+                "{\"input\":\"a\",\"choices\":[\"x\"],\"label\":1}",
+                "line 1.label",
+            ),
+            (
+                "{\"input\":\"a\",\"choices\":[\"x\"],\"label\":-1}",
+                "line 1.label",
+            ),
+            ("{\"input\":\"a\",\"choices\":[\"x\"]}", "line 1.label"),
+            (
+                "{\"input\":\"a\",\"choices\":\"x\",\"label\":0}",
+                "line 1.choices",
+            ),
+            (
+                "{\"input\":\"a\",\"choices\":[2],\"label\":0}",
+                "line 1.choices",
+            ),
+            (
+                "{\"input\":\"a\",\"target\":\"b\",\"choices\":[\"x\"],\"label\":0}",
+                "line 1.choices",
+            ),
+        ] {
+            let e = parse_jsonl(p, line).unwrap_err().to_string();
+            assert!(e.contains(field), "{line}: {e}");
+        }
     }
 
     /// A toy tokenizer: BOS 0 when `special`, then one id per character (its code point),
