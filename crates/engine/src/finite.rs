@@ -6,6 +6,7 @@ use crate::run::TensorOut;
 use crate::EngineError;
 use amalgam_core::raw::RawDtype;
 use amalgam_core::MergeError;
+use amalgam_io::{find_non_finite, DType};
 use rayon::prelude::*;
 
 /// Elements per parallel work item of a scan.
@@ -20,12 +21,14 @@ const F16_LIMIT: u32 = 0x477F_F000;
 /// largest bfloat16, 0x7F7F, rounds to the even neighbour, infinity).
 const BF16_LIMIT: u32 = 0x7F7F_8000;
 
-/// Index of the first element that is `bad`: a branch-free (vectorisable) test per chunk,
-/// chunks in parallel, and a search only inside a chunk that fails it.
-fn first_where<T: Sync>(v: &[T], bad: impl Fn(&T) -> bool + Sync) -> Option<usize> {
-    let find = |(i, c): (usize, &[T])| {
-        if c.iter().fold(false, |any, x| any | bad(x)) {
-            c.iter().position(&bad).map(|k| i * SCAN_CHUNK + k)
+/// Index of the first value whose magnitude's bits reach `limit`: a branch-free
+/// (vectorisable) test per chunk, chunks in parallel, and a search only inside a chunk that
+/// fails it.
+fn first_reaching(v: &[f32], limit: u32) -> Option<usize> {
+    let over = |x: &f32| x.to_bits() & 0x7FFF_FFFF >= limit;
+    let find = |(i, c): (usize, &[f32])| {
+        if c.iter().fold(false, |any, x| any | over(x)) {
+            c.iter().position(over).map(|k| i * SCAN_CHUNK + k)
         } else {
             None
         }
@@ -37,30 +40,9 @@ fn first_where<T: Sync>(v: &[T], bad: impl Fn(&T) -> bool + Sync) -> Option<usiz
     }
 }
 
-/// Index of the first value whose magnitude's bits reach `limit`.
-fn first_reaching(v: &[f32], limit: u32) -> Option<usize> {
-    first_where(v, |x| x.to_bits() & 0x7FFF_FFFF >= limit)
-}
-
 /// Index of the first non-finite value (NaN or an infinity).
 pub fn first_non_finite(v: &[f32]) -> Option<usize> {
     first_reaching(v, F32_LIMIT)
-}
-
-/// Index of the first element of `bytes` (encoded in `dtype`, little-endian) that is not
-/// finite.
-fn first_non_finite_encoded(dtype: RawDtype, bytes: &[u8]) -> Option<usize> {
-    match dtype {
-        RawDtype::F32 => first_where(bytes.as_chunks::<4>().0, |w| {
-            u32::from_le_bytes(*w) & 0x7FFF_FFFF >= F32_LIMIT
-        }),
-        RawDtype::F16 => first_where(bytes.as_chunks::<2>().0, |h| {
-            u16::from_le_bytes(*h) & 0x7C00 == 0x7C00
-        }),
-        RawDtype::Bf16 => first_where(bytes.as_chunks::<2>().0, |h| {
-            u16::from_le_bytes(*h) & 0x7F80 == 0x7F80
-        }),
-    }
 }
 
 /// A [`TensorOut`] that refuses, naming the tensor and element, a merged value that is not
@@ -125,18 +107,10 @@ impl TensorOut for FiniteOut<'_> {
     fn write_raw(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
         let dtype = self.inner.raw_dtype();
         if let Some(d) = dtype {
-            if let Some(k) = first_non_finite_encoded(d, bytes) {
-                let value = match d {
-                    RawDtype::F32 => "not finite",
-                    _ => "infinite or NaN once encoded",
-                };
-                return Err(self.refuse(self.next + k, value.to_string(), dtype));
+            if let Some((k, value)) = find_non_finite(&DType::from_raw(d), bytes) {
+                return Err(self.refuse(self.next + k, value, dtype));
             }
-            let size = match d {
-                RawDtype::F32 => 4,
-                RawDtype::F16 | RawDtype::Bf16 => 2,
-            };
-            self.next += bytes.len() / size;
+            self.next += bytes.len() / d.size();
         }
         self.inner.write_raw(bytes)
     }
@@ -150,6 +124,10 @@ impl TensorOut for FiniteOut<'_> {
 mod tests {
     use super::*;
     use half::{bf16, f16};
+
+    fn first_non_finite_encoded(dtype: RawDtype, bytes: &[u8]) -> Option<usize> {
+        find_non_finite(&DType::from_raw(dtype), bytes).map(|(k, _)| k)
+    }
 
     #[test]
     fn limits_are_where_rounding_reaches_infinity() {

@@ -58,6 +58,18 @@ pub type Vocabularies = BTreeMap<ModelRef, Vec<Option<String>>>;
 
 pub use amalgam_core::tensor::is_vocab_tensor;
 
+/// The model whose tokenizer `tokenizer_source: base` names: `base_model`, else (as in
+/// mergekit) the first model the config references.
+fn base_tokenizer_model(config: &MergeConfig) -> Result<ModelRef, EngineError> {
+    amalgam_core::plan::referenced_models(config)
+        .into_iter()
+        .next()
+        .ok_or_else(|| EngineError::Config {
+            key: "tokenizer_source".into(),
+            message: "`base` needs a model: the config names none".into(),
+        })
+}
+
 fn chosen_source(config: &MergeConfig) -> Option<TokenizerSource> {
     config
         .tokenizer_source
@@ -101,12 +113,7 @@ pub fn prepare_vocabularies(
                 message: "`union` is not supported yet; use `base` or a model path".into(),
             })
         }
-        Some(TokenizerSource::Base) => {
-            config.tokenizer_base().ok_or_else(|| EngineError::Config {
-                key: "tokenizer_source".into(),
-                message: "`base` needs a model: the config names none".into(),
-            })?
-        }
+        Some(TokenizerSource::Base) => base_tokenizer_model(config)?,
         Some(TokenizerSource::Model(m)) => m,
     };
     let mut vocabs = BTreeMap::new();
@@ -163,10 +170,7 @@ pub fn build_vocab_map(
 ) -> Result<VocabMap, EngineError> {
     let target_ref = match chosen_source(config) {
         Some(TokenizerSource::Model(m)) => m,
-        _ => config.tokenizer_base().ok_or_else(|| EngineError::Config {
-            key: "tokenizer_source".into(),
-            message: "`base` needs a model: the config names none".into(),
-        })?,
+        _ => base_tokenizer_model(config)?,
     };
     let target = &vocabs[&target_ref];
     let base_idx = plan

@@ -129,6 +129,17 @@ impl DType {
         let bits = numel.checked_mul(self.bits()?)?;
         (bits % 8 == 0).then_some(bits / 8)
     }
+
+    /// The dtype of an encoding merge loops and devices use as stored.
+    pub fn from_raw(raw: amalgam_core::raw::RawDtype) -> DType {
+        use amalgam_core::raw::RawDtype;
+        match raw {
+            RawDtype::F32 => DType::F32,
+            RawDtype::F16 => DType::F16,
+            RawDtype::Bf16 => DType::BF16,
+        }
+    }
+
     /// The encoding merge loops and devices read as stored (F32, F16, BF16), else `None`.
     pub fn raw(&self) -> Option<amalgam_core::raw::RawDtype> {
         use amalgam_core::raw::RawDtype;
@@ -306,6 +317,22 @@ pub(crate) fn decode_f32_par(dtype: &DType, bytes: &[u8], out: &mut [f32]) -> bo
             decode_f32(dtype, b, o);
         });
     true
+}
+
+/// [`first_non_finite`] over large inputs: chunks of 2^20 elements in parallel, the first
+/// finding in element order.
+pub fn find_non_finite(dtype: &DType, bytes: &[u8]) -> Option<(usize, String)> {
+    const CHUNK_ELEMS: usize = 1 << 20;
+    let size = dtype.size_bytes();
+    if size == 0 {
+        return None;
+    }
+    bytes
+        .par_chunks(CHUNK_ELEMS * size)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            first_non_finite(dtype, chunk).map(|(i, v)| (c * CHUNK_ELEMS + i, v))
+        })
 }
 
 /// Returns the index (within `bytes`, in elements) and description of the first non-finite

@@ -47,7 +47,7 @@ pub mod stats;
 
 pub use atomic::{remove_staged_and_exit, stage, temp_path, unstage, write_text_atomic};
 pub use aux_files::{copy_aux_files, copy_files, read_vocab, AUX_FILES, TOKENIZER_FILES};
-pub use dtype::{encode_f32, DType};
+pub use dtype::{encode_f32, find_non_finite, DType};
 pub use error::IoError;
 pub use hf_index::{INDEX_FILE, SINGLE_FILE};
 pub use peft::{

@@ -153,20 +153,3 @@ pub struct MergeConfig {
     /// The original YAML text, for the model card.
     pub source_text: String,
 }
-
-impl MergeConfig {
-    /// The model whose tokenizer `tokenizer_source: base` names: `base_model`, else (as in
-    /// mergekit) the first model the config references (`models:`, else the first slice's
-    /// first source).
-    pub fn tokenizer_base(&self) -> Option<ModelRef> {
-        self.base_model.clone().or_else(|| {
-            self.models.first().map(|m| m.model.clone()).or_else(|| {
-                self.slices
-                    .iter()
-                    .flat_map(|s| &s.sources)
-                    .map(|s| s.model.clone())
-                    .next()
-            })
-        })
-    }
-}

@@ -25,6 +25,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{EvalError, Result};
+use crate::tasks::choice_line;
 
 /// One example of a statistics data set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,18 +114,19 @@ pub fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<StatsExample>> {
                 )),
             }
         };
-        let target = match (string("target")?, obj.get("choices")) {
-            (None, Some(choices)) => Some(
-                labelled_choice(choices, obj.get("label"))
-                    .map_err(|(field, msg)| err(field, msg))?,
-            ),
-            (Some(_), Some(_)) => {
+        let target = match (string("target")?, obj.contains_key("choices")) {
+            (None, true) => {
+                let (_, choices, label) =
+                    choice_line(path, i + 1, &obj, "choices", 1, "label", "choice")?;
+                Some(choices[label].clone())
+            }
+            (Some(_), true) => {
                 return Err(err(
                     ".choices",
                     "give either \"target\" or \"choices\" with \"label\", not both".into(),
                 ))
             }
-            (target, None) => target,
+            (target, false) => target,
         };
         let ex = match (string("input")?, target, string("text")?) {
             (Some(input), Some(target), None) => StatsExample::Pair { input, target },
@@ -160,39 +162,6 @@ pub fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<StatsExample>> {
         out.push(ex);
     }
     Ok(out)
-}
-
-/// The correct choice of a rank-classification line: `choices[label]`; the error names the
-/// field at fault.
-fn labelled_choice(
-    choices: &Value,
-    label: Option<&Value>,
-) -> std::result::Result<String, (&'static str, String)> {
-    let Value::Array(list) = choices else {
-        return Err((
-            ".choices",
-            format!("expected a list of strings, found {choices}"),
-        ));
-    };
-    let Some(label) = label else {
-        return Err((".label", "missing (\"choices\" need a \"label\")".into()));
-    };
-    let k = label
-        .as_u64()
-        .filter(|&k| (k as usize) < list.len())
-        .ok_or_else(|| {
-            (
-                ".label",
-                format!(
-                    "expected the index of the correct choice (0 to {}), found {label}",
-                    list.len().saturating_sub(1)
-                ),
-            )
-        })?;
-    match &list[k as usize] {
-        Value::String(s) => Ok(s.clone()),
-        other => Err((".choices", format!("expected strings, found {other}"))),
-    }
 }
 
 /// Tokenizes one example with `encode(text, add_special_tokens)`; `prefix` is the id put in

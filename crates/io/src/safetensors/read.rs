@@ -13,7 +13,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::checksum::sha256_hex_parts;
-use crate::dtype::{decode_f32_par, first_non_finite, DType};
+use crate::dtype::{decode_f32_par, find_non_finite, DType};
 use crate::error::IoError;
 use crate::hf_index::{self, INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::header;
@@ -431,20 +431,8 @@ impl Checkpoint {
     /// Scans a tensor for NaN or infinity (in parallel, chunk by chunk); the error names the
     /// file, the tensor and the first non-finite element. Integer tensors always pass.
     pub fn check_finite(&self, name: &str) -> Result<(), IoError> {
-        const CHUNK_ELEMS: usize = 1 << 20;
         let (t, _) = self.lookup(name)?;
-        let size = t.dtype.size_bytes();
-        if size == 0 {
-            return Ok(());
-        }
-        let bytes = self.raw(name)?;
-        let found = bytes
-            .par_chunks(CHUNK_ELEMS * size)
-            .enumerate()
-            .find_map_first(|(c, chunk)| {
-                first_non_finite(&t.dtype, chunk).map(|(i, v)| (c * CHUNK_ELEMS + i, v))
-            });
-        match found {
+        match find_non_finite(&t.dtype, self.raw(name)?) {
             None => Ok(()),
             Some((index, value)) => Err(IoError::NonFinite {
                 file: t.file.clone(),
